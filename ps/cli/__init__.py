@@ -1,0 +1,1 @@
+"""Command-line entry points: ps-server, ps-worker, ps-launch (build_parser -> config -> run -> main)."""

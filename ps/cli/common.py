@@ -1,0 +1,84 @@
+"""What every CLI shares: flags with PS_<FLAG> environment defaults, logging, error exits."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, Callable, Mapping
+
+from ps.config import DEFAULT_PARTITION_BYTES, OPTIMIZERS, OptimizerConfig
+from ps.errors import InvalidArgument, PSError
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def env_name(flag: str) -> str:
+    return "PS_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def add_flag(parser: argparse.ArgumentParser, flag: str, *, env: Mapping[str, str] | None = None,
+             default: Any = None, help: str = "", **kwargs: Any) -> None:
+    """Add `flag`, its default taken from PS_<FLAG> when set; the help names the variable."""
+    env = os.environ if env is None else env
+    name = env_name(flag)
+    if name in env:
+        raw = env[name]
+        if kwargs.get("action") == "store_true":
+            if raw.lower() not in _TRUE | _FALSE:
+                raise InvalidArgument(f"{name} ({raw!r}) must be one of 1/0, true/false, yes/no, on/off")
+            default = raw.lower() in _TRUE
+        else:
+            default = raw
+    parser.add_argument(flag, default=default, help=f"{help} [env {name}; default: %(default)s]", **kwargs)
+
+
+def add_optimizer_flags(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
+    d = OptimizerConfig()
+    add_flag(parser, "--optimizer", env=env, default=d.name, choices=OPTIMIZERS, help="server-side optimizer")
+    add_flag(parser, "--lr", env=env, default=d.lr, type=float, help="learning rate")
+    add_flag(parser, "--momentum", env=env, default=d.momentum, type=float, help="momentum (optimizer momentum)")
+    add_flag(parser, "--weight-decay", env=env, default=d.weight_decay, type=float, help="L2 weight decay")
+    add_flag(parser, "--beta1", env=env, default=d.beta1, type=float, help="Adam beta1")
+    add_flag(parser, "--beta2", env=env, default=d.beta2, type=float, help="Adam beta2")
+    add_flag(parser, "--eps", env=env, default=d.eps, type=float, help="Adam epsilon")
+
+
+def optimizer_from_args(args: argparse.Namespace) -> OptimizerConfig:
+    return OptimizerConfig(args.optimizer, float(args.lr), float(args.momentum), float(args.weight_decay),
+                           float(args.beta1), float(args.beta2), float(args.eps))
+
+
+def add_training_flags(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
+    """Flags that ps-worker and ps-launch share."""
+    add_flag(parser, "--model", env=env, default="mlp", help="mlp, cnn, or package.module:factory")
+    add_flag(parser, "--data", env=env, default="digits", help="digits, synthetic, or package.module:factory")
+    add_flag(parser, "--batch-size", env=env, default=32, type=int, help="samples per step per worker")
+    add_flag(parser, "--steps", env=env, default=0, type=int, help="steps per worker (overrides --epochs)")
+    add_flag(parser, "--epochs", env=env, default=0.0, type=float, help="passes over each worker's data shard")
+    add_optimizer_flags(parser, env)
+    add_flag(parser, "--device", env=env, default="auto", choices=("auto", "cpu", "cuda"),
+             help="where the worker computes (auto: CUDA when present)")
+    add_flag(parser, "--seed", env=env, default=0, type=int, help="seed of model init and data order")
+    add_flag(parser, "--log-dir", env=env, default="", help="directory for JSONL metrics, one file per worker")
+    add_flag(parser, "--eval-every", env=env, default=50, type=int, help="test accuracy every N steps (0: never)")
+    add_flag(parser, "--partition-bytes", env=env, default=DEFAULT_PARTITION_BYTES, type=int,
+             help="tensors larger than this are split into slices")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+
+
+def run_main(prog: str, body: Callable[[], int]) -> int:
+    """Run a CLI body; a PSError becomes one clear line on stderr and exit code 2."""
+    try:
+        return body()
+    except PSError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

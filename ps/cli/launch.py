@@ -1,0 +1,180 @@
+"""ps-launch: K servers and N workers on this machine, one command; prints the final accuracy."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import IO, Mapping, Sequence
+
+import torch
+
+from ps.cli.common import add_flag, add_training_flags, run_main
+from ps.cli.server import READY_PREFIX
+from ps.config import MODES
+from ps.data import accuracy, load_data
+from ps.errors import PSError
+from ps.models import build_model
+from ps.sharding import specs_from_module
+from ps.worker.client import PSClient
+
+_TRAINING_FLAGS = ("model", "data", "batch_size", "steps", "epochs", "optimizer", "lr", "momentum", "weight_decay",
+                   "beta1", "beta2", "eps", "device", "seed", "eval_every", "partition_bytes")
+
+
+def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ps-launch", description="Run a local cluster: K ps-servers and N ps-workers.")
+    add_flag(p, "--servers", env=env, default=2, type=int, help="number of server shards")
+    add_flag(p, "--workers", env=env, default=2, type=int, help="number of workers")
+    add_flag(p, "--mode", env=env, default="sync", choices=MODES, help="consistency mode")
+    add_flag(p, "--staleness", env=env, default=2, type=int, help="ssp bound")
+    add_flag(p, "--worker-timeout", env=env, default=10.0, type=float, help="seconds before a silent worker is evicted")
+    add_flag(p, "--host", env=env, default="127.0.0.1", help="address the servers bind")
+    add_training_flags(p, env)
+    add_flag(p, "--timeout", env=env, default=1800.0, type=float, help="give up (and fail) after this many seconds")
+    return p
+
+
+@dataclass(frozen=True)
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    address: str = ""
+
+
+def _forward(name: str, stream: IO[str], out: IO[str]) -> None:
+    for line in stream:
+        out.write(f"[{name}] {line}")
+        out.flush()
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")  # N processes on few cores: no oversubscription
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _spawn(module: str, argv: Sequence[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=_child_env())
+
+
+def _wait_ready(name: str, popen: subprocess.Popen, out: IO[str]) -> Proc:
+    """Read a starting server's output until it prints its address, then forward the rest."""
+    assert popen.stdout is not None
+    for line in popen.stdout:
+        out.write(f"[{name}] {line}")
+        if line.startswith(READY_PREFIX):
+            address = line[len(READY_PREFIX):].split()[0]
+            threading.Thread(target=_forward, args=(name, popen.stdout, out), daemon=True).start()
+            return Proc(name, popen, address)
+    raise PSError(f"{name} did not start (exit code {popen.wait()})")
+
+
+def start_servers(num: int, mode: str, num_workers: int, *, staleness: int = 0, worker_timeout: float = 10.0,
+                  host: str = "127.0.0.1", extra: Sequence[str] = (), out: IO[str] = sys.stdout) -> list[Proc]:
+    """Start `num` ps-server processes at once on free ports; return when all are listening."""
+    popens = [_spawn("ps.cli.server", [
+        "--host", host, "--port", "0", "--shard-id", str(k), "--num-shards", str(num), "--mode", mode,
+        "--staleness", str(staleness), "--num-workers", str(num_workers),
+        "--worker-timeout", str(worker_timeout), *extra]) for k in range(num)]
+    procs: list[Proc] = []
+    try:
+        for k, popen in enumerate(popens):
+            procs.append(_wait_ready(f"server-{k}", popen, out))
+    except BaseException:
+        stop_all([Proc(f"server-{k}", p) for k, p in enumerate(popens)])
+        raise
+    return procs
+
+
+def start_worker(name: str, argv: Sequence[str], out: IO[str] = sys.stdout) -> Proc:
+    popen = _spawn("ps.cli.worker", argv)
+    threading.Thread(target=_forward, args=(name, popen.stdout, out), daemon=True).start()
+    return Proc(name, popen)
+
+
+def stop_all(procs: Sequence[Proc], grace: float = 5.0) -> None:
+    for p in procs:
+        if p.popen.poll() is None:
+            p.popen.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.popen.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.popen.kill()
+            p.popen.wait()
+
+
+def training_argv(args: argparse.Namespace) -> list[str]:
+    out: list[str] = []
+    for name in _TRAINING_FLAGS:
+        out += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    if args.log_dir:
+        out += ["--log-dir", args.log_dir]
+    return out
+
+
+def evaluate(addresses: Sequence[str], args: argparse.Namespace) -> float:
+    """Test accuracy of the weights the servers hold now (an observer read)."""
+    torch.manual_seed(int(args.seed))
+    data = load_data(args.data)
+    model = build_model(args.model, data.input_shape, data.num_classes)
+    with PSClient(addresses, partition_bytes=int(args.partition_bytes), heartbeat=False) as client:
+        client.attach(specs_from_module(model))
+        weights = client.pull(0, observer=True)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in weights:
+                p.copy_(weights[n])
+    return accuracy(model, data.test, torch.device("cpu"))
+
+
+def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
+    if int(args.steps) <= 0 and float(args.epochs) <= 0:
+        args.epochs = 20.0
+    servers = start_servers(int(args.servers), args.mode, int(args.workers), staleness=int(args.staleness),
+                            worker_timeout=float(args.worker_timeout), host=args.host, out=out)
+    workers: list[Proc] = []
+    try:
+        addresses = ",".join(p.address for p in servers)
+        t0 = time.monotonic()
+        for r in range(int(args.workers)):
+            workers.append(start_worker(f"worker-{r}", ["--servers", addresses, "--rank", str(r),
+                                                        "--num-workers", str(args.workers), "--no-progress",
+                                                        *training_argv(args)], out))
+        while True:
+            failed = [p for p in workers + servers if p.popen.poll() not in (None, 0) or
+                      (p in servers and p.popen.poll() is not None)]
+            if failed:
+                out.write(f"ps-launch: {', '.join(p.name for p in failed)} exited with code "
+                          f"{failed[0].popen.returncode}; stopping the cluster\n")
+                return 1
+            if all(p.popen.poll() == 0 for p in workers):
+                break
+            if time.monotonic() - t0 > float(args.timeout):
+                out.write(f"ps-launch: training did not finish within {args.timeout}s\n")
+                return 1
+            time.sleep(0.2)
+        acc = evaluate([p.address for p in servers], args)
+        out.write(f"ps-launch: {args.workers} workers, {args.servers} servers, mode {args.mode}: "
+                  f"trained in {time.monotonic() - t0:.1f}s\n")
+        out.write(f"final test accuracy: {acc:.4f}\n")
+        out.flush()
+        return 0
+    finally:
+        stop_all(workers + servers)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main("ps-launch", lambda: run(build_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

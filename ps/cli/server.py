@@ -1,0 +1,81 @@
+"""ps-server: one shard of the parameter server."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import signal
+import sys
+import threading
+from typing import Mapping, Sequence
+
+from ps.cli.common import add_flag, run_main, setup_logging
+from ps.config import MODES, ServerConfig
+from ps.server.app import create_server
+
+log = logging.getLogger("ps.server")
+READY_PREFIX = "ps-server listening on "
+
+
+def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ps-server", description="Serve one shard of the parameter server.")
+    add_flag(p, "--host", env=env, default="127.0.0.1", help="address to bind (loopback unless you mean it)")
+    add_flag(p, "--port", env=env, default=0, type=int, help="port to bind; 0 picks a free one (printed)")
+    add_flag(p, "--shard-id", env=env, default=0, type=int, help="this server's shard index")
+    add_flag(p, "--num-shards", env=env, default=1, type=int, help="number of server shards")
+    add_flag(p, "--mode", env=env, default="sync", choices=MODES, help="consistency mode")
+    add_flag(p, "--staleness", env=env, default=0, type=int, help="ssp bound s: a worker at clock c waits for c - s")
+    add_flag(p, "--num-workers", env=env, default=1, type=int,
+             help="workers expected at start (sync and ssp wait for them before the first step)")
+    add_flag(p, "--worker-timeout", env=env, default=30.0, type=float, help="seconds of silence before eviction")
+    add_flag(p, "--staleness-lr", env=env, action="store_true", default=False,
+             help="scale the learning rate by 1 / (1 + staleness) (async, ssp)")
+    add_flag(p, "--threads", env=env, default=64, type=int, help="gRPC handler threads")
+    add_flag(p, "--verbose", env=env, action="store_true", default=False, help="debug logging")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        host=args.host, port=int(args.port), shard_id=int(args.shard_id), num_shards=int(args.num_shards),
+        mode=args.mode, staleness=int(args.staleness), num_workers=int(args.num_workers),
+        worker_timeout=float(args.worker_timeout), staleness_lr=bool(args.staleness_lr), threads=int(args.threads),
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(cfg: ServerConfig, stop: threading.Event | None = None) -> int:
+    if not _is_loopback(cfg.host):
+        log.warning("binding %s: this server is reachable beyond this machine and accepts any client", cfg.host)
+    server = create_server(cfg)
+    print(f"{READY_PREFIX}{cfg.host}:{server.port} (shard {cfg.shard_id}/{cfg.num_shards}, mode {cfg.mode})", flush=True)
+    stop = stop or threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("shard %d: stopping", cfg.shard_id)
+    server.stop(grace=2.0)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def body() -> int:
+        args = build_parser().parse_args(argv)
+        setup_logging(args.verbose)
+        return run(config_from_args(args))
+
+    return run_main("ps-server", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""ps-worker: pull weights, compute gradients with PyTorch, push them back."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Mapping, Sequence
+
+import torch
+
+from ps.cli.common import add_flag, add_training_flags, optimizer_from_args, run_main, setup_logging
+from ps.config import WorkerConfig
+from ps.data import load_data
+from ps.models import build_model
+from ps.worker.client import PSClient
+from ps.worker.trainer import TrainResult, train
+
+
+def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ps-worker", description="Train against ps-server shards.")
+    add_flag(p, "--servers", env=env, default="", help="comma-separated host:port of every shard, in shard order")
+    add_flag(p, "--rank", env=env, default=0, type=int, help="this worker's index (picks its data shard)")
+    add_flag(p, "--num-workers", env=env, default=1, type=int, help="number of data-parallel workers")
+    add_flag(p, "--worker-id", env=env, default="", help="stable id (default worker-RANK); reuse it to rejoin")
+    add_training_flags(p, env)
+    add_flag(p, "--connect-timeout", env=env, default=60.0, type=float, help="seconds to wait for the servers")
+    add_flag(p, "--no-progress", env=env, action="store_true", default=False, help="no progress bar")
+    add_flag(p, "--verbose", env=env, action="store_true", default=False, help="debug logging")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    rank = int(args.rank)
+    return WorkerConfig(
+        servers=tuple(s.strip() for s in args.servers.split(",") if s.strip()),
+        worker_id=args.worker_id or f"worker-{rank}", rank=rank, num_workers=int(args.num_workers),
+        model=args.model, data=args.data, batch_size=int(args.batch_size), steps=int(args.steps),
+        epochs=float(args.epochs), optimizer=optimizer_from_args(args), device=args.device, seed=int(args.seed),
+        log_dir=args.log_dir, eval_every=int(args.eval_every), partition_bytes=int(args.partition_bytes),
+        progress=not args.no_progress, connect_timeout=float(args.connect_timeout),
+    )
+
+
+class Progress:
+    """A progress bar on a terminal; otherwise one line per evaluation (for launchers and logs)."""
+
+    def __init__(self, cfg: WorkerConfig):
+        self.cfg = cfg
+        self.bar = None
+        if cfg.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc=cfg.worker_id, unit="step", dynamic_ncols=True)
+
+    def __call__(self, r: dict) -> None:
+        if self.bar is not None:
+            self.bar.total = r["steps"]
+            self.bar.set_postfix(loss=f"{r['loss']:.3f}", refresh=False)
+            self.bar.update(1)
+        elif "test_accuracy" in r:
+            print(f"{self.cfg.worker_id} step {r['step'] + 1}/{r['steps']} loss {r['loss']:.4f} "
+                  f"test_accuracy {r['test_accuracy']:.4f} staleness {r['staleness']}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(cfg: WorkerConfig) -> TrainResult:
+    torch.manual_seed(cfg.seed)  # every worker builds the same initial model
+    data = load_data(cfg.data)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    progress = Progress(cfg)
+    with PSClient(cfg.servers, cfg.worker_id, partition_bytes=cfg.partition_bytes,
+                  connect_timeout=cfg.connect_timeout) as client:
+        try:
+            result = train(cfg, client, model, data, on_step=progress)
+        finally:
+            progress.close()
+    acc = "n/a" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
+    print(f"{cfg.worker_id} done: {result.steps} steps in {result.wall_time:.1f}s, loss {result.final_loss:.4f}, "
+          f"test_accuracy {acc}", flush=True)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def body() -> int:
+        args = build_parser().parse_args(argv)
+        setup_logging(args.verbose)
+        run(config_from_args(args))
+        return 0
+
+    return run_main("ps-worker", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

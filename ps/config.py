@@ -1,0 +1,135 @@
+"""Configuration: frozen dataclasses validated once, and the wire limits set in one place."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ps.errors import InvalidArgument
+
+MiB = 1 << 20
+
+# The default size above which a tensor is split into slices, and the target size of one request.
+DEFAULT_PARTITION_BYTES = 4 * MiB
+# The largest gRPC message either side accepts. Requests are batched well below it.
+MAX_MESSAGE_BYTES = 64 * MiB
+# Room left in a message for keys, shapes and framing around the tensor bytes.
+MESSAGE_HEADROOM_BYTES = 1 * MiB
+
+MODES = ("sync", "async", "ssp")
+OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+def grpc_options() -> list[tuple[str, int]]:
+    """Channel and server options shared by both ends (message limits live here only)."""
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidArgument(message)
+
+
+def check_partition_bytes(partition_bytes: int) -> None:
+    """Slices must fit in one message with room to spare."""
+    limit = MAX_MESSAGE_BYTES - MESSAGE_HEADROOM_BYTES
+    _check(
+        1024 <= partition_bytes <= limit,
+        f"partition_bytes ({partition_bytes}) must be between 1024 and {limit}",
+    )
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The server-side optimizer; its semantics are those of torch.optim.SGD / Adam."""
+
+    name: str = "momentum"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check(self.name in OPTIMIZERS, f"optimizer ({self.name!r}) must be one of {OPTIMIZERS}")
+        _check(math.isfinite(self.lr) and self.lr > 0, f"lr ({self.lr}) must be a finite number > 0")
+        _check(0 <= self.momentum < 1, f"momentum ({self.momentum}) must be in [0, 1)")
+        _check(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            f"weight_decay ({self.weight_decay}) must be >= 0",
+        )
+        _check(0 <= self.beta1 < 1, f"beta1 ({self.beta1}) must be in [0, 1)")
+        _check(0 <= self.beta2 < 1, f"beta2 ({self.beta2}) must be in [0, 1)")
+        _check(self.eps > 0, f"eps ({self.eps}) must be > 0")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything one ps-server shard needs."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    shard_id: int = 0
+    num_shards: int = 1
+    mode: str = "sync"
+    staleness: int = 0
+    num_workers: int = 1
+    worker_timeout: float = 30.0
+    staleness_lr: bool = False
+    threads: int = 64
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, f"port ({self.port}) must be in [0, 65535]")
+        _check(self.num_shards >= 1, f"num_shards ({self.num_shards}) must be >= 1")
+        _check(
+            0 <= self.shard_id < self.num_shards,
+            f"shard_id ({self.shard_id}) must be in [0, num_shards={self.num_shards})",
+        )
+        _check(self.mode in MODES, f"mode ({self.mode!r}) must be one of {MODES}")
+        _check(self.staleness >= 0, f"staleness ({self.staleness}) must be >= 0")
+        _check(self.num_workers >= 1, f"num_workers ({self.num_workers}) must be >= 1")
+        _check(self.worker_timeout > 0, f"worker_timeout ({self.worker_timeout}) must be > 0")
+        _check(self.threads >= 4, f"threads ({self.threads}) must be >= 4")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything one ps-worker needs."""
+
+    servers: tuple[str, ...] = ()
+    worker_id: str = ""
+    rank: int = 0
+    num_workers: int = 1
+    model: str = "mlp"
+    data: str = "digits"
+    batch_size: int = 32
+    steps: int = 0
+    epochs: float = 0.0
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    device: str = "auto"
+    seed: int = 0
+    log_dir: str = ""
+    eval_every: int = 50
+    partition_bytes: int = DEFAULT_PARTITION_BYTES
+    progress: bool = True
+    connect_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        _check(len(self.servers) >= 1, "servers must name at least one host:port")
+        for server in self.servers:
+            host, _, port = server.rpartition(":")
+            _check(bool(host) and port.isdigit(), f"server address ({server!r}) must be host:port")
+        _check(self.num_workers >= 1, f"num_workers ({self.num_workers}) must be >= 1")
+        _check(0 <= self.rank < self.num_workers, f"rank ({self.rank}) must be in [0, {self.num_workers})")
+        _check(self.batch_size >= 1, f"batch_size ({self.batch_size}) must be >= 1")
+        _check(self.steps >= 0, f"steps ({self.steps}) must be >= 0")
+        _check(self.epochs >= 0, f"epochs ({self.epochs}) must be >= 0")
+        _check(self.steps > 0 or self.epochs > 0, "one of steps or epochs must be > 0")
+        _check(self.device in ("auto", "cpu", "cuda"), f"device ({self.device!r}) must be auto, cpu or cuda")
+        _check(self.eval_every >= 0, f"eval_every ({self.eval_every}) must be >= 0")
+        _check(self.connect_timeout > 0, f"connect_timeout ({self.connect_timeout}) must be > 0")
+        check_partition_bytes(self.partition_bytes)

@@ -1,0 +1,67 @@
+"""Built-in models and loading of user models (`--model pkg.mod:factory`).
+
+A factory returns a `torch.nn.Module`; it may accept `input_shape` and `num_classes` (taken from
+the dataset). A model may define `loss(outputs, targets)`; otherwise cross-entropy is used.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ps.errors import InvalidArgument
+from ps.plugins import call_with_known, load_object
+
+
+class MLP(nn.Module):
+    def __init__(self, input_shape=(1, 8, 8), num_classes: int = 10, hidden: int = 128):
+        super().__init__()
+        features = int(torch.Size(input_shape).numel())
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CNN(nn.Module):
+    def __init__(self, input_shape=(1, 8, 8), num_classes: int = 10, channels: int = 32):
+        super().__init__()
+        c, h, w = (tuple(input_shape) + (1, 1))[:3] if len(input_shape) == 1 else tuple(input_shape)
+        self.features = nn.Sequential(
+            nn.Conv2d(c, channels, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(channels * (h // 2) * (w // 2), 64), nn.ReLU(),
+                                  nn.Linear(64, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+BUILTIN: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": CNN}
+
+
+def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A built-in name (mlp, cnn) or `package.module:factory`."""
+    if spec in BUILTIN:
+        factory = BUILTIN[spec]
+    elif ":" in spec:
+        factory = load_object(spec)
+    else:
+        raise InvalidArgument(f"model ({spec!r}) must be one of {sorted(BUILTIN)} or package.module:factory")
+    model = call_with_known(factory, input_shape=input_shape, num_classes=num_classes)
+    if not isinstance(model, nn.Module):
+        raise InvalidArgument(f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def model_loss(model: nn.Module, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    loss_fn = getattr(model, "loss", None)
+    if callable(loss_fn):
+        return loss_fn(outputs, targets)
+    return nn.functional.cross_entropy(outputs, targets)

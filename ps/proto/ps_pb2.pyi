@@ -1,0 +1,236 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tensor(_message.Message):
+    __slots__ = ("key", "dtype", "shape", "data")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, key: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ParamSpec(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PlanSpec(_message.Message):
+    __slots__ = ("params", "num_shards", "partition_bytes")
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    params: _containers.RepeatedCompositeFieldContainer[ParamSpec]
+    num_shards: int
+    partition_bytes: int
+    def __init__(self, params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., num_shards: _Optional[int] = ..., partition_bytes: _Optional[int] = ...) -> None: ...
+
+class OptimizerSpec(_message.Message):
+    __slots__ = ("name", "lr", "momentum", "weight_decay", "beta1", "beta2", "eps")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    BETA2_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    eps: float
+    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ...) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("worker_id", "plan_fingerprint")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    plan_fingerprint: str
+    def __init__(self, worker_id: _Optional[str] = ..., plan_fingerprint: _Optional[str] = ...) -> None: ...
+
+class RegisterResponse(_message.Message):
+    __slots__ = ("initialized", "clock", "version", "mode", "staleness", "num_workers", "worker_timeout", "shard_id", "num_shards")
+    INITIALIZED_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    initialized: bool
+    clock: int
+    version: int
+    mode: str
+    staleness: int
+    num_workers: int
+    worker_timeout: float
+    shard_id: int
+    num_shards: int
+    def __init__(self, initialized: _Optional[bool] = ..., clock: _Optional[int] = ..., version: _Optional[int] = ..., mode: _Optional[str] = ..., staleness: _Optional[int] = ..., num_workers: _Optional[int] = ..., worker_timeout: _Optional[float] = ..., shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ...) -> None: ...
+
+class InitRequest(_message.Message):
+    __slots__ = ("worker_id", "plan_fingerprint", "plan", "optimizer", "tensors", "part", "num_parts")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARTS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    plan_fingerprint: str
+    plan: PlanSpec
+    optimizer: OptimizerSpec
+    tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
+    part: int
+    num_parts: int
+    def __init__(self, worker_id: _Optional[str] = ..., plan_fingerprint: _Optional[str] = ..., plan: _Optional[_Union[PlanSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., part: _Optional[int] = ..., num_parts: _Optional[int] = ...) -> None: ...
+
+class InitResponse(_message.Message):
+    __slots__ = ("applied",)
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    applied: bool
+    def __init__(self, applied: _Optional[bool] = ...) -> None: ...
+
+class PullRequest(_message.Message):
+    __slots__ = ("worker_id", "plan_fingerprint", "clock", "keys")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    plan_fingerprint: str
+    clock: int
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., plan_fingerprint: _Optional[str] = ..., clock: _Optional[int] = ..., keys: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PullResponse(_message.Message):
+    __slots__ = ("tensors", "version", "min_clock")
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MIN_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
+    version: int
+    min_clock: int
+    def __init__(self, tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., version: _Optional[int] = ..., min_clock: _Optional[int] = ...) -> None: ...
+
+class PushRequest(_message.Message):
+    __slots__ = ("worker_id", "plan_fingerprint", "clock", "base_version", "grads", "part", "num_parts")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARTS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    plan_fingerprint: str
+    clock: int
+    base_version: int
+    grads: _containers.RepeatedCompositeFieldContainer[Tensor]
+    part: int
+    num_parts: int
+    def __init__(self, worker_id: _Optional[str] = ..., plan_fingerprint: _Optional[str] = ..., clock: _Optional[int] = ..., base_version: _Optional[int] = ..., grads: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., part: _Optional[int] = ..., num_parts: _Optional[int] = ...) -> None: ...
+
+class PushResponse(_message.Message):
+    __slots__ = ("outcome", "version", "staleness")
+    class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        BUFFERED: _ClassVar[PushResponse.Outcome]
+        APPLIED: _ClassVar[PushResponse.Outcome]
+        ACCUMULATED: _ClassVar[PushResponse.Outcome]
+        DUPLICATE: _ClassVar[PushResponse.Outcome]
+        DROPPED: _ClassVar[PushResponse.Outcome]
+    BUFFERED: PushResponse.Outcome
+    APPLIED: PushResponse.Outcome
+    ACCUMULATED: PushResponse.Outcome
+    DUPLICATE: PushResponse.Outcome
+    DROPPED: PushResponse.Outcome
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    outcome: PushResponse.Outcome
+    version: int
+    staleness: int
+    def __init__(self, outcome: _Optional[_Union[PushResponse.Outcome, str]] = ..., version: _Optional[int] = ..., staleness: _Optional[int] = ...) -> None: ...
+
+class WorkerRef(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("shard_id", "mode", "version", "clocks", "staleness_histogram", "active_workers", "pushes", "pulls", "rejected", "evictions", "dropped", "duplicates", "initialized", "num_keys", "num_elements")
+    class ClocksEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class StalenessHistogramEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLOCKS_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_FIELD_NUMBER: _ClassVar[int]
+    PULLS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    INITIALIZED_FIELD_NUMBER: _ClassVar[int]
+    NUM_KEYS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    mode: str
+    version: int
+    clocks: _containers.ScalarMap[str, int]
+    staleness_histogram: _containers.ScalarMap[int, int]
+    active_workers: int
+    pushes: int
+    pulls: int
+    rejected: int
+    evictions: int
+    dropped: int
+    duplicates: int
+    initialized: bool
+    num_keys: int
+    num_elements: int
+    def __init__(self, shard_id: _Optional[int] = ..., mode: _Optional[str] = ..., version: _Optional[int] = ..., clocks: _Optional[_Mapping[str, int]] = ..., staleness_histogram: _Optional[_Mapping[int, int]] = ..., active_workers: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., dropped: _Optional[int] = ..., duplicates: _Optional[int] = ..., initialized: _Optional[bool] = ..., num_keys: _Optional[int] = ..., num_elements: _Optional[int] = ...) -> None: ...

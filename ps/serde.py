@@ -1,0 +1,98 @@
+"""Tensors and specs to and from wire messages: paired `x_to_proto` / `x_from_proto`.
+
+Tensor bytes are raw, little-endian, C order; decoding checks dtype, shape and byte length
+before it builds anything, so a malformed message never reaches the store.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+from ps.config import OptimizerConfig
+from ps.errors import InvalidArgument
+from ps.proto import ps_pb2 as pb
+from ps.sharding import DTYPES, ParamSpec, Plan, dtype_name, make_plan
+
+if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
+    raise ImportError("ps's wire format is little-endian; this host is big-endian")
+
+_MAX_DIMS = 8
+
+
+def tensor_to_proto(key: str, tensor: torch.Tensor) -> pb.Tensor:
+    """Encode a CPU tensor (copied once, into the message's bytes)."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return pb.Tensor(key=key, dtype=dtype_name(t.dtype), shape=list(t.shape), data=data)
+
+
+def tensor_from_proto(msg: pb.Tensor) -> torch.Tensor:
+    """Decode into a fresh, writable CPU tensor; raises InvalidArgument on any inconsistency."""
+    if msg.dtype not in DTYPES:
+        raise InvalidArgument(f"tensor {msg.key!r}: dtype ({msg.dtype!r}) must be one of {sorted(DTYPES)}")
+    shape = tuple(msg.shape)
+    if len(shape) > _MAX_DIMS or any(d < 0 for d in shape):
+        raise InvalidArgument(f"tensor {msg.key!r}: shape {list(shape)} must have at most {_MAX_DIMS} non-negative dims")
+    dtype = DTYPES[msg.dtype]
+    expected = math.prod(shape) * dtype.itemsize
+    if len(msg.data) != expected:
+        raise InvalidArgument(
+            f"tensor {msg.key!r}: {len(msg.data)} bytes, but shape {list(shape)} of {msg.dtype} needs {expected}"
+        )
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(msg.data), dtype=dtype).reshape(shape)
+
+
+def plan_to_proto(plan: Plan) -> pb.PlanSpec:
+    return pb.PlanSpec(
+        params=[pb.ParamSpec(name=p.name, dtype=p.dtype, shape=list(p.shape)) for p in plan.params],
+        num_shards=plan.num_shards,
+        partition_bytes=plan.partition_bytes,
+    )
+
+
+def plan_from_proto(msg: pb.PlanSpec) -> Plan:
+    params = [ParamSpec(p.name, tuple(p.shape), p.dtype) for p in msg.params]
+    return make_plan(params, msg.num_shards, msg.partition_bytes)
+
+
+def optimizer_to_proto(cfg: OptimizerConfig) -> pb.OptimizerSpec:
+    return pb.OptimizerSpec(
+        name=cfg.name,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        beta1=cfg.beta1,
+        beta2=cfg.beta2,
+        eps=cfg.eps,
+    )
+
+
+def optimizer_from_proto(msg: pb.OptimizerSpec) -> OptimizerConfig:
+    return OptimizerConfig(
+        name=msg.name,
+        lr=msg.lr,
+        momentum=msg.momentum,
+        weight_decay=msg.weight_decay,
+        beta1=msg.beta1,
+        beta2=msg.beta2,
+        eps=msg.eps,
+    )
+
+
+def stats_to_proto(stats: dict) -> pb.StatsResponse:
+    return pb.StatsResponse(**stats)
+
+
+def stats_from_proto(msg: pb.StatsResponse) -> dict:
+    out = {f.name: getattr(msg, f.name) for f in pb.StatsResponse.DESCRIPTOR.fields}
+    out["clocks"] = dict(msg.clocks)
+    out["staleness_histogram"] = dict(msg.staleness_histogram)
+    return out

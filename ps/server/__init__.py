@@ -1,0 +1,1 @@
+"""The parameter-server side: store, optimizer, consistency policies and the gRPC adapter."""

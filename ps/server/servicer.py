@@ -1,0 +1,100 @@
+"""The gRPC adapter: decode a request, call the shard, encode the answer, map errors once."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import grpc
+
+from ps.errors import InvalidArgument, PSError
+from ps.proto import ps_pb2 as pb
+from ps.proto import ps_pb2_grpc
+from ps.serde import optimizer_from_proto, plan_from_proto, stats_to_proto, tensor_from_proto, tensor_to_proto
+from ps.server.shard import Shard
+
+log = logging.getLogger("ps.server")
+ERROR_CLASS_KEY = "ps-error-class"
+
+
+def _rpc(method):
+    """Map PSError to its status code (class name in trailing metadata); anything else to INTERNAL."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except PSError as e:
+            context.set_trailing_metadata(((ERROR_CLASS_KEY, type(e).__name__),))
+            context.abort(getattr(grpc.StatusCode, e.code), str(e))
+        except Exception as e:  # a bug: keep serving, say so
+            log.exception("internal error in %s", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+    return wrapper
+
+
+class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
+    def __init__(self, shard: Shard):
+        self.shard = shard
+
+    def _decode(self, tensors) -> list:
+        try:
+            return [(t.key, tensor_from_proto(t)) for t in tensors]
+        except InvalidArgument as e:
+            self.shard.reject(e)
+
+    @_rpc
+    def Register(self, request, context):
+        out = self.shard.register(request.worker_id, request.plan_fingerprint)
+        cfg = self.shard.cfg
+        return pb.RegisterResponse(
+            **out, mode=cfg.mode, staleness=cfg.staleness, num_workers=cfg.num_workers,
+            worker_timeout=cfg.worker_timeout, shard_id=cfg.shard_id, num_shards=cfg.num_shards,
+        )
+
+    @_rpc
+    def Init(self, request, context):
+        try:
+            plan = plan_from_proto(request.plan)
+            optimizer = optimizer_from_proto(request.optimizer)
+        except InvalidArgument as e:
+            self.shard.reject(e)
+        applied = self.shard.init(
+            request.worker_id, plan, request.plan_fingerprint, optimizer,
+            self._decode(request.tensors), request.part, request.num_parts,
+        )
+        return pb.InitResponse(applied=applied)
+
+    @_rpc
+    def Pull(self, request, context):
+        slices, version, min_clock = self.shard.pull(
+            request.worker_id, request.plan_fingerprint, request.clock, list(request.keys), context.is_active
+        )
+        return pb.PullResponse(
+            tensors=[tensor_to_proto(k, t) for k, t in slices], version=version, min_clock=min_clock
+        )
+
+    @_rpc
+    def Push(self, request, context):
+        result = self.shard.push(
+            request.worker_id, request.plan_fingerprint, request.clock, request.base_version,
+            self._decode(request.grads), request.part, request.num_parts,
+        )
+        return pb.PushResponse(
+            outcome=pb.PushResponse.Outcome.Value(result.outcome), version=result.version, staleness=result.staleness
+        )
+
+    @_rpc
+    def Heartbeat(self, request, context):
+        self.shard.heartbeat(request.worker_id)
+        return pb.Ack()
+
+    @_rpc
+    def Leave(self, request, context):
+        self.shard.leave(request.worker_id)
+        return pb.Ack()
+
+    @_rpc
+    def Stats(self, request, context):
+        return stats_to_proto(self.shard.stats())

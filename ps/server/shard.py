@@ -1,0 +1,332 @@
+"""One server shard's state machine: membership, clocks, pending pushes, versions, stats.
+
+Every public method is thread-safe (one lock and one condition per shard) and free of gRPC:
+the servicer decodes a request, calls one method here, and encodes the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ps.config import OptimizerConfig, ServerConfig
+from ps.errors import Cancelled, InvalidArgument, NotInitialized, PlanMismatch, StepConflict, UnknownWorker
+from ps.server.policy import View, Verdict, make_policy
+from ps.server.store import ParamStore
+from ps.sharding import Plan
+
+log = logging.getLogger("ps.server")
+
+MAX_PARTS = 1 << 16
+_WAIT_SLICE = 0.5  # seconds between checks of a waiting pull's liveness
+
+
+@dataclass
+class _Worker:
+    clock: int
+    last_seen: float
+
+
+@dataclass
+class _Pending:
+    """Parts of one multi-request upload (a push or an init) not yet complete."""
+
+    clock: int
+    num_parts: int
+    base_version: int = 0
+    parts: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def merged(self, what: str) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for part in self.parts.values():
+            for key, t in part.items():
+                if key in out:
+                    raise InvalidArgument(f"{what} key {key!r} appears in more than one part")
+                out[key] = t
+        return out
+
+
+@dataclass(frozen=True)
+class PushResult:
+    outcome: str  # BUFFERED | APPLIED | ACCUMULATED | DUPLICATE | DROPPED
+    version: int
+    staleness: int = 0
+
+
+class Shard:
+    def __init__(self, cfg: ServerConfig, now: Callable[[], float] = time.monotonic):
+        self.cfg = cfg
+        self.policy = make_policy(cfg.mode, cfg.staleness)
+        self._now = now
+        self._cond = threading.Condition(threading.Lock())
+        self.store = ParamStore()
+        self.plan: Plan | None = None
+        self.optimizer_cfg: OptimizerConfig | None = None
+        self.version = 0
+        self._workers: dict[str, _Worker] = {}
+        self._ever: set[str] = set()
+        self._pending_push: dict[str, _Pending] = {}
+        self._pending_init: dict[str, _Pending] = {}
+        self.staleness_hist: Counter[int] = Counter()
+        self.counters: Counter[str] = Counter()
+        self._stopped = False
+
+    # -- helpers (lock held) ------------------------------------------------------------------
+    def _view(self) -> View:
+        clocks = tuple(w.clock for w in self._workers.values())
+        return View(self.version, clocks, len(self._ever) >= self.cfg.num_workers)
+
+    def _check_plan(self, fingerprint: str) -> None:
+        if self.plan is not None and fingerprint != self.plan.fingerprint:
+            raise PlanMismatch(
+                f"plan fingerprint {fingerprint!r} differs from this shard's {self.plan.fingerprint!r}: "
+                "workers must use the same model, number of servers and partition size"
+            )
+
+    def _require_init(self) -> None:
+        if not self.store.initialized:
+            raise NotInitialized(f"shard {self.cfg.shard_id} holds no parameters yet: call init first")
+
+    def _worker(self, worker_id: str) -> _Worker:
+        w = self._workers.get(worker_id)
+        if w is None:
+            raise UnknownWorker(f"worker {worker_id!r} is not registered (left or evicted): register again")
+        w.last_seen = self._now()
+        return w
+
+    def _maybe_complete_step(self) -> None:
+        if self.policy.step_ready(self._view(), self.store.accumulated):
+            self.store.apply_accumulated()
+            self.version += 1
+            self.staleness_hist[0] += 1
+            self._cond.notify_all()
+
+    def _remove(self, worker_id: str) -> None:
+        self._workers.pop(worker_id, None)
+        self._pending_push.pop(worker_id, None)
+        self._pending_init.pop(worker_id, None)
+        self._maybe_complete_step()
+        self._cond.notify_all()
+
+    def _reject(self, exc: Exception) -> None:
+        self.counters["rejected"] += 1
+        raise exc
+
+    def reject(self, exc: Exception) -> None:
+        """Count a request refused before it reached the shard (e.g. undecodable bytes) and raise."""
+        with self._cond:
+            self._reject(exc)
+
+    # -- RPCs ---------------------------------------------------------------------------------
+    def register(self, worker_id: str, fingerprint: str) -> dict:
+        if not worker_id:
+            raise InvalidArgument("worker_id must be a non-empty string")
+        with self._cond:
+            self._check_plan(fingerprint)
+            w = self._workers.get(worker_id)
+            if w is None:
+                w = _Worker(self.policy.join_clock(self._view()), self._now())
+                self._workers[worker_id] = w
+                self._ever.add(worker_id)
+                log.info("shard %d: worker %s joined at clock %d", self.cfg.shard_id, worker_id, w.clock)
+            else:
+                w.last_seen = self._now()
+            self._pending_push.pop(worker_id, None)
+            self._cond.notify_all()
+            return {"initialized": self.store.initialized, "clock": w.clock, "version": self.version}
+
+    def init(self, worker_id: str, plan: Plan, fingerprint: str, optimizer: OptimizerConfig,
+             tensors: Sequence[tuple[str, torch.Tensor]], part: int, num_parts: int) -> bool:
+        with self._cond:
+            try:
+                if plan.fingerprint != fingerprint:
+                    raise PlanMismatch(f"plan fingerprint {fingerprint!r} does not match the plan sent ({plan.fingerprint!r})")
+                if plan.num_shards != self.cfg.num_shards:
+                    raise PlanMismatch(f"plan has {plan.num_shards} shards but this cluster has {self.cfg.num_shards}")
+                self._check_plan(fingerprint)
+                if self.store.initialized:
+                    if optimizer != self.optimizer_cfg:
+                        raise PlanMismatch(f"optimizer {optimizer} differs from the servers' {self.optimizer_cfg}")
+                    return False
+                _check_part(part, num_parts)
+                expected = {s.key: s.length for s in plan.slices_for(self.cfg.shard_id)}
+                values = _validate_slices(tensors, expected)
+            except (InvalidArgument, PlanMismatch) as e:
+                self._reject(e)
+            pending = self._pending_init.get(worker_id)
+            if pending is None or pending.num_parts != num_parts:
+                pending = self._pending_init[worker_id] = _Pending(0, num_parts)
+            pending.parts[part] = values
+            if len(pending.parts) < num_parts:
+                return False
+            del self._pending_init[worker_id]
+            merged = pending.merged("init")
+            if set(merged) != set(expected):
+                missing = sorted(set(expected) - set(merged))[:5]
+                self._reject(InvalidArgument(f"init is missing slices of this shard, e.g. {missing}"))
+            self.store.init(merged, optimizer)
+            self.plan, self.optimizer_cfg = plan, optimizer
+            log.info("shard %d: initialised %d slices (plan %s)", self.cfg.shard_id, len(merged), fingerprint)
+            self._cond.notify_all()
+            return True
+
+    def pull(self, worker_id: str, fingerprint: str, clock: int, keys: Sequence[str],
+             is_active: Callable[[], bool] = lambda: True) -> tuple[list[tuple[str, torch.Tensor]], int, int]:
+        """Slices for `keys` once the policy allows a worker at `clock` to read; returns
+        (slices, version, min_clock). An empty worker_id reads without waiting or joining."""
+        with self._cond:
+            try:
+                self._require_init()
+                self._check_plan(fingerprint)
+                if clock < 0:
+                    raise InvalidArgument(f"clock ({clock}) must be >= 0")
+                if len(set(keys)) != len(keys):
+                    raise InvalidArgument("a pull names the same key more than once")
+                self.store.check_keys(keys)
+            except (InvalidArgument, PlanMismatch, NotInitialized) as e:
+                self._reject(e)
+            if worker_id:
+                w = self._worker(worker_id)
+                if clock > w.clock:
+                    w.clock = clock
+                    self._maybe_complete_step()
+                    self._cond.notify_all()
+                while not self.policy.pull_ready(clock, self._view()):
+                    if self._stopped or not is_active():
+                        raise Cancelled("pull abandoned: the client went away or the server is stopping")
+                    self._cond.wait(_WAIT_SLICE)
+                    self._worker(worker_id)
+            self.counters["pulls"] += 1
+            return self.store.read(keys), self.version, self._view().min_clock
+
+    def push(self, worker_id: str, fingerprint: str, clock: int, base_version: int,
+             grads: Sequence[tuple[str, torch.Tensor]], part: int, num_parts: int) -> PushResult:
+        with self._cond:
+            try:
+                self._require_init()
+                self._check_plan(fingerprint)
+                if clock < 0:
+                    raise InvalidArgument(f"clock ({clock}) must be >= 0")
+                if not 0 <= base_version <= self.version:
+                    raise InvalidArgument(f"base_version ({base_version}) must be in [0, {self.version}]")
+                _check_part(part, num_parts)
+                values = self.store.validate(grads)
+            except (InvalidArgument, PlanMismatch, NotInitialized, KeyError) as e:
+                self._reject(e)
+            w = self._worker(worker_id)
+            if clock < w.clock:
+                self.counters["duplicates"] += 1
+                return PushResult("DUPLICATE", self.version)
+            pending = self._pending_push.get(worker_id)
+            if pending is not None and pending.clock == clock:
+                if part in pending.parts:
+                    self.counters["duplicates"] += 1
+                    return PushResult("DUPLICATE", self.version)
+                if pending.num_parts != num_parts:
+                    self._reject(InvalidArgument(f"num_parts ({num_parts}) differs from earlier parts ({pending.num_parts})"))
+            elif pending is not None and pending.clock > clock:
+                self.counters["dropped"] += 1
+                return PushResult("DROPPED", self.version)
+            else:
+                pending = self._pending_push[worker_id] = _Pending(clock, num_parts, base_version)
+            pending.parts[part] = values
+            pending.base_version = min(pending.base_version, base_version)
+            if len(pending.parts) < num_parts:
+                return PushResult("BUFFERED", self.version)
+            del self._pending_push[worker_id]
+            try:
+                merged = pending.merged("gradient")
+            except InvalidArgument as e:
+                self._reject(e)
+            return self._commit(w, clock, pending.base_version, merged)
+
+    def _commit(self, w: _Worker, clock: int, base_version: int, grads: dict[str, torch.Tensor]) -> PushResult:
+        verdict = self.policy.on_push(clock, self._view())
+        if verdict is Verdict.LATE:
+            w.clock = max(w.clock, clock + 1)
+            self.counters["dropped"] += 1
+            return PushResult("DROPPED", self.version)
+        if verdict is Verdict.AHEAD:
+            self._reject(StepConflict(f"push for sync step {clock} but the shard is at step {self.version}"))
+        self.counters["pushes"] += 1
+        w.clock = clock + 1
+        if verdict is Verdict.ACCUMULATE:
+            self.store.accumulate(grads)
+            before = self.version
+            self._maybe_complete_step()
+            return PushResult("APPLIED" if self.version > before else "ACCUMULATED", self.version)
+        staleness = self.version - base_version
+        self.store.apply(grads, 1.0 / (1 + staleness) if self.cfg.staleness_lr else 1.0)
+        self.version += 1
+        self.staleness_hist[staleness] += 1
+        self._cond.notify_all()
+        return PushResult("APPLIED", self.version, staleness)
+
+    def heartbeat(self, worker_id: str) -> None:
+        with self._cond:
+            self._worker(worker_id)
+
+    def leave(self, worker_id: str) -> None:
+        with self._cond:
+            if worker_id in self._workers:
+                log.info("shard %d: worker %s left", self.cfg.shard_id, worker_id)
+                self._remove(worker_id)
+
+    def evict_expired(self) -> list[str]:
+        """Evict workers silent for longer than the timeout; returns their ids."""
+        with self._cond:
+            deadline = self._now() - self.cfg.worker_timeout
+            gone = [wid for wid, w in self._workers.items() if w.last_seen < deadline]
+            for wid in gone:
+                log.warning("shard %d: evicting worker %s (silent for over %.1fs)", self.cfg.shard_id, wid, self.cfg.worker_timeout)
+                self.counters["evictions"] += 1
+                self._remove(wid)
+            return gone
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {
+                "shard_id": self.cfg.shard_id,
+                "mode": self.policy.name,
+                "version": self.version,
+                "clocks": {wid: w.clock for wid, w in self._workers.items()},
+                "staleness_histogram": dict(self.staleness_hist),
+                "active_workers": len(self._workers),
+                "initialized": self.store.initialized,
+                "num_keys": len(self.store.params),
+                "num_elements": self.store.num_elements(),
+                **{k: self.counters[k] for k in ("pushes", "pulls", "rejected", "evictions", "dropped", "duplicates")},
+            }
+
+
+def _check_part(part: int, num_parts: int) -> None:
+    if not 1 <= num_parts <= MAX_PARTS:
+        raise InvalidArgument(f"num_parts ({num_parts}) must be in [1, {MAX_PARTS}]")
+    if not 0 <= part < num_parts:
+        raise InvalidArgument(f"part ({part}) must be in [0, num_parts={num_parts})")
+
+
+def _validate_slices(tensors: Sequence[tuple[str, torch.Tensor]], expected: dict[str, int]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, t in tensors:
+        if key not in expected:
+            raise InvalidArgument(f"init slice {key!r} is not assigned to this shard by the plan")
+        if key in out:
+            raise InvalidArgument(f"init slice {key!r} appears more than once")
+        if tuple(t.shape) != (expected[key],):
+            raise InvalidArgument(f"init slice {key!r}: shape {list(t.shape)} must be [{expected[key]}]")
+        if not bool(torch.isfinite(t).all()):
+            raise InvalidArgument(f"init slice {key!r} holds NaN or Inf values")
+        out[key] = t
+    return out

@@ -1,0 +1,1 @@
+"""The worker side: PSClient (pull/push over gRPC) and the training loop."""

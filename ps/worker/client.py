@@ -1,0 +1,268 @@
+"""PSClient: pull weights from and push gradients to all server shards, concurrently.
+
+    client = PSClient(["127.0.0.1:5000", "127.0.0.1:5001"], worker_id="w0")
+    clock = client.setup(dict(model.named_parameters()), OptimizerConfig("sgd", lr=0.1))
+    for step in range(100):
+        weights = client.pull(clock)          # {name: fp32 CPU tensor}, owned by the caller
+        ...                                   # load weights, forward, backward
+        client.push({n: p.grad for n, p in model.named_parameters()}, clock)
+        clock += 1
+    client.close()
+
+Tensors passed to `push` are read before it returns (or before the handle of `push_async`
+resolves); the caller must not modify them until then. One client serves one worker; its
+methods may be called from one thread at a time (the heartbeat thread is internal).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Mapping, Sequence, TypeVar
+
+import grpc
+import torch
+
+from ps.config import DEFAULT_PARTITION_BYTES, OptimizerConfig, grpc_options
+from ps.errors import PSError, Unavailable, UnknownWorker, error_from_wire
+from ps.proto import ps_pb2 as pb
+from ps.proto import ps_pb2_grpc
+from ps.serde import optimizer_to_proto, plan_to_proto, stats_from_proto, tensor_from_proto, tensor_to_proto
+from ps.server.servicer import ERROR_CLASS_KEY
+from ps.sharding import ParamSpec, Plan, Slice, dtype_name, make_plan
+
+log = logging.getLogger("ps.worker")
+T = TypeVar("T")
+
+
+def _batches(slices: Sequence[Slice], limit: int, itemsize: Callable[[Slice], int]) -> list[list[Slice]]:
+    """Group slices into requests of at most `limit` bytes (a slice alone may reach the limit)."""
+    out: list[list[Slice]] = [[]]
+    size = 0
+    for s in slices:
+        nbytes = s.length * itemsize(s)
+        if out[-1] and size + nbytes > limit:
+            out.append([])
+            size = 0
+        out[-1].append(s)
+        size += nbytes
+    return out
+
+
+class PSClient:
+    def __init__(self, servers: Sequence[str], worker_id: str | None = None, *,
+                 partition_bytes: int = DEFAULT_PARTITION_BYTES, connect_timeout: float = 60.0,
+                 retry_timeout: float = 60.0, rpc_timeout: float = 120.0, heartbeat: bool = True):
+        if not servers:
+            raise PSError("servers must name at least one host:port")
+        self.servers = list(servers)
+        self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
+        self.partition_bytes = partition_bytes
+        self.retry_timeout = retry_timeout
+        self.rpc_timeout = rpc_timeout
+        self._channels = [grpc.insecure_channel(s, options=grpc_options()) for s in self.servers]
+        self._stubs = [ps_pb2_grpc.ParameterServerStub(c) for c in self._channels]
+        self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(self.servers)), thread_name_prefix="ps-client")
+        self._async = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ps-client-async")
+        self._want_heartbeat = heartbeat
+        self._stop = threading.Event()
+        self._heartbeat_thread: threading.Thread | None = None
+        self.plan: Plan | None = None
+        self.info: list[pb.RegisterResponse] = []
+        self.versions: list[int] = [0] * len(self.servers)
+        self._wait_connected(connect_timeout)
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _wait_connected(self, timeout: float) -> None:
+        for addr, ch in zip(self.servers, self._channels):
+            try:
+                grpc.channel_ready_future(ch).result(timeout=timeout)
+            except grpc.FutureTimeoutError as e:
+                raise Unavailable(f"server {addr} did not answer within {timeout:.0f}s") from e
+
+    def _call(self, shard: int, method: str, request, timeout: float | None = None, reregister: bool = True):
+        """One RPC with errors mapped to PSError; retries while the server is unavailable and
+        registers again (then retries) if the server evicted this worker."""
+        deadline = time.monotonic() + self.retry_timeout
+        delay = 0.05
+        while True:
+            try:
+                return getattr(self._stubs[shard], method)(request, timeout=timeout or self.rpc_timeout)
+            except grpc.RpcError as e:
+                meta = dict(e.trailing_metadata() or ())
+                err = error_from_wire(e.code().name, meta.get(ERROR_CLASS_KEY), e.details() or "")
+                if isinstance(err, UnknownWorker) and reregister and self.plan is not None:
+                    log.warning("%s: %s; registering again", self.servers[shard], err)
+                    self._register_one(shard)
+                    reregister = False
+                    continue
+                if isinstance(err, Unavailable) and time.monotonic() + delay < deadline:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                raise err from e
+
+    def _map(self, fn: Callable[..., T], jobs: Sequence[tuple]) -> list[T]:
+        """Run fn(*job) for every job concurrently; raise the first error after all finish."""
+        futures = [self._pool.submit(fn, *job) for job in jobs]
+        results, first_error = [], None
+        for f in futures:
+            try:
+                results.append(f.result())
+            except Exception as e:  # noqa: BLE001 - re-raised below
+                first_error = first_error or e
+                results.append(None)
+        if first_error is not None:
+            raise first_error
+        return results
+
+    # -- membership ---------------------------------------------------------------------------
+    def _register_one(self, shard: int) -> pb.RegisterResponse:
+        assert self.plan is not None
+        req = pb.RegisterRequest(worker_id=self.worker_id, plan_fingerprint=self.plan.fingerprint)
+        return self._call(shard, "Register", req, reregister=False)
+
+    def attach(self, specs: Sequence[ParamSpec]) -> Plan:
+        """Compute the plan for these parameters without joining (enough for observer pulls)."""
+        self.plan = make_plan(list(specs), len(self.servers), self.partition_bytes)
+        itemsize = lambda s: 4  # noqa: E731 - the servers hold fp32 master copies
+        self._pull_batches = [_batches(self.plan.slices_for(k), self.partition_bytes, itemsize)
+                              for k in range(len(self.servers))]
+        return self.plan
+
+    def register(self, specs: Sequence[ParamSpec]) -> int:
+        """Compute the plan for these parameters, join every shard, start heartbeats; returns the
+        clock to start at (the largest any shard asks for)."""
+        self.attach(specs)
+        self.info = self._map(self._register_one, [(k,) for k in range(len(self.servers))])
+        self.versions = [r.version for r in self.info]
+        if self._want_heartbeat and self._heartbeat_thread is None:
+            self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, daemon=True, name="ps-heartbeat")
+            self._heartbeat_thread.start()
+        return max(r.clock for r in self.info)
+
+    def _heartbeat_loop(self) -> None:
+        interval = max(0.05, min(r.worker_timeout for r in self.info) / 4)
+        while not self._stop.wait(interval):
+            for k in range(len(self.servers)):
+                try:
+                    self._call(k, "Heartbeat", pb.WorkerRef(worker_id=self.worker_id), timeout=interval * 2)
+                except PSError as e:
+                    log.debug("heartbeat to %s failed: %s", self.servers[k], e)
+
+    def init(self, tensors: Mapping[str, torch.Tensor], optimizer: OptimizerConfig) -> bool:
+        """Send initial values and the optimizer; idempotent. True if this call set the values
+        (False: the servers already held values, which win; pull to get them)."""
+        assert self.plan is not None, "register first"
+        flat = self.plan.split({n: t.detach().to("cpu", torch.float32) for n, t in tensors.items()})
+        spec, opt = plan_to_proto(self.plan), optimizer_to_proto(optimizer)
+
+        def send(shard: int, part: int, batch: list[Slice], num_parts: int) -> bool:
+            req = pb.InitRequest(
+                worker_id=self.worker_id, plan_fingerprint=self.plan.fingerprint, plan=spec, optimizer=opt,
+                tensors=[tensor_to_proto(s.key, flat[s.key]) for s in batch], part=part, num_parts=num_parts,
+            )
+            return self._call(shard, "Init", req).applied
+
+        jobs = [(k, i, b, len(bs)) for k, bs in enumerate(self._pull_batches) for i, b in enumerate(bs)]
+        return any(self._map(send, jobs))
+
+    def setup(self, tensors: Mapping[str, torch.Tensor], optimizer: OptimizerConfig) -> int:
+        """register + init in one call; returns the clock to start at."""
+        specs = [ParamSpec(n, tuple(t.shape), dtype_name(t.dtype)) for n, t in tensors.items()]
+        clock = self.register(specs)
+        self.init(tensors, optimizer)
+        return clock
+
+    # -- data ---------------------------------------------------------------------------------
+    def pull(self, clock: int, observer: bool = False) -> dict[str, torch.Tensor]:
+        """All parameters as fp32 CPU tensors, once the servers' mode lets a worker at `clock`
+        read. `observer=True` reads without waiting or joining (evaluation, monitoring)."""
+        return self.pull_async(clock, observer).result()
+
+    def pull_async(self, clock: int, observer: bool = False) -> Future:
+        assert self.plan is not None, "register first"
+        worker = "" if observer else self.worker_id
+
+        def fetch(shard: int, batch: list[Slice]):
+            req = pb.PullRequest(worker_id=worker, plan_fingerprint=self.plan.fingerprint, clock=clock,
+                                 keys=[s.key for s in batch])
+            return shard, self._call(shard, "Pull", req, timeout=None if not observer else self.rpc_timeout)
+
+        def gather() -> dict[str, torch.Tensor]:
+            jobs = [(k, b) for k, bs in enumerate(self._pull_batches) for b in bs]
+            slices: dict[str, torch.Tensor] = {}
+            versions: dict[int, int] = {}
+            self.last_min_clocks = {}
+            for shard, resp in self._map(fetch, jobs):
+                versions[shard] = min(versions.get(shard, resp.version), resp.version)
+                self.last_min_clocks[shard] = resp.min_clock
+                for t in resp.tensors:
+                    slices[t.key] = tensor_from_proto(t)
+            if not observer:
+                for shard, v in versions.items():
+                    self.versions[shard] = v
+            return self.plan.assemble(slices)
+
+        return self._async.submit(gather)
+
+    def push(self, grads: Mapping[str, torch.Tensor], clock: int) -> list[dict]:
+        """Send gradients (by parameter name; any float dtype) for `clock`; returns one result
+        per shard: {"outcome", "version", "staleness"}."""
+        return self.push_async(grads, clock).result()
+
+    def push_async(self, grads: Mapping[str, torch.Tensor], clock: int) -> Future:
+        assert self.plan is not None, "register first"
+        names = list(grads)
+        flat = self.plan.split({n: grads[n].detach().to("cpu") for n in names}, names)
+        itemsize = lambda s: grads[s.name].element_size()  # noqa: E731
+        per_shard = [[s for s in self.plan.slices_for(k) if s.key in flat] for k in range(len(self.servers))]
+
+        def send(shard: int, part: int, batch: list[Slice], num_parts: int):
+            req = pb.PushRequest(
+                worker_id=self.worker_id, plan_fingerprint=self.plan.fingerprint, clock=clock,
+                base_version=self.versions[shard], grads=[tensor_to_proto(s.key, flat[s.key]) for s in batch],
+                part=part, num_parts=num_parts,
+            )
+            return shard, self._call(shard, "Push", req)
+
+        jobs = []
+        for k, slices in enumerate(per_shard):
+            bs = _batches(slices, self.partition_bytes, itemsize)
+            jobs += [(k, i, b, len(bs)) for i, b in enumerate(bs)]
+
+        def gather() -> list[dict]:
+            final: dict[int, dict] = {}
+            for shard, resp in self._map(send, jobs):
+                outcome = pb.PushResponse.Outcome.Name(resp.outcome)
+                if outcome != "BUFFERED" or shard not in final:
+                    final[shard] = {"outcome": outcome, "version": resp.version, "staleness": resp.staleness}
+            return [final[k] for k in sorted(final)]
+
+        return self._async.submit(gather)
+
+    def stats(self) -> list[dict]:
+        return [stats_from_proto(r) for r in self._map(lambda k: self._call(k, "Stats", pb.StatsRequest()), [(k,) for k in range(len(self.servers))])]
+
+    def leave(self) -> None:
+        """Tell every shard this worker is done (sync steps stop waiting for it)."""
+        self._map(lambda k: self._call(k, "Leave", pb.WorkerRef(worker_id=self.worker_id), reregister=False),
+                  [(k,) for k in range(len(self.servers))])
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.join(timeout=5)
+        self._async.shutdown(wait=True)
+        self._pool.shutdown(wait=True)
+        for ch in self._channels:
+            ch.close()
+
+    def __enter__(self) -> "PSClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

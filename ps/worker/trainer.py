@@ -1,0 +1,140 @@
+"""The worker's training loop: pull, forward/backward, push, log. No gRPC here: it drives any
+object with PSClient's `setup`, `pull`, `push` and `leave` methods."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from ps.config import WorkerConfig
+from ps.data import Datasets, accuracy, batches, shard_indices, steps_per_epoch
+from ps.errors import InvalidArgument
+from ps.models import model_loss
+
+log = logging.getLogger("ps.worker")
+
+
+class Client(Protocol):
+    def setup(self, tensors, optimizer) -> int: ...
+    def pull(self, clock: int, observer: bool = False) -> dict[str, torch.Tensor]: ...
+    def push(self, grads, clock: int) -> list[dict]: ...
+    def leave(self) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgument("device ('cuda') was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def total_steps(cfg: WorkerConfig, train_size: int) -> int:
+    if cfg.steps:
+        return cfg.steps
+    return math.ceil(cfg.epochs * steps_per_epoch(train_size, cfg.num_workers, cfg.batch_size))
+
+
+class HostGrads:
+    """Gradients on the host for the wire: pinned buffers filled asynchronously on CUDA,
+    the gradients themselves on CPU."""
+
+    def __init__(self, params: dict[str, nn.Parameter], device: torch.device):
+        self.params = params
+        self.buffers = (
+            {n: torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for n, p in params.items()}
+            if device.type == "cuda" else None
+        )
+
+    def collect(self) -> dict[str, torch.Tensor]:
+        grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self.params.items()}
+        if self.buffers is None:
+            return grads
+        for n, g in grads.items():
+            self.buffers[n].copy_(g, non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+        return self.buffers
+
+
+class JsonlLog:
+    """One JSON object per line, flushed per record (readable while training runs)."""
+
+    def __init__(self, path: str | None):
+        self._f = None
+        if path:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self._f = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        if self._f:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f:
+            self._f.close()
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    test_accuracy: float | None
+    wall_time: float
+
+
+def load_weights(params: dict[str, nn.Parameter], weights: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(weights[n], non_blocking=True)
+
+
+def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
+          on_step: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train `model` against the servers behind `client`; returns the final metrics."""
+    device = resolve_device(cfg.device)
+    model.to(device).train()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    steps = total_steps(cfg, len(data.train))
+    start = client.setup(params, cfg.optimizer)
+    stream = batches(data.train, shard_indices(len(data.train), cfg.rank, cfg.num_workers),
+                     cfg.batch_size, cfg.seed * 1_000_003 + cfg.rank)
+    host = HostGrads(params, device)
+    metrics = JsonlLog(os.path.join(cfg.log_dir, f"{cfg.worker_id}.jsonl") if cfg.log_dir else None)
+    t0, loss_value = time.monotonic(), float("nan")
+    try:
+        for clock in range(start, steps):
+            load_weights(params, client.pull(clock))
+            x, y = next(stream)
+            loss = model_loss(model, model(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            results = client.push(host.collect(), clock)
+            loss_value = float(loss.detach())
+            record = {"worker": cfg.worker_id, "step": clock, "time": time.monotonic() - t0, "loss": loss_value,
+                      "staleness": max(r["staleness"] for r in results)}
+            if cfg.eval_every and data.test is not None and (clock % cfg.eval_every == 0 or clock == steps - 1):
+                record["test_accuracy"] = accuracy(model, data.test, device)
+            metrics.write(record)
+            if on_step:
+                on_step({**record, "steps": steps})
+        load_weights(params, client.pull(steps))
+        acc = accuracy(model, data.test, device) if data.test is not None else None
+        result = TrainResult(steps, loss_value, acc, time.monotonic() - t0)
+        metrics.write({"worker": cfg.worker_id, "final": True, "step": steps, "time": result.wall_time,
+                       "loss": loss_value, "test_accuracy": acc})
+        return result
+    finally:
+        metrics.close()
+        try:
+            client.leave()
+        except Exception as e:  # noqa: BLE001 - leaving is best effort; the lease expires anyway
+            log.warning("leave failed: %s", e)

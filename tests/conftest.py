@@ -1,0 +1,49 @@
+"""Shared fixtures: real ps-server processes on free loopback ports."""
+
+from __future__ import annotations
+
+import io
+import threading
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from ps.cli.launch import start_servers, stop_all
+
+
+class _Sink(io.StringIO):
+    """Collects child output thread-safely (tests read it on failure)."""
+
+    def __init__(self):
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def write(self, s):
+        with self._lock:
+            return super().write(s)
+
+
+@contextmanager
+def running_cluster(num_servers=2, mode="sync", num_workers=1, **kwargs):
+    """Yield the addresses of `num_servers` real ps-server processes; stop them afterwards."""
+    out = _Sink()
+    procs = start_servers(num_servers, mode, num_workers, out=out, **kwargs)
+    try:
+        yield [p.address for p in procs]
+    finally:
+        stop_all(procs)
+
+
+@pytest.fixture
+def cluster():
+    return running_cluster
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

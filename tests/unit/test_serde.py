@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from ps.config import OptimizerConfig
+from ps.errors import InvalidArgument
+from ps.proto import ps_pb2 as pb
+from ps.serde import (optimizer_from_proto, optimizer_to_proto, plan_from_proto, plan_to_proto, stats_from_proto,
+                      stats_to_proto, tensor_from_proto, tensor_to_proto)
+from ps.sharding import ParamSpec, make_plan
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(), (0,), (5,), (3, 4, 2)])
+def test_tensor_round_trip_is_bit_exact(dtype, shape):
+    t = torch.randn(shape).to(dtype)
+    back = tensor_from_proto(pb.Tensor.FromString(tensor_to_proto("k", t).SerializeToString()))
+    assert back.dtype == dtype and back.shape == t.shape and torch.equal(back, t)
+
+
+def test_non_contiguous_tensors_travel_in_c_order():
+    t = torch.arange(12.0).reshape(3, 4).t()
+    assert torch.equal(tensor_from_proto(tensor_to_proto("k", t)), t)
+
+
+def test_decoded_tensor_is_writable_and_independent_of_the_message():
+    msg = tensor_to_proto("k", torch.ones(4))
+    t = tensor_from_proto(msg)
+    t.add_(1)
+    assert torch.equal(tensor_from_proto(msg), torch.ones(4))
+
+
+@pytest.mark.parametrize("mutate, rule", [
+    (lambda m: setattr(m, "data", m.data[:-1]), "bytes"),
+    (lambda m: setattr(m, "dtype", "int64"), "dtype"),
+    (lambda m: m.shape.__setitem__(0, -1), "non-negative"),
+    (lambda m: m.shape.extend([1] * 9), "at most"),
+])
+def test_malformed_tensors_are_refused_with_the_rule(mutate, rule):
+    msg = tensor_to_proto("k", torch.ones(4))
+    mutate(msg)
+    with pytest.raises(InvalidArgument, match=rule):
+        tensor_from_proto(msg)
+
+
+def test_plan_round_trip_keeps_the_fingerprint():
+    plan = make_plan([ParamSpec("w", (300, 300)), ParamSpec("b", (3,), "bfloat16")], 2, 65536)
+    assert plan_from_proto(plan_to_proto(plan)).fingerprint == plan.fingerprint
+
+
+def test_optimizer_round_trip():
+    cfg = OptimizerConfig("adam", lr=1e-3, weight_decay=0.01, beta2=0.99)
+    assert optimizer_from_proto(optimizer_to_proto(cfg)) == cfg
+
+
+def test_optimizer_from_wire_is_validated():
+    with pytest.raises(InvalidArgument, match="lr"):
+        optimizer_from_proto(pb.OptimizerSpec(name="sgd", lr=-1))
+
+
+def test_stats_round_trip():
+    stats = {"shard_id": 1, "mode": "ssp", "version": 7, "clocks": {"a": 3}, "staleness_histogram": {0: 2, 3: 1},
+             "active_workers": 1, "pushes": 7, "pulls": 9, "rejected": 1, "evictions": 0, "dropped": 0,
+             "duplicates": 2, "initialized": True, "num_keys": 4, "num_elements": 100}
+    assert stats_from_proto(stats_to_proto(stats)) == stats
