@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ps.config import ServerConfig, grpc_options
 from ps.proto import ps_pb2, ps_pb2_grpc
+from ps.server.optim import warm_up
 from ps.server.servicer import ParameterServerServicer
 from ps.server.shard import Shard
 
@@ -52,6 +53,7 @@ def _reap(shard: Shard, stop: threading.Event) -> None:
 
 def create_server(cfg: ServerConfig) -> RunningServer:
     """Start serving `cfg` and return at once; the caller owns the returned server."""
+    warm_up()
     shard = Shard(cfg)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.threads), options=grpc_options())
     ps_pb2_grpc.add_ParameterServerServicer_to_server(ParameterServerServicer(shard), server)

@@ -19,8 +19,11 @@ class SliceOptimizer:
         self.cfg = cfg
         self.params = dict(params)
         tensors = list(self.params.values())
+        self._opt: torch.optim.Optimizer | None = None
+        if not tensors:  # a shard the plan gave no slices: nothing to update
+            return
         if cfg.name == "adam":
-            self._opt: torch.optim.Optimizer = torch.optim.Adam(
+            self._opt = torch.optim.Adam(
                 tensors, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                 weight_decay=cfg.weight_decay, foreach=False,
             )
@@ -32,6 +35,8 @@ class SliceOptimizer:
 
     def step(self, grads: Mapping[str, torch.Tensor], lr_scale: float = 1.0) -> None:
         """Apply fp32 gradients (by slice key) with lr * lr_scale."""
+        if self._opt is None:
+            return
         for group in self._opt.param_groups:
             group["lr"] = self.cfg.lr * lr_scale
         for key, grad in grads.items():
@@ -41,3 +46,11 @@ class SliceOptimizer:
         finally:
             for key in grads:
                 self.params[key].grad = None
+
+
+def warm_up() -> None:
+    """Build and step each optimizer once: torch imports parts of itself lazily on first use
+    (seconds), which must not happen under a shard's lock while workers wait."""
+    for name in ("sgd", "momentum", "adam"):
+        p = torch.zeros(2, requires_grad=True)
+        SliceOptimizer(OptimizerConfig(name, lr=0.1), {"p": p}).step({"p": torch.ones(2)})

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from ps.config import OptimizerConfig, ServerConfig
-from ps.errors import Cancelled, InvalidArgument, NotInitialized, PlanMismatch, StepConflict, UnknownWorker
+from ps.errors import Cancelled, InvalidArgument, NotInitialized, PlanMismatch, PSError, StepConflict, UnknownWorker
 from ps.server.policy import View, Verdict, make_policy
 from ps.server.store import ParamStore
 from ps.sharding import Plan
@@ -30,7 +30,6 @@ _WAIT_SLICE = 0.5  # seconds between checks of a waiting pull's liveness
 @dataclass
 class _Worker:
     clock: int
-    last_seen: float
 
 
 @dataclass
@@ -70,6 +69,9 @@ class Shard:
         self.optimizer_cfg: OptimizerConfig | None = None
         self.version = 0
         self._workers: dict[str, _Worker] = {}
+        # Lease renewals are written outside the main lock, so a worker is never evicted for
+        # waiting on a lock (single dict writes are atomic under the GIL).
+        self._seen: dict[str, float] = {}
         self._ever: set[str] = set()
         self._pending_push: dict[str, _Pending] = {}
         self._pending_init: dict[str, _Pending] = {}
@@ -93,11 +95,15 @@ class Shard:
         if not self.store.initialized:
             raise NotInitialized(f"shard {self.cfg.shard_id} holds no parameters yet: call init first")
 
+    def _touch(self, worker_id: str) -> None:
+        if worker_id:
+            self._seen[worker_id] = self._now()
+
     def _worker(self, worker_id: str) -> _Worker:
         w = self._workers.get(worker_id)
         if w is None:
             raise UnknownWorker(f"worker {worker_id!r} is not registered (left or evicted): register again")
-        w.last_seen = self._now()
+        self._touch(worker_id)
         return w
 
     def _maybe_complete_step(self) -> None:
@@ -109,6 +115,7 @@ class Shard:
 
     def _remove(self, worker_id: str) -> None:
         self._workers.pop(worker_id, None)
+        self._seen.pop(worker_id, None)
         self._pending_push.pop(worker_id, None)
         self._pending_init.pop(worker_id, None)
         self._maybe_complete_step()
@@ -127,22 +134,23 @@ class Shard:
     def register(self, worker_id: str, fingerprint: str) -> dict:
         if not worker_id:
             raise InvalidArgument("worker_id must be a non-empty string")
+        self._touch(worker_id)
         with self._cond:
             self._check_plan(fingerprint)
             w = self._workers.get(worker_id)
             if w is None:
-                w = _Worker(self.policy.join_clock(self._view()), self._now())
+                w = _Worker(self.policy.join_clock(self._view()))
                 self._workers[worker_id] = w
                 self._ever.add(worker_id)
                 log.info("shard %d: worker %s joined at clock %d", self.cfg.shard_id, worker_id, w.clock)
-            else:
-                w.last_seen = self._now()
+            self._touch(worker_id)
             self._pending_push.pop(worker_id, None)
             self._cond.notify_all()
             return {"initialized": self.store.initialized, "clock": w.clock, "version": self.version}
 
     def init(self, worker_id: str, plan: Plan, fingerprint: str, optimizer: OptimizerConfig,
              tensors: Sequence[tuple[str, torch.Tensor]], part: int, num_parts: int) -> bool:
+        self._touch(worker_id if worker_id in self._workers else "")
         with self._cond:
             try:
                 if plan.fingerprint != fingerprint:
@@ -157,7 +165,7 @@ class Shard:
                 _check_part(part, num_parts)
                 expected = {s.key: s.length for s in plan.slices_for(self.cfg.shard_id)}
                 values = _validate_slices(tensors, expected)
-            except (InvalidArgument, PlanMismatch) as e:
+            except PSError as e:
                 self._reject(e)
             pending = self._pending_init.get(worker_id)
             if pending is None or pending.num_parts != num_parts:
@@ -180,6 +188,7 @@ class Shard:
              is_active: Callable[[], bool] = lambda: True) -> tuple[list[tuple[str, torch.Tensor]], int, int]:
         """Slices for `keys` once the policy allows a worker at `clock` to read; returns
         (slices, version, min_clock). An empty worker_id reads without waiting or joining."""
+        self._touch(worker_id if worker_id in self._workers else "")
         with self._cond:
             try:
                 self._require_init()
@@ -189,7 +198,7 @@ class Shard:
                 if len(set(keys)) != len(keys):
                     raise InvalidArgument("a pull names the same key more than once")
                 self.store.check_keys(keys)
-            except (InvalidArgument, PlanMismatch, NotInitialized) as e:
+            except PSError as e:
                 self._reject(e)
             if worker_id:
                 w = self._worker(worker_id)
@@ -207,6 +216,7 @@ class Shard:
 
     def push(self, worker_id: str, fingerprint: str, clock: int, base_version: int,
              grads: Sequence[tuple[str, torch.Tensor]], part: int, num_parts: int) -> PushResult:
+        self._touch(worker_id if worker_id in self._workers else "")
         with self._cond:
             try:
                 self._require_init()
@@ -217,7 +227,7 @@ class Shard:
                     raise InvalidArgument(f"base_version ({base_version}) must be in [0, {self.version}]")
                 _check_part(part, num_parts)
                 values = self.store.validate(grads)
-            except (InvalidArgument, PlanMismatch, NotInitialized, KeyError) as e:
+            except PSError as e:
                 self._reject(e)
             w = self._worker(worker_id)
             if clock < w.clock:
@@ -269,8 +279,10 @@ class Shard:
         return PushResult("APPLIED", self.version, staleness)
 
     def heartbeat(self, worker_id: str) -> None:
-        with self._cond:
-            self._worker(worker_id)
+        """Renew the lease; needs no lock, so it is never held up by a long apply."""
+        if worker_id not in self._workers:
+            raise UnknownWorker(f"worker {worker_id!r} is not registered (left or evicted): register again")
+        self._touch(worker_id)
 
     def leave(self, worker_id: str) -> None:
         with self._cond:
@@ -282,7 +294,7 @@ class Shard:
         """Evict workers silent for longer than the timeout; returns their ids."""
         with self._cond:
             deadline = self._now() - self.cfg.worker_timeout
-            gone = [wid for wid, w in self._workers.items() if w.last_seen < deadline]
+            gone = [wid for wid in self._workers if self._seen.get(wid, 0.0) < deadline]
             for wid in gone:
                 log.warning("shard %d: evicting worker %s (silent for over %.1fs)", self.cfg.shard_id, wid, self.cfg.worker_timeout)
                 self.counters["evictions"] += 1

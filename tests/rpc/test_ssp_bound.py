@@ -1,0 +1,64 @@
+"""SSP never lets a pull see weights staler than the bound; s = 0 is lock-step.
+
+Each worker j pushes -e_j with SGD lr 1, so w[j] counts worker j's applied updates: a pull at
+clock c must see w[j] >= c - s for every worker j still training (and the server's min_clock
+must agree)."""
+
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from ps.config import OptimizerConfig
+from ps.worker.client import PSClient
+
+WORKERS, STEPS = 4, 30
+
+
+def run_ssp(addresses, staleness):
+    observations: list[tuple[int, int, list[float], int]] = []
+    errors: list = []
+    lock = threading.Lock()
+
+    def worker(j: int) -> None:
+        rng = random.Random(j)
+        try:
+            with PSClient(addresses, f"w{j}") as c:
+                c.setup({"w": torch.zeros(WORKERS)}, OptimizerConfig("sgd", lr=1.0))
+                grad = torch.zeros(WORKERS)
+                grad[j] = -1.0
+                for clock in range(STEPS):
+                    w = c.pull(clock)["w"]
+                    with lock:
+                        observations.append((j, clock, w.tolist(), min(c.last_min_clocks.values())))
+                    time.sleep(rng.random() * 0.02 * (1 + 3 * (j == 0)))  # worker 0 straggles
+                    c.push({"w": grad}, clock)
+                c.pull(STEPS)  # finish in step with the others before leaving
+                c.leave()
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(j,)) for j in range(WORKERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert len(observations) == WORKERS * STEPS
+    return observations
+
+
+@pytest.mark.parametrize("staleness", [0, 1, 3])
+def test_no_pull_returns_weights_staler_than_the_bound(cluster, staleness):
+    with cluster(2, "ssp", num_workers=WORKERS, staleness=staleness) as addresses:
+        observations = run_ssp(addresses, staleness)
+    for j, clock, w, min_clock in observations:
+        assert min_clock >= clock - staleness
+        assert min(w) >= clock - staleness, f"worker {j} at clock {clock} saw {w}"
+        assert w[j] == clock  # its own updates are always there
+    if staleness == 0:  # lock-step: nobody is ever more than one push ahead of a reader
+        assert all(max(w) <= clock + 1 for _, clock, w, _ in observations)
+    if staleness >= 2:  # with a straggler, the bound is really used: readers see others run ahead
+        assert any(max(w) > clock + 1 for _, clock, w, _ in observations)

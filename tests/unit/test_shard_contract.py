@@ -1,0 +1,188 @@
+"""One contract for sync, async and ssp, run on the shard state machine without sockets."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from ps.config import OptimizerConfig, ServerConfig
+from ps.errors import InvalidArgument, NotInitialized, PlanMismatch, StepConflict, UnknownKey, UnknownWorker
+from ps.server.policy import SSP, Async, Sync, View, make_policy
+from ps.server.shard import Shard
+from ps.sharding import ParamSpec, make_plan
+
+MODES = [("sync", 0), ("async", 0), ("ssp", 0), ("ssp", 2)]
+SGD1 = OptimizerConfig("sgd", lr=1.0)
+
+
+class FakeTime:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def make_shard(mode, staleness=0, num_workers=1, now=None, size=4):
+    shard = Shard(ServerConfig(mode=mode, staleness=staleness, num_workers=num_workers, worker_timeout=5.0),
+                  now=now or time.monotonic)
+    plan = make_plan([ParamSpec("w", (size,))], 1, 1 << 20)
+    return shard, plan
+
+
+def init(shard, plan, worker="a", value=0.0):
+    shard.register(worker, plan.fingerprint)
+    shard.init(worker, plan, plan.fingerprint, SGD1, [("w#0", torch.full((plan.params[0].numel,), value))], 0, 1)
+
+
+def weights(shard):
+    (_, t), = shard.pull("", shard.plan.fingerprint, 0, ["w#0"])[0]
+    return t
+
+
+def push(shard, plan, worker, clock, grad, part=0, num_parts=1):
+    return shard.push(worker, plan.fingerprint, clock, shard.version, [("w#0", grad)], part, num_parts)
+
+
+@pytest.mark.parametrize("mode,s", MODES)
+def test_a_retried_push_is_applied_once(mode, s):
+    shard, plan = make_shard(mode, s)
+    init(shard, plan)
+    assert push(shard, plan, "a", 0, torch.ones(4)).outcome == "APPLIED"
+    assert push(shard, plan, "a", 0, torch.ones(4)).outcome == "DUPLICATE"
+    assert torch.equal(weights(shard), -torch.ones(4))
+    assert shard.stats()["duplicates"] == 1
+
+
+@pytest.mark.parametrize("mode,s", MODES)
+def test_a_push_in_parts_is_applied_when_the_last_part_arrives(mode, s):
+    shard, plan = make_shard(mode, s)
+    init(shard, plan)
+    plan2 = make_plan([ParamSpec("w", (4,))], 1, 1 << 20)
+    assert shard.push("a", plan2.fingerprint, 0, 0, [], 0, 2).outcome == "BUFFERED"
+    assert shard.push("a", plan2.fingerprint, 0, 0, [], 0, 2).outcome == "DUPLICATE"
+    assert torch.equal(weights(shard), torch.zeros(4))
+    assert push(shard, plan, "a", 0, torch.ones(4), part=1, num_parts=2).outcome == "APPLIED"
+    assert torch.equal(weights(shard), -torch.ones(4))
+
+
+@pytest.mark.parametrize("mode,s", MODES)
+@pytest.mark.parametrize("grads, error", [
+    ([("w#0", torch.ones(5))], InvalidArgument),
+    ([("w#0", torch.tensor([1.0, float("nan"), 0, 0]))], InvalidArgument),
+    ([("w#0", torch.tensor([1.0, float("inf"), 0, 0]))], InvalidArgument),
+    ([("nope#0", torch.ones(4))], UnknownKey),
+    ([("w#0", torch.ones(4)), ("w#0", torch.ones(4))], InvalidArgument),
+])
+def test_bad_gradients_are_refused_counted_and_change_nothing(mode, s, grads, error):
+    shard, plan = make_shard(mode, s)
+    init(shard, plan, value=3.0)
+    with pytest.raises(error):
+        shard.push("a", plan.fingerprint, 0, 0, grads, 0, 1)
+    assert torch.equal(weights(shard), torch.full((4,), 3.0))
+    assert shard.stats()["rejected"] == 1
+    assert push(shard, plan, "a", 0, torch.ones(4)).outcome == "APPLIED"  # the clock did not move
+
+
+@pytest.mark.parametrize("mode,s", MODES)
+def test_requests_before_init_or_from_strangers_are_refused(mode, s):
+    shard, plan = make_shard(mode, s)
+    with pytest.raises(NotInitialized):
+        shard.pull("a", plan.fingerprint, 0, ["w#0"])
+    init(shard, plan)
+    with pytest.raises(UnknownWorker):
+        push(shard, plan, "stranger", 0, torch.ones(4))
+    with pytest.raises(PlanMismatch):
+        shard.register("b", "0" * 16)
+    with pytest.raises(InvalidArgument, match="clock"):
+        shard.pull("a", plan.fingerprint, -1, ["w#0"])
+
+
+def test_init_is_idempotent_and_the_first_values_win():
+    shard, plan = make_shard("async")
+    init(shard, plan, "a", 1.0)
+    init(shard, plan, "b", 2.0)
+    assert torch.equal(weights(shard), torch.ones(4))
+
+
+def test_sync_averages_all_workers_then_applies_once():
+    shard, plan = make_shard("sync", num_workers=2)
+    init(shard, plan)
+    shard.register("b", plan.fingerprint)
+    assert push(shard, plan, "a", 0, torch.full((4,), 1.0)).outcome == "ACCUMULATED"
+    assert torch.equal(weights(shard), torch.zeros(4))
+    assert push(shard, plan, "b", 0, torch.full((4,), 3.0)).outcome == "APPLIED"
+    assert torch.equal(weights(shard), torch.full((4,), -2.0))
+    with pytest.raises(StepConflict):
+        push(shard, plan, "a", 2, torch.ones(4))
+
+
+def test_sync_waits_for_the_quorum_before_the_first_step():
+    shard, plan = make_shard("sync", num_workers=2)
+    init(shard, plan)
+    assert push(shard, plan, "a", 0, torch.ones(4)).outcome == "ACCUMULATED"
+    shard.register("b", plan.fingerprint)
+    assert push(shard, plan, "b", 0, torch.ones(4)).outcome == "APPLIED"
+
+
+@pytest.mark.parametrize("mode,s", [("sync", 0), ("ssp", 0), ("ssp", 1)])
+def test_an_evicted_worker_stops_blocking_the_others(mode, s):
+    now = FakeTime()
+    shard, plan = make_shard(mode, s, num_workers=2, now=now)
+    init(shard, plan)
+    shard.register("b", plan.fingerprint)
+    for c in range(s + 1):
+        push(shard, plan, "a", c, torch.ones(4))
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (shard.pull("a", plan.fingerprint, s + 1, ["w#0"]), done.set()))
+    t.start()
+    assert not done.wait(0.3), "the pull must wait for worker b"
+    now.t = 100.0
+    shard.heartbeat("a")
+    assert shard.evict_expired() == ["b"]
+    assert done.wait(5), "the pull must go on once b is evicted"
+    t.join()
+    assert shard.stats()["evictions"] == 1
+    with pytest.raises(UnknownWorker):
+        shard.heartbeat("b")
+
+
+def test_async_pulls_never_wait():
+    shard, plan = make_shard("async", num_workers=3)
+    init(shard, plan)
+    shard.pull("a", plan.fingerprint, 1000, ["w#0"])
+
+
+def test_staleness_is_measured_from_the_pushed_base_version():
+    shard, plan = make_shard("async")
+    init(shard, plan)
+    shard.register("b", plan.fingerprint)
+    for c in range(3):
+        push(shard, plan, "a", c, torch.ones(4))
+    r = shard.push("b", plan.fingerprint, 0, 1, [("w#0", torch.ones(4))], 0, 1)
+    assert r.staleness == 2 and shard.stats()["staleness_histogram"] == {0: 3, 2: 1}
+
+
+def test_staleness_aware_lr_scales_stale_updates():
+    shard = Shard(ServerConfig(mode="async", staleness_lr=True))
+    plan = make_plan([ParamSpec("w", (4,))], 1, 1 << 20)
+    init(shard, plan)
+    shard.register("b", plan.fingerprint)
+    push(shard, plan, "a", 0, torch.ones(4))
+    shard.push("b", plan.fingerprint, 0, 0, [("w#0", torch.ones(4))], 0, 1)  # staleness 1: lr / 2
+    assert torch.allclose(weights(shard), torch.full((4,), -1.5))
+
+
+def test_policies_answer_as_specified():
+    v = View(version=5, clocks=(3, 5, 6), quorum=True)
+    assert Sync().pull_ready(5, v) and not Sync().pull_ready(6, v)
+    assert Async().pull_ready(10**6, v)
+    assert SSP(2).pull_ready(5, v) and not SSP(2).pull_ready(6, v)
+    assert not SSP(2).pull_ready(0, View(0, (0,), quorum=False))
+    assert not Sync().step_ready(v, 1) and Sync().step_ready(View(5, (6, 6), True), 1)
+    assert not Sync().step_ready(View(5, (6, 6), True), 0)
+    with pytest.raises(InvalidArgument, match="staleness"):
+        make_policy("ssp", -1)
+    with pytest.raises(InvalidArgument, match="mode"):
+        make_policy("bsp")
