@@ -6,6 +6,7 @@ before it builds anything, so a malformed message never reaches the store.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 
@@ -64,27 +65,11 @@ def plan_from_proto(msg: pb.PlanSpec) -> Plan:
 
 
 def optimizer_to_proto(cfg: OptimizerConfig) -> pb.OptimizerSpec:
-    return pb.OptimizerSpec(
-        name=cfg.name,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        beta1=cfg.beta1,
-        beta2=cfg.beta2,
-        eps=cfg.eps,
-    )
+    return pb.OptimizerSpec(**dataclasses.asdict(cfg))
 
 
 def optimizer_from_proto(msg: pb.OptimizerSpec) -> OptimizerConfig:
-    return OptimizerConfig(
-        name=msg.name,
-        lr=msg.lr,
-        momentum=msg.momentum,
-        weight_decay=msg.weight_decay,
-        beta1=msg.beta1,
-        beta2=msg.beta2,
-        eps=msg.eps,
-    )
+    return OptimizerConfig(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(OptimizerConfig)})
 
 
 def stats_to_proto(stats: dict) -> pb.StatsResponse:

@@ -31,7 +31,9 @@ class MLP(nn.Module):
 class CNN(nn.Module):
     def __init__(self, input_shape=(1, 8, 8), num_classes: int = 10, channels: int = 32):
         super().__init__()
-        c, h, w = (tuple(input_shape) + (1, 1))[:3] if len(input_shape) == 1 else tuple(input_shape)
+        if len(input_shape) != 3 or min(input_shape[1:]) < 2:
+            raise InvalidArgument(f"cnn needs images: input_shape ({tuple(input_shape)}) must be (C, H, W), H, W >= 2")
+        c, h, w = input_shape
         self.features = nn.Sequential(
             nn.Conv2d(c, channels, 3, padding=1), nn.ReLU(),
             nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),

@@ -91,9 +91,13 @@ class Shard:
                 "workers must use the same model, number of servers and partition size"
             )
 
-    def _require_init(self) -> None:
+    def _check_request(self, fingerprint: str, clock: int) -> None:
+        """What every pull and push must satisfy before anything else is looked at."""
         if not self.store.initialized:
             raise NotInitialized(f"shard {self.cfg.shard_id} holds no parameters yet: call init first")
+        self._check_plan(fingerprint)
+        if clock < 0:
+            raise InvalidArgument(f"clock ({clock}) must be >= 0")
 
     def _touch(self, worker_id: str) -> None:
         if worker_id:
@@ -191,10 +195,7 @@ class Shard:
         self._touch(worker_id if worker_id in self._workers else "")
         with self._cond:
             try:
-                self._require_init()
-                self._check_plan(fingerprint)
-                if clock < 0:
-                    raise InvalidArgument(f"clock ({clock}) must be >= 0")
+                self._check_request(fingerprint, clock)
                 if len(set(keys)) != len(keys):
                     raise InvalidArgument("a pull names the same key more than once")
                 self.store.check_keys(keys)
@@ -219,10 +220,7 @@ class Shard:
         self._touch(worker_id if worker_id in self._workers else "")
         with self._cond:
             try:
-                self._require_init()
-                self._check_plan(fingerprint)
-                if clock < 0:
-                    raise InvalidArgument(f"clock ({clock}) must be >= 0")
+                self._check_request(fingerprint, clock)
                 if not 0 <= base_version <= self.version:
                     raise InvalidArgument(f"base_version ({base_version}) must be in [0, {self.version}]")
                 _check_part(part, num_parts)

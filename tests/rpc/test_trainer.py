@@ -1,0 +1,59 @@
+"""The worker's training loop against an in-process server on port 0 (CPU, and CUDA when present)."""
+
+import json
+
+import pytest
+import torch
+
+from ps.config import ServerConfig, WorkerConfig
+from ps.data import load_data
+from ps.models import build_model
+from ps.server.app import create_server
+from ps.worker.client import PSClient
+from ps.worker.trainer import HostGrads, train
+
+
+def train_once(device, tmp_path, model="mlp", steps=30):
+    server = create_server(ServerConfig(mode="sync"))
+    try:
+        cfg = WorkerConfig(servers=(server.address,), worker_id="w0", steps=steps, device=device, eval_every=10,
+                           model=model, log_dir=str(tmp_path))
+        torch.manual_seed(cfg.seed)
+        data = load_data(cfg.data)
+        net = build_model(cfg.model, data.input_shape, data.num_classes)
+        with PSClient(cfg.servers, cfg.worker_id) as client:
+            result = train(cfg, client, net, data)
+            stats = client.stats()[0]
+        return {n: p.detach().cpu() for n, p in net.named_parameters()}, result, stats
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_training_logs_jsonl_and_ends_with_the_servers_weights(tmp_path, model):
+    weights, result, stats = train_once("cpu", tmp_path, model)
+    assert result.steps == 30 and stats["version"] == 30
+    records = [json.loads(line) for line in (tmp_path / "w0.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records[:-1]] == list(range(30))
+    assert {"worker", "step", "time", "loss", "staleness"} <= set(records[0])
+    assert [r["step"] for r in records if "test_accuracy" in r and "final" not in r] == [0, 10, 20, 29]
+    assert records[-1]["final"] and records[-1]["test_accuracy"] == result.test_accuracy
+    assert records[-1]["loss"] < records[0]["loss"]
+
+
+@pytest.mark.gpu
+def test_a_cuda_worker_trains_like_a_cpu_worker(tmp_path):
+    cpu, _, _ = train_once("cpu", tmp_path / "cpu")
+    cuda, result, _ = train_once("cuda", tmp_path / "cuda")
+    for name in cpu:
+        torch.testing.assert_close(cuda[name], cpu[name], rtol=1e-3, atol=1e-4)
+    assert result.test_accuracy > 0.5
+
+
+@pytest.mark.gpu
+def test_gradients_leave_the_gpu_through_pinned_buffers():
+    p = torch.nn.Parameter(torch.ones(3, device="cuda"))
+    p.grad = torch.full((3,), 2.0, device="cuda")
+    out = HostGrads({"w": p}, torch.device("cuda")).collect()
+    assert out["w"].is_pinned() and out["w"].device.type == "cpu"
+    assert torch.equal(out["w"], torch.full((3,), 2.0))
