@@ -80,6 +80,7 @@ class ServerConfig:
     num_workers: int = 1
     worker_timeout: float = 30.0
     staleness_lr: bool = False
+    backup_workers: int = 0
     threads: int = 64
 
     def __post_init__(self) -> None:
@@ -93,6 +94,12 @@ class ServerConfig:
         _check(self.staleness >= 0, f"staleness ({self.staleness}) must be >= 0")
         _check(self.num_workers >= 1, f"num_workers ({self.num_workers}) must be >= 1")
         _check(self.worker_timeout > 0, f"worker_timeout ({self.worker_timeout}) must be > 0")
+        _check(
+            0 <= self.backup_workers < self.num_workers,
+            f"backup_workers ({self.backup_workers}) must be in [0, num_workers={self.num_workers})",
+        )
+        _check(self.backup_workers == 0 or self.mode == "sync",
+               f"backup_workers ({self.backup_workers}) applies to sync mode only, not {self.mode!r}")
         _check(self.threads >= 4, f"threads ({self.threads}) must be >= 4")
 
 
@@ -117,6 +124,8 @@ class WorkerConfig:
     partition_bytes: int = DEFAULT_PARTITION_BYTES
     progress: bool = True
     connect_timeout: float = 60.0
+    straggler: float = 1.0  # fault injection: this worker's steps take this many times longer
+    kill_at: int = -1       # fault injection: SIGKILL this worker when it reaches this step (-1: never)
 
     def __post_init__(self) -> None:
         _check(len(self.servers) >= 1, "servers must name at least one host:port")
@@ -133,3 +142,5 @@ class WorkerConfig:
         _check(self.eval_every >= 0, f"eval_every ({self.eval_every}) must be >= 0")
         _check(self.connect_timeout > 0, f"connect_timeout ({self.connect_timeout}) must be > 0")
         check_partition_bytes(self.partition_bytes)
+        _check(math.isfinite(self.straggler) and self.straggler >= 1, f"straggler ({self.straggler}) must be >= 1")
+        _check(self.kill_at >= -1, f"kill_at ({self.kill_at}) must be a step >= 0, or -1 for never")

@@ -51,8 +51,9 @@ def optimizer_from_args(args: argparse.Namespace) -> OptimizerConfig:
                            float(args.beta1), float(args.beta2), float(args.eps))
 
 
-def add_training_flags(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
-    """Flags that ps-worker and ps-launch share."""
+def add_training_flags(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None,
+                       worker_outputs: bool = True) -> None:
+    """Flags that ps-worker, ps-launch and ps-compare share (the last has its own outputs)."""
     add_flag(parser, "--model", env=env, default="mlp", help="mlp, cnn, or package.module:factory")
     add_flag(parser, "--data", env=env, default="digits", help="digits, synthetic, or package.module:factory")
     add_flag(parser, "--batch-size", env=env, default=32, type=int, help="samples per step per worker")
@@ -62,8 +63,9 @@ def add_training_flags(parser: argparse.ArgumentParser, env: Mapping[str, str] |
     add_flag(parser, "--device", env=env, default="auto", choices=("auto", "cpu", "cuda"),
              help="where the worker computes (auto: CUDA when present)")
     add_flag(parser, "--seed", env=env, default=0, type=int, help="seed of model init and data order")
-    add_flag(parser, "--log-dir", env=env, default="", help="directory for JSONL metrics, one file per worker")
-    add_flag(parser, "--eval-every", env=env, default=50, type=int, help="test accuracy every N steps (0: never)")
+    if worker_outputs:
+        add_flag(parser, "--log-dir", env=env, default="", help="directory for JSONL metrics, one file per worker")
+        add_flag(parser, "--eval-every", env=env, default=50, type=int, help="test accuracy every N steps (0: never)")
     add_flag(parser, "--partition-bytes", env=env, default=DEFAULT_PARTITION_BYTES, type=int,
              help="tensors larger than this are split into slices")
 

@@ -16,9 +16,9 @@ import torch
 from ps.cli.common import add_flag, add_training_flags, run_main
 from ps.cli.server import READY_PREFIX
 from ps.config import MODES
-from ps.data import accuracy, load_data
+from ps.data import evaluate, load_data
 from ps.errors import PSError
-from ps.models import build_model
+from ps.models import build_model, model_loss
 from ps.sharding import specs_from_module
 from ps.worker.client import PSClient
 
@@ -93,10 +93,27 @@ def start_servers(num: int, mode: str, num_workers: int, *, staleness: int = 0, 
     return procs
 
 
-def start_worker(name: str, argv: Sequence[str], out: IO[str] = sys.stdout) -> Proc:
-    popen = _spawn("ps.cli.worker", argv)
+def start_worker(name: str, argv: Sequence[str], out: IO[str] = sys.stdout, module: str = "ps.cli.worker") -> Proc:
+    popen = _spawn(module, argv)
     threading.Thread(target=_forward, args=(name, popen.stdout, out), daemon=True).start()
     return Proc(name, popen)
+
+
+def supervise(workers: Sequence[Proc], servers: Sequence[Proc], timeout: float, may_die: Sequence[str] = ()) -> str | None:
+    """Wait until every worker has exited; None if all went well, else what went wrong. A worker
+    named in `may_die` (fault injection) may exit with any code."""
+    deadline = time.monotonic() + timeout
+    while True:
+        dead_servers = [p for p in servers if p.popen.poll() is not None]
+        failed = [p for p in workers if p.popen.poll() not in (None, 0) and p.name not in may_die]
+        if dead_servers or failed:
+            bad = dead_servers + failed
+            return f"{', '.join(p.name for p in bad)} exited with code {bad[0].popen.returncode}"
+        if all(p.popen.poll() is not None for p in workers):
+            return None
+        if time.monotonic() > deadline:
+            return f"training did not finish within {timeout:.0f}s"
+        time.sleep(0.1)
 
 
 def stop_all(procs: Sequence[Proc], grace: float = 5.0) -> None:
@@ -121,19 +138,30 @@ def training_argv(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def evaluate(addresses: Sequence[str], args: argparse.Namespace) -> float:
-    """Test accuracy of the weights the servers hold now (an observer read)."""
-    torch.manual_seed(int(args.seed))
-    data = load_data(args.data)
-    model = build_model(args.model, data.input_shape, data.num_classes)
-    with PSClient(addresses, partition_bytes=int(args.partition_bytes), heartbeat=False) as client:
-        client.attach(specs_from_module(model))
-        weights = client.pull(0, observer=True)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n in weights:
-                p.copy_(weights[n])
-    return accuracy(model, data.test, torch.device("cpu"))
+class Observer:
+    """Evaluates the weights the servers hold now (observer reads: no waiting, no joining)."""
+
+    def __init__(self, addresses: Sequence[str], model: str, data: str, seed: int, partition_bytes: int):
+        torch.manual_seed(seed)
+        self.data = load_data(data)
+        self.model = build_model(model, self.data.input_shape, self.data.num_classes)
+        self.client = PSClient(addresses, partition_bytes=partition_bytes, heartbeat=False)
+        self.client.attach(specs_from_module(self.model))
+        self.bytes_pulled = 0
+
+    def evaluate(self) -> tuple[float, float]:
+        """(test accuracy, test loss) of the servers' current weights."""
+        weights = self.client.pull(0, observer=True)
+        self.bytes_pulled += sum(t.numel() * 4 for t in weights.values())
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                if n in weights:
+                    p.copy_(weights[n])
+        return evaluate(self.model, self.data.test, torch.device("cpu"),
+                        lambda out, y: model_loss(self.model, out, y))
+
+    def close(self) -> None:
+        self.client.close()
 
 
 def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
@@ -149,20 +177,16 @@ def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
             workers.append(start_worker(f"worker-{r}", ["--servers", addresses, "--rank", str(r),
                                                         "--num-workers", str(args.workers), "--no-progress",
                                                         *training_argv(args)], out))
-        while True:
-            failed = [p for p in workers + servers if p.popen.poll() not in (None, 0) or
-                      (p in servers and p.popen.poll() is not None)]
-            if failed:
-                out.write(f"ps-launch: {', '.join(p.name for p in failed)} exited with code "
-                          f"{failed[0].popen.returncode}; stopping the cluster\n")
-                return 1
-            if all(p.popen.poll() == 0 for p in workers):
-                break
-            if time.monotonic() - t0 > float(args.timeout):
-                out.write(f"ps-launch: training did not finish within {args.timeout}s\n")
-                return 1
-            time.sleep(0.2)
-        acc = evaluate([p.address for p in servers], args)
+        error = supervise(workers, servers, float(args.timeout))
+        if error:
+            out.write(f"ps-launch: {error}; stopping the cluster\n")
+            return 1
+        observer = Observer([p.address for p in servers], args.model, args.data, int(args.seed),
+                            int(args.partition_bytes))
+        try:
+            acc, _ = observer.evaluate()
+        finally:
+            observer.close()
         out.write(f"ps-launch: {args.workers} workers, {args.servers} servers, mode {args.mode}: "
                   f"trained in {time.monotonic() - t0:.1f}s\n")
         out.write(f"final test accuracy: {acc:.4f}\n")

@@ -31,6 +31,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add_flag(p, "--worker-timeout", env=env, default=30.0, type=float, help="seconds of silence before eviction")
     add_flag(p, "--staleness-lr", env=env, action="store_true", default=False,
              help="scale the learning rate by 1 / (1 + staleness) (async, ssp)")
+    add_flag(p, "--backup-workers", env=env, default=0, type=int,
+             help="sync: a step completes when all but this many workers have pushed (late pushes dropped)")
     add_flag(p, "--threads", env=env, default=64, type=int, help="gRPC handler threads")
     add_flag(p, "--verbose", env=env, action="store_true", default=False, help="debug logging")
     return p
@@ -40,7 +42,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         host=args.host, port=int(args.port), shard_id=int(args.shard_id), num_shards=int(args.num_shards),
         mode=args.mode, staleness=int(args.staleness), num_workers=int(args.num_workers),
-        worker_timeout=float(args.worker_timeout), staleness_lr=bool(args.staleness_lr), threads=int(args.threads),
+        worker_timeout=float(args.worker_timeout), staleness_lr=bool(args.staleness_lr),
+        backup_workers=int(args.backup_workers), threads=int(args.threads),
     )
 
 

@@ -24,6 +24,10 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add_flag(p, "--worker-id", env=env, default="", help="stable id (default worker-RANK); reuse it to rejoin")
     add_training_flags(p, env)
     add_flag(p, "--connect-timeout", env=env, default=60.0, type=float, help="seconds to wait for the servers")
+    add_flag(p, "--straggler", env=env, default=1.0, type=float,
+             help="fault injection: make each step take this many times longer")
+    add_flag(p, "--kill-at", env=env, default=-1, type=int,
+             help="fault injection: SIGKILL this worker when it reaches this step (-1: never)")
     add_flag(p, "--no-progress", env=env, action="store_true", default=False, help="no progress bar")
     add_flag(p, "--verbose", env=env, action="store_true", default=False, help="debug logging")
     return p
@@ -38,6 +42,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         epochs=float(args.epochs), optimizer=optimizer_from_args(args), device=args.device, seed=int(args.seed),
         log_dir=args.log_dir, eval_every=int(args.eval_every), partition_bytes=int(args.partition_bytes),
         progress=not args.no_progress, connect_timeout=float(args.connect_timeout),
+        straggler=float(args.straggler), kill_at=int(args.kill_at),
     )
 
 

@@ -107,15 +107,26 @@ def batches(dataset: Dataset, indices: list[int], batch_size: int, seed: int) ->
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 512) -> float:
-    """Fraction of `dataset` the model classifies correctly."""
+def evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device, loss_fn=None,
+             batch_size: int = 512) -> tuple[float, float]:
+    """(accuracy, mean loss) of the model on `dataset`; loss_fn(outputs, targets) defaults to
+    cross-entropy."""
+    loss_fn = loss_fn or torch.nn.functional.cross_entropy
     was_training = model.training
     model.eval()
     correct = total = 0
+    loss_sum = 0.0
     for start in range(0, len(dataset), batch_size):
         xs, ys = zip(*(dataset[i] for i in range(start, min(start + batch_size, len(dataset)))))
         out = model(torch.stack(xs).to(device))
-        correct += int((out.argmax(-1).cpu() == torch.stack([torch.as_tensor(t) for t in ys])).sum())
+        target = torch.stack([torch.as_tensor(t) for t in ys]).to(device)
+        correct += int((out.argmax(-1) == target).sum())
+        loss_sum += float(loss_fn(out, target)) * len(xs)
         total += len(xs)
     model.train(was_training)
-    return correct / max(1, total)
+    return correct / max(1, total), loss_sum / max(1, total)
+
+
+def accuracy(model: torch.nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 512) -> float:
+    """Fraction of `dataset` the model classifies correctly."""
+    return evaluate(model, dataset, device, batch_size=batch_size)[0]

@@ -66,7 +66,7 @@ class RegisterRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., plan_fingerprint: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("initialized", "clock", "version", "mode", "staleness", "num_workers", "worker_timeout", "shard_id", "num_shards")
+    __slots__ = ("initialized", "clock", "version", "mode", "staleness", "num_workers", "worker_timeout", "shard_id", "num_shards", "backup_workers")
     INITIALIZED_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class RegisterResponse(_message.Message):
     WORKER_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_WORKERS_FIELD_NUMBER: _ClassVar[int]
     initialized: bool
     clock: int
     version: int
@@ -85,7 +86,8 @@ class RegisterResponse(_message.Message):
     worker_timeout: float
     shard_id: int
     num_shards: int
-    def __init__(self, initialized: _Optional[bool] = ..., clock: _Optional[int] = ..., version: _Optional[int] = ..., mode: _Optional[str] = ..., staleness: _Optional[int] = ..., num_workers: _Optional[int] = ..., worker_timeout: _Optional[float] = ..., shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ...) -> None: ...
+    backup_workers: int
+    def __init__(self, initialized: _Optional[bool] = ..., clock: _Optional[int] = ..., version: _Optional[int] = ..., mode: _Optional[str] = ..., staleness: _Optional[int] = ..., num_workers: _Optional[int] = ..., worker_timeout: _Optional[float] = ..., shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., backup_workers: _Optional[int] = ...) -> None: ...
 
 class InitRequest(_message.Message):
     __slots__ = ("worker_id", "plan_fingerprint", "plan", "optimizer", "tensors", "part", "num_parts")
@@ -188,7 +190,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("shard_id", "mode", "version", "clocks", "staleness_histogram", "active_workers", "pushes", "pulls", "rejected", "evictions", "dropped", "duplicates", "initialized", "num_keys", "num_elements")
+    __slots__ = ("shard_id", "mode", "version", "clocks", "staleness_histogram", "active_workers", "pushes", "pulls", "rejected", "evictions", "dropped", "duplicates", "initialized", "num_keys", "num_elements", "bytes_pushed", "bytes_pulled", "backup_workers")
     class ClocksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +220,9 @@ class StatsResponse(_message.Message):
     INITIALIZED_FIELD_NUMBER: _ClassVar[int]
     NUM_KEYS_FIELD_NUMBER: _ClassVar[int]
     NUM_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PUSHED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PULLED_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_WORKERS_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     mode: str
     version: int
@@ -233,4 +238,7 @@ class StatsResponse(_message.Message):
     initialized: bool
     num_keys: int
     num_elements: int
-    def __init__(self, shard_id: _Optional[int] = ..., mode: _Optional[str] = ..., version: _Optional[int] = ..., clocks: _Optional[_Mapping[str, int]] = ..., staleness_histogram: _Optional[_Mapping[int, int]] = ..., active_workers: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., dropped: _Optional[int] = ..., duplicates: _Optional[int] = ..., initialized: _Optional[bool] = ..., num_keys: _Optional[int] = ..., num_elements: _Optional[int] = ...) -> None: ...
+    bytes_pushed: int
+    bytes_pulled: int
+    backup_workers: int
+    def __init__(self, shard_id: _Optional[int] = ..., mode: _Optional[str] = ..., version: _Optional[int] = ..., clocks: _Optional[_Mapping[str, int]] = ..., staleness_histogram: _Optional[_Mapping[int, int]] = ..., active_workers: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., dropped: _Optional[int] = ..., duplicates: _Optional[int] = ..., initialized: _Optional[bool] = ..., num_keys: _Optional[int] = ..., num_elements: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., bytes_pulled: _Optional[int] = ..., backup_workers: _Optional[int] = ...) -> None: ...

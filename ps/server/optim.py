@@ -9,6 +9,15 @@ import torch
 from ps.config import OptimizerConfig
 
 
+def torch_optimizer(cfg: OptimizerConfig, params) -> torch.optim.Optimizer:
+    """The torch optimizer an `OptimizerConfig` names (also used by single-process baselines)."""
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                weight_decay=cfg.weight_decay, foreach=False)
+    momentum = cfg.momentum if cfg.name == "momentum" else 0.0
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=momentum, weight_decay=cfg.weight_decay, foreach=False)
+
+
 class SliceOptimizer:
     """One torch optimizer over a shard's slices; `step` updates only the slices given grads.
 
@@ -22,16 +31,7 @@ class SliceOptimizer:
         self._opt: torch.optim.Optimizer | None = None
         if not tensors:  # a shard the plan gave no slices: nothing to update
             return
-        if cfg.name == "adam":
-            self._opt = torch.optim.Adam(
-                tensors, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                weight_decay=cfg.weight_decay, foreach=False,
-            )
-        else:
-            momentum = cfg.momentum if cfg.name == "momentum" else 0.0
-            self._opt = torch.optim.SGD(
-                tensors, lr=cfg.lr, momentum=momentum, weight_decay=cfg.weight_decay, foreach=False
-            )
+        self._opt = torch_optimizer(cfg, tensors)
 
     def step(self, grads: Mapping[str, torch.Tensor], lr_scale: float = 1.0) -> None:
         """Apply fp32 gradients (by slice key) with lr * lr_scale."""

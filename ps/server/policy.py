@@ -42,6 +42,10 @@ class Verdict(Enum):
 
 @dataclass(frozen=True)
 class Sync:
+    """`backup` b: a step completes once all but b active workers have pushed for it (the
+    slowest b are dropped for that step, as with TF's SyncReplicasOptimizer)."""
+
+    backup: int = 0
     name = "sync"
     staleness = 0
 
@@ -58,8 +62,9 @@ class Sync:
             return Verdict.AHEAD
         return Verdict.ACCUMULATE
 
-    def step_ready(self, view: View, pending_pushes: int) -> bool:
-        return view.quorum and pending_pushes > 0 and all(c > view.version for c in view.clocks)
+    def step_ready(self, view: View, pushes: int) -> bool:
+        done = sum(c > view.version for c in view.clocks)
+        return view.quorum and pushes > 0 and done >= len(view.clocks) - self.backup
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ class Async:
     def on_push(self, clock: int, view: View) -> Verdict:
         return Verdict.APPLY
 
-    def step_ready(self, view: View, pending_pushes: int) -> bool:
+    def step_ready(self, view: View, pushes: int) -> bool:
         return False
 
 
@@ -98,16 +103,16 @@ class SSP:
     def on_push(self, clock: int, view: View) -> Verdict:
         return Verdict.APPLY
 
-    def step_ready(self, view: View, pending_pushes: int) -> bool:
+    def step_ready(self, view: View, pushes: int) -> bool:
         return False
 
 
 Policy = Sync | Async | SSP
 
 
-def make_policy(mode: str, staleness: int = 0) -> Policy:
+def make_policy(mode: str, staleness: int = 0, backup: int = 0) -> Policy:
     if mode == "sync":
-        return Sync()
+        return Sync(backup)
     if mode == "async":
         return Async()
     if mode == "ssp":

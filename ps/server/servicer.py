@@ -51,6 +51,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         return pb.RegisterResponse(
             **out, mode=cfg.mode, staleness=cfg.staleness, num_workers=cfg.num_workers,
             worker_timeout=cfg.worker_timeout, shard_id=cfg.shard_id, num_shards=cfg.num_shards,
+            backup_workers=cfg.backup_workers,
         )
 
     @_rpc

@@ -61,7 +61,7 @@ class PushResult:
 class Shard:
     def __init__(self, cfg: ServerConfig, now: Callable[[], float] = time.monotonic):
         self.cfg = cfg
-        self.policy = make_policy(cfg.mode, cfg.staleness)
+        self.policy = make_policy(cfg.mode, cfg.staleness, cfg.backup_workers)
         self._now = now
         self._cond = threading.Condition(threading.Lock())
         self.store = ParamStore()
@@ -75,6 +75,7 @@ class Shard:
         self._ever: set[str] = set()
         self._pending_push: dict[str, _Pending] = {}
         self._pending_init: dict[str, _Pending] = {}
+        self._step_pushes = 0  # pushes accumulated into the current sync step
         self.staleness_hist: Counter[int] = Counter()
         self.counters: Counter[str] = Counter()
         self._stopped = False
@@ -111,8 +112,9 @@ class Shard:
         return w
 
     def _maybe_complete_step(self) -> None:
-        if self.policy.step_ready(self._view(), self.store.accumulated):
+        if self.policy.step_ready(self._view(), self._step_pushes):
             self.store.apply_accumulated()
+            self._step_pushes = 0
             self.version += 1
             self.staleness_hist[0] += 1
             self._cond.notify_all()
@@ -213,7 +215,9 @@ class Shard:
                     self._cond.wait(_WAIT_SLICE)
                     self._worker(worker_id)
             self.counters["pulls"] += 1
-            return self.store.read(keys), self.version, self._view().min_clock
+            slices = self.store.read(keys)
+            self.counters["bytes_pulled"] += sum(t.numel() * t.element_size() for _, t in slices)
+            return slices, self.version, self._view().min_clock
 
     def push(self, worker_id: str, fingerprint: str, clock: int, base_version: int,
              grads: Sequence[tuple[str, torch.Tensor]], part: int, num_parts: int) -> PushResult:
@@ -245,6 +249,7 @@ class Shard:
                 pending = self._pending_push[worker_id] = _Pending(clock, num_parts, base_version)
             pending.parts[part] = values
             pending.base_version = min(pending.base_version, base_version)
+            self.counters["bytes_pushed"] += sum(t.numel() * t.element_size() for _, t in grads)
             if len(pending.parts) < num_parts:
                 return PushResult("BUFFERED", self.version)
             del self._pending_push[worker_id]
@@ -266,6 +271,7 @@ class Shard:
         w.clock = clock + 1
         if verdict is Verdict.ACCUMULATE:
             self.store.accumulate(grads)
+            self._step_pushes += 1
             before = self.version
             self._maybe_complete_step()
             return PushResult("APPLIED" if self.version > before else "ACCUMULATED", self.version)
@@ -316,7 +322,9 @@ class Shard:
                 "initialized": self.store.initialized,
                 "num_keys": len(self.store.params),
                 "num_elements": self.store.num_elements(),
-                **{k: self.counters[k] for k in ("pushes", "pulls", "rejected", "evictions", "dropped", "duplicates")},
+                "backup_workers": self.cfg.backup_workers,
+                **{k: self.counters[k] for k in ("pushes", "pulls", "rejected", "evictions", "dropped", "duplicates",
+                                                 "bytes_pushed", "bytes_pulled")},
             }
 
 

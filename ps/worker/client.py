@@ -177,6 +177,11 @@ class PSClient:
         self.init(tensors, optimizer)
         return clock
 
+    @property
+    def mode(self) -> str:
+        """The servers' consistency mode (known once registered)."""
+        return self.info[0].mode if self.info else ""
+
     # -- data ---------------------------------------------------------------------------------
     def pull(self, clock: int, observer: bool = False) -> dict[str, torch.Tensor]:
         """All parameters as fp32 CPU tensors, once the servers' mode lets a worker at `clock`

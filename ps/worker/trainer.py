@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -23,10 +24,14 @@ log = logging.getLogger("ps.worker")
 
 
 class Client(Protocol):
+    mode: str
+    versions: list[int]
+
     def setup(self, tensors, optimizer) -> int: ...
     def pull(self, clock: int, observer: bool = False) -> dict[str, torch.Tensor]: ...
     def push(self, grads, clock: int) -> list[dict]: ...
     def leave(self) -> None: ...
+    def stats(self) -> list[dict]: ...
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,6 +96,18 @@ class TrainResult:
     wall_time: float
 
 
+def _wait_for_everyone(client: Client, cfg: WorkerConfig) -> None:
+    """At a fresh start, wait (at most connect_timeout) until all workers have joined, so every
+    mode starts its clock at the same moment (sync and ssp would wait anyway; async would not)."""
+    deadline = time.monotonic() + cfg.connect_timeout
+    while time.monotonic() < deadline:
+        stats = client.stats()[0]
+        if stats["active_workers"] + stats["evictions"] >= cfg.num_workers:
+            return
+        time.sleep(0.02)
+    log.warning("not all %d workers joined within %.0fs; starting anyway", cfg.num_workers, cfg.connect_timeout)
+
+
 def load_weights(params: dict[str, nn.Parameter], weights: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for n, p in params.items():
@@ -105,19 +122,32 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     steps = total_steps(cfg, len(data.train))
     start = client.setup(params, cfg.optimizer)
+    if start == 0:
+        _wait_for_everyone(client, cfg)
     stream = batches(data.train, shard_indices(len(data.train), cfg.rank, cfg.num_workers),
                      cfg.batch_size, cfg.seed * 1_000_003 + cfg.rank)
     host = HostGrads(params, device)
     metrics = JsonlLog(os.path.join(cfg.log_dir, f"{cfg.worker_id}.jsonl") if cfg.log_dir else None)
     t0, loss_value = time.monotonic(), float("nan")
+    clock = start
     try:
-        for clock in range(start, steps):
-            load_weights(params, client.pull(clock))
+        while clock < steps:
+            if clock == cfg.kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die as a crashed machine would
+            weights = client.pull(clock)
+            if client.mode == "sync":  # with backup workers a late worker skips to the current step
+                clock = max(clock, min(client.versions))
+                if clock >= steps:
+                    break
+            work_start = time.perf_counter()
+            load_weights(params, weights)
             x, y = next(stream)
             loss = model_loss(model, model(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
             model.zero_grad(set_to_none=True)
             loss.backward()
             results = client.push(host.collect(), clock)
+            if cfg.straggler > 1:
+                time.sleep((cfg.straggler - 1) * (time.perf_counter() - work_start))
             loss_value = float(loss.detach())
             record = {"worker": cfg.worker_id, "step": clock, "time": time.monotonic() - t0, "loss": loss_value,
                       "staleness": max(r["staleness"] for r in results)}
@@ -126,6 +156,7 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
             metrics.write(record)
             if on_step:
                 on_step({**record, "steps": steps})
+            clock += 1
         load_weights(params, client.pull(steps))
         acc = accuracy(model, data.test, device) if data.test is not None else None
         result = TrainResult(steps, loss_value, acc, time.monotonic() - t0)

@@ -186,3 +186,22 @@ def test_policies_answer_as_specified():
         make_policy("ssp", -1)
     with pytest.raises(InvalidArgument, match="mode"):
         make_policy("bsp")
+
+
+def test_sync_with_a_backup_worker_completes_without_the_slowest_and_drops_its_late_push():
+    shard = Shard(ServerConfig(mode="sync", num_workers=3, backup_workers=1))
+    plan = make_plan([ParamSpec("w", (4,))], 1, 1 << 20)
+    init(shard, plan)
+    for w in ("b", "c"):
+        shard.register(w, plan.fingerprint)
+    assert push(shard, plan, "a", 0, torch.full((4,), 1.0)).outcome == "ACCUMULATED"
+    assert push(shard, plan, "b", 0, torch.full((4,), 3.0)).outcome == "APPLIED"
+    assert torch.equal(weights(shard), torch.full((4,), -2.0))
+    assert push(shard, plan, "c", 0, torch.full((4,), 100.0)).outcome == "DROPPED"
+    assert torch.equal(weights(shard), torch.full((4,), -2.0))
+    assert shard.stats()["dropped"] == 1
+
+
+def test_backup_workers_are_refused_outside_sync_mode():
+    with pytest.raises(InvalidArgument, match="sync mode only"):
+        ServerConfig(mode="async", num_workers=3, backup_workers=1)

@@ -1,0 +1,169 @@
+"""Run one configuration on a fresh local cluster and record its convergence curve.
+
+Parameter-server runs are sampled from outside: an observer reads the servers' weights every
+`eval_interval` seconds and evaluates them (test accuracy and loss), so every mode is measured the
+same way. The all-reduce baseline is evaluated by its rank 0 every few steps. Time 0 is when all
+workers have joined (parameter server) or passed the start barrier (all-reduce)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import IO, Callable
+
+from ps.compare.spec import CompareConfig, RunSpec
+from ps.cli.launch import Observer, Proc, start_servers, start_worker, stop_all, supervise
+from ps.data import load_data, steps_per_epoch
+from ps.models import build_model
+
+
+@dataclass
+class RunResult:
+    spec: RunSpec
+    error: str | None = None
+    curve: list[dict] = field(default_factory=list)   # time, step, accuracy, loss
+    train_time: float = 0.0
+    updates: int = 0
+    bytes_moved: int = 0
+    staleness: dict[int, int] = field(default_factory=dict)
+
+
+def _argv(cfg: CompareConfig, rank: int, log_dir: str) -> list[str]:
+    argv = ["--rank", str(rank), "--model", cfg.model, "--data", cfg.data, "--batch-size", str(cfg.batch_size),
+            "--steps", str(cfg.steps), "--epochs", str(cfg.epochs), "--seed", str(cfg.seed), "--device", cfg.device,
+            "--optimizer", cfg.optimizer.name, "--lr", str(cfg.optimizer.lr), "--momentum", str(cfg.optimizer.momentum),
+            "--weight-decay", str(cfg.optimizer.weight_decay), "--beta1", str(cfg.optimizer.beta1),
+            "--beta2", str(cfg.optimizer.beta2), "--eps", str(cfg.optimizer.eps), "--log-dir", log_dir,
+            "--partition-bytes", str(cfg.partition_bytes)]
+    if rank in cfg.stragglers:
+        argv += ["--straggler", str(cfg.stragglers[rank])]
+    if rank in cfg.kills:
+        argv += ["--kill-at", str(cfg.kills[rank])]
+    return argv
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _may_die(cfg: CompareConfig) -> list[str]:
+    return [f"worker-{w}" for w in cfg.kills]
+
+
+def run_ps(spec: RunSpec, cfg: CompareConfig, log: IO[str], progress: Callable[[dict], None]) -> RunResult:
+    result = RunResult(spec)
+    log_dir = os.path.join(cfg.out, "logs", spec.label)
+    extra = ["--staleness-lr"] if spec.staleness_lr else []
+    extra += ["--backup-workers", str(spec.backup)] if spec.backup else []
+    servers = start_servers(cfg.servers, spec.mode, cfg.workers, staleness=spec.staleness,
+                            worker_timeout=cfg.worker_timeout, extra=extra, out=log)
+    workers: list[Proc] = []
+    observer = Observer([p.address for p in servers], cfg.model, cfg.data, cfg.seed, cfg.partition_bytes)
+    stop = threading.Event()
+    started = threading.Event()
+    t0 = [0.0]
+
+    def sample() -> list[dict]:
+        stats = observer.client.stats()
+        accuracy, loss = observer.evaluate()
+        point = {"time": time.monotonic() - t0[0], "step": stats[0]["pushes"] / cfg.workers,
+                 "version": stats[0]["version"], "accuracy": accuracy, "loss": loss}
+        result.curve.append(point)
+        progress(point)
+        return stats
+
+    def monitor() -> None:
+        while not stop.is_set():
+            stats = observer.client.stats()
+            if all(s["initialized"] for s in stats) and stats[0]["active_workers"] + stats[0]["evictions"] >= cfg.workers:
+                break
+            time.sleep(0.02)
+        t0[0] = time.monotonic()
+        started.set()
+        while not stop.is_set():
+            next_at = time.monotonic() + cfg.eval_interval
+            sample()
+            stop.wait(max(0.0, next_at - time.monotonic()))
+
+    try:
+        addresses = ",".join(p.address for p in servers)
+        for r in range(cfg.workers):
+            workers.append(start_worker(f"worker-{r}", ["--servers", addresses, "--num-workers", str(cfg.workers),
+                                                        "--no-progress", "--eval-every", "0", *_argv(cfg, r, log_dir)],
+                                        log))
+        thread = threading.Thread(target=monitor, daemon=True)
+        thread.start()
+        result.error = supervise(workers, servers, cfg.timeout, may_die=_may_die(cfg))
+        stop.set()
+        thread.join()
+        if started.is_set():
+            result.train_time = time.monotonic() - t0[0]
+            stats = sample()
+            result.updates = stats[0]["version"]
+            result.bytes_moved = sum(s["bytes_pushed"] + s["bytes_pulled"] for s in stats) - observer.bytes_pulled
+            result.staleness = dict(sum((Counter(s["staleness_histogram"]) for s in stats), Counter()))
+        elif result.error is None:
+            result.error = "training never started"
+    finally:
+        stop.set()
+        observer.close()
+        stop_all(workers + servers)
+    return result
+
+
+def run_allreduce(spec: RunSpec, cfg: CompareConfig, log: IO[str], progress: Callable[[dict], None]) -> RunResult:
+    result = RunResult(spec)
+    log_dir = os.path.join(cfg.out, "logs", spec.label)
+    eval_every = max(1, _steps(cfg) // 40)
+    port = _free_port()
+    workers = [start_worker(f"worker-{r}", ["--world-size", str(cfg.workers), "--master-port", str(port),
+                                            "--eval-every", str(eval_every), *_argv(cfg, r, log_dir)],
+                            log, module="ps.baselines.allreduce") for r in range(cfg.workers)]
+    try:
+        result.error = supervise(workers, [], cfg.timeout, may_die=_may_die(cfg))
+        if result.error is None and cfg.kills:
+            result.error = "a killed worker stops all-reduce"
+    finally:
+        stop_all(workers)
+    path = os.path.join(log_dir, "worker-0.jsonl")
+    records = [json.loads(line) for line in open(path, encoding="utf-8")] if os.path.exists(path) else []
+    for r in records:
+        if "test_accuracy" in r:
+            point = {"time": r["time"], "step": r["step"] + 1, "version": r["step"] + 1,
+                     "accuracy": r["test_accuracy"], "loss": r["test_loss"]}
+            result.curve.append(point)
+            progress(point)
+    if records:
+        result.train_time = records[-1]["time"]
+        result.updates = records[-1]["step"] + 1
+        # a ring all-reduce moves 2 (N - 1) / N of the model per worker per step
+        model_bytes = _model_bytes(cfg)
+        result.bytes_moved = int(2 * (cfg.workers - 1) * model_bytes * result.updates)
+        result.staleness = {0: result.updates}
+    return result
+
+
+def _steps(cfg: CompareConfig) -> int:
+    if cfg.steps:
+        return cfg.steps
+    return math.ceil(cfg.epochs * steps_per_epoch(len(load_data(cfg.data).train), cfg.workers, cfg.batch_size))
+
+
+def _model_bytes(cfg: CompareConfig) -> int:
+    data = load_data(cfg.data)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def run(spec: RunSpec, cfg: CompareConfig, log: IO[str], progress: Callable[[dict], None]) -> RunResult:
+    runner = run_allreduce if spec.mode == "allreduce" else run_ps
+    return runner(spec, cfg, log, progress)
+
