@@ -12,6 +12,7 @@ partition size); its fingerprint lets a server refuse a worker whose plan differ
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import math
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _PLAN_VERSION = "ps-plan-v1"
+MAX_SLICES = 1 << 20
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -155,16 +157,20 @@ def make_plan(params: Sequence[ParamSpec], num_shards: int, partition_bytes: int
     if len(set(names)) != len(names):
         dupes = sorted({n for n in names if names.count(n) > 1})
         raise InvalidArgument(f"parameter names must be unique; repeated: {dupes}")
+    total = sum(max(1, math.ceil(p.nbytes / partition_bytes)) for p in params)
+    if total > MAX_SLICES:
+        raise InvalidArgument(f"the plan would have {total} slices; at most {MAX_SLICES} are allowed "
+                              "(raise partition_bytes)")
     pieces = []
     for order, p in enumerate(params):
         item = DTYPES[p.dtype].itemsize
         for key, start, length in _split_param(p, partition_bytes):
             pieces.append((length * item, order, key, p.name, start, length))
-    load = [0] * num_shards
+    loads = [(0, k) for k in range(min(num_shards, len(pieces)) or 1)]  # (load, shard): a min-heap
     placed = {}
     for nbytes, _, key, name, start, length in sorted(pieces, key=lambda x: (-x[0], x[1], x[4])):
-        shard = min(range(num_shards), key=lambda k: (load[k], k))
-        load[shard] += nbytes
+        load, shard = heapq.heappop(loads)
+        heapq.heappush(loads, (load + nbytes, shard))
         placed[key] = Slice(key, name, start, length, shard)
     ordered = tuple(placed[key] for _, _, key, *_ in pieces)
     return Plan(tuple(params), num_shards, partition_bytes, ordered)

@@ -10,8 +10,10 @@ from typing import IO, Mapping, Sequence
 
 from ps.cli.common import add_flag, add_training_flags, optimizer_from_args, run_main
 from ps.compare import report
+from ps.compare.runner import RunResult
 from ps.compare.runner import run as run_one
 from ps.compare.spec import CompareConfig, parse_faults, parse_runs
+from ps.errors import PSError
 
 DEFAULT_MODES = "sync,async,ssp:2,ssp:4,allreduce"
 
@@ -78,7 +80,10 @@ def run(cfg: CompareConfig, out: IO[str] = sys.stdout) -> int:
     for i, spec in enumerate(cfg.runs, 1):
         progress.prefix = f"[{i}/{len(cfg.runs)} {spec.label}]"
         with open(os.path.join(cfg.out, "logs", f"{spec.label}.log"), "w", encoding="utf-8") as log:
-            result = run_one(spec, cfg, log, progress)
+            try:
+                result = run_one(spec, cfg, log, progress)
+            except PSError as e:  # one configuration failing does not end the comparison
+                result = RunResult(spec, error=str(e))
         results.append(result)
         status = "ok" if result.error is None else f"failed: {result.error}"
         out.write(("\n" if progress.tty else "") + f"{progress.prefix} done in {result.train_time:.1f}s: {status}\n")

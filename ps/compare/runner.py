@@ -20,6 +20,7 @@ from typing import IO, Callable
 from ps.compare.spec import CompareConfig, RunSpec
 from ps.cli.launch import Observer, Proc, start_servers, start_worker, stop_all, supervise
 from ps.data import load_data, steps_per_epoch
+from ps.errors import PSError
 from ps.models import build_model
 
 
@@ -90,7 +91,10 @@ def run_ps(spec: RunSpec, cfg: CompareConfig, log: IO[str], progress: Callable[[
         started.set()
         while not stop.is_set():
             next_at = time.monotonic() + cfg.eval_interval
-            sample()
+            try:
+                sample()
+            except PSError as e:  # a sample missed (e.g. a server restarting) is not the run's end
+                log.write(f"[compare] evaluation failed: {e}\n")
             stop.wait(max(0.0, next_at - time.monotonic()))
 
     try:

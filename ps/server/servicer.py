@@ -7,7 +7,7 @@ import logging
 
 import grpc
 
-from ps.errors import InvalidArgument, PSError
+from ps.errors import InvalidArgument, PlanMismatch, PSError
 from ps.proto import ps_pb2 as pb
 from ps.proto import ps_pb2_grpc
 from ps.serde import optimizer_from_proto, plan_from_proto, stats_to_proto, tensor_from_proto, tensor_to_proto
@@ -46,7 +46,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     @_rpc
     def Register(self, request, context):
-        out = self.shard.register(request.worker_id, request.plan_fingerprint)
+        out = self.shard.register(request.worker_id, request.plan_fingerprint, request.clock)
         cfg = self.shard.cfg
         return pb.RegisterResponse(
             **out, mode=cfg.mode, staleness=cfg.staleness, num_workers=cfg.num_workers,
@@ -56,6 +56,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     @_rpc
     def Init(self, request, context):
+        if request.plan.num_shards != self.shard.cfg.num_shards:  # before any work on the plan
+            self.shard.reject(PlanMismatch(
+                f"plan has {request.plan.num_shards} shards but this cluster has {self.shard.cfg.num_shards}"))
         try:
             plan = plan_from_proto(request.plan)
             optimizer = optimizer_from_proto(request.optimizer)

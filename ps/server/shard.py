@@ -24,7 +24,6 @@ from ps.sharding import Plan
 log = logging.getLogger("ps.server")
 
 MAX_PARTS = 1 << 16
-_WAIT_SLICE = 0.5  # seconds between checks of a waiting pull's liveness
 
 
 @dataclass
@@ -72,6 +71,8 @@ class Shard:
         # Lease renewals are written outside the main lock, so a worker is never evicted for
         # waiting on a lock (single dict writes are atomic under the GIL).
         self._seen: dict[str, float] = {}
+        self._departed: dict[str, int] = {}  # clocks of workers that left or were evicted
+        self._wait_slice = min(0.5, cfg.worker_timeout / 4)
         self._ever: set[str] = set()
         self._pending_push: dict[str, _Pending] = {}
         self._pending_init: dict[str, _Pending] = {}
@@ -119,10 +120,13 @@ class Shard:
             self.staleness_hist[0] += 1
             self._cond.notify_all()
 
-    def _remove(self, worker_id: str) -> None:
-        self._workers.pop(worker_id, None)
+    def _remove(self, worker_id: str, left: bool) -> None:
+        w = self._workers.pop(worker_id, None)
         self._seen.pop(worker_id, None)
-        self._pending_push.pop(worker_id, None)
+        if w is not None:
+            self._departed[worker_id] = w.clock
+        if left:  # an evicted worker may come back and finish a push it had begun
+            self._pending_push.pop(worker_id, None)
         self._pending_init.pop(worker_id, None)
         self._maybe_complete_step()
         self._cond.notify_all()
@@ -137,20 +141,26 @@ class Shard:
             self._reject(exc)
 
     # -- RPCs ---------------------------------------------------------------------------------
-    def register(self, worker_id: str, fingerprint: str) -> dict:
+    def register(self, worker_id: str, fingerprint: str, clock: int = 0) -> dict:
+        """Join (or rejoin, or renew); a `clock` above this worker's moves it up (a worker aligning
+        itself across shards). A worker that comes back never gets a clock below the one it had,
+        so its retried pushes stay duplicates."""
         if not worker_id:
             raise InvalidArgument("worker_id must be a non-empty string")
-        self._touch(worker_id)
+        if clock < 0:
+            raise InvalidArgument(f"clock ({clock}) must be >= 0")
         with self._cond:
             self._check_plan(fingerprint)
             w = self._workers.get(worker_id)
             if w is None:
-                w = _Worker(self.policy.join_clock(self._view()))
-                self._workers[worker_id] = w
+                join = max(self.policy.join_clock(self._view()), self._departed.pop(worker_id, 0))
+                w = self._workers[worker_id] = _Worker(join)
                 self._ever.add(worker_id)
                 log.info("shard %d: worker %s joined at clock %d", self.cfg.shard_id, worker_id, w.clock)
+            if clock > w.clock:
+                w.clock = clock
+                self._maybe_complete_step()
             self._touch(worker_id)
-            self._pending_push.pop(worker_id, None)
             self._cond.notify_all()
             return {"initialized": self.store.initialized, "clock": w.clock, "version": self.version}
 
@@ -158,6 +168,7 @@ class Shard:
              tensors: Sequence[tuple[str, torch.Tensor]], part: int, num_parts: int) -> bool:
         self._touch(worker_id if worker_id in self._workers else "")
         with self._cond:
+            self._worker(worker_id)
             try:
                 if plan.fingerprint != fingerprint:
                     raise PlanMismatch(f"plan fingerprint {fingerprint!r} does not match the plan sent ({plan.fingerprint!r})")
@@ -185,6 +196,7 @@ class Shard:
                 missing = sorted(set(expected) - set(merged))[:5]
                 self._reject(InvalidArgument(f"init is missing slices of this shard, e.g. {missing}"))
             self.store.init(merged, optimizer)
+            self._pending_init.clear()
             self.plan, self.optimizer_cfg = plan, optimizer
             log.info("shard %d: initialised %d slices (plan %s)", self.cfg.shard_id, len(merged), fingerprint)
             self._cond.notify_all()
@@ -204,15 +216,11 @@ class Shard:
             except PSError as e:
                 self._reject(e)
             if worker_id:
-                w = self._worker(worker_id)
-                if clock > w.clock:
-                    w.clock = clock
-                    self._maybe_complete_step()
-                    self._cond.notify_all()
+                self._worker(worker_id)
                 while not self.policy.pull_ready(clock, self._view()):
                     if self._stopped or not is_active():
                         raise Cancelled("pull abandoned: the client went away or the server is stopping")
-                    self._cond.wait(_WAIT_SLICE)
+                    self._cond.wait(self._wait_slice)
                     self._worker(worker_id)
             self.counters["pulls"] += 1
             slices = self.store.read(keys)
@@ -229,6 +237,8 @@ class Shard:
                     raise InvalidArgument(f"base_version ({base_version}) must be in [0, {self.version}]")
                 _check_part(part, num_parts)
                 values = self.store.validate(grads)
+                if self.policy.on_push(clock, self._view()) is Verdict.AHEAD:
+                    raise StepConflict(f"push for sync step {clock} but the shard is at step {self.version}")
             except PSError as e:
                 self._reject(e)
             w = self._worker(worker_id)
@@ -265,8 +275,6 @@ class Shard:
             w.clock = max(w.clock, clock + 1)
             self.counters["dropped"] += 1
             return PushResult("DROPPED", self.version)
-        if verdict is Verdict.AHEAD:
-            self._reject(StepConflict(f"push for sync step {clock} but the shard is at step {self.version}"))
         self.counters["pushes"] += 1
         w.clock = clock + 1
         if verdict is Verdict.ACCUMULATE:
@@ -292,7 +300,7 @@ class Shard:
         with self._cond:
             if worker_id in self._workers:
                 log.info("shard %d: worker %s left", self.cfg.shard_id, worker_id)
-                self._remove(worker_id)
+                self._remove(worker_id, left=True)
 
     def evict_expired(self) -> list[str]:
         """Evict workers silent for longer than the timeout; returns their ids."""
@@ -302,7 +310,7 @@ class Shard:
             for wid in gone:
                 log.warning("shard %d: evicting worker %s (silent for over %.1fs)", self.cfg.shard_id, wid, self.cfg.worker_timeout)
                 self.counters["evictions"] += 1
-                self._remove(wid)
+                self._remove(wid, left=False)
             return gone
 
     def stop(self) -> None:

@@ -9,6 +9,10 @@
         clock += 1
     client.close()
 
+If a shard evicts the worker (silent past the timeout), the next call registers again by itself;
+pushes below `client.clock_floor` are then answered DUPLICATE, so continue from
+`max(clock, client.clock_floor)` (the trainer does).
+
 Tensors passed to `push` are read before it returns (or before the handle of `push_async`
 resolves); the caller must not modify them until then. One client serves one worker; its
 methods may be called from one thread at a time (the heartbeat thread is internal).
@@ -36,6 +40,7 @@ from ps.sharding import ParamSpec, Plan, Slice, dtype_name, make_plan
 
 log = logging.getLogger("ps.worker")
 T = TypeVar("T")
+_DEFAULT = object()  # "use the client's rpc_timeout"
 
 
 def _batches(slices: Sequence[Slice], limit: int, itemsize: Callable[[Slice], int]) -> list[list[Slice]]:
@@ -65,8 +70,15 @@ class PSClient:
         self.rpc_timeout = rpc_timeout
         self._channels = [grpc.insecure_channel(s, options=grpc_options()) for s in self.servers]
         self._stubs = [ps_pb2_grpc.ParameterServerStub(c) for c in self._channels]
-        self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(self.servers)), thread_name_prefix="ps-client")
+        # Pulls may wait (sync, ssp) and must never hold up a push or a heartbeat: separate pools.
+        width = max(4, 2 * len(self.servers))
+        self._pool = ThreadPoolExecutor(max_workers=len(self.servers), thread_name_prefix="ps-client")
+        self._pull_pool = ThreadPoolExecutor(max_workers=width, thread_name_prefix="ps-pull")
+        self._push_pool = ThreadPoolExecutor(max_workers=width, thread_name_prefix="ps-push")
+        self._beat_pool = ThreadPoolExecutor(max_workers=len(self.servers), thread_name_prefix="ps-heartbeat")
         self._async = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ps-client-async")
+        self._left = False
+        self.clock_floor = 0  # the lowest clock the servers will take from this worker
         self._want_heartbeat = heartbeat
         self._stop = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
@@ -83,31 +95,34 @@ class PSClient:
             except grpc.FutureTimeoutError as e:
                 raise Unavailable(f"server {addr} did not answer within {timeout:.0f}s") from e
 
-    def _call(self, shard: int, method: str, request, timeout: float | None = None, reregister: bool = True):
+    def _call(self, shard: int, method: str, request, timeout: float | None | object = _DEFAULT,
+              reregister: bool = True, retry: bool = True):
         """One RPC with errors mapped to PSError; retries while the server is unavailable and
-        registers again (then retries) if the server evicted this worker."""
+        registers again (then retries) if the server evicted this worker. timeout None: no
+        deadline (a pull that may wait for other workers)."""
         deadline = time.monotonic() + self.retry_timeout
         delay = 0.05
+        rpc_timeout = self.rpc_timeout if timeout is _DEFAULT else timeout
         while True:
             try:
-                return getattr(self._stubs[shard], method)(request, timeout=timeout or self.rpc_timeout)
+                return getattr(self._stubs[shard], method)(request, timeout=rpc_timeout)
             except grpc.RpcError as e:
                 meta = dict(e.trailing_metadata() or ())
                 err = error_from_wire(e.code().name, meta.get(ERROR_CLASS_KEY), e.details() or "")
-                if isinstance(err, UnknownWorker) and reregister and self.plan is not None:
+                if isinstance(err, UnknownWorker) and reregister and not self._left and self.plan is not None:
                     log.warning("%s: %s; registering again", self.servers[shard], err)
                     self._register_one(shard)
                     reregister = False
                     continue
-                if isinstance(err, Unavailable) and time.monotonic() + delay < deadline:
+                if retry and isinstance(err, Unavailable) and time.monotonic() + delay < deadline:
                     time.sleep(delay)
                     delay = min(delay * 2, 2.0)
                     continue
                 raise err from e
 
-    def _map(self, fn: Callable[..., T], jobs: Sequence[tuple]) -> list[T]:
+    def _map(self, fn: Callable[..., T], jobs: Sequence[tuple], pool: ThreadPoolExecutor | None = None) -> list[T]:
         """Run fn(*job) for every job concurrently; raise the first error after all finish."""
-        futures = [self._pool.submit(fn, *job) for job in jobs]
+        futures = [(pool or self._pool).submit(fn, *job) for job in jobs]
         results, first_error = [], None
         for f in futures:
             try:
@@ -120,10 +135,12 @@ class PSClient:
         return results
 
     # -- membership ---------------------------------------------------------------------------
-    def _register_one(self, shard: int) -> pb.RegisterResponse:
+    def _register_one(self, shard: int, clock: int = 0) -> pb.RegisterResponse:
         assert self.plan is not None
-        req = pb.RegisterRequest(worker_id=self.worker_id, plan_fingerprint=self.plan.fingerprint)
-        return self._call(shard, "Register", req, reregister=False)
+        req = pb.RegisterRequest(worker_id=self.worker_id, plan_fingerprint=self.plan.fingerprint, clock=clock)
+        resp = self._call(shard, "Register", req, reregister=False)
+        self.clock_floor = max(self.clock_floor, resp.clock)
+        return resp
 
     def attach(self, specs: Sequence[ParamSpec]) -> Plan:
         """Compute the plan for these parameters without joining (enough for observer pulls)."""
@@ -137,7 +154,12 @@ class PSClient:
         """Compute the plan for these parameters, join every shard, start heartbeats; returns the
         clock to start at (the largest any shard asks for)."""
         self.attach(specs)
+        self._left = False
         self.info = self._map(self._register_one, [(k,) for k in range(len(self.servers))])
+        start = max(r.clock for r in self.info)
+        behind = [k for k, r in enumerate(self.info) if r.clock < start]
+        for k, r in zip(behind, self._map(self._register_one, [(k, start) for k in behind])):
+            self.info[k] = r  # aligned: that shard no longer waits for clocks this worker skips
         self.versions = [r.version for r in self.info]
         if self._want_heartbeat and self._heartbeat_thread is None:
             self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, daemon=True, name="ps-heartbeat")
@@ -145,13 +167,19 @@ class PSClient:
         return max(r.clock for r in self.info)
 
     def _heartbeat_loop(self) -> None:
+        """Renew the lease on every shard at once, one attempt each: a shard that is down must
+        not delay the others (a worker the shards evicted registers again on its next pull/push)."""
         interval = max(0.05, min(r.worker_timeout for r in self.info) / 4)
+        request = pb.WorkerRef(worker_id=self.worker_id)
+
+        def beat(k: int) -> None:
+            try:
+                self._call(k, "Heartbeat", request, timeout=interval * 2, reregister=False, retry=False)
+            except PSError as e:
+                log.debug("heartbeat to %s failed: %s", self.servers[k], e)
+
         while not self._stop.wait(interval):
-            for k in range(len(self.servers)):
-                try:
-                    self._call(k, "Heartbeat", pb.WorkerRef(worker_id=self.worker_id), timeout=interval * 2)
-                except PSError as e:
-                    log.debug("heartbeat to %s failed: %s", self.servers[k], e)
+            list(self._beat_pool.map(beat, range(len(self.servers))))
 
     def init(self, tensors: Mapping[str, torch.Tensor], optimizer: OptimizerConfig) -> bool:
         """Send initial values and the optimizer; idempotent. True if this call set the values
@@ -195,14 +223,14 @@ class PSClient:
         def fetch(shard: int, batch: list[Slice]):
             req = pb.PullRequest(worker_id=worker, plan_fingerprint=self.plan.fingerprint, clock=clock,
                                  keys=[s.key for s in batch])
-            return shard, self._call(shard, "Pull", req, timeout=None if not observer else self.rpc_timeout)
+            return shard, self._call(shard, "Pull", req, timeout=self.rpc_timeout if observer else None)
 
         def gather() -> dict[str, torch.Tensor]:
             jobs = [(k, b) for k, bs in enumerate(self._pull_batches) for b in bs]
             slices: dict[str, torch.Tensor] = {}
             versions: dict[int, int] = {}
             self.last_min_clocks = {}
-            for shard, resp in self._map(fetch, jobs):
+            for shard, resp in self._map(fetch, jobs, self._pull_pool):
                 versions[shard] = min(versions.get(shard, resp.version), resp.version)
                 self.last_min_clocks[shard] = resp.min_clock
                 for t in resp.tensors:
@@ -241,7 +269,7 @@ class PSClient:
 
         def gather() -> list[dict]:
             final: dict[int, dict] = {}
-            for shard, resp in self._map(send, jobs):
+            for shard, resp in self._map(send, jobs, self._push_pool):
                 outcome = pb.PushResponse.Outcome.Name(resp.outcome)
                 if outcome != "BUFFERED" or shard not in final:
                     final[shard] = {"outcome": outcome, "version": resp.version, "staleness": resp.staleness}
@@ -253,18 +281,26 @@ class PSClient:
         return [stats_from_proto(r) for r in self._map(lambda k: self._call(k, "Stats", pb.StatsRequest()), [(k,) for k in range(len(self.servers))])]
 
     def leave(self) -> None:
-        """Tell every shard this worker is done (sync steps stop waiting for it)."""
+        """Tell every shard this worker is done (sync steps stop waiting for it). Heartbeats stop
+        and the client no longer registers again by itself."""
+        self._left = True
+        self._stop_heartbeat()
         self._map(lambda k: self._call(k, "Leave", pb.WorkerRef(worker_id=self.worker_id), reregister=False),
                   [(k,) for k in range(len(self.servers))])
 
-    def close(self) -> None:
+    def _stop_heartbeat(self) -> None:
         self._stop.set()
         if self._heartbeat_thread is not None:
-            self._heartbeat_thread.join(timeout=5)
-        self._async.shutdown(wait=True)
-        self._pool.shutdown(wait=True)
+            self._heartbeat_thread.join()
+            self._heartbeat_thread = None
+
+    def close(self) -> None:
+        """Stop heartbeats, cancel what is still in flight, close the channels."""
+        self._stop_heartbeat()
         for ch in self._channels:
-            ch.close()
+            ch.close()  # in-flight RPCs (a waiting pull) end with CANCELLED
+        for pool in (self._async, self._pull_pool, self._push_pool, self._pool, self._beat_pool):
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> "PSClient":
         return self

@@ -26,6 +26,7 @@ log = logging.getLogger("ps.worker")
 class Client(Protocol):
     mode: str
     versions: list[int]
+    clock_floor: int
 
     def setup(self, tensors, optimizer) -> int: ...
     def pull(self, clock: int, observer: bool = False) -> dict[str, torch.Tensor]: ...
@@ -135,10 +136,11 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
             if clock == cfg.kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die as a crashed machine would
             weights = client.pull(clock)
-            if client.mode == "sync":  # with backup workers a late worker skips to the current step
-                clock = max(clock, min(client.versions))
-                if clock >= steps:
-                    break
+            # A worker that had to register again (evicted, then back) resumes where the servers
+            # let it; in sync mode a late worker (backup workers) skips to the current step.
+            clock = max(clock, client.clock_floor, min(client.versions) if client.mode == "sync" else 0)
+            if clock >= steps:
+                break
             work_start = time.perf_counter()
             load_weights(params, weights)
             x, y = next(stream)

@@ -205,3 +205,66 @@ def test_sync_with_a_backup_worker_completes_without_the_slowest_and_drops_its_l
 def test_backup_workers_are_refused_outside_sync_mode():
     with pytest.raises(InvalidArgument, match="sync mode only"):
         ServerConfig(mode="async", num_workers=3, backup_workers=1)
+
+
+@pytest.mark.parametrize("mode,s", MODES)
+def test_a_push_retried_after_eviction_and_rejoin_is_still_a_duplicate(mode, s):
+    now = FakeTime()
+    shard, plan = make_shard(mode, s, now=now)
+    init(shard, plan)
+    assert push(shard, plan, "a", 0, torch.ones(4)).outcome == "APPLIED"  # the reply is lost...
+    now.t = 100.0
+    assert shard.evict_expired() == ["a"]
+    assert shard.register("a", plan.fingerprint)["clock"] == 1  # ...the client comes back
+    assert push(shard, plan, "a", 0, torch.ones(4)).outcome == "DUPLICATE"  # ...and retries
+    assert torch.equal(weights(shard), -torch.ones(4))
+
+
+@pytest.mark.parametrize("mode,s", MODES)
+def test_a_pull_never_moves_the_clock_so_a_prefetch_cannot_swallow_the_push(mode, s):
+    shard, plan = make_shard(mode, s)
+    init(shard, plan)
+    if mode == "async":
+        shard.pull("a", plan.fingerprint, 10**9, ["w#0"])
+    assert push(shard, plan, "a", 0, torch.ones(4)).outcome == "APPLIED"
+    assert shard.stats()["clocks"] == {"a": 1}
+
+
+@pytest.mark.parametrize("mode,s", MODES)
+def test_a_push_in_parts_survives_an_eviction_between_its_parts(mode, s):
+    now = FakeTime()
+    shard, plan = make_shard(mode, s, now=now)
+    init(shard, plan)
+    assert shard.push("a", plan.fingerprint, 0, 0, [], 0, 2).outcome == "BUFFERED"
+    now.t = 100.0
+    shard.evict_expired()
+    shard.register("a", plan.fingerprint)
+    assert push(shard, plan, "a", 0, torch.ones(4), part=1, num_parts=2).outcome == "APPLIED"
+    assert torch.equal(weights(shard), -torch.ones(4))
+
+
+def test_a_refused_push_leaves_a_push_in_progress_intact():
+    shard, plan = make_shard("sync")
+    init(shard, plan)
+    assert shard.push("a", plan.fingerprint, 0, 0, [], 0, 2).outcome == "BUFFERED"
+    with pytest.raises(StepConflict):
+        push(shard, plan, "a", 7, torch.ones(4))
+    assert push(shard, plan, "a", 0, torch.ones(4), part=1, num_parts=2).outcome == "APPLIED"
+    assert torch.equal(weights(shard), -torch.ones(4))
+
+
+def test_registering_with_a_clock_aligns_a_worker_and_releases_the_step_it_skips():
+    shard, plan = make_shard("sync", num_workers=2)
+    init(shard, plan)
+    shard.register("b", plan.fingerprint)
+    push(shard, plan, "a", 0, torch.ones(4))
+    assert shard.register("b", plan.fingerprint, clock=1)["clock"] == 1  # b is at step 1 elsewhere
+    assert shard.version == 1
+    with pytest.raises(InvalidArgument, match="clock"):
+        shard.register("b", plan.fingerprint, clock=-2)
+
+
+def test_init_from_an_unregistered_worker_is_refused():
+    shard, plan = make_shard("async")
+    with pytest.raises(UnknownWorker):
+        shard.init("x", plan, plan.fingerprint, SGD1, [("w#0", torch.zeros(4))], 0, 1)

@@ -1,0 +1,109 @@
+"""Client-side membership against in-process servers on port 0: leases, leave, rejoin, waits."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from ps.config import OptimizerConfig, ServerConfig
+from ps.errors import PlanMismatch
+from ps.proto import ps_pb2 as pb
+from ps.server.app import create_server
+from ps.worker.client import PSClient
+
+SGD1 = OptimizerConfig("sgd", lr=1.0)
+
+
+@pytest.fixture
+def servers():
+    started = []
+
+    def start(n=1, **kw):
+        started.extend(create_server(ServerConfig(shard_id=k, num_shards=n, **kw)) for k in range(n))
+        return started[-n:]
+
+    yield start
+    for s in started:
+        s.stop(grace=0)
+
+
+def clocks(server):
+    return server.shard.stats()["clocks"]
+
+
+def test_leave_stops_the_heartbeat_and_the_worker_stays_gone(servers):
+    (srv,) = servers(mode="sync", num_workers=2, worker_timeout=0.4)
+    a, b = PSClient([srv.address], "a"), PSClient([srv.address], "b")
+    try:
+        for c in (a, b):
+            c.setup({"w": torch.zeros(4)}, SGD1)
+        b.leave()
+        time.sleep(0.6)  # several heartbeat intervals
+        assert clocks(srv) == {"a": 0}
+        a.push({"w": torch.ones(4)}, 0)
+        assert torch.equal(a.pull(1)["w"], -torch.ones(4))  # a does not wait for b
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_shard_that_is_down_does_not_get_the_worker_evicted_elsewhere(servers):
+    s0, s1 = servers(2, mode="async", worker_timeout=0.5)
+    c = PSClient([s0.address, s1.address], "a", retry_timeout=30)
+    try:
+        c.setup({"w": torch.zeros(4), "b": torch.zeros(2)}, SGD1)
+        s1.stop(grace=0)
+        time.sleep(1.5)
+        assert s0.shard.stats()["evictions"] == 0 and "a" in clocks(s0)
+    finally:
+        c.close()
+
+
+def test_a_waiting_pull_has_no_deadline(servers):
+    (srv,) = servers(mode="sync", num_workers=2)
+    a = PSClient([srv.address], "a", rpc_timeout=0.3)
+    b = PSClient([srv.address], "b")
+    try:
+        a.setup({"w": torch.zeros(4)}, SGD1)
+        got = []
+        t = threading.Thread(target=lambda: got.append(a.pull(0)))
+        t.start()
+        time.sleep(1.0)  # well past rpc_timeout: the pull is still waiting for the quorum
+        assert t.is_alive()
+        b.setup({"w": torch.zeros(4)}, SGD1)
+        t.join(10)
+        assert got and torch.equal(got[0]["w"], torch.zeros(4))
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_worker_evicted_while_alive_rejoins_and_resumes_at_the_servers_clock(servers):
+    (srv,) = servers(mode="async", num_workers=1, worker_timeout=0.5)
+    a = PSClient([srv.address], "a", heartbeat=False)
+    try:
+        a.setup({"w": torch.zeros(4)}, SGD1)
+        for clock in range(3):
+            a.push({"w": torch.ones(4)}, clock)
+        time.sleep(1.5)  # no heartbeats: evicted
+        assert srv.shard.stats()["evictions"] == 1
+        assert a.push({"w": torch.ones(4)}, 1)[0]["outcome"] == "DUPLICATE"  # registers again by itself
+        assert a.clock_floor == 3
+        assert a.push({"w": torch.ones(4)}, a.clock_floor)[0]["outcome"] == "APPLIED"
+        assert torch.equal(a.pull(0, observer=True)["w"], torch.full((4,), -4.0))
+    finally:
+        a.close()
+
+
+def test_a_plan_for_far_too_many_shards_is_refused_before_any_work(servers):
+    (srv,) = servers(mode="async")
+    c = PSClient([srv.address], "a")
+    try:
+        spec = pb.PlanSpec(params=[pb.ParamSpec(name=f"p{i}", dtype="float32", shape=[1000]) for i in range(20)],
+                           num_shards=10**7, partition_bytes=4096)
+        c.plan = None
+        with pytest.raises(PlanMismatch, match="10000000 shards"):
+            c._call(0, "Init", pb.InitRequest(worker_id="a", plan=spec), reregister=False)
+    finally:
+        c.close()
