@@ -124,6 +124,9 @@ class WorkerConfig:
     partition_bytes: int = DEFAULT_PARTITION_BYTES
     progress: bool = True
     connect_timeout: float = 60.0
+    tp: int = 1             # tensor-parallel ranks in this worker's group
+    micro_batches: int = 1  # gradient accumulation over this many micro-batches per step
+    recompute: bool = False  # activation recomputation (models that support it)
     straggler: float = 1.0  # fault injection: this worker's steps take this many times longer
     kill_at: int = -1       # fault injection: SIGKILL this worker when it reaches this step (-1: never)
 
@@ -142,5 +145,8 @@ class WorkerConfig:
         _check(self.eval_every >= 0, f"eval_every ({self.eval_every}) must be >= 0")
         _check(self.connect_timeout > 0, f"connect_timeout ({self.connect_timeout}) must be > 0")
         check_partition_bytes(self.partition_bytes)
+        _check(self.tp >= 1, f"tp ({self.tp}) must be >= 1")
+        _check(self.micro_batches >= 1 and self.batch_size % self.micro_batches == 0,
+               f"micro_batches ({self.micro_batches}) must be >= 1 and divide batch_size ({self.batch_size})")
         _check(math.isfinite(self.straggler) and self.straggler >= 1, f"straggler ({self.straggler}) must be >= 1")
         _check(self.kill_at >= -1, f"kill_at ({self.kill_at}) must be a step >= 0, or -1 for never")

@@ -63,6 +63,12 @@ def add_training_flags(parser: argparse.ArgumentParser, env: Mapping[str, str] |
     add_flag(parser, "--device", env=env, default="auto", choices=("auto", "cpu", "cuda"),
              help="where the worker computes (auto: CUDA when present)")
     add_flag(parser, "--seed", env=env, default=0, type=int, help="seed of model init and data order")
+    add_flag(parser, "--tp", env=env, default=1, type=int,
+             help="tensor-parallel ranks per worker (NCCL on CUDA, gloo on CPU; torchrun's env is joined)")
+    add_flag(parser, "--micro-batches", env=env, default=1, type=int,
+             help="accumulate gradients over this many micro-batches per step")
+    add_flag(parser, "--recompute", env=env, action="store_true", default=False,
+             help="recompute activations in backward instead of keeping them (gpt-tiny)")
     if worker_outputs:
         add_flag(parser, "--log-dir", env=env, default="", help="directory for JSONL metrics, one file per worker")
         add_flag(parser, "--eval-every", env=env, default=50, type=int, help="test accuracy every N steps (0: never)")

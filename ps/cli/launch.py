@@ -19,11 +19,13 @@ from ps.config import MODES
 from ps.data import evaluate, load_data
 from ps.errors import PSError
 from ps.models import build_model, model_loss
-from ps.sharding import specs_from_module
+from ps.sharding import ParamSpec, dtype_name
+from ps.tp.binding import tp_init, unshard_keys
+from ps.tp.layers import partition_dims
 from ps.worker.client import PSClient
 
 _TRAINING_FLAGS = ("model", "data", "batch_size", "steps", "epochs", "optimizer", "lr", "momentum", "weight_decay",
-                   "beta1", "beta2", "eps", "device", "seed", "eval_every", "partition_bytes")
+                   "beta1", "beta2", "eps", "device", "seed", "eval_every", "partition_bytes", "tp", "micro_batches")
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
@@ -135,24 +137,36 @@ def training_argv(args: argparse.Namespace) -> list[str]:
         out += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.log_dir:
         out += ["--log-dir", args.log_dir]
+    if args.recompute:
+        out.append("--recompute")
     return out
 
 
 class Observer:
-    """Evaluates the weights the servers hold now (observer reads: no waiting, no joining)."""
+    """Evaluates the weights the servers hold now (observer reads: no waiting, no joining). For a
+    tensor-parallel job (`tp` > 1) it pulls every rank's shards and evaluates the unsharded model."""
 
-    def __init__(self, addresses: Sequence[str], model: str, data: str, seed: int, partition_bytes: int):
+    def __init__(self, addresses: Sequence[str], model: str, data: str, seed: int, partition_bytes: int,
+                 tp: int = 1):
         torch.manual_seed(seed)
         self.data = load_data(data)
         self.model = build_model(model, self.data.input_shape, self.data.num_classes)
+        self.dims, self.tp = partition_dims(self.model), tp
+        state = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
         self.client = PSClient(addresses, partition_bytes=partition_bytes, heartbeat=False)
-        self.client.attach(specs_from_module(self.model))
+        self.client.attach([ParamSpec(k, tuple(t.shape), dtype_name(t.dtype))
+                            for k, t in tp_init(state, self.dims, tp).items()])
         self.bytes_pulled = 0
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The servers' current parameters, unsharded, by parameter name."""
+        weights = self.client.pull(0, observer=True)
+        self.bytes_pulled += sum(t.numel() * 4 for t in weights.values())
+        return unshard_keys(weights, self.dims, self.tp)
 
     def evaluate(self) -> tuple[float, float]:
         """(test accuracy, test loss) of the servers' current weights."""
-        weights = self.client.pull(0, observer=True)
-        self.bytes_pulled += sum(t.numel() * 4 for t in weights.values())
+        weights = self.weights()
         with torch.no_grad():
             for n, p in self.model.named_parameters():
                 if n in weights:
@@ -167,7 +181,7 @@ class Observer:
 def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
     if int(args.steps) <= 0 and float(args.epochs) <= 0:
         args.epochs = 20.0
-    servers = start_servers(int(args.servers), args.mode, int(args.workers), staleness=int(args.staleness),
+    servers = start_servers(int(args.servers), args.mode, int(args.workers) * int(args.tp), staleness=int(args.staleness),
                             worker_timeout=float(args.worker_timeout), host=args.host, out=out)
     workers: list[Proc] = []
     try:
@@ -182,7 +196,7 @@ def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
             out.write(f"ps-launch: {error}; stopping the cluster\n")
             return 1
         observer = Observer([p.address for p in servers], args.model, args.data, int(args.seed),
-                            int(args.partition_bytes))
+                            int(args.partition_bytes), int(args.tp))
         try:
             acc, _ = observer.evaluate()
         finally:

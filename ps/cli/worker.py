@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Mapping, Sequence
 
@@ -10,8 +11,12 @@ import torch
 
 from ps.cli.common import add_flag, add_training_flags, optimizer_from_args, run_main, setup_logging
 from ps.config import WorkerConfig
-from ps.data import load_data
+from ps.data import Datasets, load_data
+from ps.errors import InvalidArgument
 from ps.models import build_model
+from ps.tp.binding import Binding, plain, tensor_parallel
+from ps.tp.groups import TPGroup, destroy, free_port, from_torchrun, init_group
+from ps.tp.layers import partition_dims, shard_state
 from ps.worker.client import PSClient
 from ps.worker.trainer import TrainResult, train
 
@@ -42,7 +47,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         epochs=float(args.epochs), optimizer=optimizer_from_args(args), device=args.device, seed=int(args.seed),
         log_dir=args.log_dir, eval_every=int(args.eval_every), partition_bytes=int(args.partition_bytes),
         progress=not args.no_progress, connect_timeout=float(args.connect_timeout),
-        straggler=float(args.straggler), kill_at=int(args.kill_at),
+        straggler=float(args.straggler), kill_at=int(args.kill_at), tp=int(args.tp),
+        micro_batches=int(args.micro_batches), recompute=bool(args.recompute),
     )
 
 
@@ -71,21 +77,61 @@ class Progress:
             self.bar.close()
 
 
-def run(cfg: WorkerConfig) -> TrainResult:
-    torch.manual_seed(cfg.seed)  # every worker builds the same initial model
+def build(cfg: WorkerConfig, tp: TPGroup) -> tuple[torch.nn.Module, Datasets, Binding]:
+    """The model (this rank's shards of it), the data and how parameters map to server keys.
+    Every rank builds the same unsharded model from the seed and keeps its slices."""
+    torch.manual_seed(cfg.seed)
     data = load_data(cfg.data)
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    full = build_model(cfg.model, data.input_shape, data.num_classes, recompute=cfg.recompute)
+    if tp.size == 1:
+        return full, data, plain(full)
+    model = build_model(cfg.model, data.input_shape, data.num_classes, tp=tp, recompute=cfg.recompute)
+    dims = partition_dims(full)
+    model.load_state_dict(shard_state(full.state_dict(), dims, tp.rank, tp.size))
+    state = {n: p.detach() for n, p in full.named_parameters() if p.requires_grad}
+    return model, data, tensor_parallel(model, state, dims, tp)
+
+
+def run_rank(cfg: WorkerConfig, tp: TPGroup) -> TrainResult:
+    """Train as one rank of a (possibly single-rank) tensor-parallel group."""
+    model, data, binding = build(cfg, tp)
+    worker_id = cfg.worker_id if tp.size == 1 else f"{cfg.worker_id}-tp{tp.rank}"
     progress = Progress(cfg)
-    with PSClient(cfg.servers, cfg.worker_id, partition_bytes=cfg.partition_bytes,
+    with PSClient(cfg.servers, worker_id, partition_bytes=cfg.partition_bytes,
                   connect_timeout=cfg.connect_timeout) as client:
         try:
-            result = train(cfg, client, model, data, on_step=progress)
+            result = train(cfg, client, model, data, on_step=progress, binding=binding)
         finally:
             progress.close()
-    acc = "n/a" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
-    print(f"{cfg.worker_id} done: {result.steps} steps in {result.wall_time:.1f}s, loss {result.final_loss:.4f}, "
-          f"test_accuracy {acc}", flush=True)
+    if tp.rank == 0:
+        acc = "n/a" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
+        print(f"{cfg.worker_id} done: {result.steps} steps in {result.wall_time:.1f}s, loss {result.final_loss:.4f}, "
+              f"test_accuracy {acc}", flush=True)
     return result
+
+
+def _spawned_rank(rank: int, cfg: WorkerConfig, init_method: str) -> None:
+    tp = init_group(rank, cfg.tp, init_method, seed=cfg.seed)
+    try:
+        run_rank(cfg, tp)
+    finally:
+        destroy(tp)
+
+
+def run(cfg: WorkerConfig) -> TrainResult | None:
+    if cfg.tp == 1:
+        return run_rank(cfg, TPGroup())
+    if "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank of the group
+        if int(os.environ["WORLD_SIZE"]) != cfg.tp:
+            raise InvalidArgument(f"tp ({cfg.tp}) must equal torchrun's WORLD_SIZE ({os.environ['WORLD_SIZE']})")
+        tp = from_torchrun(cfg.seed)
+        try:
+            return run_rank(cfg, tp)
+        finally:
+            destroy(tp)
+    torch.multiprocessing.start_processes(_spawned_rank, args=(cfg, f"tcp://127.0.0.1:{free_port()}"), nprocs=cfg.tp,
+                                          start_method="spawn")
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import threading
 import time
 from collections import Counter
@@ -22,6 +21,7 @@ from ps.cli.launch import Observer, Proc, start_servers, start_worker, stop_all,
 from ps.data import load_data, steps_per_epoch
 from ps.errors import PSError
 from ps.models import build_model
+from ps.tp.groups import free_port
 
 
 @dataclass
@@ -47,12 +47,6 @@ def _argv(cfg: CompareConfig, rank: int, log_dir: str) -> list[str]:
     if rank in cfg.kills:
         argv += ["--kill-at", str(cfg.kills[rank])]
     return argv
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _may_die(cfg: CompareConfig) -> list[str]:
@@ -127,7 +121,7 @@ def run_allreduce(spec: RunSpec, cfg: CompareConfig, log: IO[str], progress: Cal
     result = RunResult(spec)
     log_dir = os.path.join(cfg.out, "logs", spec.label)
     eval_every = max(1, _steps(cfg) // 40)
-    port = _free_port()
+    port = free_port()
     workers = [start_worker(f"worker-{r}", ["--world-size", str(cfg.workers), "--master-port", str(port),
                                             "--eval-every", str(eval_every), *_argv(cfg, r, log_dir)],
                             log, module="ps.baselines.allreduce") for r in range(cfg.workers)]

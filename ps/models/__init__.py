@@ -6,6 +6,7 @@ the dataset). A model may define `loss(outputs, targets)`; otherwise cross-entro
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -45,21 +46,40 @@ class CNN(nn.Module):
         return self.head(self.features(x))
 
 
-BUILTIN: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": CNN}
+def _gpt_tiny(**kwargs):
+    from ps.models.gpt import gpt_tiny
+
+    return gpt_tiny(**kwargs)
 
 
-def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """A built-in name (mlp, cnn) or `package.module:factory`."""
+BUILTIN: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": CNN, "gpt-tiny": _gpt_tiny}
+TP_AWARE = {"gpt-tiny"}
+
+
+def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int, **extra) -> nn.Module:
+    """A built-in name (mlp, cnn, gpt-tiny) or `package.module:factory`. `extra` (e.g. `tp`,
+    `recompute`) goes to factories that accept it; a factory that does not accept `tp` cannot run
+    tensor-parallel."""
     if spec in BUILTIN:
         factory = BUILTIN[spec]
     elif ":" in spec:
         factory = load_object(spec)
     else:
         raise InvalidArgument(f"model ({spec!r}) must be one of {sorted(BUILTIN)} or package.module:factory")
-    model = call_with_known(factory, input_shape=input_shape, num_classes=num_classes)
+    tp = extra.get("tp")
+    if tp is not None and tp.size > 1 and spec not in TP_AWARE and not _accepts(factory, "tp"):
+        raise InvalidArgument(f"model ({spec!r}) does not support tensor parallelism: its factory takes no `tp`")
+    model = call_with_known(factory, input_shape=input_shape, num_classes=num_classes, **extra)
     if not isinstance(model, nn.Module):
         raise InvalidArgument(f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _accepts(factory: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def model_loss(model: nn.Module, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -148,6 +148,7 @@ class PSClient:
         itemsize = lambda s: 4  # noqa: E731 - the servers hold fp32 master copies
         self._pull_batches = [_batches(self.plan.slices_for(k), self.partition_bytes, itemsize)
                               for k in range(len(self.servers))]
+        self._subset_batches: dict[frozenset, list[list[Slice]]] = {}
         return self.plan
 
     def register(self, specs: Sequence[ParamSpec]) -> int:
@@ -211,14 +212,24 @@ class PSClient:
         return self.info[0].mode if self.info else ""
 
     # -- data ---------------------------------------------------------------------------------
-    def pull(self, clock: int, observer: bool = False) -> dict[str, torch.Tensor]:
-        """All parameters as fp32 CPU tensors, once the servers' mode lets a worker at `clock`
-        read. `observer=True` reads without waiting or joining (evaluation, monitoring)."""
-        return self.pull_async(clock, observer).result()
+    def pull(self, clock: int, observer: bool = False, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Parameters (all, or `names`) as fp32 CPU tensors, once the servers' mode lets a worker
+        at `clock` read. `observer=True` reads without waiting or joining (evaluation, monitoring)."""
+        return self.pull_async(clock, observer, names).result()
 
-    def pull_async(self, clock: int, observer: bool = False) -> Future:
+    def _batches_for(self, names: Sequence[str] | None) -> list[list[Slice]]:
+        if names is None:
+            return self._pull_batches
+        key = frozenset(names)
+        if key not in self._subset_batches:
+            self._subset_batches[key] = [_batches([s for s in self.plan.slices_for(k) if s.name in key],
+                                                  self.partition_bytes, lambda s: 4) for k in range(len(self.servers))]
+        return self._subset_batches[key]
+
+    def pull_async(self, clock: int, observer: bool = False, names: Sequence[str] | None = None) -> Future:
         assert self.plan is not None, "register first"
         worker = "" if observer else self.worker_id
+        batches = self._batches_for(names)
 
         def fetch(shard: int, batch: list[Slice]):
             req = pb.PullRequest(worker_id=worker, plan_fingerprint=self.plan.fingerprint, clock=clock,
@@ -226,7 +237,7 @@ class PSClient:
             return shard, self._call(shard, "Pull", req, timeout=self.rpc_timeout if observer else None)
 
         def gather() -> dict[str, torch.Tensor]:
-            jobs = [(k, b) for k, bs in enumerate(self._pull_batches) for b in bs]
+            jobs = [(k, b) for k, bs in enumerate(batches) for b in bs]
             slices: dict[str, torch.Tensor] = {}
             versions: dict[int, int] = {}
             self.last_min_clocks = {}
@@ -238,7 +249,7 @@ class PSClient:
             if not observer:
                 for shard, v in versions.items():
                     self.versions[shard] = v
-            return self.plan.assemble(slices)
+            return self.plan.assemble(slices, names)
 
         return self._async.submit(gather)
 

@@ -19,6 +19,8 @@ from ps.config import WorkerConfig
 from ps.data import Datasets, accuracy, batches, shard_indices, steps_per_epoch
 from ps.errors import InvalidArgument
 from ps.models import model_loss
+from ps.tp.binding import Binding, plain
+from ps.tp.comm import all_reduce_max, broadcast_
 
 log = logging.getLogger("ps.worker")
 
@@ -29,7 +31,7 @@ class Client(Protocol):
     clock_floor: int
 
     def setup(self, tensors, optimizer) -> int: ...
-    def pull(self, clock: int, observer: bool = False) -> dict[str, torch.Tensor]: ...
+    def pull(self, clock: int, observer: bool = False, names=None) -> dict[str, torch.Tensor]: ...
     def push(self, grads, clock: int) -> list[dict]: ...
     def leave(self) -> None: ...
     def stats(self) -> list[dict]: ...
@@ -52,6 +54,7 @@ def total_steps(cfg: WorkerConfig, train_size: int) -> int:
 class HostGrads:
     """Gradients on the host for the wire: pinned buffers filled asynchronously on CUDA,
     the gradients themselves on CPU."""
+
 
     def __init__(self, params: dict[str, nn.Parameter], device: torch.device):
         self.params = params
@@ -97,69 +100,83 @@ class TrainResult:
     wall_time: float
 
 
-def _wait_for_everyone(client: Client, cfg: WorkerConfig) -> None:
+def _wait_for_everyone(client: Client, cfg: WorkerConfig, expected: int) -> None:
     """At a fresh start, wait (at most connect_timeout) until all workers have joined, so every
     mode starts its clock at the same moment (sync and ssp would wait anyway; async would not)."""
     deadline = time.monotonic() + cfg.connect_timeout
     while time.monotonic() < deadline:
         stats = client.stats()[0]
-        if stats["active_workers"] + stats["evictions"] >= cfg.num_workers:
+        if stats["active_workers"] + stats["evictions"] >= expected:
             return
         time.sleep(0.02)
-    log.warning("not all %d workers joined within %.0fs; starting anyway", cfg.num_workers, cfg.connect_timeout)
+    log.warning("not all %d workers joined within %.0fs; starting anyway", expected, cfg.connect_timeout)
 
 
-def load_weights(params: dict[str, nn.Parameter], weights: dict[str, torch.Tensor]) -> None:
+def _load(binding: Binding, weights: dict[str, torch.Tensor]) -> None:
+    """Copy pulled weights into this rank's parameters; TP rank 0 broadcasts the replicated ones."""
     with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(weights[n], non_blocking=True)
+        for key, w in weights.items():
+            binding.params[key].copy_(w, non_blocking=True)
+        broadcast_([binding.params[k].data for k in binding.replicated], binding.tp)
+
+
+def _forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro_batches: int) -> float:
+    """Gradients of the batch's mean loss, accumulated over micro-batches; returns the loss."""
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for xm, ym in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
+        loss = model_loss(model, model(xm), ym) * (len(xm) / len(x))
+        loss.backward()
+        total += float(loss.detach())
+    return total
 
 
 def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
-          on_step: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train `model` against the servers behind `client`; returns the final metrics."""
+          on_step: Callable[[dict], None] | None = None, binding: Binding | None = None) -> TrainResult:
+    """Train `model` against the servers behind `client`; returns the final metrics. With a
+    tensor-parallel `binding`, every rank of the group calls this together."""
     device = resolve_device(cfg.device)
     model.to(device).train()
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    binding = binding or plain(model)
+    tp = binding.tp
     steps = total_steps(cfg, len(data.train))
-    start = client.setup(params, cfg.optimizer)
+    start = all_reduce_max(client.setup(binding.init, cfg.optimizer), tp)
     if start == 0:
-        _wait_for_everyone(client, cfg)
+        _wait_for_everyone(client, cfg, cfg.num_workers * tp.size)
     stream = batches(data.train, shard_indices(len(data.train), cfg.rank, cfg.num_workers),
                      cfg.batch_size, cfg.seed * 1_000_003 + cfg.rank)
-    host = HostGrads(params, device)
-    metrics = JsonlLog(os.path.join(cfg.log_dir, f"{cfg.worker_id}.jsonl") if cfg.log_dir else None)
+    host = HostGrads({k: binding.params[k] for k in binding.own}, device)
+    metrics = JsonlLog(os.path.join(cfg.log_dir, f"{cfg.worker_id}.jsonl") if cfg.log_dir and tp.rank == 0 else None)
     t0, loss_value = time.monotonic(), float("nan")
     clock = start
     try:
         while clock < steps:
             if clock == cfg.kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die as a crashed machine would
-            weights = client.pull(clock)
+            weights = client.pull(clock, names=binding.own)
             # A worker that had to register again (evicted, then back) resumes where the servers
-            # let it; in sync mode a late worker (backup workers) skips to the current step.
+            # let it; in sync mode a late worker (backup workers) skips to the current step. The
+            # ranks of a TP group agree on one clock.
             clock = max(clock, client.clock_floor, min(client.versions) if client.mode == "sync" else 0)
+            clock = all_reduce_max(clock, tp)
             if clock >= steps:
                 break
             work_start = time.perf_counter()
-            load_weights(params, weights)
+            _load(binding, weights)
             x, y = next(stream)
-            loss = model_loss(model, model(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
-            model.zero_grad(set_to_none=True)
-            loss.backward()
+            loss_value = _forward_backward(model, x.to(device), y.to(device), cfg.micro_batches)
             results = client.push(host.collect(), clock)
             if cfg.straggler > 1:
                 time.sleep((cfg.straggler - 1) * (time.perf_counter() - work_start))
-            loss_value = float(loss.detach())
             record = {"worker": cfg.worker_id, "step": clock, "time": time.monotonic() - t0, "loss": loss_value,
                       "staleness": max(r["staleness"] for r in results)}
             if cfg.eval_every and data.test is not None and (clock % cfg.eval_every == 0 or clock == steps - 1):
                 record["test_accuracy"] = accuracy(model, data.test, device)
             metrics.write(record)
-            if on_step:
+            if on_step and tp.rank == 0:
                 on_step({**record, "steps": steps})
             clock += 1
-        load_weights(params, client.pull(steps))
+        _load(binding, client.pull(steps, names=binding.own))
         acc = accuracy(model, data.test, device) if data.test is not None else None
         result = TrainResult(steps, loss_value, acc, time.monotonic() - t0)
         metrics.write({"worker": cfg.worker_id, "final": True, "step": steps, "time": result.wall_time,
