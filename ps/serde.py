@@ -9,13 +9,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import warnings
 
+import numpy as np
 import torch
 
 from ps.config import OptimizerConfig
 from ps.errors import InvalidArgument
 from ps.proto import ps_pb2 as pb
-from ps.sharding import DTYPES, ParamSpec, Plan, dtype_name, make_plan
+from ps.sharding import DTYPE_NAMES, DTYPES, ParamSpec, Plan, dtype_name, make_plan
+
+# Read-only views of received bytes are safe here: decoded gradients are only ever read.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
     raise ImportError("ps's wire format is little-endian; this host is big-endian")
@@ -23,18 +28,51 @@ if sys.byteorder != "little":  # pragma: no cover - every platform torch ships f
 _MAX_DIMS = 8
 
 
-def tensor_to_proto(key: str, tensor: torch.Tensor) -> pb.Tensor:
-    """Encode a CPU tensor (copied once, into the message's bytes)."""
+def raw_to_proto(key: str, dtype: str, shape: list[int], data: bytes) -> pb.Tensor:
+    """A tensor message from bytes already in wire order (e.g. a server's snapshot)."""
+    return pb.Tensor(key=key, dtype=dtype, shape=shape, data=data)
+
+
+def add_raw(repeated, key: str, dtype: str, shape: list[int], data: bytes) -> None:
+    """Append a tensor in wire order to a repeated Tensor field in place."""
+    msg = repeated.add()
+    msg.key, msg.dtype, msg.data = key, dtype, data
+    msg.shape.extend(shape)
+
+
+def _wire_bytes(tensor: torch.Tensor) -> tuple[str, list[int], bytes]:
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
-    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return pb.Tensor(key=key, dtype=dtype_name(t.dtype), shape=list(t.shape), data=data)
+    return dtype_name(t.dtype), list(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
-def tensor_from_proto(msg: pb.Tensor) -> torch.Tensor:
-    """Decode into a fresh, writable CPU tensor; raises InvalidArgument on any inconsistency."""
+def tensor_to_proto(key: str, tensor: torch.Tensor) -> pb.Tensor:
+    """Encode a CPU tensor (copied once, into the message's bytes)."""
+    return raw_to_proto(key, *_wire_bytes(tensor))
+
+
+def add_tensor(repeated, key: str, tensor: torch.Tensor) -> None:
+    """Append `tensor` to a repeated Tensor field in place (no copy of a finished message)."""
+    add_raw(repeated, key, *_wire_bytes(tensor))
+
+
+def tensor_into(msg: pb.Tensor, out: torch.Tensor) -> None:
+    """Decode straight into `out` (contiguous; its dtype and number of elements must match): one
+    copy from the message's bytes, no intermediate tensor."""
+    want = DTYPE_NAMES.get(out.dtype)
+    if msg.dtype != want or math.prod(msg.shape) != out.numel() or len(msg.data) != out.numel() * out.element_size():
+        raise InvalidArgument(
+            f"tensor {msg.key!r}: {msg.dtype} {list(msg.shape)} in {len(msg.data)} bytes does not fit "
+            f"{want} of {out.numel()} elements")
+    if out.numel():
+        out.view(torch.uint8).numpy()[:] = np.frombuffer(msg.data, dtype=np.uint8)
+
+
+def tensor_from_proto(msg: pb.Tensor, writable: bool = True) -> torch.Tensor:
+    """Decode into a CPU tensor; raises InvalidArgument on any inconsistency. writable=False
+    returns a read-only view of the message's bytes (no copy): the caller must not write to it."""
     if msg.dtype not in DTYPES:
         raise InvalidArgument(f"tensor {msg.key!r}: dtype ({msg.dtype!r}) must be one of {sorted(DTYPES)}")
     shape = tuple(msg.shape)
@@ -48,6 +86,8 @@ def tensor_from_proto(msg: pb.Tensor) -> torch.Tensor:
         )
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
+    if not writable:  # a view of the message's bytes: no copy; the caller only reads it
+        return torch.frombuffer(msg.data, dtype=dtype).reshape(shape)
     return torch.frombuffer(bytearray(msg.data), dtype=dtype).reshape(shape)
 
 

@@ -109,6 +109,10 @@ class Plan:
         return out
 
     @cached_property
+    def by_key(self) -> dict[str, Slice]:
+        return {s.key: s for s in self.slices}
+
+    @cached_property
     def specs(self) -> dict[str, ParamSpec]:
         return {p.name: p for p in self.params}
 

@@ -10,7 +10,7 @@ import grpc
 from ps.errors import InvalidArgument, PlanMismatch, PSError
 from ps.proto import ps_pb2 as pb
 from ps.proto import ps_pb2_grpc
-from ps.serde import optimizer_from_proto, plan_from_proto, stats_to_proto, tensor_from_proto, tensor_to_proto
+from ps.serde import add_raw, optimizer_from_proto, plan_from_proto, stats_to_proto, tensor_from_proto
 from ps.server.shard import Shard
 
 log = logging.getLogger("ps.server")
@@ -38,9 +38,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def __init__(self, shard: Shard):
         self.shard = shard
 
-    def _decode(self, tensors) -> list:
+    def _decode(self, tensors, writable: bool = True) -> list:
         try:
-            return [(t.key, tensor_from_proto(t)) for t in tensors]
+            return [(t.key, tensor_from_proto(t, writable)) for t in tensors]
         except InvalidArgument as e:
             self.shard.reject(e)
 
@@ -75,15 +75,16 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         slices, version, min_clock = self.shard.pull(
             request.worker_id, request.plan_fingerprint, request.clock, list(request.keys), context.is_active
         )
-        return pb.PullResponse(
-            tensors=[tensor_to_proto(k, t) for k, t in slices], version=version, min_clock=min_clock
-        )
+        response = pb.PullResponse(version=version, min_clock=min_clock)
+        for key, data in slices:  # built in place: adding finished messages would copy them
+            add_raw(response.tensors, key, "float32", [len(data) // 4], data)
+        return response
 
     @_rpc
     def Push(self, request, context):
         result = self.shard.push(
             request.worker_id, request.plan_fingerprint, request.clock, request.base_version,
-            self._decode(request.grads), request.part, request.num_parts,
+            self._decode(request.grads, writable=False), request.part, request.num_parts,
         )
         return pb.PushResponse(
             outcome=pb.PushResponse.Outcome.Value(result.outcome), version=result.version, staleness=result.staleness

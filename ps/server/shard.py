@@ -203,8 +203,8 @@ class Shard:
             return True
 
     def pull(self, worker_id: str, fingerprint: str, clock: int, keys: Sequence[str],
-             is_active: Callable[[], bool] = lambda: True) -> tuple[list[tuple[str, torch.Tensor]], int, int]:
-        """Slices for `keys` once the policy allows a worker at `clock` to read; returns
+             is_active: Callable[[], bool] = lambda: True) -> tuple[list[tuple[str, bytes]], int, int]:
+        """Raw fp32 bytes of the slices for `keys` once the policy allows a worker at `clock` to read; returns
         (slices, version, min_clock). An empty worker_id reads without waiting or joining."""
         self._touch(worker_id if worker_id in self._workers else "")
         with self._cond:
@@ -224,7 +224,7 @@ class Shard:
                     self._worker(worker_id)
             self.counters["pulls"] += 1
             slices = self.store.read(keys)
-            self.counters["bytes_pulled"] += sum(t.numel() * t.element_size() for _, t in slices)
+            self.counters["bytes_pulled"] += sum(len(data) for _, data in slices)
             return slices, self.version, self._view().min_clock
 
     def push(self, worker_id: str, fingerprint: str, clock: int, base_version: int,

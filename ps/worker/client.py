@@ -31,10 +31,10 @@ import grpc
 import torch
 
 from ps.config import DEFAULT_PARTITION_BYTES, OptimizerConfig, grpc_options
-from ps.errors import PSError, Unavailable, UnknownWorker, error_from_wire
+from ps.errors import InvalidArgument, PSError, Unavailable, UnknownWorker, error_from_wire
 from ps.proto import ps_pb2 as pb
 from ps.proto import ps_pb2_grpc
-from ps.serde import optimizer_to_proto, plan_to_proto, stats_from_proto, tensor_from_proto, tensor_to_proto
+from ps.serde import add_tensor, optimizer_to_proto, plan_to_proto, stats_from_proto, tensor_into, tensor_to_proto
 from ps.server.servicer import ERROR_CLASS_KEY
 from ps.sharding import ParamSpec, Plan, Slice, dtype_name, make_plan
 
@@ -57,6 +57,11 @@ def _batches(slices: Sequence[Slice], limit: int, itemsize: Callable[[Slice], in
     return out
 
 
+def _decodable(t: torch.Tensor | None, shape: tuple[int, ...]) -> bool:
+    return (t is not None and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+            and tuple(t.shape) == tuple(shape))
+
+
 class PSClient:
     def __init__(self, servers: Sequence[str], worker_id: str | None = None, *,
                  partition_bytes: int = DEFAULT_PARTITION_BYTES, connect_timeout: float = 60.0,
@@ -71,7 +76,7 @@ class PSClient:
         self._channels = [grpc.insecure_channel(s, options=grpc_options()) for s in self.servers]
         self._stubs = [ps_pb2_grpc.ParameterServerStub(c) for c in self._channels]
         # Pulls may wait (sync, ssp) and must never hold up a push or a heartbeat: separate pools.
-        width = max(4, 2 * len(self.servers))
+        width = max(8, 4 * len(self.servers))  # requests in flight: enough to keep every server busy
         self._pool = ThreadPoolExecutor(max_workers=len(self.servers), thread_name_prefix="ps-client")
         self._pull_pool = ThreadPoolExecutor(max_workers=width, thread_name_prefix="ps-pull")
         self._push_pool = ThreadPoolExecutor(max_workers=width, thread_name_prefix="ps-push")
@@ -122,8 +127,15 @@ class PSClient:
 
     def _map(self, fn: Callable[..., T], jobs: Sequence[tuple], pool: ThreadPoolExecutor | None = None) -> list[T]:
         """Run fn(*job) for every job concurrently; raise the first error after all finish."""
-        futures = [(pool or self._pool).submit(fn, *job) for job in jobs]
+        if not jobs:
+            return []
+        futures = [(pool or self._pool).submit(fn, *job) for job in jobs[1:]]
         results, first_error = [], None
+        try:  # the first job runs on this thread: one thread hop less for small requests
+            results.append(fn(*jobs[0]))
+        except Exception as e:  # noqa: BLE001 - re-raised below
+            first_error = e
+            results.append(None)
         for f in futures:
             try:
                 results.append(f.result())
@@ -212,10 +224,13 @@ class PSClient:
         return self.info[0].mode if self.info else ""
 
     # -- data ---------------------------------------------------------------------------------
-    def pull(self, clock: int, observer: bool = False, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    def pull(self, clock: int, observer: bool = False, names: Sequence[str] | None = None,
+             into: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Parameters (all, or `names`) as fp32 CPU tensors, once the servers' mode lets a worker
-        at `clock` read. `observer=True` reads without waiting or joining (evaluation, monitoring)."""
-        return self.pull_async(clock, observer, names).result()
+        at `clock` read. `observer=True` reads without waiting or joining (evaluation, monitoring).
+        `into` {name: tensor}: write the values there too; contiguous fp32 CPU tensors (e.g. a CPU
+        model's parameters, or pinned buffers) are decoded into directly, with no extra copy."""
+        return self._pull_job(clock, observer, names, into)()
 
     def _batches_for(self, names: Sequence[str] | None) -> list[list[Slice]]:
         if names is None:
@@ -227,6 +242,11 @@ class PSClient:
         return self._subset_batches[key]
 
     def pull_async(self, clock: int, observer: bool = False, names: Sequence[str] | None = None) -> Future:
+        """`pull` in the background; the future resolves to its result."""
+        return self._async.submit(self._pull_job(clock, observer, names))
+
+    def _pull_job(self, clock: int, observer: bool, names: Sequence[str] | None,
+                  into: Mapping[str, torch.Tensor] | None = None) -> Callable[[], dict[str, torch.Tensor]]:
         assert self.plan is not None, "register first"
         worker = "" if observer else self.worker_id
         batches = self._batches_for(names)
@@ -236,29 +256,47 @@ class PSClient:
                                  keys=[s.key for s in batch])
             return shard, self._call(shard, "Pull", req, timeout=self.rpc_timeout if observer else None)
 
+        def fetch_into(shard: int, batch: list[Slice], out: dict[str, torch.Tensor]):
+            shard, resp = fetch(shard, batch)
+            for t in resp.tensors:  # decoded as each answer arrives, straight into place
+                s = self.plan.by_key.get(t.key)
+                if s is None or s.name not in out:
+                    raise InvalidArgument(f"server {self.servers[shard]} sent key {t.key!r}, which was not asked for")
+                tensor_into(t, out[s.name].view(-1)[s.start : s.start + s.length])
+            return shard, resp.version, resp.min_clock
+
         def gather() -> dict[str, torch.Tensor]:
-            jobs = [(k, b) for k, bs in enumerate(batches) for b in bs]
-            slices: dict[str, torch.Tensor] = {}
+            wanted = self.plan.specs if names is None else {n: self.plan.specs[n] for n in names}
+            given = into or {}
+            out = {n: given[n] if _decodable(given.get(n), spec.shape) else torch.empty(spec.shape, dtype=torch.float32)
+                   for n, spec in wanted.items()}
+            jobs = [(k, b, out) for k, bs in enumerate(batches) for b in bs]
             versions: dict[int, int] = {}
             self.last_min_clocks = {}
-            for shard, resp in self._map(fetch, jobs, self._pull_pool):
-                versions[shard] = min(versions.get(shard, resp.version), resp.version)
-                self.last_min_clocks[shard] = resp.min_clock
-                for t in resp.tensors:
-                    slices[t.key] = tensor_from_proto(t)
+            for shard, version, min_clock in self._map(fetch_into, jobs, self._pull_pool):
+                versions[shard] = min(versions.get(shard, version), version)
+                self.last_min_clocks[shard] = min_clock
             if not observer:
                 for shard, v in versions.items():
                     self.versions[shard] = v
-            return self.plan.assemble(slices, names)
+            with torch.no_grad():
+                for n, t in given.items():
+                    if out.get(n) is not None and out[n] is not t:
+                        t.copy_(out[n])
+            return out
 
-        return self._async.submit(gather)
+        return gather
 
     def push(self, grads: Mapping[str, torch.Tensor], clock: int) -> list[dict]:
         """Send gradients (by parameter name; any float dtype) for `clock`; returns one result
         per shard: {"outcome", "version", "staleness"}."""
-        return self.push_async(grads, clock).result()
+        return self._push_job(grads, clock)()
 
     def push_async(self, grads: Mapping[str, torch.Tensor], clock: int) -> Future:
+        """`push` in the background; the future resolves to its result."""
+        return self._async.submit(self._push_job(grads, clock))
+
+    def _push_job(self, grads: Mapping[str, torch.Tensor], clock: int) -> Callable[[], list[dict]]:
         assert self.plan is not None, "register first"
         names = list(grads)
         flat = self.plan.split({n: grads[n].detach().to("cpu") for n in names}, names)
@@ -268,9 +306,10 @@ class PSClient:
         def send(shard: int, part: int, batch: list[Slice], num_parts: int):
             req = pb.PushRequest(
                 worker_id=self.worker_id, plan_fingerprint=self.plan.fingerprint, clock=clock,
-                base_version=self.versions[shard], grads=[tensor_to_proto(s.key, flat[s.key]) for s in batch],
-                part=part, num_parts=num_parts,
+                base_version=self.versions[shard], part=part, num_parts=num_parts,
             )
+            for s in batch:
+                add_tensor(req.grads, s.key, flat[s.key])
             return shard, self._call(shard, "Push", req)
 
         jobs = []
@@ -286,7 +325,7 @@ class PSClient:
                     final[shard] = {"outcome": outcome, "version": resp.version, "staleness": resp.staleness}
             return [final[k] for k in sorted(final)]
 
-        return self._async.submit(gather)
+        return gather
 
     def stats(self) -> list[dict]:
         return [stats_from_proto(r) for r in self._map(lambda k: self._call(k, "Stats", pb.StatsRequest()), [(k,) for k in range(len(self.servers))])]

@@ -31,7 +31,7 @@ class Client(Protocol):
     clock_floor: int
 
     def setup(self, tensors, optimizer) -> int: ...
-    def pull(self, clock: int, observer: bool = False, names=None) -> dict[str, torch.Tensor]: ...
+    def pull(self, clock: int, observer: bool = False, names=None, into=None) -> dict[str, torch.Tensor]: ...
     def push(self, grads, clock: int) -> list[dict]: ...
     def leave(self) -> None: ...
     def stats(self) -> list[dict]: ...
@@ -112,12 +112,12 @@ def _wait_for_everyone(client: Client, cfg: WorkerConfig, expected: int) -> None
     log.warning("not all %d workers joined within %.0fs; starting anyway", expected, cfg.connect_timeout)
 
 
-def _load(binding: Binding, weights: dict[str, torch.Tensor]) -> None:
-    """Copy pulled weights into this rank's parameters; TP rank 0 broadcasts the replicated ones."""
-    with torch.no_grad():
-        for key, w in weights.items():
-            binding.params[key].copy_(w, non_blocking=True)
-        broadcast_([binding.params[k].data for k in binding.replicated], binding.tp)
+def _pull(client: Client, clock: int, binding: Binding) -> None:
+    """Pull this rank's parameters into place (straight into CPU fp32 parameters, with no extra
+    copy); TP rank 0 then broadcasts the replicated ones to the group."""
+    into = {k: binding.params[k].data for k in binding.own}
+    client.pull(clock, names=binding.own, into=into)
+    broadcast_([binding.params[k].data for k in binding.replicated], binding.tp)
 
 
 def _forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro_batches: int) -> float:
@@ -153,7 +153,7 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
         while clock < steps:
             if clock == cfg.kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die as a crashed machine would
-            weights = client.pull(clock, names=binding.own)
+            _pull(client, clock, binding)
             # A worker that had to register again (evicted, then back) resumes where the servers
             # let it; in sync mode a late worker (backup workers) skips to the current step. The
             # ranks of a TP group agree on one clock.
@@ -162,7 +162,6 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
             if clock >= steps:
                 break
             work_start = time.perf_counter()
-            _load(binding, weights)
             x, y = next(stream)
             loss_value = _forward_backward(model, x.to(device), y.to(device), cfg.micro_batches)
             results = client.push(host.collect(), clock)
@@ -176,7 +175,7 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
             if on_step and tp.rank == 0:
                 on_step({**record, "steps": steps})
             clock += 1
-        _load(binding, client.pull(steps, names=binding.own))
+        _pull(client, steps, binding)
         acc = accuracy(model, data.test, device) if data.test is not None else None
         result = TrainResult(steps, loss_value, acc, time.monotonic() - t0)
         metrics.write({"worker": cfg.worker_id, "final": True, "step": steps, "time": result.wall_time,

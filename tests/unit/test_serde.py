@@ -4,7 +4,7 @@ import torch
 from ps.config import OptimizerConfig
 from ps.errors import InvalidArgument
 from ps.proto import ps_pb2 as pb
-from ps.serde import (optimizer_from_proto, optimizer_to_proto, plan_from_proto, plan_to_proto, stats_from_proto,
+from ps.serde import (optimizer_from_proto, optimizer_to_proto, plan_from_proto, plan_to_proto, stats_from_proto, tensor_into,
                       stats_to_proto, tensor_from_proto, tensor_to_proto)
 from ps.sharding import ParamSpec, make_plan
 
@@ -63,3 +63,21 @@ def test_stats_round_trip():
              "duplicates": 2, "initialized": True, "num_keys": 4, "num_elements": 100, "bytes_pushed": 800,
              "bytes_pulled": 1600, "backup_workers": 0}
     assert stats_from_proto(stats_to_proto(stats)) == stats
+
+
+def test_decoding_into_a_slice_of_a_bigger_tensor_writes_only_that_slice():
+    out = torch.zeros(10)
+    tensor_into(tensor_to_proto("k", torch.arange(4.0)), out[3:7])
+    assert out.tolist() == [0, 0, 0, 0, 1, 2, 3, 0, 0, 0]
+
+
+@pytest.mark.parametrize("msg", [
+    pb.Tensor(key="k", dtype="float16", shape=[4], data=b"\0" * 8),
+    pb.Tensor(key="k", dtype="float32", shape=[5], data=b"\0" * 20),
+    pb.Tensor(key="k", dtype="float32", shape=[4], data=b"\0" * 15),
+])
+def test_decoding_into_a_tensor_that_does_not_fit_is_refused(msg):
+    out = torch.zeros(4)
+    with pytest.raises(InvalidArgument, match="does not fit"):
+        tensor_into(msg, out)
+    assert torch.equal(out, torch.zeros(4))

@@ -1,0 +1,135 @@
+"""Transport: one push plus one pull of a model through 2 real ps-server processes (1 worker),
+against a gloo all-reduce of the same tensor between 2 processes and raw TCP moving the same bytes
+(there and back), all measured in this run. Prints p50 and p99 over the rounds, and the ratios.
+
+    python benchmarks/transport.py [--mib 100] [--rounds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import socket
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from ps.cli.launch import start_servers, stop_all
+from ps.config import OptimizerConfig
+from ps.tp.groups import free_port
+from ps.worker.client import PSClient
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def bench_ps(nbytes: int, rounds: int, compress: str = "none") -> list[float]:
+    procs = start_servers(2, "async", 1, out=io.StringIO())
+    try:
+        n = nbytes // 4
+        with PSClient([p.address for p in procs], "bench") as client:
+            client.setup({"w": torch.zeros(n)}, OptimizerConfig("sgd", lr=1e-6))
+            grad = {"w": torch.full((n,), 1e-3)}
+            times = []
+            for clock in range(rounds + 2):
+                t = time.perf_counter()
+                client.push(grad, clock)
+                client.pull(clock + 1)
+                if clock >= 2:
+                    times.append(time.perf_counter() - t)
+            return times
+    finally:
+        stop_all(procs)
+
+
+def _allreduce_rank(rank: int, port: int, nbytes: int, rounds: int, out) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    t = torch.ones(nbytes // 4)
+    times = []
+    for i in range(rounds + 2):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(t)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    if rank == 0:
+        out.put(times)
+    dist.destroy_process_group()
+
+
+def bench_allreduce(nbytes: int, rounds: int) -> list[float]:
+    ctx = torch.multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    torch.multiprocessing.start_processes(_allreduce_rank, args=(free_port(), nbytes, rounds, out), nprocs=2,
+                                          start_method="spawn")
+    return out.get()
+
+
+def _recv_exactly(sock: socket.socket, buf: bytearray) -> None:
+    view, got = memoryview(buf), 0
+    while got < len(buf):
+        got += sock.recv_into(view[got:])
+
+
+def _echo(port: int, nbytes: int, rounds: int) -> None:
+    with socket.create_server(("127.0.0.1", port)) as srv:
+        conn, _ = srv.accept()
+        buf = bytearray(nbytes)
+        for _ in range(rounds + 2):
+            _recv_exactly(conn, buf)
+            conn.sendall(buf)
+        conn.close()
+
+
+def bench_tcp(nbytes: int, rounds: int) -> list[float]:
+    """Raw TCP, Python sockets, loopback: send the bytes and receive them back (push + pull)."""
+    port = free_port()
+    ctx = torch.multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=_echo, args=(port, nbytes, rounds))
+    proc.start()
+    for _ in range(100):
+        try:
+            sock = socket.create_connection(("127.0.0.1", port))
+            break
+        except ConnectionRefusedError:
+            time.sleep(0.05)
+    data, back, times = bytearray(os.urandom(16)) * (nbytes // 16), bytearray(nbytes), []
+    for i in range(rounds + 2):
+        t = time.perf_counter()
+        sock.sendall(data)
+        _recv_exactly(sock, back)
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    sock.close()
+    proc.join()
+    return times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--mib", type=float, default=100.0)
+    p.add_argument("--rounds", type=int, default=20)
+    args = p.parse_args()
+    big = int(args.mib * (1 << 20)) // 16 * 16
+    ps_big, ar, tcp = bench_ps(big, args.rounds), bench_allreduce(big, args.rounds), bench_tcp(big, args.rounds)
+    ps_small = bench_ps(1024, max(args.rounds, 200))
+    gb = lambda seconds: 2 * big / seconds / 1e9  # noqa: E731 - bytes there and back
+    print(f"model {big / (1 << 20):.0f} MiB fp32, 1 worker, 2 servers, {args.rounds} rounds")
+    print(f"{'':26} {'p50 ms':>9} {'p99 ms':>9}")
+    for name, xs in (("ps push+pull", ps_big), ("gloo all-reduce (2 procs)", ar), ("raw TCP there and back", tcp)):
+        print(f"{name:26} {statistics.median(xs) * 1e3:9.1f} {pct(xs, 0.99) * 1e3:9.1f}")
+    print(f"push+pull / all-reduce = {statistics.median(ps_big) / statistics.median(ar):.2f} (goal <= 1.5)")
+    print(f"ps bandwidth {gb(statistics.median(ps_big)):.2f} GB/s = "
+          f"{statistics.median(tcp) / statistics.median(ps_big) * 100:.0f}% of raw TCP's {gb(statistics.median(tcp)):.2f} GB/s "
+          "(goal >= 60%)")
+    print(f"1 KiB model push+pull: p50 {statistics.median(ps_small) * 1e3:.3f} ms, p99 {pct(ps_small, 0.99) * 1e3:.3f} ms "
+          "(goal p50 < 1 ms)")
+
+
+if __name__ == "__main__":
+    main()
