@@ -32,7 +32,7 @@ def bench_ps(nbytes: int, rounds: int, compress: str = "none") -> list[float]:
     procs = start_servers(2, "async", 1, out=io.StringIO())
     try:
         n = nbytes // 4
-        with PSClient([p.address for p in procs], "bench") as client:
+        with PSClient([p.address for p in procs], "bench", compress=compress) as client:
             client.setup({"w": torch.zeros(n)}, OptimizerConfig("sgd", lr=1e-6))
             grad = {"w": torch.full((n,), 1e-3)}
             times = []
@@ -117,11 +117,13 @@ def main() -> None:
     args = p.parse_args()
     big = int(args.mib * (1 << 20)) // 16 * 16
     ps_big, ar, tcp = bench_ps(big, args.rounds), bench_allreduce(big, args.rounds), bench_tcp(big, args.rounds)
+    ps_bf16 = bench_ps(big, args.rounds, compress="bf16")
     ps_small = bench_ps(1024, max(args.rounds, 200))
     gb = lambda seconds: 2 * big / seconds / 1e9  # noqa: E731 - bytes there and back
     print(f"model {big / (1 << 20):.0f} MiB fp32, 1 worker, 2 servers, {args.rounds} rounds")
     print(f"{'':26} {'p50 ms':>9} {'p99 ms':>9}")
-    for name, xs in (("ps push+pull", ps_big), ("gloo all-reduce (2 procs)", ar), ("raw TCP there and back", tcp)):
+    for name, xs in (("ps push+pull", ps_big), ("ps push+pull, bf16 push", ps_bf16),
+                     ("gloo all-reduce (2 procs)", ar), ("raw TCP there and back", tcp)):
         print(f"{name:26} {statistics.median(xs) * 1e3:9.1f} {pct(xs, 0.99) * 1e3:9.1f}")
     print(f"push+pull / all-reduce = {statistics.median(ps_big) / statistics.median(ar):.2f} (goal <= 1.5)")
     print(f"ps bandwidth {gb(statistics.median(ps_big)):.2f} GB/s = "

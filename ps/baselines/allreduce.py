@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--world-size", default=1, type=int, help="number of processes")
     add_flag(p, "--master-addr", default="127.0.0.1", help="rendezvous address (rank 0 listens)")
     add_flag(p, "--master-port", default=29500, type=int, help="rendezvous port")
-    add_training_flags(p)
+    add_training_flags(p, ps_only=False)
     add_flag(p, "--straggler", default=1.0, type=float, help="fault injection: steps take this many times longer")
     add_flag(p, "--kill-at", default=-1, type=int, help="fault injection: SIGKILL at this step (-1: never)")
     return p

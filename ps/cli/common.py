@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Any, Callable, Mapping
 
 from ps.config import DEFAULT_PARTITION_BYTES, OPTIMIZERS, OptimizerConfig
@@ -52,8 +54,9 @@ def optimizer_from_args(args: argparse.Namespace) -> OptimizerConfig:
 
 
 def add_training_flags(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None,
-                       worker_outputs: bool = True) -> None:
-    """Flags that ps-worker, ps-launch and ps-compare share (the last has its own outputs)."""
+                       worker_outputs: bool = True, ps_only: bool = True) -> None:
+    """Flags that ps-worker, ps-launch, ps-compare and the all-reduce baseline share (the
+    comparison has its own outputs; `ps_only` adds wire compression and tensor parallelism)."""
     add_flag(parser, "--model", env=env, default="mlp", help="mlp, cnn, or package.module:factory")
     add_flag(parser, "--data", env=env, default="digits", help="digits, synthetic, or package.module:factory")
     add_flag(parser, "--batch-size", env=env, default=32, type=int, help="samples per step per worker")
@@ -63,12 +66,15 @@ def add_training_flags(parser: argparse.ArgumentParser, env: Mapping[str, str] |
     add_flag(parser, "--device", env=env, default="auto", choices=("auto", "cpu", "cuda"),
              help="where the worker computes (auto: CUDA when present)")
     add_flag(parser, "--seed", env=env, default=0, type=int, help="seed of model init and data order")
-    add_flag(parser, "--tp", env=env, default=1, type=int,
-             help="tensor-parallel ranks per worker (NCCL on CUDA, gloo on CPU; torchrun's env is joined)")
-    add_flag(parser, "--micro-batches", env=env, default=1, type=int,
-             help="accumulate gradients over this many micro-batches per step")
-    add_flag(parser, "--recompute", env=env, action="store_true", default=False,
-             help="recompute activations in backward instead of keeping them (gpt-tiny)")
+    if ps_only:
+        add_flag(parser, "--compress", env=env, default="none", choices=("none", "fp16", "bf16"),
+                 help="gradient dtype on the wire (servers apply in fp32)")
+        add_flag(parser, "--tp", env=env, default=1, type=int,
+                 help="tensor-parallel ranks per worker (NCCL on CUDA, gloo on CPU; torchrun's env is joined)")
+        add_flag(parser, "--micro-batches", env=env, default=1, type=int,
+                 help="accumulate gradients over this many micro-batches per step")
+        add_flag(parser, "--recompute", env=env, action="store_true", default=False,
+                 help="recompute activations in backward instead of keeping them (gpt-tiny)")
     if worker_outputs:
         add_flag(parser, "--log-dir", env=env, default="", help="directory for JSONL metrics, one file per worker")
         add_flag(parser, "--eval-every", env=env, default=50, type=int, help="test accuracy every N steps (0: never)")
@@ -81,8 +87,15 @@ def setup_logging(verbose: bool = False) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
 
 
-def run_main(prog: str, body: Callable[[], int]) -> int:
-    """Run a CLI body; a PSError becomes one clear line on stderr and exit code 2."""
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # unwinds through `finally`: child processes are stopped
+
+
+def run_main(prog: str, body: Callable[[], int], stop_on_sigterm: bool = False) -> int:
+    """Run a CLI body; a PSError becomes one clear line on stderr and exit code 2. With
+    `stop_on_sigterm`, SIGTERM unwinds like Ctrl-C (for commands that own child processes)."""
+    if stop_on_sigterm and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return body()
     except PSError as e:

@@ -35,7 +35,9 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add_flag(p, "--eval-interval", env=env, default=0.25, type=float, help="seconds between evaluations")
     add_flag(p, "--worker-timeout", env=env, default=5.0, type=float, help="seconds before a silent worker is evicted")
     add_flag(p, "--timeout", env=env, default=900.0, type=float, help="limit per configuration, seconds")
-    add_training_flags(p, env, worker_outputs=False)
+    add_training_flags(p, env, worker_outputs=False, ps_only=False)
+    add_flag(p, "--compress", env=env, default="none", choices=("none", "fp16", "bf16"),
+             help="gradient dtype on the wire in the parameter-server runs")
     return p
 
 
@@ -50,7 +52,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         kills={w: int(s) for w, s in parse_faults(args.kill, "kill", workers, int).items()},
         target_accuracy=args.target_accuracy, target_loss=args.target_loss, eval_interval=float(args.eval_interval),
         worker_timeout=float(args.worker_timeout), timeout=float(args.timeout),
-        partition_bytes=int(args.partition_bytes), device=args.device, out=args.out,
+        partition_bytes=int(args.partition_bytes), device=args.device, out=args.out, compress=args.compress,
     )
 
 
@@ -94,7 +96,7 @@ def run(cfg: CompareConfig, out: IO[str] = sys.stdout) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main("ps-compare", lambda: run(config_from_args(build_parser().parse_args(argv))))
+    return run_main("ps-compare", lambda: run(config_from_args(build_parser().parse_args(argv))), stop_on_sigterm=True)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ from ps.tp.layers import partition_dims
 from ps.worker.client import PSClient
 
 _TRAINING_FLAGS = ("model", "data", "batch_size", "steps", "epochs", "optimizer", "lr", "momentum", "weight_decay",
-                   "beta1", "beta2", "eps", "device", "seed", "eval_every", "partition_bytes", "tp", "micro_batches")
+                   "beta1", "beta2", "eps", "device", "seed", "eval_every", "partition_bytes", "tp", "micro_batches",
+                   "compress")
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
@@ -211,7 +212,7 @@ def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main("ps-launch", lambda: run(build_parser().parse_args(argv)))
+    return run_main("ps-launch", lambda: run(build_parser().parse_args(argv)), stop_on_sigterm=True)
 
 
 if __name__ == "__main__":

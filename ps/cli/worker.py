@@ -18,7 +18,7 @@ from ps.tp.binding import Binding, plain, tensor_parallel
 from ps.tp.groups import TPGroup, destroy, free_port, from_torchrun, init_group
 from ps.tp.layers import partition_dims, shard_state
 from ps.worker.client import PSClient
-from ps.worker.trainer import TrainResult, train
+from ps.worker.trainer import TrainResult, resolve_device, train
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
@@ -47,7 +47,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         epochs=float(args.epochs), optimizer=optimizer_from_args(args), device=args.device, seed=int(args.seed),
         log_dir=args.log_dir, eval_every=int(args.eval_every), partition_bytes=int(args.partition_bytes),
         progress=not args.no_progress, connect_timeout=float(args.connect_timeout),
-        straggler=float(args.straggler), kill_at=int(args.kill_at), tp=int(args.tp),
+        straggler=float(args.straggler), kill_at=int(args.kill_at), tp=int(args.tp), compress=args.compress,
         micro_batches=int(args.micro_batches), recompute=bool(args.recompute),
     )
 
@@ -98,7 +98,7 @@ def run_rank(cfg: WorkerConfig, tp: TPGroup) -> TrainResult:
     worker_id = cfg.worker_id if tp.size == 1 else f"{cfg.worker_id}-tp{tp.rank}"
     progress = Progress(cfg)
     with PSClient(cfg.servers, worker_id, partition_bytes=cfg.partition_bytes,
-                  connect_timeout=cfg.connect_timeout) as client:
+                  connect_timeout=cfg.connect_timeout, compress=cfg.compress) as client:
         try:
             result = train(cfg, client, model, data, on_step=progress, binding=binding)
         finally:
@@ -110,8 +110,12 @@ def run_rank(cfg: WorkerConfig, tp: TPGroup) -> TrainResult:
     return result
 
 
+def _backend(cfg: WorkerConfig) -> str:
+    return "nccl" if resolve_device(cfg.device).type == "cuda" else "gloo"
+
+
 def _spawned_rank(rank: int, cfg: WorkerConfig, init_method: str) -> None:
-    tp = init_group(rank, cfg.tp, init_method, seed=cfg.seed)
+    tp = init_group(rank, cfg.tp, init_method, backend=_backend(cfg), seed=cfg.seed)
     try:
         run_rank(cfg, tp)
     finally:
@@ -124,7 +128,7 @@ def run(cfg: WorkerConfig) -> TrainResult | None:
     if "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank of the group
         if int(os.environ["WORLD_SIZE"]) != cfg.tp:
             raise InvalidArgument(f"tp ({cfg.tp}) must equal torchrun's WORLD_SIZE ({os.environ['WORLD_SIZE']})")
-        tp = from_torchrun(cfg.seed)
+        tp = from_torchrun(cfg.seed, _backend(cfg))
         try:
             return run_rank(cfg, tp)
         finally:

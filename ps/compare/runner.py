@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import threading
 import time
 from collections import Counter
@@ -35,18 +36,27 @@ class RunResult:
     staleness: dict[int, int] = field(default_factory=dict)
 
 
-def _argv(cfg: CompareConfig, rank: int, log_dir: str) -> list[str]:
+def _argv(cfg: CompareConfig, rank: int, log_dir: str, ps: bool = True) -> list[str]:
     argv = ["--rank", str(rank), "--model", cfg.model, "--data", cfg.data, "--batch-size", str(cfg.batch_size),
             "--steps", str(cfg.steps), "--epochs", str(cfg.epochs), "--seed", str(cfg.seed), "--device", cfg.device,
             "--optimizer", cfg.optimizer.name, "--lr", str(cfg.optimizer.lr), "--momentum", str(cfg.optimizer.momentum),
             "--weight-decay", str(cfg.optimizer.weight_decay), "--beta1", str(cfg.optimizer.beta1),
             "--beta2", str(cfg.optimizer.beta2), "--eps", str(cfg.optimizer.eps), "--log-dir", log_dir,
             "--partition-bytes", str(cfg.partition_bytes)]
+    if ps and cfg.compress != "none":
+        argv += ["--compress", cfg.compress]
     if rank in cfg.stragglers:
         argv += ["--straggler", str(cfg.stragglers[rank])]
     if rank in cfg.kills:
         argv += ["--kill-at", str(cfg.kills[rank])]
     return argv
+
+
+def _fresh(path: str) -> str:
+    """An empty directory for one run's logs (a rerun into the same --out must not mix runs)."""
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    return path
 
 
 def _may_die(cfg: CompareConfig) -> list[str]:
@@ -55,25 +65,28 @@ def _may_die(cfg: CompareConfig) -> list[str]:
 
 def run_ps(spec: RunSpec, cfg: CompareConfig, log: IO[str], progress: Callable[[dict], None]) -> RunResult:
     result = RunResult(spec)
-    log_dir = os.path.join(cfg.out, "logs", spec.label)
+    log_dir = _fresh(os.path.join(cfg.out, "logs", spec.label))
     extra = ["--staleness-lr"] if spec.staleness_lr else []
     extra += ["--backup-workers", str(spec.backup)] if spec.backup else []
     servers = start_servers(cfg.servers, spec.mode, cfg.workers, staleness=spec.staleness,
                             worker_timeout=cfg.worker_timeout, extra=extra, out=log)
     workers: list[Proc] = []
-    observer = Observer([p.address for p in servers], cfg.model, cfg.data, cfg.seed, cfg.partition_bytes)
+    observer: Observer | None = None
     stop = threading.Event()
     started = threading.Event()
     t0 = [0.0]
 
-    def sample() -> list[dict]:
-        stats = observer.client.stats()
+    def sample() -> tuple[list[dict], int]:
+        """A curve point, stamped when the weights are read; returns the stats it was read with
+        and the observer's own pulled bytes before this read (not training traffic)."""
+        now, stats, pulled = time.monotonic() - t0[0], observer.client.stats(), observer.bytes_pulled
         accuracy, loss = observer.evaluate()
-        point = {"time": time.monotonic() - t0[0], "step": stats[0]["pushes"] / cfg.workers,
-                 "version": stats[0]["version"], "accuracy": accuracy, "loss": loss}
+        # sync: global steps; async and ssp: pushes per worker
+        step = stats[0]["version"] if spec.mode == "sync" else stats[0]["pushes"] / cfg.workers
+        point = {"time": now, "step": step, "version": stats[0]["version"], "accuracy": accuracy, "loss": loss}
         result.curve.append(point)
         progress(point)
-        return stats
+        return stats, pulled
 
     def monitor() -> None:
         while not stop.is_set():
@@ -92,6 +105,7 @@ def run_ps(spec: RunSpec, cfg: CompareConfig, log: IO[str], progress: Callable[[
             stop.wait(max(0.0, next_at - time.monotonic()))
 
     try:
+        observer = Observer([p.address for p in servers], cfg.model, cfg.data, cfg.seed, cfg.partition_bytes)
         addresses = ",".join(p.address for p in servers)
         for r in range(cfg.workers):
             workers.append(start_worker(f"worker-{r}", ["--servers", addresses, "--num-workers", str(cfg.workers),
@@ -104,26 +118,27 @@ def run_ps(spec: RunSpec, cfg: CompareConfig, log: IO[str], progress: Callable[[
         thread.join()
         if started.is_set():
             result.train_time = time.monotonic() - t0[0]
-            stats = sample()
+            stats, observer_bytes = sample()
             result.updates = stats[0]["version"]
-            result.bytes_moved = sum(s["bytes_pushed"] + s["bytes_pulled"] for s in stats) - observer.bytes_pulled
+            result.bytes_moved = sum(s["bytes_pushed"] + s["bytes_pulled"] for s in stats) - observer_bytes
             result.staleness = dict(sum((Counter(s["staleness_histogram"]) for s in stats), Counter()))
         elif result.error is None:
             result.error = "training never started"
     finally:
         stop.set()
-        observer.close()
+        if observer is not None:
+            observer.close()
         stop_all(workers + servers)
     return result
 
 
 def run_allreduce(spec: RunSpec, cfg: CompareConfig, log: IO[str], progress: Callable[[dict], None]) -> RunResult:
     result = RunResult(spec)
-    log_dir = os.path.join(cfg.out, "logs", spec.label)
+    log_dir = _fresh(os.path.join(cfg.out, "logs", spec.label))
     eval_every = max(1, _steps(cfg) // 40)
     port = free_port()
     workers = [start_worker(f"worker-{r}", ["--world-size", str(cfg.workers), "--master-port", str(port),
-                                            "--eval-every", str(eval_every), *_argv(cfg, r, log_dir)],
+                                            "--eval-every", str(eval_every), *_argv(cfg, r, log_dir, ps=False)],
                             log, module="ps.baselines.allreduce") for r in range(cfg.workers)]
     try:
         result.error = supervise(workers, [], cfg.timeout, may_die=_may_die(cfg))

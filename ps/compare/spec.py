@@ -89,6 +89,7 @@ class CompareConfig:
     timeout: float = 900.0
     partition_bytes: int = DEFAULT_PARTITION_BYTES
     device: str = "cpu"
+    compress: str = "none"
     out: str = "runs/compare"
 
     def __post_init__(self) -> None:

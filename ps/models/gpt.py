@@ -50,13 +50,25 @@ class GPT(nn.Module):
         x = self.tok(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
         for block in self.blocks:
             if self.recompute and self.training:
-                x = checkpoint(block, x, self._gen, use_reentrant=False)
+                x = checkpoint(_replay(block, self._gen), x, use_reentrant=False)
             else:
                 x = block(x, self._gen)
         return self.head(self.ln_f(x))
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def _replay(block: Block, gen: torch.Generator):
+    """The block as a function that restarts the per-rank RNG where it was, so recomputation in
+    backward draws the same attention-dropout mask (checkpoint restores only the global RNG)."""
+    state = gen.get_state()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        gen.set_state(state)
+        return block(x, gen)
+
+    return run
 
 
 def gpt_tiny(input_shape=(32,), num_classes: int = 64, tp: TPGroup | None = None, recompute: bool = False) -> GPT:

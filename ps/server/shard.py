@@ -283,6 +283,8 @@ class Shard:
             before = self.version
             self._maybe_complete_step()
             return PushResult("APPLIED" if self.version > before else "ACCUMULATED", self.version)
+        if not grads:  # a push with no keys for this shard (a TP rank's) only moves the clock
+            return PushResult("APPLIED", self.version)
         staleness = self.version - base_version
         self.store.apply(grads, 1.0 / (1 + staleness) if self.cfg.staleness_lr else 1.0)
         self.version += 1

@@ -41,7 +41,8 @@ def init_group(rank: int, size: int, init_method: str, backend: str | None = Non
         return TPGroup(0, 1, None, seed)
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local % torch.cuda.device_count())
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
                             timeout=timedelta(seconds=timeout))
     return TPGroup(rank, size, dist.group.WORLD, seed)

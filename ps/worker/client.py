@@ -9,6 +9,9 @@
         clock += 1
     client.close()
 
+`compress="bf16"` (or "fp16") halves the bytes of every push: gradients travel in that dtype and
+the servers apply them in fp32.
+
 If a shard evicts the worker (silent past the timeout), the next call registers again by itself;
 pushes below `client.clock_floor` are then answered DUPLICATE, so continue from
 `max(clock, client.clock_floor)` (the trainer does).
@@ -57,6 +60,10 @@ def _batches(slices: Sequence[Slice], limit: int, itemsize: Callable[[Slice], in
     return out
 
 
+# Gradient encodings on the wire; servers turn any float dtype back into fp32 before applying.
+COMPRESSION = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def _decodable(t: torch.Tensor | None, shape: tuple[int, ...]) -> bool:
     return (t is not None and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
             and tuple(t.shape) == tuple(shape))
@@ -65,9 +72,13 @@ def _decodable(t: torch.Tensor | None, shape: tuple[int, ...]) -> bool:
 class PSClient:
     def __init__(self, servers: Sequence[str], worker_id: str | None = None, *,
                  partition_bytes: int = DEFAULT_PARTITION_BYTES, connect_timeout: float = 60.0,
-                 retry_timeout: float = 60.0, rpc_timeout: float = 120.0, heartbeat: bool = True):
+                 retry_timeout: float = 60.0, rpc_timeout: float = 120.0, heartbeat: bool = True,
+                 compress: str = "none"):
         if not servers:
             raise PSError("servers must name at least one host:port")
+        if compress not in COMPRESSION:
+            raise InvalidArgument(f"compress ({compress!r}) must be one of {sorted(COMPRESSION)}")
+        self._wire_dtype = COMPRESSION[compress]
         self.servers = list(servers)
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
         self.partition_bytes = partition_bytes
@@ -299,8 +310,9 @@ class PSClient:
     def _push_job(self, grads: Mapping[str, torch.Tensor], clock: int) -> Callable[[], list[dict]]:
         assert self.plan is not None, "register first"
         names = list(grads)
-        flat = self.plan.split({n: grads[n].detach().to("cpu") for n in names}, names)
-        itemsize = lambda s: grads[s.name].element_size()  # noqa: E731
+        dtype = self._wire_dtype
+        flat = self.plan.split({n: grads[n].detach().to("cpu", dtype or grads[n].dtype) for n in names}, names)
+        itemsize = lambda s: flat[s.key].element_size()  # noqa: E731
         per_shard = [[s for s in self.plan.slices_for(k) if s.key in flat] for k in range(len(self.servers))]
 
         def send(shard: int, part: int, batch: list[Slice], num_parts: int):

@@ -38,3 +38,10 @@ def test_a_failing_worker_fails_the_launch():
     assert run.returncode == 1
     assert "worker-0 exited with code 2" in run.stdout
     assert "cannot import 'no_such_module'" in run.stdout
+
+
+@pytest.mark.slow
+def test_bf16_gradients_on_the_wire_still_reach_093_on_digits():
+    run = launch("--servers", "2", "--workers", "2", "--mode", "async", "--compress", "bf16")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert float(ACCURACY.search(run.stdout).group(1)) >= 0.93, run.stdout

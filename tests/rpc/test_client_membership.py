@@ -107,3 +107,24 @@ def test_a_plan_for_far_too_many_shards_is_refused_before_any_work(servers):
             c._call(0, "Init", pb.InitRequest(worker_id="a", plan=spec), reregister=False)
     finally:
         c.close()
+
+
+@pytest.mark.parametrize("compress, dtype_bytes", [("none", 4), ("fp16", 2), ("bf16", 2)])
+def test_compressed_pushes_carry_fewer_bytes_and_apply_in_fp32(servers, compress, dtype_bytes):
+    (srv,) = servers(mode="async")
+    c = PSClient([srv.address], "a", compress=compress)
+    try:
+        c.setup({"w": torch.zeros(1000)}, SGD1)
+        before = srv.shard.stats()["bytes_pushed"]
+        c.push({"w": torch.full((1000,), 0.5)}, 0)
+        assert srv.shard.stats()["bytes_pushed"] - before == 1000 * dtype_bytes
+        assert torch.equal(c.pull(1)["w"], torch.full((1000,), -0.5))  # 0.5 is exact in every dtype
+    finally:
+        c.close()
+
+
+def test_an_unknown_compression_is_refused():
+    from ps.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="compress"):
+        PSClient(["127.0.0.1:1"], compress="int8", connect_timeout=0.1)

@@ -92,3 +92,16 @@ def test_sizes_that_do_not_divide_are_refused():
 
     with pytest.raises(InvalidArgument, match="heads"):
         ParallelSelfAttention(16, 3, TPGroup(0, 2))
+
+
+def test_recompute_replays_the_same_dropout_masks():
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 16, (4, 8)), torch.randint(0, 16, (4, 8))
+    grads = []
+    for recompute in (False, True):
+        torch.manual_seed(5)
+        model = GPT(vocab=16, seq_len=8, dim=16, heads=4, dropout=0.3, recompute=recompute)
+        model.loss(model(x), y).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6)
