@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Mapping, Sequence, TypeVar
+from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 
 import grpc
 import torch
@@ -86,11 +86,11 @@ class PSClient:
         self.rpc_timeout = rpc_timeout
         self._channels = [grpc.insecure_channel(s, options=grpc_options()) for s in self.servers]
         self._stubs = [ps_pb2_grpc.ParameterServerStub(c) for c in self._channels]
-        # Pulls may wait (sync, ssp) and must never hold up a push or a heartbeat: separate pools.
+        # Pulls may wait (sync, ssp) and must never hold up a heartbeat: a pool of their own.
+        # Pushes need no threads: they go out as gRPC futures.
         width = max(8, 4 * len(self.servers))  # requests in flight: enough to keep every server busy
         self._pool = ThreadPoolExecutor(max_workers=len(self.servers), thread_name_prefix="ps-client")
         self._pull_pool = ThreadPoolExecutor(max_workers=width, thread_name_prefix="ps-pull")
-        self._push_pool = ThreadPoolExecutor(max_workers=width, thread_name_prefix="ps-push")
         self._beat_pool = ThreadPoolExecutor(max_workers=len(self.servers), thread_name_prefix="ps-heartbeat")
         self._async = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ps-client-async")
         self._left = False
@@ -135,6 +135,20 @@ class PSClient:
                     delay = min(delay * 2, 2.0)
                     continue
                 raise err from e
+
+    def _call_many(self, calls: Iterable[tuple[int, str, object, float | None]]) -> list[tuple[int, object]]:
+        """Issue each (shard, method, request, timeout) as a gRPC future as soon as it is built (no
+        Python threads in between; encoding overlaps sending) and return (shard, response) pairs
+        in order. A call that fails is redone through `_call`, which retries, registers again and
+        maps errors (pushes and pulls are safe to repeat)."""
+        issued = [(call, getattr(self._stubs[call[0]], call[1]).future(call[2], timeout=call[3])) for call in calls]
+        out = []
+        for (k, m, req, t), f in issued:
+            try:
+                out.append((k, f.result()))
+            except grpc.RpcError:
+                out.append((k, self._call(k, m, req, timeout=t)))
+        return out
 
     def _map(self, fn: Callable[..., T], jobs: Sequence[tuple], pool: ThreadPoolExecutor | None = None) -> list[T]:
         """Run fn(*job) for every job concurrently; raise the first error after all finish."""
@@ -315,14 +329,14 @@ class PSClient:
         itemsize = lambda s: flat[s.key].element_size()  # noqa: E731
         per_shard = [[s for s in self.plan.slices_for(k) if s.key in flat] for k in range(len(self.servers))]
 
-        def send(shard: int, part: int, batch: list[Slice], num_parts: int):
+        def request(shard: int, part: int, batch: list[Slice], num_parts: int) -> pb.PushRequest:
             req = pb.PushRequest(
                 worker_id=self.worker_id, plan_fingerprint=self.plan.fingerprint, clock=clock,
                 base_version=self.versions[shard], part=part, num_parts=num_parts,
             )
             for s in batch:
                 add_tensor(req.grads, s.key, flat[s.key])
-            return shard, self._call(shard, "Push", req)
+            return req
 
         jobs = []
         for k, slices in enumerate(per_shard):
@@ -330,8 +344,9 @@ class PSClient:
             jobs += [(k, i, b, len(bs)) for i, b in enumerate(bs)]
 
         def gather() -> list[dict]:
+            calls = ((job[0], "Push", request(*job), self.rpc_timeout) for job in jobs)
             final: dict[int, dict] = {}
-            for shard, resp in self._map(send, jobs, self._push_pool):
+            for shard, resp in self._call_many(calls):
                 outcome = pb.PushResponse.Outcome.Name(resp.outcome)
                 if outcome != "BUFFERED" or shard not in final:
                     final[shard] = {"outcome": outcome, "version": resp.version, "staleness": resp.staleness}
@@ -361,7 +376,7 @@ class PSClient:
         self._stop_heartbeat()
         for ch in self._channels:
             ch.close()  # in-flight RPCs (a waiting pull) end with CANCELLED
-        for pool in (self._async, self._pull_pool, self._push_pool, self._pool, self._beat_pool):
+        for pool in (self._async, self._pull_pool, self._pool, self._beat_pool):
             pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> "PSClient":
