@@ -177,6 +177,22 @@ class PushResponse(_message.Message):
     staleness: int
     def __init__(self, outcome: _Optional[_Union[PushResponse.Outcome, str]] = ..., version: _Optional[int] = ..., staleness: _Optional[int] = ...) -> None: ...
 
+class PushPullRequest(_message.Message):
+    __slots__ = ("push", "pull_keys")
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    PULL_KEYS_FIELD_NUMBER: _ClassVar[int]
+    push: PushRequest
+    pull_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, push: _Optional[_Union[PushRequest, _Mapping]] = ..., pull_keys: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PushPullResponse(_message.Message):
+    __slots__ = ("push", "pull")
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    push: PushResponse
+    pull: PullResponse
+    def __init__(self, push: _Optional[_Union[PushResponse, _Mapping]] = ..., pull: _Optional[_Union[PullResponse, _Mapping]] = ...) -> None: ...
+
 class WorkerRef(_message.Message):
     __slots__ = ("worker_id",)
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]

@@ -54,6 +54,11 @@ class ParameterServerStub:
                 request_serializer=ps_dot_proto_dot_ps__pb2.PushRequest.SerializeToString,
                 response_deserializer=ps_dot_proto_dot_ps__pb2.PushResponse.FromString,
                 _registered_method=True)
+        self.PushPull = channel.unary_unary(
+                '/ps.ParameterServer/PushPull',
+                request_serializer=ps_dot_proto_dot_ps__pb2.PushPullRequest.SerializeToString,
+                response_deserializer=ps_dot_proto_dot_ps__pb2.PushPullResponse.FromString,
+                _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/ps.ParameterServer/Heartbeat',
                 request_serializer=ps_dot_proto_dot_ps__pb2.WorkerRef.SerializeToString,
@@ -102,6 +107,13 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushPull(self, request, context):
+        """A one-part push, then a pull at clock + 1 (one round trip per step for small models).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Heartbeat(self, request, context):
         """Renew the lease without doing anything else.
         """
@@ -145,6 +157,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Push,
                     request_deserializer=ps_dot_proto_dot_ps__pb2.PushRequest.FromString,
                     response_serializer=ps_dot_proto_dot_ps__pb2.PushResponse.SerializeToString,
+            ),
+            'PushPull': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushPull,
+                    request_deserializer=ps_dot_proto_dot_ps__pb2.PushPullRequest.FromString,
+                    response_serializer=ps_dot_proto_dot_ps__pb2.PushPullResponse.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
@@ -270,6 +287,33 @@ class ParameterServer:
             '/ps.ParameterServer/Push',
             ps_dot_proto_dot_ps__pb2.PushRequest.SerializeToString,
             ps_dot_proto_dot_ps__pb2.PushResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushPull(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.ParameterServer/PushPull',
+            ps_dot_proto_dot_ps__pb2.PushPullRequest.SerializeToString,
+            ps_dot_proto_dot_ps__pb2.PushPullResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -70,18 +70,15 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         )
         return pb.InitResponse(applied=applied)
 
-    @_rpc
-    def Pull(self, request, context):
-        slices, version, min_clock = self.shard.pull(
-            request.worker_id, request.plan_fingerprint, request.clock, list(request.keys), context.is_active
-        )
-        response = pb.PullResponse(version=version, min_clock=min_clock)
+    def _pull(self, worker_id: str, fingerprint: str, clock: int, keys: list[str], context,
+              response: pb.PullResponse) -> pb.PullResponse:
+        slices, response.version, response.min_clock = self.shard.pull(worker_id, fingerprint, clock, keys,
+                                                                       context.is_active)
         for key, data in slices:  # built in place: adding finished messages would copy them
             add_raw(response.tensors, key, "float32", [len(data) // 4], data)
         return response
 
-    @_rpc
-    def Push(self, request, context):
+    def _push(self, request: pb.PushRequest) -> pb.PushResponse:
         result = self.shard.push(
             request.worker_id, request.plan_fingerprint, request.clock, request.base_version,
             self._decode(request.grads, writable=False), request.part, request.num_parts,
@@ -89,6 +86,25 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         return pb.PushResponse(
             outcome=pb.PushResponse.Outcome.Value(result.outcome), version=result.version, staleness=result.staleness
         )
+
+    @_rpc
+    def Pull(self, request, context):
+        return self._pull(request.worker_id, request.plan_fingerprint, request.clock, list(request.keys), context,
+                          pb.PullResponse())
+
+    @_rpc
+    def Push(self, request, context):
+        return self._push(request)
+
+    @_rpc
+    def PushPull(self, request, context):
+        push = request.push
+        if push.num_parts != 1:
+            self.shard.reject(InvalidArgument(f"PushPull takes a whole push (num_parts 1), not {push.num_parts} parts"))
+        response = pb.PushPullResponse(push=self._push(push))
+        self._pull(push.worker_id, push.plan_fingerprint, push.clock + 1, list(request.pull_keys), context,
+                   response.pull)
+        return response
 
     @_rpc
     def Heartbeat(self, request, context):

@@ -69,6 +69,53 @@ def _decodable(t: torch.Tensor | None, shape: tuple[int, ...]) -> bool:
             and tuple(t.shape) == tuple(shape))
 
 
+def _push_results(responses: Iterable[tuple[int, pb.PushResponse]]) -> list[dict]:
+    """One result per shard: the outcome of its last part (parts before it are BUFFERED)."""
+    final: dict[int, dict] = {}
+    for shard, resp in responses:
+        outcome = pb.PushResponse.Outcome.Name(resp.outcome)
+        if outcome != "BUFFERED" or shard not in final:
+            final[shard] = {"outcome": outcome, "version": resp.version, "staleness": resp.staleness}
+    return [final[k] for k in sorted(final)]
+
+
+class _Pulled:
+    """The destination of one pull: tensors to decode into, versions seen per shard."""
+
+    def __init__(self, client: "PSClient", names: Sequence[str] | None, into: Mapping[str, torch.Tensor] | None):
+        plan = client.plan
+        wanted = plan.specs if names is None else {n: plan.specs[n] for n in names}
+        self.client, self.given = client, dict(into or {})
+        self.out = {n: self.given[n] if _decodable(self.given.get(n), spec.shape)
+                    else torch.empty(spec.shape, dtype=torch.float32) for n, spec in wanted.items()}
+        self.versions: dict[int, int] = {}
+        self.min_clocks: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def absorb(self, shard: int, resp: pb.PullResponse) -> None:
+        """Decode one answer straight into place (thread-safe: answers may arrive concurrently)."""
+        plan = self.client.plan
+        for t in resp.tensors:
+            s = plan.by_key.get(t.key)
+            if s is None or s.name not in self.out:
+                raise InvalidArgument(f"server {self.client.servers[shard]} sent key {t.key!r}, which was not asked for")
+            tensor_into(t, self.out[s.name].view(-1)[s.start : s.start + s.length])
+        with self._lock:
+            self.versions[shard] = min(self.versions.get(shard, resp.version), resp.version)
+            self.min_clocks[shard] = resp.min_clock
+
+    def finish(self, observer: bool) -> dict[str, torch.Tensor]:
+        self.client.last_min_clocks = self.min_clocks
+        if not observer:
+            for shard, v in self.versions.items():
+                self.client.versions[shard] = v
+        with torch.no_grad():
+            for n, t in self.given.items():
+                if n in self.out and self.out[n] is not t:
+                    t.copy_(self.out[n])
+        return self.out
+
+
 class PSClient:
     def __init__(self, servers: Sequence[str], worker_id: str | None = None, *,
                  partition_bytes: int = DEFAULT_PARTITION_BYTES, connect_timeout: float = 60.0,
@@ -276,39 +323,15 @@ class PSClient:
         worker = "" if observer else self.worker_id
         batches = self._batches_for(names)
 
-        def fetch(shard: int, batch: list[Slice]):
+        def fetch_into(shard: int, batch: list[Slice], pulled: "_Pulled"):
             req = pb.PullRequest(worker_id=worker, plan_fingerprint=self.plan.fingerprint, clock=clock,
                                  keys=[s.key for s in batch])
-            return shard, self._call(shard, "Pull", req, timeout=self.rpc_timeout if observer else None)
-
-        def fetch_into(shard: int, batch: list[Slice], out: dict[str, torch.Tensor]):
-            shard, resp = fetch(shard, batch)
-            for t in resp.tensors:  # decoded as each answer arrives, straight into place
-                s = self.plan.by_key.get(t.key)
-                if s is None or s.name not in out:
-                    raise InvalidArgument(f"server {self.servers[shard]} sent key {t.key!r}, which was not asked for")
-                tensor_into(t, out[s.name].view(-1)[s.start : s.start + s.length])
-            return shard, resp.version, resp.min_clock
+            pulled.absorb(shard, self._call(shard, "Pull", req, timeout=self.rpc_timeout if observer else None))
 
         def gather() -> dict[str, torch.Tensor]:
-            wanted = self.plan.specs if names is None else {n: self.plan.specs[n] for n in names}
-            given = into or {}
-            out = {n: given[n] if _decodable(given.get(n), spec.shape) else torch.empty(spec.shape, dtype=torch.float32)
-                   for n, spec in wanted.items()}
-            jobs = [(k, b, out) for k, bs in enumerate(batches) for b in bs]
-            versions: dict[int, int] = {}
-            self.last_min_clocks = {}
-            for shard, version, min_clock in self._map(fetch_into, jobs, self._pull_pool):
-                versions[shard] = min(versions.get(shard, version), version)
-                self.last_min_clocks[shard] = min_clock
-            if not observer:
-                for shard, v in versions.items():
-                    self.versions[shard] = v
-            with torch.no_grad():
-                for n, t in given.items():
-                    if out.get(n) is not None and out[n] is not t:
-                        t.copy_(out[n])
-            return out
+            pulled = _Pulled(self, names, into)
+            self._map(fetch_into, [(k, b, pulled) for k, bs in enumerate(batches) for b in bs], self._pull_pool)
+            return pulled.finish(observer)
 
         return gather
 
@@ -321,7 +344,9 @@ class PSClient:
         """`push` in the background; the future resolves to its result."""
         return self._async.submit(self._push_job(grads, clock))
 
-    def _push_job(self, grads: Mapping[str, torch.Tensor], clock: int) -> Callable[[], list[dict]]:
+    def _push_requests(self, grads: Mapping[str, torch.Tensor], clock: int) -> tuple[list[tuple], Callable]:
+        """The push's parts as (shard, part, batch, num_parts) jobs, and a function building each
+        job's request (encoding happens there, as late as possible)."""
         assert self.plan is not None, "register first"
         names = list(grads)
         dtype = self._wire_dtype
@@ -342,17 +367,36 @@ class PSClient:
         for k, slices in enumerate(per_shard):
             bs = _batches(slices, self.partition_bytes, itemsize)
             jobs += [(k, i, b, len(bs)) for i, b in enumerate(bs)]
+        return jobs, request
+
+    def _push_job(self, grads: Mapping[str, torch.Tensor], clock: int) -> Callable[[], list[dict]]:
+        jobs, request = self._push_requests(grads, clock)
 
         def gather() -> list[dict]:
             calls = ((job[0], "Push", request(*job), self.rpc_timeout) for job in jobs)
-            final: dict[int, dict] = {}
-            for shard, resp in self._call_many(calls):
-                outcome = pb.PushResponse.Outcome.Name(resp.outcome)
-                if outcome != "BUFFERED" or shard not in final:
-                    final[shard] = {"outcome": outcome, "version": resp.version, "staleness": resp.staleness}
-            return [final[k] for k in sorted(final)]
+            return _push_results(self._call_many(calls))
 
         return gather
+
+    def push_pull(self, grads: Mapping[str, torch.Tensor], clock: int, names: Sequence[str] | None = None,
+                  into: Mapping[str, torch.Tensor] | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
+        """`push(grads, clock)` then `pull(clock + 1, names=names, into=into)`, in one round trip
+        per shard when each shard's push and pull fit in one request (small models); otherwise
+        the two calls one after the other. Returns (push results, weights)."""
+        jobs, request = self._push_requests(grads, clock)
+        batches = self._batches_for(names)
+        single = [sum(1 for job in jobs if job[0] == k) == 1 and len(batches[k]) == 1 for k in range(len(self.servers))]
+        if not all(single):
+            return _push_results(self._call_many((j[0], "Push", request(*j), self.rpc_timeout) for j in jobs)), \
+                self.pull(clock + 1, names=names, into=into)
+        calls = ((job[0], "PushPull", pb.PushPullRequest(push=request(*job), pull_keys=[s.key for s in batches[job[0]][0]]),
+                  None) for job in jobs)  # no deadline: the pull half may wait for other workers
+        pulled = _Pulled(self, names, into)
+        pushed = []
+        for shard, resp in self._call_many(calls):
+            pushed.append((shard, resp.push))
+            pulled.absorb(shard, resp.pull)
+        return _push_results(pushed), pulled.finish(observer=False)
 
     def stats(self) -> list[dict]:
         return [stats_from_proto(r) for r in self._map(lambda k: self._call(k, "Stats", pb.StatsRequest()), [(k,) for k in range(len(self.servers))])]

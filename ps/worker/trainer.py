@@ -33,6 +33,7 @@ class Client(Protocol):
     def setup(self, tensors, optimizer) -> int: ...
     def pull(self, clock: int, observer: bool = False, names=None, into=None) -> dict[str, torch.Tensor]: ...
     def push(self, grads, clock: int) -> list[dict]: ...
+    def push_pull(self, grads, clock: int, names=None, into=None) -> tuple[list[dict], dict]: ...
     def leave(self) -> None: ...
     def stats(self) -> list[dict]: ...
 
@@ -112,12 +113,23 @@ def _wait_for_everyone(client: Client, cfg: WorkerConfig, expected: int) -> None
     log.warning("not all %d workers joined within %.0fs; starting anyway", expected, cfg.connect_timeout)
 
 
+def _into(binding: Binding) -> dict[str, torch.Tensor]:
+    return {k: binding.params[k].data for k in binding.own}
+
+
 def _pull(client: Client, clock: int, binding: Binding) -> None:
     """Pull this rank's parameters into place (straight into CPU fp32 parameters, with no extra
     copy); TP rank 0 then broadcasts the replicated ones to the group."""
-    into = {k: binding.params[k].data for k in binding.own}
-    client.pull(clock, names=binding.own, into=into)
+    client.pull(clock, names=binding.own, into=_into(binding))
     broadcast_([binding.params[k].data for k in binding.replicated], binding.tp)
+
+
+def _push_pull(client: Client, grads: dict[str, torch.Tensor], clock: int, binding: Binding) -> list[dict]:
+    """Push this step's gradients and pull the next step's weights into place: one round trip
+    per shard for small models."""
+    results, _ = client.push_pull(grads, clock, names=binding.own, into=_into(binding))
+    broadcast_([binding.params[k].data for k in binding.replicated], binding.tp)
+    return results
 
 
 def _forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro_batches: int) -> float:
@@ -150,10 +162,10 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
     t0, loss_value = time.monotonic(), float("nan")
     clock = start
     try:
+        _pull(client, clock, binding)
         while clock < steps:
             if clock == cfg.kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die as a crashed machine would
-            _pull(client, clock, binding)
             # A worker that had to register again (evicted, then back) resumes where the servers
             # let it; in sync mode a late worker (backup workers) skips to the current step. The
             # ranks of a TP group agree on one clock.
@@ -164,7 +176,7 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
             work_start = time.perf_counter()
             x, y = next(stream)
             loss_value = _forward_backward(model, x.to(device), y.to(device), cfg.micro_batches)
-            results = client.push(host.collect(), clock)
+            results = _push_pull(client, host.collect(), clock, binding)  # the weights for clock + 1
             if cfg.straggler > 1:
                 time.sleep((cfg.straggler - 1) * (time.perf_counter() - work_start))
             record = {"worker": cfg.worker_id, "step": clock, "time": time.monotonic() - t0, "loss": loss_value,
@@ -175,7 +187,8 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
             if on_step and tp.rank == 0:
                 on_step({**record, "steps": steps})
             clock += 1
-        _pull(client, steps, binding)
+        if clock != steps:  # the loop did not end by pulling the weights after the last step
+            _pull(client, steps, binding)
         acc = accuracy(model, data.test, device) if data.test is not None else None
         result = TrainResult(steps, loss_value, acc, time.monotonic() - t0)
         metrics.write({"worker": cfg.worker_id, "final": True, "step": steps, "time": result.wall_time,

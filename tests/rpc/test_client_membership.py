@@ -128,3 +128,20 @@ def test_an_unknown_compression_is_refused():
 
     with pytest.raises(InvalidArgument, match="compress"):
         PSClient(["127.0.0.1:1"], compress="int8", connect_timeout=0.1)
+
+
+@pytest.mark.parametrize("partition_bytes", [4096, 1 << 22], ids=["several-requests", "one-round-trip"])
+def test_push_pull_equals_a_push_then_a_pull(servers, partition_bytes):
+    s0, s1 = servers(2, mode="sync", num_workers=1)
+    c = PSClient([s0.address, s1.address], "a", partition_bytes=partition_bytes)
+    try:
+        c.setup({"w": torch.zeros(3000), "b": torch.zeros(5)}, SGD1)
+        into = {"w": torch.empty(3000)}
+        results, weights = c.push_pull({"w": torch.ones(3000), "b": torch.ones(5)}, 0, names=["w"], into=into)
+        assert [r["outcome"] for r in results] == ["APPLIED", "APPLIED"]
+        assert set(weights) == {"w"} and weights["w"] is into["w"]
+        assert torch.equal(into["w"], -torch.ones(3000))
+        assert c.versions == [1, 1]
+        assert torch.equal(c.pull(1)["b"], -torch.ones(5))
+    finally:
+        c.close()
