@@ -35,6 +35,26 @@ def running_cluster(num_servers=2, mode="sync", num_workers=1, **kwargs):
         stop_all(procs)
 
 
+def run_in_threads(fn, count, timeout=180):
+    """fn(i) on `count` threads at once; re-raise the first exception any of them raised."""
+    errors = []
+
+    def guarded(i):
+        try:
+            fn(i)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a thread did not finish in time"
+    if errors:
+        raise errors[0]
+
+
 @pytest.fixture
 def cluster():
     return running_cluster

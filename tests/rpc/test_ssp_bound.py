@@ -13,39 +13,31 @@ import torch
 
 from ps.config import OptimizerConfig
 from ps.worker.client import PSClient
+from tests.conftest import run_in_threads
 
 WORKERS, STEPS = 4, 30
 
 
 def run_ssp(addresses, staleness):
     observations: list[tuple[int, int, list[float], int]] = []
-    errors: list = []
     lock = threading.Lock()
 
     def worker(j: int) -> None:
         rng = random.Random(j)
-        try:
-            with PSClient(addresses, f"w{j}") as c:
-                c.setup({"w": torch.zeros(WORKERS)}, OptimizerConfig("sgd", lr=1.0))
-                grad = torch.zeros(WORKERS)
-                grad[j] = -1.0
-                for clock in range(STEPS):
-                    w = c.pull(clock)["w"]
-                    with lock:
-                        observations.append((j, clock, w.tolist(), min(c.last_min_clocks.values())))
-                    time.sleep(rng.random() * 0.02 * (1 + 3 * (j == 0)))  # worker 0 straggles
-                    c.push({"w": grad}, clock)
-                c.pull(STEPS)  # finish in step with the others before leaving
-                c.leave()
-        except Exception as e:  # surfaced below
-            errors.append(e)
+        with PSClient(addresses, f"w{j}") as c:
+            c.setup({"w": torch.zeros(WORKERS)}, OptimizerConfig("sgd", lr=1.0))
+            grad = torch.zeros(WORKERS)
+            grad[j] = -1.0
+            for clock in range(STEPS):
+                w = c.pull(clock)["w"]
+                with lock:
+                    observations.append((j, clock, w.tolist(), min(c.last_min_clocks.values())))
+                time.sleep(rng.random() * 0.02 * (1 + 3 * (j == 0)))  # worker 0 straggles
+                c.push({"w": grad}, clock)
+            c.pull(STEPS)  # finish in step with the others before leaving
+            c.leave()
 
-    threads = [threading.Thread(target=worker, args=(j,)) for j in range(WORKERS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    run_in_threads(worker, WORKERS)
     assert len(observations) == WORKERS * STEPS
     return observations
 

@@ -1,7 +1,6 @@
 """Sync mode is data-parallel SGD: 2 workers on half-batches == 1 process on the whole batch."""
 
 import copy
-import threading
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch
 from ps.config import OptimizerConfig
 from ps.sharding import specs_from_module
 from ps.worker.client import PSClient
+from tests.conftest import run_in_threads
 
 STEPS = 20
 
@@ -34,24 +34,21 @@ def local_reference(model, x, y, opt_cfg):
     return {n: p.detach() for n, p in model.named_parameters()}
 
 
-def ps_worker(addresses, rank, model, x, y, opt_cfg, errors):
-    try:
-        model = copy.deepcopy(model)
-        params = dict(model.named_parameters())
-        with PSClient(addresses, f"w{rank}", partition_bytes=4096) as client:
-            clock = client.setup(params, opt_cfg)
-            for step in range(clock, STEPS):
-                weights = client.pull(step)
-                with torch.no_grad():
-                    for n, p in params.items():
-                        p.copy_(weights[n])
-                model.zero_grad()
-                half = slice(rank * 32, (rank + 1) * 32)
-                torch.nn.functional.cross_entropy(model(x[step, half]), y[step, half]).backward()
-                client.push({n: p.grad for n, p in params.items()}, step)
-            client.leave()
-    except Exception as e:  # surfaced by the test
-        errors.append(e)
+def ps_worker(addresses, rank, model, x, y, opt_cfg):
+    model = copy.deepcopy(model)
+    params = dict(model.named_parameters())
+    with PSClient(addresses, f"w{rank}", partition_bytes=4096) as client:
+        clock = client.setup(params, opt_cfg)
+        for step in range(clock, STEPS):
+            weights = client.pull(step)
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(weights[n])
+            model.zero_grad()
+            half = slice(rank * 32, (rank + 1) * 32)
+            torch.nn.functional.cross_entropy(model(x[step, half]), y[step, half]).backward()
+            client.push({n: p.grad for n, p in params.items()}, step)
+        client.leave()
 
 
 @pytest.mark.parametrize("opt_cfg", [
@@ -63,14 +60,7 @@ def test_two_workers_on_half_batches_match_one_process_on_the_whole_batch(cluste
     model, x, y = model_and_data()
     expected = local_reference(model, x, y, opt_cfg)
     with cluster(2, "sync", num_workers=2) as addresses:
-        errors: list = []
-        threads = [threading.Thread(target=ps_worker, args=(addresses, r, model, x, y, opt_cfg, errors))
-                   for r in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert not errors, errors
+        run_in_threads(lambda r: ps_worker(addresses, r, model, x, y, opt_cfg), 2)
         with PSClient(addresses, partition_bytes=4096, heartbeat=False) as observer:
             observer.attach(specs_from_module(model))
             final = observer.pull(0, observer=True)
