@@ -54,14 +54,14 @@ def optimizer_from_args(args: argparse.Namespace) -> OptimizerConfig:
 
 
 def add_training_flags(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None,
-                       worker_outputs: bool = True, ps_only: bool = True) -> None:
+                       worker_outputs: bool = True, ps_only: bool = True, epochs: float = 0.0) -> None:
     """Flags that ps-worker, ps-launch, ps-compare and the all-reduce baseline share (the
     comparison has its own outputs; `ps_only` adds wire compression and tensor parallelism)."""
     add_flag(parser, "--model", env=env, default="mlp", help="mlp, cnn, or package.module:factory")
     add_flag(parser, "--data", env=env, default="digits", help="digits, synthetic, or package.module:factory")
     add_flag(parser, "--batch-size", env=env, default=32, type=int, help="samples per step per worker")
     add_flag(parser, "--steps", env=env, default=0, type=int, help="steps per worker (overrides --epochs)")
-    add_flag(parser, "--epochs", env=env, default=0.0, type=float, help="passes over each worker's data shard")
+    add_flag(parser, "--epochs", env=env, default=epochs, type=float, help="passes over each worker's data shard")
     add_optimizer_flags(parser, env)
     add_flag(parser, "--device", env=env, default="auto", choices=("auto", "cpu", "cuda"),
              help="where the worker computes (auto: CUDA when present)")

@@ -35,7 +35,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add_flag(p, "--eval-interval", env=env, default=0.25, type=float, help="seconds between evaluations")
     add_flag(p, "--worker-timeout", env=env, default=5.0, type=float, help="seconds before a silent worker is evicted")
     add_flag(p, "--timeout", env=env, default=900.0, type=float, help="limit per configuration, seconds")
-    add_training_flags(p, env, worker_outputs=False, ps_only=False)
+    add_training_flags(p, env, worker_outputs=False, ps_only=False, epochs=20.0)
     add_flag(p, "--compress", env=env, default="none", choices=("none", "fp16", "bf16"),
              help="gradient dtype on the wire in the parameter-server runs")
     return p
@@ -43,10 +43,9 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
 
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
     workers = int(args.workers)
-    steps, epochs = int(args.steps), float(args.epochs)
     return CompareConfig(
         runs=tuple(parse_runs(args.modes, workers)), workers=workers, servers=int(args.servers), model=args.model,
-        data=args.data, batch_size=int(args.batch_size), steps=steps, epochs=epochs if epochs or steps else 20.0,
+        data=args.data, batch_size=int(args.batch_size), steps=int(args.steps), epochs=float(args.epochs),
         optimizer=optimizer_from_args(args), seed=int(args.seed),
         stragglers=parse_faults(args.straggler, "straggler", workers, float),
         kills={w: int(s) for w, s in parse_faults(args.kill, "kill", workers, int).items()},

@@ -37,7 +37,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add_flag(p, "--staleness", env=env, default=2, type=int, help="ssp bound")
     add_flag(p, "--worker-timeout", env=env, default=10.0, type=float, help="seconds before a silent worker is evicted")
     add_flag(p, "--host", env=env, default="127.0.0.1", help="address the servers bind")
-    add_training_flags(p, env)
+    add_training_flags(p, env, epochs=20.0)
     add_flag(p, "--timeout", env=env, default=1800.0, type=float, help="give up (and fail) after this many seconds")
     return p
 
@@ -180,8 +180,6 @@ class Observer:
 
 
 def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
-    if int(args.steps) <= 0 and float(args.epochs) <= 0:
-        args.epochs = 20.0
     servers = start_servers(int(args.servers), args.mode, int(args.workers) * int(args.tp), staleness=int(args.staleness),
                             worker_timeout=float(args.worker_timeout), host=args.host, out=out)
     workers: list[Proc] = []
