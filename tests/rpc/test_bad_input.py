@@ -4,7 +4,7 @@ import grpc
 import pytest
 import torch
 
-from ps.config import MAX_MESSAGE_BYTES, OptimizerConfig, grpc_options
+from ps.config import MAX_MESSAGE_BYTES, OptimizerConfig
 from ps.errors import InvalidArgument, PlanMismatch, UnknownKey
 from ps.proto import ps_pb2 as pb
 from ps.proto import ps_pb2_grpc
