@@ -28,11 +28,6 @@ if sys.byteorder != "little":  # pragma: no cover - every platform torch ships f
 _MAX_DIMS = 8
 
 
-def raw_to_proto(key: str, dtype: str, shape: list[int], data: bytes) -> pb.Tensor:
-    """A tensor message from bytes already in wire order (e.g. a server's snapshot)."""
-    return pb.Tensor(key=key, dtype=dtype, shape=shape, data=data)
-
-
 def add_raw(repeated, key: str, dtype: str, shape: list[int], data: bytes) -> None:
     """Append a tensor in wire order to a repeated Tensor field in place."""
     msg = repeated.add()
@@ -50,7 +45,8 @@ def _wire_bytes(tensor: torch.Tensor) -> tuple[str, list[int], bytes]:
 
 def tensor_to_proto(key: str, tensor: torch.Tensor) -> pb.Tensor:
     """Encode a CPU tensor (copied once, into the message's bytes)."""
-    return raw_to_proto(key, *_wire_bytes(tensor))
+    dtype, shape, data = _wire_bytes(tensor)
+    return pb.Tensor(key=key, dtype=dtype, shape=shape, data=data)
 
 
 def add_tensor(repeated, key: str, tensor: torch.Tensor) -> None:

@@ -141,8 +141,3 @@ def partition_dims(model: nn.Module) -> dict[str, int]:
 def shard_state(full: dict[str, torch.Tensor], dims: dict[str, int], rank: int, size: int) -> dict[str, torch.Tensor]:
     """This rank's slice of every split parameter of an unsharded state; replicated ones as is."""
     return {n: torch.chunk(t, size, dim=dims[n])[rank].clone() if n in dims else t.clone() for n, t in full.items()}
-
-
-def unshard_state(shards: list[dict[str, torch.Tensor]], dims: dict[str, int]) -> dict[str, torch.Tensor]:
-    """The unsharded state from every rank's state (replicated parameters from rank 0)."""
-    return {n: torch.cat([s[n] for s in shards], dim=dims[n]) if n in dims else t for n, t in shards[0].items()}
