@@ -1,7 +1,9 @@
 """Transport: one push plus one pull of a model through 2 real ps-server processes (1 worker),
 (and, for the small model, the combined push_pull call),
-against a gloo all-reduce of the same tensor between 2 processes and raw TCP moving the same bytes
-(there and back), all measured in this run. Prints p50 and p99 over the rounds, and the ratios.
+against a gloo all-reduce of the same tensor between 2 processes, raw TCP moving the same bytes
+(there and back), and the ceiling of gRPC Python itself (2 echo servers of raw bytes, same slices,
+no protobuf, no ps; and a bare health-check round trip), all measured in this run. Prints p50 and
+p99 over the rounds, and the ratios.
 
     python benchmarks/transport.py [--mib 100] [--rounds 20]
 """
@@ -15,11 +17,13 @@ import socket
 import statistics
 import time
 
+import grpc
 import torch
 import torch.distributed as dist
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ps.cli.launch import start_servers, stop_all
-from ps.config import OptimizerConfig
+from ps.config import DEFAULT_PARTITION_BYTES, OptimizerConfig, grpc_options
 from ps.tp.groups import free_port
 from ps.worker.client import PSClient
 
@@ -49,6 +53,65 @@ def bench_ps(nbytes: int, rounds: int, compress: str = "none", combined: bool = 
             return times
     finally:
         stop_all(procs)
+
+
+def bench_health_rtt(rounds: int) -> list[float]:
+    """A bare unary gRPC round trip (the standard health check) to a ps-server: the floor of any call."""
+    procs = start_servers(1, "async", 1, out=io.StringIO())
+    try:
+        with grpc.insecure_channel(procs[0].address) as ch:
+            stub, times = health_pb2_grpc.HealthStub(ch), []
+            for i in range(rounds + 2):
+                t = time.perf_counter()
+                stub.Check(health_pb2.HealthCheckRequest())
+                if i >= 2:
+                    times.append(time.perf_counter() - t)
+            return times
+    finally:
+        stop_all(procs)
+
+
+def _grpc_echo(port: int, ready) -> None:
+    """A gRPC server whose one method answers the request's bytes (no protobuf, no ps)."""
+    from concurrent import futures
+
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(
+        lambda request, context: request, request_deserializer=None, response_serializer=None)})
+    server = grpc.server(futures.ThreadPoolExecutor(8), handlers=[handler], options=grpc_options())
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    ready.set()
+    server.wait_for_termination()
+
+
+def bench_grpc_ceiling(nbytes: int, rounds: int) -> list[float]:
+    """gRPC Python's own ceiling: the model's bytes in 4 MiB raw-bytes messages sent to 2 echo
+    servers as concurrent futures and answered back (push + pull in one), as ps splits them."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    ports, procs = [free_port(), free_port()], []
+    for port in ports:
+        ready = ctx.Event()
+        procs.append(ctx.Process(target=_grpc_echo, args=(port, ready), daemon=True))
+        procs[-1].start()
+        ready.wait(60)
+    channels = [grpc.insecure_channel(f"127.0.0.1:{p}", options=grpc_options()) for p in ports]
+    echo = [ch.unary_unary("/bench.Echo/Echo") for ch in channels]
+    chunk = DEFAULT_PARTITION_BYTES
+    data = [os.urandom(min(chunk, nbytes - off)) for off in range(0, nbytes, chunk)]
+    times = []
+    try:
+        for i in range(rounds + 2):
+            t = time.perf_counter()
+            calls = [echo[j % 2].future(d) for j, d in enumerate(data)]
+            assert sum(len(c.result()) for c in calls) == nbytes
+            if i >= 2:
+                times.append(time.perf_counter() - t)
+        return times
+    finally:
+        for ch in channels:
+            ch.close()
+        for proc in procs:
+            proc.kill()
 
 
 def _allreduce_rank(rank: int, port: int, nbytes: int, rounds: int, out) -> None:
@@ -122,22 +185,31 @@ def main() -> None:
     big = int(args.mib * (1 << 20)) // 16 * 16
     ps_big, ar, tcp = bench_ps(big, args.rounds), bench_allreduce(big, args.rounds), bench_tcp(big, args.rounds)
     ps_bf16 = bench_ps(big, args.rounds, compress="bf16")
+    ps_topk = bench_ps(big, args.rounds, compress="topk:0.01")
+    ceiling = bench_grpc_ceiling(big, args.rounds)
     ps_small = bench_ps(1024, max(args.rounds, 200))
     ps_small_combined = bench_ps(1024, max(args.rounds, 200), combined=True)
+    rtt = bench_health_rtt(max(args.rounds, 200))
     gb = lambda seconds: 2 * big / seconds / 1e9  # noqa: E731 - bytes there and back
     print(f"model {big / (1 << 20):.0f} MiB fp32, 1 worker, 2 servers, {args.rounds} rounds")
-    print(f"{'':26} {'p50 ms':>9} {'p99 ms':>9}")
+    print(f"{'':30} {'p50 ms':>9} {'p99 ms':>9}")
     for name, xs in (("ps push+pull", ps_big), ("ps push+pull, bf16 push", ps_bf16),
-                     ("gloo all-reduce (2 procs)", ar), ("raw TCP there and back", tcp)):
-        print(f"{name:26} {statistics.median(xs) * 1e3:9.1f} {pct(xs, 0.99) * 1e3:9.1f}")
+                     ("ps push+pull, topk:0.01 push", ps_topk), ("gloo all-reduce (2 procs)", ar),
+                     ("raw TCP there and back", tcp), ("gRPC raw-bytes echo (ceiling)", ceiling)):
+        print(f"{name:30} {statistics.median(xs) * 1e3:9.1f} {pct(xs, 0.99) * 1e3:9.1f}")
     print(f"push+pull / all-reduce = {statistics.median(ps_big) / statistics.median(ar):.2f} (goal <= 1.5)")
     print(f"ps bandwidth {gb(statistics.median(ps_big)):.2f} GB/s = "
           f"{statistics.median(tcp) / statistics.median(ps_big) * 100:.0f}% of raw TCP's {gb(statistics.median(tcp)):.2f} GB/s "
           "(goal >= 60%)")
+    print(f"gRPC ceiling {gb(statistics.median(ceiling)):.2f} GB/s; ps reaches "
+          f"{statistics.median(ceiling) / statistics.median(ps_big) * 100:.0f}% of it; the ceiling itself is "
+          f"{statistics.median(ceiling) / statistics.median(ar):.2f}x the all-reduce")
     print(f"1 KiB model push+pull: p50 {statistics.median(ps_small) * 1e3:.3f} ms, p99 {pct(ps_small, 0.99) * 1e3:.3f} ms "
           "(goal p50 < 1 ms)")
     print(f"1 KiB model push_pull (one round trip): p50 {statistics.median(ps_small_combined) * 1e3:.3f} ms, "
           f"p99 {pct(ps_small_combined, 0.99) * 1e3:.3f} ms")
+    print(f"bare gRPC round trip (health check): p50 {statistics.median(rtt) * 1e3:.3f} ms, "
+          f"p99 {pct(rtt, 0.99) * 1e3:.3f} ms")
 
 
 if __name__ == "__main__":

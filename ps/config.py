@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ps import compress
 from ps.errors import InvalidArgument
 
 MiB = 1 << 20
@@ -124,7 +125,7 @@ class WorkerConfig:
     partition_bytes: int = DEFAULT_PARTITION_BYTES
     progress: bool = True
     connect_timeout: float = 60.0
-    compress: str = "none"  # gradient dtype on the wire: none, fp16, bf16
+    compress: str = "none"  # gradients on the wire: none, fp16, bf16, topk:R (see ps.compress)
     tp: int = 1             # tensor-parallel ranks in this worker's group
     micro_batches: int = 1  # gradient accumulation over this many micro-batches per step
     recompute: bool = False  # activation recomputation (models that support it)
@@ -146,7 +147,7 @@ class WorkerConfig:
         _check(self.eval_every >= 0, f"eval_every ({self.eval_every}) must be >= 0")
         _check(self.connect_timeout > 0, f"connect_timeout ({self.connect_timeout}) must be > 0")
         check_partition_bytes(self.partition_bytes)
-        _check(self.compress in ("none", "fp16", "bf16"), f"compress ({self.compress!r}) must be none, fp16 or bf16")
+        compress.parse(self.compress)
         _check(self.tp >= 1, f"tp ({self.tp}) must be >= 1")
         _check(self.micro_batches >= 1 and self.batch_size % self.micro_batches == 0,
                f"micro_batches ({self.micro_batches}) must be >= 1 and divide batch_size ({self.batch_size})")

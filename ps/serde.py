@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ps.config import OptimizerConfig
+from ps import wire
 from ps.errors import InvalidArgument
 from ps.proto import ps_pb2 as pb
 from ps.sharding import DTYPE_NAMES, DTYPES, ParamSpec, Plan, dtype_name, make_plan
@@ -28,19 +29,31 @@ if sys.byteorder != "little":  # pragma: no cover - every platform torch ships f
 _MAX_DIMS = 8
 
 
-def add_raw(repeated, key: str, dtype: str, shape: list[int], data: bytes) -> None:
-    """Append a tensor in wire order to a repeated Tensor field in place."""
-    msg = repeated.add()
-    msg.key, msg.dtype, msg.data = key, dtype, data
-    msg.shape.extend(shape)
+def _cpu(tensor: torch.Tensor) -> torch.Tensor:
+    t = tensor.detach()
+    return (t.cpu() if t.device.type != "cpu" else t).contiguous()
+
+
+def _raw_view(t: torch.Tensor):
+    """The bytes of a contiguous CPU tensor as a buffer (no copy; any dtype, bf16 included)."""
+    return t.reshape(-1).view(torch.uint8).numpy()
 
 
 def _wire_bytes(tensor: torch.Tensor) -> tuple[str, list[int], bytes]:
-    t = tensor.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    return dtype_name(t.dtype), list(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    t = _cpu(tensor)
+    return dtype_name(t.dtype), list(t.shape), _raw_view(t).tobytes() if t.numel() else b""
+
+
+def tensor_frame(key: str, tensor: torch.Tensor) -> wire.Frame:
+    """A Tensor message referring to `tensor`'s memory, copied when the message is sent."""
+    t = _cpu(tensor)
+    return wire.tensor_frame(key, dtype_name(t.dtype), t.shape, _raw_view(t) if t.numel() else b"")
+
+
+def sparse_frame(key: str, shape: list[int], indices: torch.Tensor, values: torch.Tensor) -> wire.Frame:
+    """A sparse gradient: int32 `indices` into the flattened dense `shape`, and their `values`."""
+    v = _cpu(values)
+    return wire.tensor_frame(key, dtype_name(v.dtype), shape, _raw_view(v), _raw_view(_cpu(indices).to(torch.int32)))
 
 
 def tensor_to_proto(key: str, tensor: torch.Tensor) -> pb.Tensor:
@@ -49,9 +62,23 @@ def tensor_to_proto(key: str, tensor: torch.Tensor) -> pb.Tensor:
     return pb.Tensor(key=key, dtype=dtype, shape=shape, data=data)
 
 
-def add_tensor(repeated, key: str, tensor: torch.Tensor) -> None:
-    """Append `tensor` to a repeated Tensor field in place (no copy of a finished message)."""
-    add_raw(repeated, key, *_wire_bytes(tensor))
+def _densify(msg: pb.Tensor, shape: tuple[int, ...], dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """The dense tensor of a sparse message, after checking every position."""
+    if len(msg.indices) % 4:
+        raise InvalidArgument(f"tensor {msg.key!r}: indices take {len(msg.indices)} bytes, not a multiple of 4 (int32)")
+    n = len(msg.indices) // 4
+    if n > numel or len(msg.data) != n * dtype.itemsize:
+        raise InvalidArgument(
+            f"tensor {msg.key!r}: {n} positions with {len(msg.data)} bytes of {msg.dtype} values; needs one "
+            f"value per position and at most {numel} positions (shape {list(shape)})")
+    idx = torch.frombuffer(msg.indices, dtype=torch.int32).long()
+    if n and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+        raise InvalidArgument(f"tensor {msg.key!r}: positions must be in [0, {numel}), got "
+                              f"[{int(idx.min())}, {int(idx.max())}]")
+    dense = torch.zeros(numel, dtype=dtype)
+    if n:
+        dense.index_add_(0, idx, torch.frombuffer(msg.data, dtype=dtype))
+    return dense.reshape(shape)
 
 
 def tensor_into(msg: pb.Tensor, out: torch.Tensor) -> None:
@@ -75,6 +102,8 @@ def tensor_from_proto(msg: pb.Tensor, writable: bool = True) -> torch.Tensor:
     if len(shape) > _MAX_DIMS or any(d < 0 for d in shape):
         raise InvalidArgument(f"tensor {msg.key!r}: shape {list(shape)} must have at most {_MAX_DIMS} non-negative dims")
     dtype = DTYPES[msg.dtype]
+    if msg.indices:
+        return _densify(msg, shape, dtype, math.prod(shape))
     expected = math.prod(shape) * dtype.itemsize
     if len(msg.data) != expected:
         raise InvalidArgument(

@@ -10,6 +10,7 @@ import sys
 import threading
 from typing import Any, Callable, Mapping
 
+from ps import compress
 from ps.config import DEFAULT_PARTITION_BYTES, OPTIMIZERS, OptimizerConfig
 from ps.errors import InvalidArgument, PSError
 
@@ -53,6 +54,20 @@ def optimizer_from_args(args: argparse.Namespace) -> OptimizerConfig:
                            float(args.beta1), float(args.beta2), float(args.eps))
 
 
+def compress_flag(spec: str) -> str:
+    """argparse type of --compress: a usage error that names the rule."""
+    try:
+        return compress.check(spec)
+    except InvalidArgument as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_compress_flag(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
+    add_flag(parser, "--compress", env=env, default="none", type=compress_flag,
+             help="gradients on the wire: none, fp16, bf16 (servers apply in fp32), or topk:R (the R "
+                  "fraction of largest entries per slice, the rest kept for later steps)")
+
+
 def add_training_flags(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None,
                        worker_outputs: bool = True, ps_only: bool = True, epochs: float = 0.0) -> None:
     """Flags that ps-worker, ps-launch, ps-compare and the all-reduce baseline share (the
@@ -67,8 +82,7 @@ def add_training_flags(parser: argparse.ArgumentParser, env: Mapping[str, str] |
              help="where the worker computes (auto: CUDA when present)")
     add_flag(parser, "--seed", env=env, default=0, type=int, help="seed of model init and data order")
     if ps_only:
-        add_flag(parser, "--compress", env=env, default="none", choices=("none", "fp16", "bf16"),
-                 help="gradient dtype on the wire (servers apply in fp32)")
+        add_compress_flag(parser, env)
         add_flag(parser, "--tp", env=env, default=1, type=int,
                  help="tensor-parallel ranks per worker (NCCL on CUDA, gloo on CPU; torchrun's env is joined)")
         add_flag(parser, "--micro-batches", env=env, default=1, type=int,

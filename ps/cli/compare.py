@@ -8,7 +8,7 @@ import sys
 import time
 from typing import IO, Mapping, Sequence
 
-from ps.cli.common import add_flag, add_training_flags, optimizer_from_args, run_main
+from ps.cli.common import add_compress_flag, add_flag, add_training_flags, optimizer_from_args, run_main
 from ps.compare import report
 from ps.compare.runner import RunResult
 from ps.compare.runner import run as run_one
@@ -36,8 +36,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add_flag(p, "--worker-timeout", env=env, default=5.0, type=float, help="seconds before a silent worker is evicted")
     add_flag(p, "--timeout", env=env, default=900.0, type=float, help="limit per configuration, seconds")
     add_training_flags(p, env, worker_outputs=False, ps_only=False, epochs=20.0)
-    add_flag(p, "--compress", env=env, default="none", choices=("none", "fp16", "bf16"),
-             help="gradient dtype on the wire in the parameter-server runs")
+    add_compress_flag(p, env)
     return p
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ps import compress
 from ps.config import DEFAULT_PARTITION_BYTES, OptimizerConfig
 from ps.errors import InvalidArgument
 
@@ -95,6 +96,7 @@ class CompareConfig:
     def __post_init__(self) -> None:
         if not self.runs:
             raise InvalidArgument("modes must name at least one configuration")
+        compress.parse(self.compress)
         if self.workers < 1 or self.servers < 1:
             raise InvalidArgument(f"workers ({self.workers}) and servers ({self.servers}) must be >= 1")
         if self.steps <= 0 and self.epochs <= 0:

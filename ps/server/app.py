@@ -11,14 +11,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ps import wire
 from ps.config import ServerConfig, grpc_options
-from ps.proto import ps_pb2, ps_pb2_grpc
 from ps.server.optim import warm_up
 from ps.server.servicer import ParameterServerServicer
 from ps.server.shard import Shard
 
 log = logging.getLogger("ps.server")
-SERVICE_NAME = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+SERVICE_NAME = wire.SERVICE
 
 
 @dataclass
@@ -56,7 +56,7 @@ def create_server(cfg: ServerConfig) -> RunningServer:
     warm_up()
     shard = Shard(cfg)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.threads), options=grpc_options())
-    ps_pb2_grpc.add_ParameterServerServicer_to_server(ParameterServerServicer(shard), server)
+    server.add_generic_rpc_handlers((wire.handler(ParameterServerServicer(shard)),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

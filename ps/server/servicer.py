@@ -7,10 +7,10 @@ import logging
 
 import grpc
 
+from ps import wire
 from ps.errors import InvalidArgument, PlanMismatch, PSError
 from ps.proto import ps_pb2 as pb
-from ps.proto import ps_pb2_grpc
-from ps.serde import add_raw, optimizer_from_proto, plan_from_proto, stats_to_proto, tensor_from_proto
+from ps.serde import optimizer_from_proto, plan_from_proto, stats_to_proto, tensor_from_proto
 from ps.server.shard import Shard
 
 log = logging.getLogger("ps.server")
@@ -23,6 +23,8 @@ def _rpc(method):
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
+            if isinstance(request, wire.Malformed):
+                self.shard.reject(InvalidArgument(request.reason))
             return method(self, request, context)
         except PSError as e:
             context.set_trailing_metadata(((ERROR_CLASS_KEY, type(e).__name__),))
@@ -34,7 +36,9 @@ def _rpc(method):
     return wrapper
 
 
-class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
+class ParameterServerServicer:
+    """Serves the ParameterServer service of ps.proto (registered through `wire.handler`)."""
+
     def __init__(self, shard: Shard):
         self.shard = shard
 
@@ -70,18 +74,19 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         )
         return pb.InitResponse(applied=applied)
 
-    def _pull(self, worker_id: str, fingerprint: str, clock: int, keys: list[str], context,
-              response: pb.PullResponse) -> pb.PullResponse:
-        slices, response.version, response.min_clock = self.shard.pull(worker_id, fingerprint, clock, keys,
-                                                                       context.is_active)
-        for key, data in slices:  # built in place: adding finished messages would copy them
-            add_raw(response.tensors, key, "float32", [len(data) // 4], data)
-        return response
+    def _pull(self, worker_id: str, fingerprint: str, clock: int, keys: list[str], context) -> wire.Frame:
+        def encode(slices, version: int, min_clock: int) -> wire.Frame:  # under the shard lock: one copy
+            tensors = [wire.tensor_frame(key, "float32", [len(data) // 4], data) for key, data in slices]
+            return wire.Frame.of(wire.pull_response_frame(version, min_clock, tensors).tobytes())
 
-    def _push(self, request: pb.PushRequest) -> pb.PushResponse:
+        return self.shard.pull(worker_id, fingerprint, clock, keys, context.is_active, encode)
+
+    def _push(self, request: wire.PushIn) -> pb.PushResponse:
+        h = request.header
         result = self.shard.push(
-            request.worker_id, request.plan_fingerprint, request.clock, request.base_version,
-            self._decode(request.grads, writable=False), request.part, request.num_parts,
+            h.worker_id, h.plan_fingerprint, h.clock, h.base_version,
+            self._decode(request.grads, writable=False), h.part, h.num_parts,
+            sum(t.data.nbytes + t.indices.nbytes for t in request.grads),
         )
         return pb.PushResponse(
             outcome=pb.PushResponse.Outcome.Value(result.outcome), version=result.version, staleness=result.staleness
@@ -89,8 +94,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     @_rpc
     def Pull(self, request, context):
-        return self._pull(request.worker_id, request.plan_fingerprint, request.clock, list(request.keys), context,
-                          pb.PullResponse())
+        return self._pull(request.worker_id, request.plan_fingerprint, request.clock, list(request.keys), context)
 
     @_rpc
     def Push(self, request, context):
@@ -98,13 +102,12 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     @_rpc
     def PushPull(self, request, context):
-        push = request.push
+        push = request.push.header
         if push.num_parts != 1:
             self.shard.reject(InvalidArgument(f"PushPull takes a whole push (num_parts 1), not {push.num_parts} parts"))
-        response = pb.PushPullResponse(push=self._push(push))
-        self._pull(push.worker_id, push.plan_fingerprint, push.clock + 1, list(request.pull_keys), context,
-                   response.pull)
-        return response
+        pushed = self._push(request.push)
+        return wire.push_pull_response_frame(
+            pushed, self._pull(push.worker_id, push.plan_fingerprint, push.clock + 1, request.pull_keys, context))
 
     @_rpc
     def Heartbeat(self, request, context):

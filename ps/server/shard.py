@@ -203,9 +203,11 @@ class Shard:
             return True
 
     def pull(self, worker_id: str, fingerprint: str, clock: int, keys: Sequence[str],
-             is_active: Callable[[], bool] = lambda: True) -> tuple[list[tuple[str, bytes]], int, int]:
+             is_active: Callable[[], bool] = lambda: True, encode: Callable | None = None):
         """Raw fp32 bytes of the slices for `keys` once the policy allows a worker at `clock` to read; returns
-        (slices, version, min_clock). An empty worker_id reads without waiting or joining."""
+        (slices, version, min_clock). An empty worker_id reads without waiting or joining.
+        encode(views, version, min_clock): called instead under the lock with read-only views of the
+        live slices (it must copy what it keeps: one copy, consistent across slices); returns its result."""
         self._touch(worker_id if worker_id in self._workers else "")
         with self._cond:
             try:
@@ -223,12 +225,16 @@ class Shard:
                     self._cond.wait(self._wait_slice)
                     self._worker(worker_id)
             self.counters["pulls"] += 1
-            slices = self.store.read(keys)
+            slices = self.store.read(keys, copy=encode is None)
             self.counters["bytes_pulled"] += sum(len(data) for _, data in slices)
+            if encode is not None:
+                return encode(slices, self.version, self._view().min_clock)
             return slices, self.version, self._view().min_clock
 
     def push(self, worker_id: str, fingerprint: str, clock: int, base_version: int,
-             grads: Sequence[tuple[str, torch.Tensor]], part: int, num_parts: int) -> PushResult:
+             grads: Sequence[tuple[str, torch.Tensor]], part: int, num_parts: int,
+             wire_bytes: int | None = None) -> PushResult:
+        """wire_bytes: what the gradients took on the wire (sparse ones less than dense), for stats."""
         self._touch(worker_id if worker_id in self._workers else "")
         with self._cond:
             try:
@@ -259,7 +265,8 @@ class Shard:
                 pending = self._pending_push[worker_id] = _Pending(clock, num_parts, base_version)
             pending.parts[part] = values
             pending.base_version = min(pending.base_version, base_version)
-            self.counters["bytes_pushed"] += sum(t.numel() * t.element_size() for _, t in grads)
+            self.counters["bytes_pushed"] += (sum(t.numel() * t.element_size() for _, t in grads)
+                                              if wire_bytes is None else wire_bytes)
             if len(pending.parts) < num_parts:
                 return PushResult("BUFFERED", self.version)
             del self._pending_push[worker_id]

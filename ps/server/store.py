@@ -84,7 +84,10 @@ class ParamStore:
         self._acc.clear()
         self._acc_count.clear()
 
-    def read(self, keys: Iterable[str]) -> list[tuple[str, bytes]]:
+    def read(self, keys: Iterable[str], copy: bool = True) -> list[tuple[str, bytes | memoryview]]:
         """The raw fp32 (little-endian) bytes of each slice: one copy, taken under the shard lock,
-        so the slices are consistent with each other."""
-        return [(k, self.params[k].detach().numpy().tobytes()) for k in keys]
+        so the slices are consistent with each other. copy=False: read-only views of the live
+        values, valid only while the lock is held."""
+        if copy:
+            return [(k, self.params[k].detach().numpy().tobytes()) for k in keys]
+        return [(k, memoryview(self.params[k].detach().numpy()).cast("B").toreadonly()) for k in keys]

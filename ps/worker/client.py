@@ -10,7 +10,8 @@
     client.close()
 
 `compress="bf16"` (or "fp16") halves the bytes of every push: gradients travel in that dtype and
-the servers apply them in fp32.
+the servers apply them in fp32. `compress="topk:0.01"` sends the largest 1% of each slice's
+entries (8 bytes each) and keeps the rest for later pushes (error feedback; see ps.compress).
 
 If a shard evicts the worker (silent past the timeout), the next call registers again by itself;
 pushes below `client.clock_floor` are then answered DUPLICATE, so continue from
@@ -33,11 +34,13 @@ from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 import grpc
 import torch
 
+from ps import wire
+from ps.compress import Compressor
 from ps.config import DEFAULT_PARTITION_BYTES, OptimizerConfig, grpc_options
 from ps.errors import InvalidArgument, PSError, Unavailable, UnknownWorker, error_from_wire
 from ps.proto import ps_pb2 as pb
-from ps.proto import ps_pb2_grpc
-from ps.serde import add_tensor, optimizer_to_proto, plan_to_proto, stats_from_proto, tensor_into, tensor_to_proto
+from ps.serde import (optimizer_to_proto, plan_to_proto, sparse_frame, stats_from_proto, tensor_frame, tensor_into,
+                      tensor_to_proto)
 from ps.server.servicer import ERROR_CLASS_KEY
 from ps.sharding import ParamSpec, Plan, Slice, dtype_name, make_plan
 
@@ -46,22 +49,19 @@ T = TypeVar("T")
 _DEFAULT = object()  # "use the client's rpc_timeout"
 
 
-def _batches(slices: Sequence[Slice], limit: int, itemsize: Callable[[Slice], int]) -> list[list[Slice]]:
+def _batches(slices: Sequence[Slice], limit: int, nbytes: Callable[[Slice], int] = lambda s: 4 * s.length
+             ) -> list[list[Slice]]:
     """Group slices into requests of at most `limit` bytes (a slice alone may reach the limit)."""
     out: list[list[Slice]] = [[]]
     size = 0
     for s in slices:
-        nbytes = s.length * itemsize(s)
-        if out[-1] and size + nbytes > limit:
+        n = nbytes(s)
+        if out[-1] and size + n > limit:
             out.append([])
             size = 0
         out[-1].append(s)
-        size += nbytes
+        size += n
     return out
-
-
-# Gradient encodings on the wire; servers turn any float dtype back into fp32 before applying.
-COMPRESSION = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _decodable(t: torch.Tensor | None, shape: tuple[int, ...]) -> bool:
@@ -92,17 +92,19 @@ class _Pulled:
         self.min_clocks: dict[int, int] = {}
         self._lock = threading.Lock()
 
-    def absorb(self, shard: int, resp: pb.PullResponse) -> None:
+    def absorb(self, shard: int, resp: wire.PullIn | wire.Malformed) -> None:
         """Decode one answer straight into place (thread-safe: answers may arrive concurrently)."""
         plan = self.client.plan
+        if isinstance(resp, wire.Malformed):
+            raise InvalidArgument(f"server {self.client.servers[shard]} sent a {resp.reason}")
         for t in resp.tensors:
             s = plan.by_key.get(t.key)
             if s is None or s.name not in self.out:
                 raise InvalidArgument(f"server {self.client.servers[shard]} sent key {t.key!r}, which was not asked for")
             tensor_into(t, self.out[s.name].view(-1)[s.start : s.start + s.length])
         with self._lock:
-            self.versions[shard] = min(self.versions.get(shard, resp.version), resp.version)
-            self.min_clocks[shard] = resp.min_clock
+            self.versions[shard] = min(self.versions.get(shard, resp.header.version), resp.header.version)
+            self.min_clocks[shard] = resp.header.min_clock
 
     def finish(self, observer: bool) -> dict[str, torch.Tensor]:
         self.client.last_min_clocks = self.min_clocks
@@ -123,16 +125,14 @@ class PSClient:
                  compress: str = "none"):
         if not servers:
             raise PSError("servers must name at least one host:port")
-        if compress not in COMPRESSION:
-            raise InvalidArgument(f"compress ({compress!r}) must be one of {sorted(COMPRESSION)}")
-        self._wire_dtype = COMPRESSION[compress]
+        self._compressor = Compressor(compress)  # validates the spec
         self.servers = list(servers)
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
         self.partition_bytes = partition_bytes
         self.retry_timeout = retry_timeout
         self.rpc_timeout = rpc_timeout
         self._channels = [grpc.insecure_channel(s, options=grpc_options()) for s in self.servers]
-        self._stubs = [ps_pb2_grpc.ParameterServerStub(c) for c in self._channels]
+        self._stubs = [wire.Stub(c) for c in self._channels]
         # Pulls may wait (sync, ssp) and must never hold up a heartbeat: a pool of their own.
         # Pushes need no threads: they go out as gRPC futures.
         width = max(8, 4 * len(self.servers))  # requests in flight: enough to keep every server busy
@@ -229,8 +229,7 @@ class PSClient:
     def attach(self, specs: Sequence[ParamSpec]) -> Plan:
         """Compute the plan for these parameters without joining (enough for observer pulls)."""
         self.plan = make_plan(list(specs), len(self.servers), self.partition_bytes)
-        itemsize = lambda s: 4  # noqa: E731 - the servers hold fp32 master copies
-        self._pull_batches = [_batches(self.plan.slices_for(k), self.partition_bytes, itemsize)
+        self._pull_batches = [_batches(self.plan.slices_for(k), self.partition_bytes)  # fp32 master copies
                               for k in range(len(self.servers))]
         self._subset_batches: dict[frozenset, list[list[Slice]]] = {}
         return self.plan
@@ -310,7 +309,7 @@ class PSClient:
         key = frozenset(names)
         if key not in self._subset_batches:
             self._subset_batches[key] = [_batches([s for s in self.plan.slices_for(k) if s.name in key],
-                                                  self.partition_bytes, lambda s: 4) for k in range(len(self.servers))]
+                                                  self.partition_bytes) for k in range(len(self.servers))]
         return self._subset_batches[key]
 
     def pull_async(self, clock: int, observer: bool = False, names: Sequence[str] | None = None) -> Future:
@@ -349,23 +348,25 @@ class PSClient:
         job's request (encoding happens there, as late as possible)."""
         assert self.plan is not None, "register first"
         names = list(grads)
-        dtype = self._wire_dtype
-        flat = self.plan.split({n: grads[n].detach().to("cpu", dtype or grads[n].dtype) for n in names}, names)
-        itemsize = lambda s: flat[s.key].element_size()  # noqa: E731
+        comp = self._compressor
+        flat = self.plan.split({n: grads[n].detach().to("cpu", comp.wire_dtype(grads[n].dtype)) for n in names}, names)
+        nbytes = lambda s: comp.wire_bytes(s.length, flat[s.key].element_size())  # noqa: E731
         per_shard = [[s for s in self.plan.slices_for(k) if s.key in flat] for k in range(len(self.servers))]
 
-        def request(shard: int, part: int, batch: list[Slice], num_parts: int) -> pb.PushRequest:
-            req = pb.PushRequest(
+        def request(shard: int, part: int, batch: list[Slice], num_parts: int) -> wire.Frame:
+            header = pb.PushRequest(
                 worker_id=self.worker_id, plan_fingerprint=self.plan.fingerprint, clock=clock,
                 base_version=self.versions[shard], part=part, num_parts=num_parts,
             )
-            for s in batch:
-                add_tensor(req.grads, s.key, flat[s.key])
-            return req
+            if comp.sparse:
+                tensors = [sparse_frame(s.key, [s.length], *comp.sparsify(s.key, flat[s.key])) for s in batch]
+            else:
+                tensors = [tensor_frame(s.key, flat[s.key]) for s in batch]
+            return wire.push_frame(header, tensors)
 
         jobs = []
         for k, slices in enumerate(per_shard):
-            bs = _batches(slices, self.partition_bytes, itemsize)
+            bs = _batches(slices, self.partition_bytes, nbytes)
             jobs += [(k, i, b, len(bs)) for i, b in enumerate(bs)]
         return jobs, request
 
@@ -389,7 +390,7 @@ class PSClient:
         if not all(single):
             return _push_results(self._call_many((j[0], "Push", request(*j), self.rpc_timeout) for j in jobs)), \
                 self.pull(clock + 1, names=names, into=into)
-        calls = ((job[0], "PushPull", pb.PushPullRequest(push=request(*job), pull_keys=[s.key for s in batches[job[0]][0]]),
+        calls = ((job[0], "PushPull", wire.push_pull_request_frame(request(*job), [s.key for s in batches[job[0]][0]]),
                   None) for job in jobs)  # no deadline: the pull half may wait for other workers
         pulled = _Pulled(self, names, into)
         pushed = []

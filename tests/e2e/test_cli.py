@@ -59,6 +59,14 @@ def test_unknown_mode_is_refused_by_the_parser(capsys):
     assert "invalid choice: 'bsp'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("main", [launch.main, worker.main])
+def test_a_bad_compression_is_refused_by_the_parser_with_the_rule(main, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--servers", "h:1", "--compress", "topk:2"] if main is worker.main else ["--compress", "topk:2"])
+    assert info.value.code == 2
+    assert "compress ('topk:2') must be none, fp16, bf16 or topk:R with 0 < R <= 1" in capsys.readouterr().err
+
+
 def test_a_bad_boolean_in_the_environment_is_refused():
     with pytest.raises(Exception, match="PS_STALENESS_LR"):
         server.build_parser({"PS_STALENESS_LR": "maybe"})

@@ -41,7 +41,8 @@ def test_a_failing_worker_fails_the_launch():
 
 
 @pytest.mark.slow
-def test_bf16_gradients_on_the_wire_still_reach_093_on_digits():
-    run = launch("--servers", "2", "--workers", "2", "--mode", "async", "--compress", "bf16")
+@pytest.mark.parametrize("compress", ["bf16", "topk:0.1"])
+def test_compressed_gradients_on_the_wire_still_reach_093_on_digits(compress):
+    run = launch("--servers", "2", "--workers", "2", "--mode", "async", "--compress", compress)
     assert run.returncode == 0, run.stdout + run.stderr
     assert float(ACCURACY.search(run.stdout).group(1)) >= 0.93, run.stdout

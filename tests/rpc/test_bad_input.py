@@ -55,7 +55,27 @@ CASES = {
     "part out of range": (lambda c: push_request(c, [grad()], part=5, num_parts=2), "INVALID_ARGUMENT",
                           InvalidArgument),
     "duplicate keys": (lambda c: push_request(c, [grad(), grad()]), "INVALID_ARGUMENT", InvalidArgument),
+    "sparse position out of range": (
+        lambda c: push_request(c, [pb.Tensor(key="w#0", dtype="float32", shape=[10], data=b"\0" * 4,
+                                             indices=(10).to_bytes(4, "little"))]), "INVALID_ARGUMENT", InvalidArgument),
 }
+
+
+@pytest.mark.parametrize("method", ["Push", "PushPull"])
+@pytest.mark.parametrize("payload", [b"\xff" * 7, b"\x2a\x7fab", b"\x0b", (b"\x0a\x80\x80\x80\x80\x08")],
+                         ids=["overlong-varint", "length-past-end", "group-wire-type", "huge-declared-length"])
+def test_malformed_bytes_are_refused_as_invalid_argument_and_change_nothing(server, method, payload):
+    client, _ = server
+    before, rejected = snapshot(client), client.stats()[0]["rejected"]
+    with grpc.insecure_channel(client.servers[0]) as channel:
+        call = channel.unary_unary(f"/ps.ParameterServer/{method}")  # raw bytes, no serializer
+        with pytest.raises(grpc.RpcError) as info:
+            call(payload, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert "malformed message" in info.value.details()
+    after = snapshot(client)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert client.stats()[0]["rejected"] == rejected + 1
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -126,8 +126,9 @@ def test_compressed_pushes_carry_fewer_bytes_and_apply_in_fp32(servers, compress
 def test_an_unknown_compression_is_refused():
     from ps.errors import InvalidArgument
 
-    with pytest.raises(InvalidArgument, match="compress"):
-        PSClient(["127.0.0.1:1"], compress="int8", connect_timeout=0.1)
+    for spec in ("int8", "topk:0", "topk:2"):
+        with pytest.raises(InvalidArgument, match="compress"):
+            PSClient(["127.0.0.1:1"], compress=spec, connect_timeout=0.1)
 
 
 @pytest.mark.parametrize("partition_bytes", [4096, 1 << 22], ids=["several-requests", "one-round-trip"])
@@ -143,5 +144,21 @@ def test_push_pull_equals_a_push_then_a_pull(servers, partition_bytes):
         assert torch.equal(into["w"], -torch.ones(3000))
         assert c.versions == [1, 1]
         assert torch.equal(c.pull(1)["b"], -torch.ones(5))
+    finally:
+        c.close()
+
+
+def test_topk_pushes_send_the_largest_entries_and_the_rest_later(servers):
+    (srv,) = servers(mode="async")
+    c = PSClient([srv.address], "a", compress="topk:0.5")
+    try:
+        c.setup({"w": torch.zeros(4)}, SGD1)
+        before = srv.shard.stats()["bytes_pushed"]
+        grad = torch.tensor([4.0, 3.0, 2.0, 1.0])
+        c.push({"w": grad}, 0)
+        assert srv.shard.stats()["bytes_pushed"] - before == 2 * 8  # two (int32 position, fp32 value) pairs
+        assert torch.equal(c.pull(1)["w"], torch.tensor([-4.0, -3.0, 0.0, 0.0]))
+        c.push({"w": grad}, 1)  # owed [0, 0, 2, 1] + grad = [4, 3, 4, 2]: positions 0 and 2 go
+        assert torch.equal(c.pull(2)["w"], torch.tensor([-8.0, -3.0, -4.0, 0.0]))
     finally:
         c.close()

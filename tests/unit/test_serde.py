@@ -4,7 +4,8 @@ import torch
 from ps.config import OptimizerConfig
 from ps.errors import InvalidArgument
 from ps.proto import ps_pb2 as pb
-from ps.serde import (optimizer_from_proto, optimizer_to_proto, plan_from_proto, plan_to_proto, stats_from_proto, tensor_into,
+from ps import wire
+from ps.serde import (sparse_frame, optimizer_from_proto, optimizer_to_proto, plan_from_proto, plan_to_proto, stats_from_proto, tensor_into,
                       stats_to_proto, tensor_from_proto, tensor_to_proto)
 from ps.sharding import ParamSpec, make_plan
 
@@ -81,3 +82,28 @@ def test_decoding_into_a_tensor_that_does_not_fit_is_refused(msg):
     with pytest.raises(InvalidArgument, match="does not fit"):
         tensor_into(msg, out)
     assert torch.equal(out, torch.zeros(4))
+
+
+def _sparse(indices, values, shape=(6,)):
+    frame = wire.push_frame(pb.PushRequest(), [sparse_frame("k", list(shape), torch.tensor(indices), torch.tensor(values))])
+    return pb.PushRequest.FromString(frame.tobytes()).grads[0]  # parsed by protobuf itself
+
+
+def test_a_sparse_tensor_decodes_dense_and_repeated_positions_add_up():
+    back = tensor_from_proto(_sparse([4, 0, 4], [1.0, 2.0, 3.0], (2, 3)))
+    assert torch.equal(back, torch.tensor([[2.0, 0, 0], [0, 4.0, 0]]))
+
+
+@pytest.mark.parametrize("mutate, rule", [
+    (lambda m: setattr(m, "indices", m.indices[:-1]), "multiple of 4"),
+    (lambda m: setattr(m, "data", m.data[:-4]), "one value per position"),
+    (lambda m: setattr(m, "indices", torch.tensor([0, 6], dtype=torch.int32).numpy().tobytes()), r"\[0, 6\)"),
+    (lambda m: setattr(m, "indices", torch.tensor([-1, 2], dtype=torch.int32).numpy().tobytes()), r"\[0, 6\)"),
+    (lambda m: (setattr(m, "indices", torch.zeros(7, dtype=torch.int32).numpy().tobytes()),
+                setattr(m, "data", torch.zeros(7).numpy().tobytes())), "at most 6 positions"),
+])
+def test_malformed_sparse_tensors_are_refused_with_the_rule(mutate, rule):
+    msg = _sparse([1, 2], [1.0, 2.0])
+    mutate(msg)
+    with pytest.raises(InvalidArgument, match=rule):
+        tensor_from_proto(msg)

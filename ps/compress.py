@@ -1,0 +1,78 @@
+"""Gradient compression on the wire (`--compress`).
+
+- `none`: gradients travel in their own dtype.
+- `fp16`, `bf16`: cast before sending (half the bytes of fp32); servers apply in fp32.
+- `topk:R` (0 < R <= 1): per slice, only the R fraction of entries largest in magnitude travel, as
+  (int32 position, fp32 value) pairs, with error feedback: what was not sent is kept on the worker
+  and added to the next gradient of that slice, so every gradient entry reaches the servers
+  eventually (Stich et al., "Sparsified SGD with Memory", NeurIPS 2018; Lin et al., "Deep Gradient
+  Compression", ICLR 2018).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ps.errors import InvalidArgument
+
+CASTS = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+RULE = "none, fp16, bf16 or topk:R with 0 < R <= 1"
+
+
+def parse(spec: str) -> tuple[str, float]:
+    """("none" | "fp16" | "bf16", 0.0) or ("topk", R); InvalidArgument names the rule."""
+    if spec in CASTS:
+        return spec, 0.0
+    kind, _, ratio = spec.partition(":")
+    if kind == "topk":
+        try:
+            r = float(ratio)
+        except ValueError:
+            r = math.nan
+        if 0 < r <= 1:
+            return "topk", r
+    raise InvalidArgument(f"compress ({spec!r}) must be {RULE}")
+
+
+def check(spec: str) -> str:
+    """argparse `type=` and config validation: the spec itself, if valid."""
+    parse(spec)
+    return spec
+
+
+class Compressor:
+    """Encodes one worker's gradient slices; keeps the top-k residuals between steps."""
+
+    def __init__(self, spec: str = "none"):
+        self.kind, self.ratio = parse(spec)
+        self.cast = CASTS.get(self.kind)
+        self.residual: dict[str, torch.Tensor] = {}
+
+    @property
+    def sparse(self) -> bool:
+        return self.kind == "topk"
+
+    def wire_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype slices are split in before encoding (top-k accumulates in fp32)."""
+        return torch.float32 if self.sparse else (self.cast or dtype)
+
+    def wire_bytes(self, length: int, itemsize: int) -> int:
+        """Bytes a slice of `length` elements takes on the wire (for batching requests)."""
+        return 8 * self.keep(length) if self.sparse else length * itemsize
+
+    def keep(self, length: int) -> int:
+        return min(length, max(1, math.ceil(self.ratio * length)))
+
+    def sparsify(self, key: str, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int32 positions, fp32 values) of the largest entries of grad + residual; the rest
+        becomes the new residual of `key`."""
+        flat = grad.reshape(-1).to(torch.float32)
+        acc = self.residual.get(key)
+        acc = flat.clone() if acc is None else acc.add_(flat)
+        idx = acc.abs().topk(self.keep(acc.numel()), sorted=False).indices
+        values = acc[idx]
+        acc[idx] = 0
+        self.residual[key] = acc
+        return idx.to(torch.int32), values

@@ -1,0 +1,330 @@
+"""The tensor-carrying messages (PushRequest, PullResponse, PushPullRequest, PushPullResponse)
+written and read without protobuf touching the tensor bytes.
+
+The bytes on the wire are exactly the messages of proto/ps/proto/ps.proto: protobuf's encoding is
+a sequence of (tag, value) fields, and a message written as several pieces joined together is the
+message with all their fields. So the small fields go through protobuf as usual, and each
+tensor's `data` (and `indices`) field is written here as a tag, a length and the tensor's own
+memory, all joined into the outgoing bytes in one copy. Reading walks the fields of the received
+bytes, hands everything but the tensor payloads to protobuf, and returns the payloads as
+read-only memoryviews of the received bytes (no copy). Any other client speaking the .proto
+interoperates; the generated stubs work against a ps-server unchanged.
+
+A reader never raises on hostile bytes: it returns `Malformed`, which the servicer answers with
+INVALID_ARGUMENT (a deserializer that raised would give INTERNAL).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from ps.proto import ps_pb2 as pb
+
+_LEN = 2  # wire type of length-delimited fields
+# Field numbers in ps.proto.
+_TENSOR_DATA, _TENSOR_INDICES = 4, 5
+_PUSH_GRADS = 5
+_PULL_TENSORS = 1
+_PUSHPULL_PUSH, _PUSHPULL_PULL = 1, 2
+_MAX_FIELDS = 1 << 20  # a message with more fields than this is hostile
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _len_field(number: int, length: int) -> bytes:
+    return varint(number << 3 | _LEN) + varint(length)
+
+
+@dataclass
+class Frame:
+    """An outgoing message as pieces (bytes or buffers) that are joined once, when sent."""
+
+    chunks: list = field(default_factory=list)
+    size: int = 0
+
+    @classmethod
+    def of(cls, *chunks) -> Frame:
+        f = cls()
+        for c in chunks:
+            f.add(c)
+        return f
+
+    def add(self, chunk) -> None:
+        self.chunks.append(chunk)
+        self.size += memoryview(chunk).nbytes
+
+    def add_message(self, number: int, inner: Frame) -> None:
+        """`inner` as field `number` of this message."""
+        self.add(_len_field(number, inner.size))
+        self.chunks += inner.chunks
+        self.size += inner.size
+
+    def tobytes(self) -> bytes:
+        if len(self.chunks) == 1 and isinstance(self.chunks[0], bytes):
+            return self.chunks[0]
+        return b"".join(self.chunks)
+
+
+def tensor_frame(key: str, dtype: str, shape, data, indices=None) -> Frame:
+    """A Tensor message; `data` and `indices` are buffers (memoryview, numpy array, bytes)."""
+    f = Frame()
+    f.add(pb.Tensor(key=key, dtype=dtype, shape=list(shape)).SerializeToString())
+    for number, payload in ((_TENSOR_DATA, data), (_TENSOR_INDICES, indices)):
+        if payload is not None:
+            view = memoryview(payload).cast("B")
+            if view.nbytes:
+                f.add(_len_field(number, view.nbytes))
+                f.add(view)
+    return f
+
+
+def push_frame(header: pb.PushRequest, tensors: list[Frame]) -> Frame:
+    """A PushRequest: `header`'s fields (no grads) and the tensors as its `grads`."""
+    f = Frame()
+    f.add(header.SerializeToString())
+    for t in tensors:
+        f.add_message(_PUSH_GRADS, t)
+    return f
+
+
+def pull_response_frame(version: int, min_clock: int, tensors: list[Frame]) -> Frame:
+    f = Frame()
+    f.add(pb.PullResponse(version=version, min_clock=min_clock).SerializeToString())
+    for t in tensors:
+        f.add_message(_PULL_TENSORS, t)
+    return f
+
+
+def push_pull_request_frame(push: Frame, pull_keys: list[str]) -> Frame:
+    f = Frame()
+    f.add_message(_PUSHPULL_PUSH, push)
+    f.add(pb.PushPullRequest(pull_keys=pull_keys).SerializeToString())
+    return f
+
+
+def push_pull_response_frame(push: pb.PushResponse, pull: Frame) -> Frame:
+    f = Frame()
+    f.add(pb.PushPullResponse(push=push).SerializeToString())
+    f.add_message(_PUSHPULL_PULL, pull)
+    return f
+
+
+def serialize(message) -> bytes:
+    """gRPC serializer for a Frame or a protobuf message."""
+    return message.tobytes() if isinstance(message, Frame) else message.SerializeToString()
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+class _Bad(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """What a reader returns for bytes that are not a valid message."""
+
+    reason: str
+
+
+@dataclass
+class WireTensor:
+    """A received Tensor whose payloads are read-only views of the received bytes."""
+
+    key: str
+    dtype: str
+    shape: tuple
+    data: memoryview
+    indices: memoryview
+
+
+@dataclass
+class PushIn:
+    """A received PushRequest: its scalar fields in `header`, its grads as WireTensors."""
+
+    header: pb.PushRequest
+    grads: list[WireTensor]
+
+
+@dataclass
+class PullIn:
+    header: pb.PullResponse
+    tensors: list[WireTensor]
+
+
+@dataclass
+class PushPullIn:
+    push: PushIn
+    pull_keys: list[str]
+
+
+@dataclass
+class PushPullOut:
+    push: pb.PushResponse
+    pull: PullIn
+
+
+def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise _Bad("truncated or overlong varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf: memoryview, start: int, end: int):
+    """(number, wire type, field start, value start, end) of each field."""
+    pos, n = start, 0
+    while pos < end:
+        n += 1
+        if n > _MAX_FIELDS:
+            raise _Bad("too many fields")
+        field_start = pos
+        tag, pos = _read_varint(buf, pos, end)
+        number, wire_type = tag >> 3, tag & 7
+        if number == 0:
+            raise _Bad("field number 0")
+        if wire_type == 0:
+            value_start = pos
+            _, pos = _read_varint(buf, pos, end)
+            yield number, wire_type, field_start, value_start, pos
+        elif wire_type == 1 or wire_type == 5:
+            value_start = pos
+            pos += 8 if wire_type == 1 else 4
+            if pos > end:
+                raise _Bad("truncated fixed-width field")
+            yield number, wire_type, field_start, value_start, pos
+        elif wire_type == _LEN:
+            length, pos = _read_varint(buf, pos, end)
+            if length > end - pos:
+                raise _Bad(f"field {number} declares {length} bytes but {end - pos} remain")
+            yield number, wire_type, field_start, pos, pos + length
+            pos += length
+        else:
+            raise _Bad(f"unsupported wire type {wire_type}")
+
+
+def _split(buf: memoryview, start: int, end: int, wanted: set[int], cls):
+    """Parse everything but the LEN fields numbered in `wanted` with protobuf (`cls`); return
+    (message, [(number, start, end) of the wanted fields in order])."""
+    rest, picked, run_start = [], [], start
+    for number, wire_type, field_start, s, e in _fields(buf, start, end):
+        if number in wanted:
+            if wire_type != _LEN:
+                raise _Bad(f"field {number} must be length-delimited")
+            rest.append(buf[run_start:field_start])  # the other fields since the last wanted one
+            picked.append((number, s, e))
+            run_start = e
+    rest.append(buf[run_start:end])
+    return cls.FromString(b"".join(rest)), picked
+
+
+def _tensor(buf: memoryview, start: int, end: int) -> WireTensor:
+    header, picked = _split(buf, start, end, {_TENSOR_DATA, _TENSOR_INDICES}, pb.Tensor)
+    payload = {_TENSOR_DATA: buf[0:0], _TENSOR_INDICES: buf[0:0]}
+    for number, s, e in picked:  # the last occurrence wins, as in protobuf
+        payload[number] = buf[s:e]
+    return WireTensor(header.key, header.dtype, tuple(header.shape), payload[_TENSOR_DATA], payload[_TENSOR_INDICES])
+
+
+def _push(buf: memoryview, start: int, end: int) -> PushIn:
+    header, picked = _split(buf, start, end, {_PUSH_GRADS}, pb.PushRequest)
+    return PushIn(header, [_tensor(buf, s, e) for _, s, e in picked])
+
+
+def _pull(buf: memoryview, start: int, end: int) -> PullIn:
+    header, picked = _split(buf, start, end, {_PULL_TENSORS}, pb.PullResponse)
+    return PullIn(header, [_tensor(buf, s, e) for _, s, e in picked])
+
+
+def _nested(buf: memoryview, start: int, end: int, number: int, cls, read):
+    """A message whose field `number` is read with `read` (the last occurrence wins; an absent
+    one reads as empty) and the rest with protobuf."""
+    header, picked = _split(buf, start, end, {number}, cls)
+    s, e = picked[-1][1:] if picked else (0, 0)
+    return header, read(buf, s, e)
+
+
+def _reader(read):
+    def deserialize(data: bytes):
+        buf = memoryview(data)
+        try:
+            return read(buf, 0, len(buf))
+        except (_Bad, DecodeError, ValueError, RecursionError) as e:
+            return Malformed(f"malformed message ({len(data)} bytes): {e}")
+
+    return deserialize
+
+
+def _push_pull_request(buf: memoryview, start: int, end: int) -> PushPullIn:
+    header, push = _nested(buf, start, end, _PUSHPULL_PUSH, pb.PushPullRequest, _push)
+    return PushPullIn(push, list(header.pull_keys))
+
+
+def _push_pull_response(buf: memoryview, start: int, end: int) -> PushPullOut:
+    header, pull = _nested(buf, start, end, _PUSHPULL_PULL, pb.PushPullResponse, _pull)
+    return PushPullOut(header.push, pull)
+
+
+read_push = _reader(_push)
+read_pull_response = _reader(_pull)
+read_push_pull_request = _reader(_push_pull_request)
+read_push_pull_response = _reader(_push_pull_response)
+
+
+# -- gRPC plumbing ---------------------------------------------------------------------------------
+
+SERVICE = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name  # "ps.ParameterServer"
+# Methods whose tensor-carrying side is written or read here: (request reader, response reader).
+_FAST = {
+    "Push": (read_push, pb.PushResponse.FromString),
+    "Pull": (pb.PullRequest.FromString, read_pull_response),
+    "PushPull": (read_push_pull_request, read_push_pull_response),
+}
+
+
+def _methods():
+    for m in pb.DESCRIPTOR.services_by_name["ParameterServer"].methods:  # as declared in ps.proto
+        yield m.name, getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
+
+
+class Stub:
+    """Client stub of the ParameterServer service: every method takes a protobuf message or a
+    Frame; Pull and PushPull answer PullIn / PushPullOut (tensor payloads as memoryviews)."""
+
+    def __init__(self, channel):
+        for name, request_cls, response_cls in _methods():
+            reader = _FAST[name][1] if name in _FAST else response_cls.FromString
+            setattr(self, name, channel.unary_unary(f"/{SERVICE}/{name}", request_serializer=serialize,
+                                                    response_deserializer=reader))
+
+
+def handler(servicer) -> grpc.GenericRpcHandler:
+    """The service's handler for a gRPC server: Push and PushPull requests arrive as PushIn /
+    PushPullIn (or Malformed); every method may answer a Frame or a protobuf message."""
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=_FAST[name][0] if name in _FAST else request_cls.FromString,
+            response_serializer=serialize)
+        for name, request_cls, _ in _methods()
+    }
+    return grpc.method_handlers_generic_handler(SERVICE, handlers)
