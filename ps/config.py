@@ -83,6 +83,7 @@ class ServerConfig:
     staleness_lr: bool = False
     backup_workers: int = 0
     threads: int = 64
+    auth_token: str = field(default="", repr=False)  # "": no authentication
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, f"port ({self.port}) must be in [0, 65535]")
@@ -131,6 +132,7 @@ class WorkerConfig:
     recompute: bool = False  # activation recomputation (models that support it)
     straggler: float = 1.0  # fault injection: this worker's steps take this many times longer
     kill_at: int = -1       # fault injection: SIGKILL this worker when it reaches this step (-1: never)
+    auth_token: str = field(default="", repr=False)  # sent with every RPC when the servers require one
 
     def __post_init__(self) -> None:
         _check(len(self.servers) >= 1, "servers must name at least one host:port")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -20,6 +21,58 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 def env_name(flag: str) -> str:
     return "PS_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def cluster_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ`, plus PS_* defaults read from a TF_CONFIG-style cluster spec in TF_CONFIG:
+    {"cluster": {"ps": [host:port, ...], "chief": [...], "worker": [...]},
+     "task": {"type": "ps" | "chief" | "worker", "index": i}}.
+    PS_* variables set explicitly win over the spec; flags win over both."""
+    raw = environ.get("TF_CONFIG", "")
+    if not raw.strip():
+        return dict(environ)
+    try:
+        spec = json.loads(raw)
+        cluster, task = spec.get("cluster", {}), spec.get("task", {})
+        servers, chief, workers = (list(cluster.get(k, [])) for k in ("ps", "chief", "worker"))
+        kind, index = task.get("type", ""), int(task.get("index", 0))
+    except (ValueError, AttributeError, TypeError) as e:
+        raise InvalidArgument(f"TF_CONFIG must be JSON {{'cluster': {{'ps': [...], 'worker': [...]}}, "
+                              f"'task': {{'type': ..., 'index': ...}}}}: {e}") from None
+    if not servers or not all(isinstance(s, str) and ":" in s for s in servers):
+        raise InvalidArgument(f"TF_CONFIG cluster.ps ({servers!r}) must list the servers as host:port")
+    members = {"ps": servers, "chief": chief, "worker": workers}
+    if kind not in members or not 0 <= index < len(members[kind]):
+        raise InvalidArgument(f"TF_CONFIG task ({task!r}) must be a type among ps, chief, worker with an index "
+                              "into its cluster list")
+    out = {"PS_SERVERS": ",".join(servers), "PS_NUM_SHARDS": str(len(servers)),
+           "PS_NUM_WORKERS": str(max(1, len(chief) + len(workers)))}
+    if kind == "ps":
+        out.update(PS_SHARD_ID=str(index), PS_PORT=servers[index].rpartition(":")[2])
+    else:
+        out["PS_RANK"] = str(index + (len(chief) if kind == "worker" else 0))
+    return {**out, **environ}
+
+
+def add_auth_flags(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
+    add_flag(parser, "--auth-token", env=env, default="",
+             help="shared secret every RPC must carry (health checks excepted); prefer the env variable or a file")
+    add_flag(parser, "--auth-token-file", env=env, default="", help="read the auth token from this file (a secret)")
+
+
+def auth_token_from_args(args: argparse.Namespace) -> str:
+    if args.auth_token and args.auth_token_file:
+        raise InvalidArgument("give the auth token once: --auth-token or --auth-token-file, not both")
+    if not args.auth_token_file:
+        return args.auth_token
+    try:
+        with open(args.auth_token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise InvalidArgument(f"auth token file ({args.auth_token_file!r}) cannot be read: {e.strerror}") from None
+    if not token:
+        raise InvalidArgument(f"auth token file ({args.auth_token_file!r}) is empty")
+    return token
 
 
 def add_flag(parser: argparse.ArgumentParser, flag: str, *, env: Mapping[str, str] | None = None,

@@ -55,8 +55,13 @@ def _forward(name: str, stream: IO[str], out: IO[str]) -> None:
         out.flush()
 
 
+# A local cluster on loopback defines its own topology and needs no token: settings meant for a
+# real cluster must not leak into its processes (the launcher's own client would lack them).
+_CLUSTER_ONLY = ("TF_CONFIG", "PS_AUTH_TOKEN", "PS_AUTH_TOKEN_FILE")
+
+
 def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in _CLUSTER_ONLY}
     env.setdefault("OMP_NUM_THREADS", "1")  # N processes on few cores: no oversubscription
     env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import signal
 import sys
 import threading
 from typing import Mapping, Sequence
 
-from ps.cli.common import add_flag, run_main, setup_logging
+from ps.cli.common import add_auth_flags, add_flag, auth_token_from_args, cluster_env, run_main, setup_logging
 from ps.config import MODES, ServerConfig
 from ps.server.app import create_server
 
@@ -19,7 +20,9 @@ READY_PREFIX = "ps-server listening on "
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ps-server", description="Serve one shard of the parameter server.")
+    p = argparse.ArgumentParser(prog="ps-server", description="Serve one shard of the parameter server. "
+                                "A TF_CONFIG cluster spec in the environment gives defaults for the shard flags.")
+    env = cluster_env(os.environ if env is None else env)
     add_flag(p, "--host", env=env, default="127.0.0.1", help="address to bind (loopback unless you mean it)")
     add_flag(p, "--port", env=env, default=0, type=int, help="port to bind; 0 picks a free one (printed)")
     add_flag(p, "--shard-id", env=env, default=0, type=int, help="this server's shard index")
@@ -34,6 +37,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add_flag(p, "--backup-workers", env=env, default=0, type=int,
              help="sync: a step completes when all but this many workers have pushed (late pushes dropped)")
     add_flag(p, "--threads", env=env, default=64, type=int, help="gRPC handler threads")
+    add_auth_flags(p, env)
     add_flag(p, "--verbose", env=env, action="store_true", default=False, help="debug logging")
     return p
 
@@ -43,7 +47,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         host=args.host, port=int(args.port), shard_id=int(args.shard_id), num_shards=int(args.num_shards),
         mode=args.mode, staleness=int(args.staleness), num_workers=int(args.num_workers),
         worker_timeout=float(args.worker_timeout), staleness_lr=bool(args.staleness_lr),
-        backup_workers=int(args.backup_workers), threads=int(args.threads),
+        backup_workers=int(args.backup_workers), threads=int(args.threads), auth_token=auth_token_from_args(args),
     )
 
 
@@ -57,8 +61,9 @@ def _is_loopback(host: str) -> bool:
 
 
 def run(cfg: ServerConfig, stop: threading.Event | None = None) -> int:
-    if not _is_loopback(cfg.host):
-        log.warning("binding %s: this server is reachable beyond this machine and accepts any client", cfg.host)
+    if not _is_loopback(cfg.host) and not cfg.auth_token:
+        log.warning("binding %s WITHOUT AN AUTH TOKEN: this server is reachable beyond this machine and accepts "
+                    "any client; set --auth-token-file or PS_AUTH_TOKEN", cfg.host)
     server = create_server(cfg)
     print(f"{READY_PREFIX}{cfg.host}:{server.port} (shard {cfg.shard_id}/{cfg.num_shards}, mode {cfg.mode})", flush=True)
     stop = stop or threading.Event()

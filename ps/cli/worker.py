@@ -9,7 +9,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ps.cli.common import add_flag, add_training_flags, optimizer_from_args, run_main, setup_logging
+from ps.cli.common import (add_auth_flags, add_flag, add_training_flags, auth_token_from_args, cluster_env,
+                           optimizer_from_args, run_main, setup_logging)
 from ps.config import WorkerConfig
 from ps.data import Datasets, load_data
 from ps.errors import InvalidArgument
@@ -22,7 +23,9 @@ from ps.worker.trainer import TrainResult, resolve_device, train
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ps-worker", description="Train against ps-server shards.")
+    p = argparse.ArgumentParser(prog="ps-worker", description="Train against ps-server shards. A TF_CONFIG "
+                                "cluster spec in the environment gives defaults for --servers, --rank, --num-workers.")
+    env = cluster_env(os.environ if env is None else env)
     add_flag(p, "--servers", env=env, default="", help="comma-separated host:port of every shard, in shard order")
     add_flag(p, "--rank", env=env, default=0, type=int, help="this worker's index (picks its data shard)")
     add_flag(p, "--num-workers", env=env, default=1, type=int, help="number of data-parallel workers")
@@ -33,6 +36,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
              help="fault injection: make each step take this many times longer")
     add_flag(p, "--kill-at", env=env, default=-1, type=int,
              help="fault injection: SIGKILL this worker when it reaches this step (-1: never)")
+    add_auth_flags(p, env)
     add_flag(p, "--no-progress", env=env, action="store_true", default=False, help="no progress bar")
     add_flag(p, "--verbose", env=env, action="store_true", default=False, help="debug logging")
     return p
@@ -48,7 +52,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         log_dir=args.log_dir, eval_every=int(args.eval_every), partition_bytes=int(args.partition_bytes),
         progress=not args.no_progress, connect_timeout=float(args.connect_timeout),
         straggler=float(args.straggler), kill_at=int(args.kill_at), tp=int(args.tp), compress=args.compress,
-        micro_batches=int(args.micro_batches), recompute=bool(args.recompute),
+        micro_batches=int(args.micro_batches), recompute=bool(args.recompute), auth_token=auth_token_from_args(args),
     )
 
 
@@ -98,7 +102,8 @@ def run_rank(cfg: WorkerConfig, tp: TPGroup) -> TrainResult:
     worker_id = cfg.worker_id if tp.size == 1 else f"{cfg.worker_id}-tp{tp.rank}"
     progress = Progress(cfg)
     with PSClient(cfg.servers, worker_id, partition_bytes=cfg.partition_bytes,
-                  connect_timeout=cfg.connect_timeout, compress=cfg.compress) as client:
+                  connect_timeout=cfg.connect_timeout, compress=cfg.compress,
+                  auth_token=cfg.auth_token) as client:
         try:
             result = train(cfg, client, model, data, on_step=progress, binding=binding)
         finally:

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ps import wire
 from ps.config import ServerConfig, grpc_options
+from ps.server.auth import TokenInterceptor
 from ps.server.optim import warm_up
 from ps.server.servicer import ParameterServerServicer
 from ps.server.shard import Shard
@@ -55,7 +56,9 @@ def create_server(cfg: ServerConfig) -> RunningServer:
     """Start serving `cfg` and return at once; the caller owns the returned server."""
     warm_up()
     shard = Shard(cfg)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.threads), options=grpc_options())
+    interceptors = (TokenInterceptor(cfg.auth_token),) if cfg.auth_token else ()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.threads), options=grpc_options(),
+                         interceptors=interceptors)
     server.add_generic_rpc_handlers((wire.handler(ParameterServerServicer(shard)),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

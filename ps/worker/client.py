@@ -41,6 +41,7 @@ from ps.errors import InvalidArgument, PSError, Unavailable, UnknownWorker, erro
 from ps.proto import ps_pb2 as pb
 from ps.serde import (optimizer_to_proto, plan_to_proto, sparse_frame, stats_from_proto, tensor_frame, tensor_into,
                       tensor_to_proto)
+from ps.server.auth import bearer
 from ps.server.servicer import ERROR_CLASS_KEY
 from ps.sharding import ParamSpec, Plan, Slice, dtype_name, make_plan
 
@@ -122,10 +123,11 @@ class PSClient:
     def __init__(self, servers: Sequence[str], worker_id: str | None = None, *,
                  partition_bytes: int = DEFAULT_PARTITION_BYTES, connect_timeout: float = 60.0,
                  retry_timeout: float = 60.0, rpc_timeout: float = 120.0, heartbeat: bool = True,
-                 compress: str = "none"):
+                 compress: str = "none", auth_token: str = ""):
         if not servers:
             raise PSError("servers must name at least one host:port")
         self._compressor = Compressor(compress)  # validates the spec
+        self._metadata = bearer(auth_token) if auth_token else None
         self.servers = list(servers)
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
         self.partition_bytes = partition_bytes
@@ -168,7 +170,7 @@ class PSClient:
         rpc_timeout = self.rpc_timeout if timeout is _DEFAULT else timeout
         while True:
             try:
-                return getattr(self._stubs[shard], method)(request, timeout=rpc_timeout)
+                return getattr(self._stubs[shard], method)(request, timeout=rpc_timeout, metadata=self._metadata)
             except grpc.RpcError as e:
                 meta = dict(e.trailing_metadata() or ())
                 err = error_from_wire(e.code().name, meta.get(ERROR_CLASS_KEY), e.details() or "")
@@ -188,7 +190,8 @@ class PSClient:
         Python threads in between; encoding overlaps sending) and return (shard, response) pairs
         in order. A call that fails is redone through `_call`, which retries, registers again and
         maps errors (pushes and pulls are safe to repeat)."""
-        issued = [(call, getattr(self._stubs[call[0]], call[1]).future(call[2], timeout=call[3])) for call in calls]
+        issued = [(call, getattr(self._stubs[call[0]], call[1]).future(call[2], timeout=call[3], metadata=self._metadata))
+                  for call in calls]
         out = []
         for (k, m, req, t), f in issued:
             try:

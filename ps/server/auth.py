@@ -1,0 +1,40 @@
+"""Bearer-token authentication of every RPC but the health check (which probes must reach)."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+import grpc
+
+log = logging.getLogger("ps.server")
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries `token` (what PSClient sends)."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+def _deny(request, context):
+    context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong auth token (send 'authorization: Bearer <token>')")
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Lets a call through only with `authorization: Bearer <token>`; health checks always pass.
+    A refused call never reaches the servicer (its request is not even parsed)."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+        self._denied = grpc.unary_unary_rpc_method_handler(_deny)  # raw bytes in, nothing decoded
+        self.refused = 0
+
+    def intercept_service(self, continuation, details):
+        if details.method.startswith(HEALTH_PREFIX):
+            return continuation(details)
+        got = next((v for k, v in details.invocation_metadata if k == "authorization"), "")
+        if hmac.compare_digest(got.encode() if isinstance(got, str) else got, self._expected):
+            return continuation(details)
+        self.refused += 1
+        log.warning("refused %s: missing or wrong auth token", details.method)
+        return self._denied
