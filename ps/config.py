@@ -34,6 +34,18 @@ def _check(ok: bool, message: str) -> None:
         raise InvalidArgument(message)
 
 
+def checkpoint_interval(spec: str) -> tuple[float, int]:
+    """(seconds, 0) for "30s", (0, steps) for "500"; InvalidArgument names the rule."""
+    s = spec.strip()
+    try:
+        value = float(s[:-1]) if s.endswith("s") else int(s)
+    except ValueError:
+        value = 0
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidArgument(f"checkpoint_every ({spec!r}) must be seconds like '30s' or a number of updates like '500'")
+    return (float(value), 0) if s.endswith("s") else (0.0, int(value))
+
+
 def check_partition_bytes(partition_bytes: int) -> None:
     """Slices must fit in one message with room to spare."""
     limit = MAX_MESSAGE_BYTES - MESSAGE_HEADROOM_BYTES
@@ -84,6 +96,10 @@ class ServerConfig:
     backup_workers: int = 0
     threads: int = 64
     auth_token: str = field(default="", repr=False)  # "": no authentication
+    checkpoint_dir: str = ""       # "": no checkpoints
+    checkpoint_every: str = "60s"  # "Ns": every N seconds; "N": every N versions (applied updates)
+    restore: bool = False          # resume from the newest usable checkpoint in checkpoint_dir
+    restore_if_present: bool = False  # the same, but start fresh when there is no checkpoint yet
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, f"port ({self.port}) must be in [0, 65535]")
@@ -103,6 +119,9 @@ class ServerConfig:
         _check(self.backup_workers == 0 or self.mode == "sync",
                f"backup_workers ({self.backup_workers}) applies to sync mode only, not {self.mode!r}")
         _check(self.threads >= 4, f"threads ({self.threads}) must be >= 4")
+        checkpoint_interval(self.checkpoint_every)
+        _check(not (self.restore or self.restore_if_present) or bool(self.checkpoint_dir),
+               "restore needs a checkpoint_dir to restore from")
 
 
 @dataclass(frozen=True)

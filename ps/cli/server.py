@@ -38,6 +38,14 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
              help="sync: a step completes when all but this many workers have pushed (late pushes dropped)")
     add_flag(p, "--threads", env=env, default=64, type=int, help="gRPC handler threads")
     add_auth_flags(p, env)
+    add_flag(p, "--checkpoint-dir", env=env, default="", help="write checkpoints here (safetensors + JSON)")
+    add_flag(p, "--checkpoint-every", env=env, default="60s",
+             help="'Ns': every N seconds; 'N': every N applied updates (and always on SIGTERM)")
+    add_flag(p, "--restore", env=env, action="store_true", default=False,
+             help="resume from the newest usable checkpoint in --checkpoint-dir")
+    add_flag(p, "--restore-if-present", env=env, action="store_true", default=False,
+             help="--restore when --checkpoint-dir holds a checkpoint of this shard, else start fresh "
+                  "(for containers that restart)")
     add_flag(p, "--verbose", env=env, action="store_true", default=False, help="debug logging")
     return p
 
@@ -48,6 +56,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         mode=args.mode, staleness=int(args.staleness), num_workers=int(args.num_workers),
         worker_timeout=float(args.worker_timeout), staleness_lr=bool(args.staleness_lr),
         backup_workers=int(args.backup_workers), threads=int(args.threads), auth_token=auth_token_from_args(args),
+        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, restore=bool(args.restore),
+        restore_if_present=bool(args.restore_if_present),
     )
 
 

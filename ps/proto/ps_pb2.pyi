@@ -60,14 +60,16 @@ class OptimizerSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_id", "plan_fingerprint", "clock")
+    __slots__ = ("worker_id", "plan_fingerprint", "clock", "seen_version")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
+    SEEN_VERSION_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     plan_fingerprint: str
     clock: int
-    def __init__(self, worker_id: _Optional[str] = ..., plan_fingerprint: _Optional[str] = ..., clock: _Optional[int] = ...) -> None: ...
+    seen_version: int
+    def __init__(self, worker_id: _Optional[str] = ..., plan_fingerprint: _Optional[str] = ..., clock: _Optional[int] = ..., seen_version: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("initialized", "clock", "version", "mode", "staleness", "num_workers", "worker_timeout", "shard_id", "num_shards", "backup_workers")
@@ -210,7 +212,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("shard_id", "mode", "version", "clocks", "staleness_histogram", "active_workers", "pushes", "pulls", "rejected", "evictions", "dropped", "duplicates", "initialized", "num_keys", "num_elements", "bytes_pushed", "bytes_pulled", "backup_workers")
+    __slots__ = ("shard_id", "mode", "version", "clocks", "staleness_histogram", "active_workers", "pushes", "pulls", "rejected", "evictions", "dropped", "duplicates", "initialized", "num_keys", "num_elements", "bytes_pushed", "bytes_pulled", "backup_workers", "lost_updates", "checkpoints")
     class ClocksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +245,8 @@ class StatsResponse(_message.Message):
     BYTES_PUSHED_FIELD_NUMBER: _ClassVar[int]
     BYTES_PULLED_FIELD_NUMBER: _ClassVar[int]
     BACKUP_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    LOST_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     mode: str
     version: int
@@ -261,4 +265,6 @@ class StatsResponse(_message.Message):
     bytes_pushed: int
     bytes_pulled: int
     backup_workers: int
-    def __init__(self, shard_id: _Optional[int] = ..., mode: _Optional[str] = ..., version: _Optional[int] = ..., clocks: _Optional[_Mapping[str, int]] = ..., staleness_histogram: _Optional[_Mapping[int, int]] = ..., active_workers: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., dropped: _Optional[int] = ..., duplicates: _Optional[int] = ..., initialized: _Optional[bool] = ..., num_keys: _Optional[int] = ..., num_elements: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., bytes_pulled: _Optional[int] = ..., backup_workers: _Optional[int] = ...) -> None: ...
+    lost_updates: int
+    checkpoints: int
+    def __init__(self, shard_id: _Optional[int] = ..., mode: _Optional[str] = ..., version: _Optional[int] = ..., clocks: _Optional[_Mapping[str, int]] = ..., staleness_histogram: _Optional[_Mapping[int, int]] = ..., active_workers: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., dropped: _Optional[int] = ..., duplicates: _Optional[int] = ..., initialized: _Optional[bool] = ..., num_keys: _Optional[int] = ..., num_elements: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., bytes_pulled: _Optional[int] = ..., backup_workers: _Optional[int] = ..., lost_updates: _Optional[int] = ..., checkpoints: _Optional[int] = ...) -> None: ...

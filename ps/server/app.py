@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -12,7 +13,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ps import wire
-from ps.config import ServerConfig, grpc_options
+from ps.config import ServerConfig, checkpoint_interval, grpc_options
+from ps.server import checkpoint
 from ps.server.auth import TokenInterceptor
 from ps.server.optim import warm_up
 from ps.server.servicer import ParameterServerServicer
@@ -31,6 +33,7 @@ class RunningServer:
     shard: Shard
     health: health.HealthServicer
     _stop_reaper: threading.Event
+    checkpointer: Checkpointer | None = None
 
     @property
     def address(self) -> str:
@@ -41,9 +44,49 @@ class RunningServer:
         self._stop_reaper.set()
         self.shard.stop()
         self.server.stop(grace).wait()
+        if self.checkpointer is not None:  # after the last RPC: nothing is lost on a clean stop
+            self.checkpointer.save()
 
     def wait(self) -> None:
         self.server.wait_for_termination()
+
+
+class Checkpointer:
+    """Writes the shard's checkpoints every `checkpoint_every` (seconds or updates), on a thread
+    of its own; a failed write is logged and the previous checkpoint stays."""
+
+    def __init__(self, shard: Shard, stop: threading.Event):
+        self.shard, self._stop = shard, stop
+        self.seconds, self.steps = checkpoint_interval(shard.cfg.checkpoint_every)
+        self._saved_version = shard.version
+        self._lock = threading.Lock()
+        threading.Thread(target=self._loop, daemon=True, name="ps-checkpoint").start()
+
+    def save(self) -> str | None:
+        with self._lock:
+            snap = self.shard.snapshot()
+            if snap is None:
+                return None
+            try:
+                path = checkpoint.save(self.shard.cfg.checkpoint_dir, snap)
+            except OSError as e:
+                log.error("shard %d: checkpoint at version %d failed: %s", self.shard.cfg.shard_id, snap.version, e)
+                return None
+            self._saved_version = snap.version
+            self.shard.count("checkpoints")
+            log.info("shard %d: checkpoint %s", self.shard.cfg.shard_id, path)
+            return path
+
+    def _loop(self) -> None:
+        last = time.monotonic()
+        # Checked often when counting updates, so at most about one interval is ever lost.
+        while not self._stop.wait(0.1 if self.seconds else 0.01):
+            changed = self.shard.version != self._saved_version
+            due = (time.monotonic() - last >= self.seconds if self.seconds
+                   else self.shard.version - self._saved_version >= self.steps)
+            if changed and due:
+                self.save()
+                last = time.monotonic()
 
 
 def _reap(shard: Shard, stop: threading.Event) -> None:
@@ -56,6 +99,8 @@ def create_server(cfg: ServerConfig) -> RunningServer:
     """Start serving `cfg` and return at once; the caller owns the returned server."""
     warm_up()
     shard = Shard(cfg)
+    if cfg.restore or (cfg.restore_if_present and checkpoint.candidates(cfg.checkpoint_dir, cfg.shard_id)):
+        shard.restore(checkpoint.load_latest(cfg.checkpoint_dir, cfg.shard_id, cfg.num_shards, cfg.mode))
     interceptors = (TokenInterceptor(cfg.auth_token),) if cfg.auth_token else ()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.threads), options=grpc_options(),
                          interceptors=interceptors)
@@ -71,4 +116,5 @@ def create_server(cfg: ServerConfig) -> RunningServer:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     stop = threading.Event()
     threading.Thread(target=_reap, args=(shard, stop), daemon=True, name="ps-reaper").start()
-    return RunningServer(server, port, shard, health_servicer, stop)
+    checkpointer = Checkpointer(shard, stop) if cfg.checkpoint_dir else None
+    return RunningServer(server, port, shard, health_servicer, stop, checkpointer)

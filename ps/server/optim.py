@@ -48,6 +48,25 @@ class SliceOptimizer:
                 self.params[key].grad = None
 
 
+    def state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Copies of the optimizer's per-slice state (momentum buffers, Adam moments and steps)."""
+        if self._opt is None:
+            return {}
+        out = {}
+        for key, p in self.params.items():
+            st = {n: v.detach().clone() for n, v in self._opt.state.get(p, {}).items() if isinstance(v, torch.Tensor)}
+            if st:
+                out[key] = st
+        return out
+
+    def load_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Restore what `state` returned (slices missing from it start fresh, as torch's would)."""
+        for key, st in state.items():
+            if key not in self.params or self._opt is None:
+                raise KeyError(f"optimizer state for unknown slice {key!r}")
+            self._opt.state[self.params[key]] = {n: t.clone() for n, t in st.items()}
+
+
 def warm_up() -> None:
     """Build and step each optimizer once: torch imports parts of itself lazily on first use
     (seconds), which must not happen under a shard's lock while workers wait."""

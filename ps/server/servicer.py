@@ -50,7 +50,7 @@ class ParameterServerServicer:
 
     @_rpc
     def Register(self, request, context):
-        out = self.shard.register(request.worker_id, request.plan_fingerprint, request.clock)
+        out = self.shard.register(request.worker_id, request.plan_fingerprint, request.clock, request.seen_version)
         cfg = self.shard.cfg
         return pb.RegisterResponse(
             **out, mode=cfg.mode, staleness=cfg.staleness, num_workers=cfg.num_workers,

@@ -17,6 +17,7 @@ import torch
 
 from ps.config import OptimizerConfig, ServerConfig
 from ps.errors import Cancelled, InvalidArgument, NotInitialized, PlanMismatch, PSError, StepConflict, UnknownWorker
+from ps.server.checkpoint import Snapshot
 from ps.server.policy import View, Verdict, make_policy
 from ps.server.store import ParamStore
 from ps.sharding import Plan
@@ -131,6 +132,19 @@ class Shard:
         self._maybe_complete_step()
         self._cond.notify_all()
 
+    def _catch_up(self, seen_version: int) -> None:
+        """A worker has read version `seen_version` of this shard. Never above the shard's own in
+        normal operation; after a restore from an older checkpoint it is how the shard learns how
+        many updates it lost: it takes that version (sync: skips those steps) and counts them."""
+        if seen_version > self.version and self.store.initialized:
+            lost = seen_version - self.version
+            log.warning("shard %d: a worker has seen version %d but the shard restored version %d: %d updates lost",
+                        self.cfg.shard_id, seen_version, self.version, lost)
+            self.counters["lost_updates"] += lost
+            self.version = seen_version
+            self.store.clear_accumulated()
+            self._step_pushes = 0
+
     def _reject(self, exc: Exception) -> None:
         self.counters["rejected"] += 1
         raise exc
@@ -141,16 +155,17 @@ class Shard:
             self._reject(exc)
 
     # -- RPCs ---------------------------------------------------------------------------------
-    def register(self, worker_id: str, fingerprint: str, clock: int = 0) -> dict:
+    def register(self, worker_id: str, fingerprint: str, clock: int = 0, seen_version: int = 0) -> dict:
         """Join (or rejoin, or renew); a `clock` above this worker's moves it up (a worker aligning
         itself across shards). A worker that comes back never gets a clock below the one it had,
-        so its retried pushes stay duplicates."""
+        so its retried pushes stay duplicates. `seen_version`: see `_catch_up`."""
         if not worker_id:
             raise InvalidArgument("worker_id must be a non-empty string")
-        if clock < 0:
-            raise InvalidArgument(f"clock ({clock}) must be >= 0")
+        if clock < 0 or seen_version < 0:
+            raise InvalidArgument(f"clock ({clock}) and seen_version ({seen_version}) must be >= 0")
         with self._cond:
             self._check_plan(fingerprint)
+            self._catch_up(seen_version)
             w = self._workers.get(worker_id)
             if w is None:
                 join = max(self.policy.join_clock(self._view()), self._departed.pop(worker_id, 0))
@@ -239,15 +254,17 @@ class Shard:
         with self._cond:
             try:
                 self._check_request(fingerprint, clock)
-                if not 0 <= base_version <= self.version:
-                    raise InvalidArgument(f"base_version ({base_version}) must be in [0, {self.version}]")
+                if base_version < 0:
+                    raise InvalidArgument(f"base_version ({base_version}) must be >= 0")
+                # A base ahead of the shard comes from updates a restored shard forgot: staleness 0.
+                base_version = min(base_version, self.version)
                 _check_part(part, num_parts)
                 values = self.store.validate(grads)
-                if self.policy.on_push(clock, self._view()) is Verdict.AHEAD:
-                    raise StepConflict(f"push for sync step {clock} but the shard is at step {self.version}")
             except PSError as e:
                 self._reject(e)
-            w = self._worker(worker_id)
+            w = self._worker(worker_id)  # an unknown worker registers first (and may catch the shard up)
+            if self.policy.on_push(clock, self._view()) is Verdict.AHEAD:
+                self._reject(StepConflict(f"push for sync step {clock} but the shard is at step {self.version}"))
             if clock < w.clock:
                 self.counters["duplicates"] += 1
                 return PushResult("DUPLICATE", self.version)
@@ -322,6 +339,10 @@ class Shard:
                 self._remove(wid, left=False)
             return gone
 
+    def count(self, counter: str, n: int = 1) -> None:
+        with self._cond:
+            self.counters[counter] += n
+
     def stop(self) -> None:
         with self._cond:
             self._stopped = True
@@ -341,8 +362,38 @@ class Shard:
                 "num_elements": self.store.num_elements(),
                 "backup_workers": self.cfg.backup_workers,
                 **{k: self.counters[k] for k in ("pushes", "pulls", "rejected", "evictions", "dropped", "duplicates",
-                                                 "bytes_pushed", "bytes_pulled")},
+                                                 "bytes_pushed", "bytes_pulled", "lost_updates", "checkpoints")},
             }
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def snapshot(self) -> Snapshot | None:
+        """A consistent copy of everything needed to resume (None before init)."""
+        with self._cond:
+            if not self.store.initialized:
+                return None
+            assert self.plan is not None and self.optimizer_cfg is not None and self.store.optimizer is not None
+            clocks = dict(self._departed)
+            clocks.update({wid: w.clock for wid, w in self._workers.items()})
+            return Snapshot(
+                self.cfg.shard_id, self.cfg.num_shards, self.policy.name, self.plan, self.optimizer_cfg, self.version,
+                clocks, dict(self.staleness_hist), dict(self.counters),
+                {k: p.detach().clone() for k, p in self.store.params.items()}, self.store.optimizer.state())
+
+    def restore(self, snap: Snapshot) -> None:
+        """Resume from `snap` (before serving). Its workers count as departed with their clocks:
+        each registers again on its next call and is told its clock (sync: `_catch_up`)."""
+        with self._cond:
+            self.store.init(snap.params, snap.optimizer)
+            assert self.store.optimizer is not None
+            self.store.optimizer.load_state(snap.optimizer_state)
+            self.plan, self.optimizer_cfg, self.version = snap.plan, snap.optimizer, snap.version
+            self._workers.clear()
+            self._departed = dict(snap.clocks)
+            self._ever = set(snap.clocks)
+            self.staleness_hist = Counter(snap.staleness_histogram)
+            self.counters = Counter(snap.counters)
+            log.info("shard %d: restored version %d (%d slices, %d workers' clocks)", self.cfg.shard_id,
+                     self.version, len(snap.params), len(snap.clocks))
 
 
 def _check_part(part: int, num_parts: int) -> None:

@@ -77,6 +77,10 @@ class ParamStore:
                 self._acc[key] = g.clone()
                 self._acc_count[key] = 1
 
+    def clear_accumulated(self) -> None:
+        self._acc.clear()
+        self._acc_count.clear()
+
     def apply_accumulated(self) -> None:
         """Apply the average of each key's accumulated gradients (one sync step) and reset."""
         grads = {k: g.div_(self._acc_count[k]) for k, g in self._acc.items()}

@@ -161,10 +161,13 @@ class PSClient:
                 raise Unavailable(f"server {addr} did not answer within {timeout:.0f}s") from e
 
     def _call(self, shard: int, method: str, request, timeout: float | None | object = _DEFAULT,
-              reregister: bool = True, retry: bool = True):
+              reregister: bool = True, retry: bool = True, clock: int = 0):
         """One RPC with errors mapped to PSError; retries while the server is unavailable and
-        registers again (then retries) if the server evicted this worker. timeout None: no
-        deadline (a pull that may wait for other workers)."""
+        registers again (then retries) if the server evicted this worker or restarted without
+        it. `clock`: the request's clock, this worker's clock, told to the server when
+        registering again with the newest version of it this worker has read (a server restored
+        from a checkpoint learns from them where training is).
+        timeout None: no deadline (a pull that may wait for other workers)."""
         deadline = time.monotonic() + self.retry_timeout
         delay = 0.05
         rpc_timeout = self.rpc_timeout if timeout is _DEFAULT else timeout
@@ -176,7 +179,7 @@ class PSClient:
                 err = error_from_wire(e.code().name, meta.get(ERROR_CLASS_KEY), e.details() or "")
                 if isinstance(err, UnknownWorker) and reregister and not self._left and self.plan is not None:
                     log.warning("%s: %s; registering again", self.servers[shard], err)
-                    self._register_one(shard)
+                    self._register_one(shard, clock)
                     reregister = False
                     continue
                 if retry and isinstance(err, Unavailable) and time.monotonic() + delay < deadline:
@@ -185,7 +188,8 @@ class PSClient:
                     continue
                 raise err from e
 
-    def _call_many(self, calls: Iterable[tuple[int, str, object, float | None]]) -> list[tuple[int, object]]:
+    def _call_many(self, calls: Iterable[tuple[int, str, object, float | None]], clock: int = 0
+                   ) -> list[tuple[int, object]]:
         """Issue each (shard, method, request, timeout) as a gRPC future as soon as it is built (no
         Python threads in between; encoding overlaps sending) and return (shard, response) pairs
         in order. A call that fails is redone through `_call`, which retries, registers again and
@@ -197,7 +201,7 @@ class PSClient:
             try:
                 out.append((k, f.result()))
             except grpc.RpcError:
-                out.append((k, self._call(k, m, req, timeout=t)))
+                out.append((k, self._call(k, m, req, timeout=t, clock=clock)))
         return out
 
     def _map(self, fn: Callable[..., T], jobs: Sequence[tuple], pool: ThreadPoolExecutor | None = None) -> list[T]:
@@ -224,7 +228,9 @@ class PSClient:
     # -- membership ---------------------------------------------------------------------------
     def _register_one(self, shard: int, clock: int = 0) -> pb.RegisterResponse:
         assert self.plan is not None
-        req = pb.RegisterRequest(worker_id=self.worker_id, plan_fingerprint=self.plan.fingerprint, clock=clock)
+        seen = self.versions[shard] if shard < len(self.versions) else 0
+        req = pb.RegisterRequest(worker_id=self.worker_id, plan_fingerprint=self.plan.fingerprint, clock=clock,
+                                 seen_version=seen)
         resp = self._call(shard, "Register", req, reregister=False)
         self.clock_floor = max(self.clock_floor, resp.clock)
         return resp
@@ -328,7 +334,8 @@ class PSClient:
         def fetch_into(shard: int, batch: list[Slice], pulled: "_Pulled"):
             req = pb.PullRequest(worker_id=worker, plan_fingerprint=self.plan.fingerprint, clock=clock,
                                  keys=[s.key for s in batch])
-            pulled.absorb(shard, self._call(shard, "Pull", req, timeout=self.rpc_timeout if observer else None))
+            pulled.absorb(shard, self._call(shard, "Pull", req, timeout=self.rpc_timeout if observer else None,
+                                            clock=clock))
 
         def gather() -> dict[str, torch.Tensor]:
             pulled = _Pulled(self, names, into)
@@ -378,7 +385,7 @@ class PSClient:
 
         def gather() -> list[dict]:
             calls = ((job[0], "Push", request(*job), self.rpc_timeout) for job in jobs)
-            return _push_results(self._call_many(calls))
+            return _push_results(self._call_many(calls, clock))
 
         return gather
 
@@ -391,13 +398,13 @@ class PSClient:
         batches = self._batches_for(names)
         single = [sum(1 for job in jobs if job[0] == k) == 1 and len(batches[k]) == 1 for k in range(len(self.servers))]
         if not all(single):
-            return _push_results(self._call_many((j[0], "Push", request(*j), self.rpc_timeout) for j in jobs)), \
+            return _push_results(self._call_many(((j[0], "Push", request(*j), self.rpc_timeout) for j in jobs), clock)), \
                 self.pull(clock + 1, names=names, into=into)
         calls = ((job[0], "PushPull", wire.push_pull_request_frame(request(*job), [s.key for s in batches[job[0]][0]]),
                   None) for job in jobs)  # no deadline: the pull half may wait for other workers
         pulled = _Pulled(self, names, into)
         pushed = []
-        for shard, resp in self._call_many(calls):
+        for shard, resp in self._call_many(calls, clock):
             pushed.append((shard, resp.push))
             pulled.absorb(shard, resp.pull)
         return _push_results(pushed), pulled.finish(observer=False)

@@ -1,0 +1,177 @@
+"""Shard checkpoints: tensors in safetensors, everything else in a JSON manifest; no pickle.
+
+A checkpoint of shard k at version v is two files in the checkpoint directory:
+  shard-k-v000000000123.safetensors   parameters (`param/<key>`) and optimizer state (`opt/<key>/<name>`)
+  shard-k-v000000000123.json          the manifest: plan, optimizer, mode, version, worker clocks,
+                                      counters, and the SHA-256 of the tensor file
+Both are written to temporary names, flushed to disk and renamed; the manifest is renamed last,
+so a checkpoint exists only once it is complete. The newest KEEP checkpoints are kept. Loading
+checks the digest before parsing, so a truncated or corrupted file is reported by name and the
+next older checkpoint is used instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ps.config import OptimizerConfig
+from ps.errors import PSError
+from ps.sharding import ParamSpec, Plan, make_plan
+
+log = logging.getLogger("ps.server")
+FORMAT = 1
+KEEP = 2
+
+
+class CheckpointError(PSError):
+    """No usable checkpoint (or one that does not fit this server)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+@dataclass
+class Snapshot:
+    """Everything a shard needs to resume, taken under its lock."""
+
+    shard_id: int
+    num_shards: int
+    mode: str
+    plan: Plan
+    optimizer: OptimizerConfig
+    version: int
+    clocks: dict[str, int]
+    staleness_histogram: dict[int, int]
+    counters: dict[str, int]
+    params: dict[str, torch.Tensor]
+    optimizer_state: dict[str, dict[str, torch.Tensor]]
+
+
+def _name(shard_id: int, version: int) -> str:
+    return f"shard-{shard_id}-v{version:012d}"
+
+
+def _write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(directory: str, snap: Snapshot) -> str:
+    """Write `snap` atomically; returns the manifest's path. Older checkpoints beyond KEEP go."""
+    os.makedirs(directory, exist_ok=True)
+    tensors = {f"param/{k}": v.contiguous() for k, v in snap.params.items()}
+    for key, state in snap.optimizer_state.items():
+        tensors.update({f"opt/{key}/{name}": t.contiguous() for name, t in state.items()})
+    blob = st_save(tensors)
+    base = os.path.join(directory, _name(snap.shard_id, snap.version))
+    manifest = {
+        "format": FORMAT, "shard_id": snap.shard_id, "num_shards": snap.num_shards, "mode": snap.mode,
+        "version": snap.version, "clocks": snap.clocks,
+        "staleness_histogram": {str(k): v for k, v in snap.staleness_histogram.items()},
+        "counters": snap.counters, "optimizer": asdict(snap.optimizer),
+        "plan": {"params": [[p.name, list(p.shape), p.dtype] for p in snap.plan.params],
+                 "num_shards": snap.plan.num_shards, "partition_bytes": snap.plan.partition_bytes,
+                 "fingerprint": snap.plan.fingerprint},
+        "tensors": os.path.basename(base) + ".safetensors", "sha256": hashlib.sha256(blob).hexdigest(),
+        "bytes": len(blob),
+    }
+    _write(base + ".safetensors", blob)
+    _write(base + ".json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+    _sync_dir(directory)
+    for old in candidates(directory, snap.shard_id)[KEEP:]:
+        for suffix in (".json", ".safetensors"):
+            try:
+                os.remove(old[:-len(".json")] + suffix)
+            except FileNotFoundError:
+                pass
+    return base + ".json"
+
+
+def candidates(directory: str, shard_id: int) -> list[str]:
+    """Manifests of this shard, newest first."""
+    pattern = re.compile(rf"^shard-{shard_id}-v(\d{{12}})\.json$")
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    found = sorted(((int(m.group(1)), n) for n in names if (m := pattern.match(n))), reverse=True)
+    return [os.path.join(directory, n) for _, n in found]
+
+
+def _load_one(manifest_path: str, shard_id: int, num_shards: int, mode: str) -> Snapshot:
+    try:
+        with open(manifest_path, "rb") as f:
+            m = json.loads(f.read())
+        if m.get("format") != FORMAT:
+            raise CheckpointError(f"format {m.get('format')!r} is not {FORMAT}")
+        if (m["shard_id"], m["num_shards"], m["mode"]) != (shard_id, num_shards, mode):
+            raise CheckpointError(
+                f"it holds shard {m['shard_id']}/{m['num_shards']} in mode {m['mode']!r}, but this server is "
+                f"shard {shard_id}/{num_shards} in mode {mode!r}")
+        tensor_path = os.path.join(os.path.dirname(manifest_path), os.path.basename(m["tensors"]))
+        with open(tensor_path, "rb") as f:
+            blob = f.read()
+        if len(blob) != m["bytes"] or hashlib.sha256(blob).hexdigest() != m["sha256"]:
+            raise CheckpointError(f"{os.path.basename(tensor_path)} is truncated or corrupted "
+                                  f"({len(blob)} bytes, {m['bytes']} expected, digest mismatch)")
+        tensors = st_load(blob)
+        p = m["plan"]
+        plan = make_plan([ParamSpec(n, tuple(s), d) for n, s, d in p["params"]], p["num_shards"], p["partition_bytes"])
+        if plan.fingerprint != p["fingerprint"]:
+            raise CheckpointError("its plan does not reproduce its fingerprint")
+        params, opt_state = {}, {}
+        for name, t in tensors.items():
+            kind, _, rest = name.partition("/")
+            if kind == "param":
+                params[rest] = t
+            elif kind == "opt":
+                key, _, field = rest.rpartition("/")
+                opt_state.setdefault(key, {})[field] = t
+        expected = {s.key for s in plan.slices_for(shard_id)}
+        if set(params) != expected:
+            raise CheckpointError(f"it holds {len(params)} slices, not this shard's {len(expected)}")
+        return Snapshot(
+            shard_id, num_shards, mode, plan, OptimizerConfig(**m["optimizer"]), int(m["version"]),
+            {str(k): int(v) for k, v in m["clocks"].items()},
+            {int(k): int(v) for k, v in m["staleness_histogram"].items()},
+            {str(k): int(v) for k, v in m["counters"].items()}, params, opt_state)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, PSError) as e:  # unreadable, bad JSON, bad safetensors
+        raise CheckpointError(f"{type(e).__name__}: {e}") from None
+
+
+def load_latest(directory: str, shard_id: int, num_shards: int, mode: str) -> Snapshot:
+    """The newest checkpoint of this shard that loads; each one that does not is reported."""
+    errors = []
+    for path in candidates(directory, shard_id):
+        try:
+            snap = _load_one(path, shard_id, num_shards, mode)
+        except CheckpointError as e:
+            log.error("checkpoint %s is unusable: %s; trying the previous one", path, e)
+            errors.append(f"{os.path.basename(path)}: {e}")
+            continue
+        return snap
+    if not errors:
+        raise CheckpointError(f"no checkpoint of shard {shard_id} in {directory!r} to restore")
+    raise CheckpointError(f"no usable checkpoint of shard {shard_id} in {directory!r}: " + "; ".join(errors))
