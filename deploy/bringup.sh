@@ -49,10 +49,12 @@ if [[ $gpu == 0 ]]; then
   workers=(cpu-worker-0 cpu-worker-1)
 fi
 compose=(docker-compose -p "$project" "${files[@]}")
+log=${TMPDIR:-/tmp}/$project.log
 cleanup() {
-  "${compose[@]}" logs --no-color > "$secrets/cluster.log" 2>&1 || true
+  "${compose[@]}" logs --no-color > "$log" 2>&1 || true
   "${compose[@]}" down -v --remove-orphans > /dev/null 2>&1 || true
   rm -rf "$secrets"
+  echo "bring-up: the cluster's logs are in $log"
 }
 trap cleanup EXIT
 
@@ -60,6 +62,10 @@ trap cleanup EXIT
 deadline=$(( $(date +%s) + timeout ))
 for w in "${workers[@]}"; do
   cid=$("${compose[@]}" ps -q "$w")
+  if [[ -z "$cid" ]]; then
+    echo "bringup.sh: no container for $w" >&2
+    exit 1
+  fi
   while [[ "$(docker inspect -f '{{.State.Status}}' "$cid")" != exited ]]; do
     if (( $(date +%s) > deadline )); then
       echo "bringup.sh: $w still running after ${timeout}s" >&2
@@ -76,11 +82,11 @@ for w in "${workers[@]}"; do
   fi
 done
 
-logs=$("${compose[@]}" logs --no-color "${workers[@]}")
-echo "$logs" | grep ' done: ' || true
-python3 - "$target" "$logs" <<'PY'
+"${compose[@]}" logs --no-color "${workers[@]}" > "$secrets/workers.log"
+grep ' done: ' "$secrets/workers.log" || true
+python3 - "$target" "$secrets/workers.log" <<'PY'
 import re, sys
-target, logs = float(sys.argv[1]), sys.argv[2]
+target, logs = float(sys.argv[1]), open(sys.argv[2], encoding="utf-8").read()
 accuracies = [float(a) for a in re.findall(r" done: .*test_accuracy ([0-9.]+)", logs)]
 if len(accuracies) < 2:
     sys.exit(f"bringup.sh: expected a final accuracy from each worker, found {accuracies}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ps import compress
+from ps import compress, tls
 from ps.errors import InvalidArgument
 
 MiB = 1 << 20
@@ -100,6 +100,10 @@ class ServerConfig:
     checkpoint_every: str = "60s"  # "Ns": every N seconds; "N": every N versions (applied updates)
     restore: bool = False          # resume from the newest usable checkpoint in checkpoint_dir
     restore_if_present: bool = False  # the same, but start fresh when there is no checkpoint yet
+    metrics_port: int = -1         # Prometheus endpoint: -1 off, 0 a free port
+    tls_cert: str = ""             # PEM paths: cert + key serve TLS; + ca: clients must present a cert (mTLS)
+    tls_key: str = ""
+    tls_ca: str = ""
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, f"port ({self.port}) must be in [0, 65535]")
@@ -120,6 +124,8 @@ class ServerConfig:
                f"backup_workers ({self.backup_workers}) applies to sync mode only, not {self.mode!r}")
         _check(self.threads >= 4, f"threads ({self.threads}) must be >= 4")
         checkpoint_interval(self.checkpoint_every)
+        tls.check(self.tls_cert, self.tls_key, self.tls_ca, server=True)
+        _check(-1 <= self.metrics_port <= 65535, f"metrics_port ({self.metrics_port}) must be -1 (off) or in [0, 65535]")
         _check(not (self.restore or self.restore_if_present) or bool(self.checkpoint_dir),
                "restore needs a checkpoint_dir to restore from")
 
@@ -145,6 +151,7 @@ class WorkerConfig:
     partition_bytes: int = DEFAULT_PARTITION_BYTES
     progress: bool = True
     connect_timeout: float = 60.0
+    retry_timeout: float = 300.0  # how long calls retry a server that is down (restarting) before failing
     compress: str = "none"  # gradients on the wire: none, fp16, bf16, topk:R (see ps.compress)
     tp: int = 1             # tensor-parallel ranks in this worker's group
     micro_batches: int = 1  # gradient accumulation over this many micro-batches per step
@@ -152,6 +159,9 @@ class WorkerConfig:
     straggler: float = 1.0  # fault injection: this worker's steps take this many times longer
     kill_at: int = -1       # fault injection: SIGKILL this worker when it reaches this step (-1: never)
     auth_token: str = field(default="", repr=False)  # sent with every RPC when the servers require one
+    tls_ca: str = ""    # PEM paths: the CA that signed the servers' certificates (TLS) ...
+    tls_cert: str = ""  # ... and this worker's certificate and key (mutual TLS)
+    tls_key: str = ""
 
     def __post_init__(self) -> None:
         _check(len(self.servers) >= 1, "servers must name at least one host:port")
@@ -167,8 +177,10 @@ class WorkerConfig:
         _check(self.device in ("auto", "cpu", "cuda"), f"device ({self.device!r}) must be auto, cpu or cuda")
         _check(self.eval_every >= 0, f"eval_every ({self.eval_every}) must be >= 0")
         _check(self.connect_timeout > 0, f"connect_timeout ({self.connect_timeout}) must be > 0")
+        _check(self.retry_timeout > 0, f"retry_timeout ({self.retry_timeout}) must be > 0")
         check_partition_bytes(self.partition_bytes)
         compress.parse(self.compress)
+        tls.check(self.tls_cert, self.tls_key, self.tls_ca, server=False)
         _check(self.tp >= 1, f"tp ({self.tp}) must be >= 1")
         _check(self.micro_batches >= 1 and self.batch_size % self.micro_batches == 0,
                f"micro_batches ({self.micro_batches}) must be >= 1 and divide batch_size ({self.batch_size})")

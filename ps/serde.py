@@ -62,8 +62,13 @@ def tensor_to_proto(key: str, tensor: torch.Tensor) -> pb.Tensor:
     return pb.Tensor(key=key, dtype=dtype, shape=shape, data=data)
 
 
-def _densify(msg: pb.Tensor, shape: tuple[int, ...], dtype: torch.dtype, numel: int) -> torch.Tensor:
-    """The dense tensor of a sparse message, after checking every position."""
+def _densify(msg: pb.Tensor, shape: tuple[int, ...], dtype: torch.dtype, numel: int,
+             max_numel: int | None) -> torch.Tensor:
+    """The dense tensor of a sparse message, after checking every position (and, before
+    allocating it, its size: a hostile shape must not make the server allocate terabytes)."""
+    if max_numel is not None and numel > max_numel:
+        raise InvalidArgument(f"tensor {msg.key!r}: sparse shape {list(shape)} has {numel} elements, more than "
+                              f"the largest slice here ({max_numel})")
     if len(msg.indices) % 4:
         raise InvalidArgument(f"tensor {msg.key!r}: indices take {len(msg.indices)} bytes, not a multiple of 4 (int32)")
     n = len(msg.indices) // 4
@@ -93,9 +98,10 @@ def tensor_into(msg: pb.Tensor, out: torch.Tensor) -> None:
         out.view(torch.uint8).numpy()[:] = np.frombuffer(msg.data, dtype=np.uint8)
 
 
-def tensor_from_proto(msg: pb.Tensor, writable: bool = True) -> torch.Tensor:
+def tensor_from_proto(msg: pb.Tensor, writable: bool = True, max_numel: int | None = None) -> torch.Tensor:
     """Decode into a CPU tensor; raises InvalidArgument on any inconsistency. writable=False
-    returns a read-only view of the message's bytes (no copy): the caller must not write to it."""
+    returns a read-only view of the message's bytes (no copy): the caller must not write to it.
+    max_numel bounds what a sparse tensor may expand to."""
     if msg.dtype not in DTYPES:
         raise InvalidArgument(f"tensor {msg.key!r}: dtype ({msg.dtype!r}) must be one of {sorted(DTYPES)}")
     shape = tuple(msg.shape)
@@ -103,7 +109,7 @@ def tensor_from_proto(msg: pb.Tensor, writable: bool = True) -> torch.Tensor:
         raise InvalidArgument(f"tensor {msg.key!r}: shape {list(shape)} must have at most {_MAX_DIMS} non-negative dims")
     dtype = DTYPES[msg.dtype]
     if msg.indices:
-        return _densify(msg, shape, dtype, math.prod(shape))
+        return _densify(msg, shape, dtype, math.prod(shape), max_numel)
     expected = math.prod(shape) * dtype.itemsize
     if len(msg.data) != expected:
         raise InvalidArgument(

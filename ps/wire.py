@@ -274,6 +274,11 @@ def _reader(read):
     return deserialize
 
 
+def _protobuf_reader(cls):
+    """cls.FromString, but Malformed instead of an exception (which gRPC would answer INTERNAL)."""
+    return _reader(lambda buf, start, end: cls.FromString(buf[start:end].tobytes()))
+
+
 def _push_pull_request(buf: memoryview, start: int, end: int) -> PushPullIn:
     header, push = _nested(buf, start, end, _PUSHPULL_PUSH, pb.PushPullRequest, _push)
     return PushPullIn(push, list(header.pull_keys))
@@ -296,7 +301,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name  # "ps.Par
 # Methods whose tensor-carrying side is written or read here: (request reader, response reader).
 _FAST = {
     "Push": (read_push, pb.PushResponse.FromString),
-    "Pull": (pb.PullRequest.FromString, read_pull_response),
+    "Pull": (_protobuf_reader(pb.PullRequest), read_pull_response),
     "PushPull": (read_push_pull_request, read_push_pull_response),
 }
 
@@ -323,7 +328,7 @@ def handler(servicer) -> grpc.GenericRpcHandler:
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
             getattr(servicer, name),
-            request_deserializer=_FAST[name][0] if name in _FAST else request_cls.FromString,
+            request_deserializer=_FAST[name][0] if name in _FAST else _protobuf_reader(request_cls),
             response_serializer=serialize)
         for name, request_cls, _ in _methods()
     }

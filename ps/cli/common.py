@@ -60,6 +60,15 @@ def add_auth_flags(parser: argparse.ArgumentParser, env: Mapping[str, str] | Non
     add_flag(parser, "--auth-token-file", env=env, default="", help="read the auth token from this file (a secret)")
 
 
+def add_tls_flags(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None, server: bool = True) -> None:
+    who = "this server" if server else "this worker"
+    add_flag(parser, "--tls-cert", env=env, default="", help=f"PEM certificate of {who} (with --tls-key: TLS)")
+    add_flag(parser, "--tls-key", env=env, default="", help=f"PEM private key of {who}")
+    add_flag(parser, "--tls-ca", env=env, default="",
+             help="PEM CA that signed the clients' certificates (mutual TLS)" if server
+             else "PEM CA that signed the servers' certificates (turns TLS on)")
+
+
 def auth_token_from_args(args: argparse.Namespace) -> str:
     if args.auth_token and args.auth_token_file:
         raise InvalidArgument("give the auth token once: --auth-token or --auth-token-file, not both")

@@ -57,7 +57,7 @@ def _forward(name: str, stream: IO[str], out: IO[str]) -> None:
 
 # A local cluster on loopback defines its own topology and needs no token: settings meant for a
 # real cluster must not leak into its processes (the launcher's own client would lack them).
-_CLUSTER_ONLY = ("TF_CONFIG", "PS_AUTH_TOKEN", "PS_AUTH_TOKEN_FILE")
+_CLUSTER_ONLY = ("TF_CONFIG", "PS_AUTH_TOKEN", "PS_AUTH_TOKEN_FILE", "PS_TLS_CERT", "PS_TLS_KEY", "PS_TLS_CA")
 
 
 def _child_env() -> dict[str, str]:

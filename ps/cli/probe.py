@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ps import wire
+from ps import tls, wire
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,12 +23,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=f"127.0.0.1:{port}", help="server to check (default: 127.0.0.1:$PS_PORT)")
     p.add_argument("--service", default=wire.SERVICE, help="service name to check ('' for the whole server)")
     p.add_argument("--timeout", default=3.0, type=float, help="seconds")
+    for flag in ("ca", "cert", "key"):  # a server serving TLS is probed over TLS (PS_TLS_* as the server's)
+        p.add_argument(f"--tls-{flag}", default=os.environ.get(f"PS_TLS_{flag.upper()}", ""),
+                       help=f"PEM {flag} for a TLS server [env PS_TLS_{flag.upper()}]")
     return p
 
 
-def check(address: str, service: str = wire.SERVICE, timeout: float = 3.0) -> str:
+def check(address: str, service: str = wire.SERVICE, timeout: float = 3.0, ca: str = "", cert: str = "",
+          key: str = "") -> str:
     """The serving status name (SERVING, NOT_SERVING, ...), or the gRPC error code's name."""
-    with grpc.insecure_channel(address) as channel:
+    with tls.channel(address, (), ca, cert, key) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
                                                               timeout=timeout)
@@ -39,7 +43,7 @@ def check(address: str, service: str = wire.SERVICE, timeout: float = 3.0) -> st
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    status = check(args.address, args.service, args.timeout)
+    status = check(args.address, args.service, args.timeout, args.tls_ca, args.tls_cert, args.tls_key)
     print(f"{args.address} {args.service or '(server)'}: {status}")
     return 0 if status == "SERVING" else 1
 

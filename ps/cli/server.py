@@ -11,7 +11,7 @@ import sys
 import threading
 from typing import Mapping, Sequence
 
-from ps.cli.common import add_auth_flags, add_flag, auth_token_from_args, cluster_env, run_main, setup_logging
+from ps.cli.common import add_auth_flags, add_flag, add_tls_flags, auth_token_from_args, cluster_env, run_main, setup_logging
 from ps.config import MODES, ServerConfig
 from ps.server.app import create_server
 
@@ -38,11 +38,14 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
              help="sync: a step completes when all but this many workers have pushed (late pushes dropped)")
     add_flag(p, "--threads", env=env, default=64, type=int, help="gRPC handler threads")
     add_auth_flags(p, env)
+    add_tls_flags(p, env, server=True)
     add_flag(p, "--checkpoint-dir", env=env, default="", help="write checkpoints here (safetensors + JSON)")
     add_flag(p, "--checkpoint-every", env=env, default="60s",
              help="'Ns': every N seconds; 'N': every N applied updates (and always on SIGTERM)")
     add_flag(p, "--restore", env=env, action="store_true", default=False,
              help="resume from the newest usable checkpoint in --checkpoint-dir")
+    add_flag(p, "--metrics-port", env=env, default=-1, type=int,
+             help="serve Prometheus metrics on this port at /metrics (-1: off, 0: a free port)")
     add_flag(p, "--restore-if-present", env=env, action="store_true", default=False,
              help="--restore when --checkpoint-dir holds a checkpoint of this shard, else start fresh "
                   "(for containers that restart)")
@@ -57,7 +60,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         worker_timeout=float(args.worker_timeout), staleness_lr=bool(args.staleness_lr),
         backup_workers=int(args.backup_workers), threads=int(args.threads), auth_token=auth_token_from_args(args),
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, restore=bool(args.restore),
-        restore_if_present=bool(args.restore_if_present),
+        restore_if_present=bool(args.restore_if_present), metrics_port=int(args.metrics_port),
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
     )
 
 

@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ps.cli.common import (add_auth_flags, add_flag, add_training_flags, auth_token_from_args, cluster_env,
+from ps.cli.common import (add_auth_flags, add_flag, add_tls_flags, add_training_flags, auth_token_from_args, cluster_env,
                            optimizer_from_args, run_main, setup_logging)
 from ps.config import WorkerConfig
 from ps.data import Datasets, load_data
@@ -32,11 +32,14 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add_flag(p, "--worker-id", env=env, default="", help="stable id (default worker-RANK); reuse it to rejoin")
     add_training_flags(p, env)
     add_flag(p, "--connect-timeout", env=env, default=60.0, type=float, help="seconds to wait for the servers")
+    add_flag(p, "--retry-timeout", env=env, default=300.0, type=float,
+             help="seconds a call keeps retrying a server that is down (e.g. restarting from a checkpoint)")
     add_flag(p, "--straggler", env=env, default=1.0, type=float,
              help="fault injection: make each step take this many times longer")
     add_flag(p, "--kill-at", env=env, default=-1, type=int,
              help="fault injection: SIGKILL this worker when it reaches this step (-1: never)")
     add_auth_flags(p, env)
+    add_tls_flags(p, env, server=False)
     add_flag(p, "--no-progress", env=env, action="store_true", default=False, help="no progress bar")
     add_flag(p, "--verbose", env=env, action="store_true", default=False, help="debug logging")
     return p
@@ -51,8 +54,10 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         epochs=float(args.epochs), optimizer=optimizer_from_args(args), device=args.device, seed=int(args.seed),
         log_dir=args.log_dir, eval_every=int(args.eval_every), partition_bytes=int(args.partition_bytes),
         progress=not args.no_progress, connect_timeout=float(args.connect_timeout),
+        retry_timeout=float(args.retry_timeout),
         straggler=float(args.straggler), kill_at=int(args.kill_at), tp=int(args.tp), compress=args.compress,
         micro_batches=int(args.micro_batches), recompute=bool(args.recompute), auth_token=auth_token_from_args(args),
+        tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
     )
 
 
@@ -102,8 +107,8 @@ def run_rank(cfg: WorkerConfig, tp: TPGroup) -> TrainResult:
     worker_id = cfg.worker_id if tp.size == 1 else f"{cfg.worker_id}-tp{tp.rank}"
     progress = Progress(cfg)
     with PSClient(cfg.servers, worker_id, partition_bytes=cfg.partition_bytes,
-                  connect_timeout=cfg.connect_timeout, compress=cfg.compress,
-                  auth_token=cfg.auth_token) as client:
+                  connect_timeout=cfg.connect_timeout, retry_timeout=cfg.retry_timeout, compress=cfg.compress,
+                  auth_token=cfg.auth_token, tls_ca=cfg.tls_ca, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key) as client:
         try:
             result = train(cfg, client, model, data, on_step=progress, binding=binding)
         finally:

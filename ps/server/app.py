@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent import futures
@@ -12,9 +13,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ps import wire
+from ps import tls, wire
 from ps.config import ServerConfig, checkpoint_interval, grpc_options
-from ps.server import checkpoint
+from ps.server import checkpoint, metrics
 from ps.server.auth import TokenInterceptor
 from ps.server.optim import warm_up
 from ps.server.servicer import ParameterServerServicer
@@ -34,6 +35,8 @@ class RunningServer:
     health: health.HealthServicer
     _stop_reaper: threading.Event
     checkpointer: Checkpointer | None = None
+    metrics: object | None = None  # the Prometheus HTTP server
+    metrics_port: int = -1
 
     @property
     def address(self) -> str:
@@ -44,6 +47,9 @@ class RunningServer:
         self._stop_reaper.set()
         self.shard.stop()
         self.server.stop(grace).wait()
+        if self.metrics is not None:
+            self.metrics.shutdown()
+            self.metrics.server_close()
         if self.checkpointer is not None:  # after the last RPC: nothing is lost on a clean stop
             self.checkpointer.save()
 
@@ -99,16 +105,25 @@ def create_server(cfg: ServerConfig) -> RunningServer:
     """Start serving `cfg` and return at once; the caller owns the returned server."""
     warm_up()
     shard = Shard(cfg)
-    if cfg.restore or (cfg.restore_if_present and checkpoint.candidates(cfg.checkpoint_dir, cfg.shard_id)):
+    found = checkpoint.candidates(cfg.checkpoint_dir, cfg.shard_id) if cfg.checkpoint_dir else []
+    if cfg.restore or (cfg.restore_if_present and found):
         shard.restore(checkpoint.load_latest(cfg.checkpoint_dir, cfg.shard_id, cfg.num_shards, cfg.mode))
-    interceptors = (TokenInterceptor(cfg.auth_token),) if cfg.auth_token else ()
+    elif found:  # a fresh run would mix its checkpoints with an earlier run's (and prune its own)
+        raise checkpoint.CheckpointError(
+            f"checkpoint_dir ({cfg.checkpoint_dir!r}) holds checkpoints of shard {cfg.shard_id} from an earlier run "
+            f"(newest {os.path.basename(found[0])}): pass --restore or --restore-if-present to resume it, or use "
+            "an empty directory")
+    refused = lambda: shard.count("unauthenticated")  # noqa: E731
+    interceptors = (TokenInterceptor(cfg.auth_token, refused),) if cfg.auth_token else ()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.threads), options=grpc_options(),
                          interceptors=interceptors)
     server.add_generic_rpc_handlers((wire.handler(ParameterServerServicer(shard)),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    address = f"{cfg.host}:{cfg.port}"
+    port = (server.add_secure_port(address, tls.server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_ca))
+            if cfg.tls_cert else server.add_insecure_port(address))
     if port == 0:
         raise OSError(f"could not bind {cfg.host}:{cfg.port}")
     server.start()
@@ -117,4 +132,7 @@ def create_server(cfg: ServerConfig) -> RunningServer:
     stop = threading.Event()
     threading.Thread(target=_reap, args=(shard, stop), daemon=True, name="ps-reaper").start()
     checkpointer = Checkpointer(shard, stop) if cfg.checkpoint_dir else None
-    return RunningServer(server, port, shard, health_servicer, stop, checkpointer)
+    http, metrics_port = metrics.serve(shard, cfg.host, cfg.metrics_port) if cfg.metrics_port >= 0 else (None, -1)
+    if http is not None:
+        log.info("shard %d: Prometheus metrics on http://%s:%d/metrics", cfg.shard_id, cfg.host, metrics_port)
+    return RunningServer(server, port, shard, health_servicer, stop, checkpointer, http, metrics_port)

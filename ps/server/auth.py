@@ -24,10 +24,10 @@ class TokenInterceptor(grpc.ServerInterceptor):
     """Lets a call through only with `authorization: Bearer <token>`; health checks always pass.
     A refused call never reaches the servicer (its request is not even parsed)."""
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, on_refuse=lambda: None):
         self._expected = f"Bearer {token}".encode()
         self._denied = grpc.unary_unary_rpc_method_handler(_deny)  # raw bytes in, nothing decoded
-        self.refused = 0
+        self._on_refuse = on_refuse
 
     def intercept_service(self, continuation, details):
         if details.method.startswith(HEALTH_PREFIX):
@@ -35,6 +35,6 @@ class TokenInterceptor(grpc.ServerInterceptor):
         got = next((v for k, v in details.invocation_metadata if k == "authorization"), "")
         if hmac.compare_digest(got.encode() if isinstance(got, str) else got, self._expected):
             return continuation(details)
-        self.refused += 1
+        self._on_refuse()
         log.warning("refused %s: missing or wrong auth token", details.method)
         return self._denied

@@ -1,7 +1,8 @@
 """Shard checkpoints: tensors in safetensors, everything else in a JSON manifest; no pickle.
 
 A checkpoint of shard k at version v is two files in the checkpoint directory:
-  shard-k-v000000000123.safetensors   parameters (`param/<key>`) and optimizer state (`opt/<key>/<name>`)
+  shard-k-v000000000123.safetensors   parameters (`param/<key>`), optimizer state (`opt/<key>/<name>`)
+                                      and a sync step's partial sums (`acc/<key>`)
   shard-k-v000000000123.json          the manifest: plan, optimizer, mode, version, worker clocks,
                                       counters, and the SHA-256 of the tensor file
 Both are written to temporary names, flushed to disk and renamed; the manifest is renamed last,
@@ -17,7 +18,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from safetensors.torch import load as st_load
@@ -53,6 +54,10 @@ class Snapshot:
     counters: dict[str, int]
     params: dict[str, torch.Tensor]
     optimizer_state: dict[str, dict[str, torch.Tensor]]
+    active: list[str] = field(default_factory=list)  # workers holding a lease at the snapshot
+    accumulated: dict[str, torch.Tensor] = field(default_factory=dict)  # the sync step's partial sums
+    accumulated_counts: dict[str, int] = field(default_factory=dict)
+    step_pushes: int = 0
 
 
 def _name(shard_id: int, version: int) -> str:
@@ -82,13 +87,15 @@ def save(directory: str, snap: Snapshot) -> str:
     tensors = {f"param/{k}": v.contiguous() for k, v in snap.params.items()}
     for key, state in snap.optimizer_state.items():
         tensors.update({f"opt/{key}/{name}": t.contiguous() for name, t in state.items()})
+    tensors.update({f"acc/{k}": g.contiguous() for k, g in snap.accumulated.items()})
     blob = st_save(tensors)
     base = os.path.join(directory, _name(snap.shard_id, snap.version))
     manifest = {
         "format": FORMAT, "shard_id": snap.shard_id, "num_shards": snap.num_shards, "mode": snap.mode,
         "version": snap.version, "clocks": snap.clocks,
         "staleness_histogram": {str(k): v for k, v in snap.staleness_histogram.items()},
-        "counters": snap.counters, "optimizer": asdict(snap.optimizer),
+        "counters": snap.counters, "optimizer": asdict(snap.optimizer), "active": snap.active,
+        "accumulated_counts": snap.accumulated_counts, "step_pushes": snap.step_pushes,
         "plan": {"params": [[p.name, list(p.shape), p.dtype] for p in snap.plan.params],
                  "num_shards": snap.plan.num_shards, "partition_bytes": snap.plan.partition_bytes,
                  "fingerprint": snap.plan.fingerprint},
@@ -98,7 +105,7 @@ def save(directory: str, snap: Snapshot) -> str:
     _write(base + ".safetensors", blob)
     _write(base + ".json", json.dumps(manifest, indent=1, sort_keys=True).encode())
     _sync_dir(directory)
-    for old in candidates(directory, snap.shard_id)[KEEP:]:
+    for old in [c for c in candidates(directory, snap.shard_id) if c != base + ".json"][KEEP - 1:]:
         for suffix in (".json", ".safetensors"):
             try:
                 os.remove(old[:-len(".json")] + suffix)
@@ -139,22 +146,28 @@ def _load_one(manifest_path: str, shard_id: int, num_shards: int, mode: str) -> 
         plan = make_plan([ParamSpec(n, tuple(s), d) for n, s, d in p["params"]], p["num_shards"], p["partition_bytes"])
         if plan.fingerprint != p["fingerprint"]:
             raise CheckpointError("its plan does not reproduce its fingerprint")
-        params, opt_state = {}, {}
+        params, opt_state, acc = {}, {}, {}
         for name, t in tensors.items():
             kind, _, rest = name.partition("/")
             if kind == "param":
                 params[rest] = t
             elif kind == "opt":
-                key, _, field = rest.rpartition("/")
-                opt_state.setdefault(key, {})[field] = t
+                key, _, state_name = rest.rpartition("/")
+                opt_state.setdefault(key, {})[state_name] = t
+            elif kind == "acc":
+                acc[rest] = t
         expected = {s.key for s in plan.slices_for(shard_id)}
         if set(params) != expected:
             raise CheckpointError(f"it holds {len(params)} slices, not this shard's {len(expected)}")
+        counts = {str(k): int(v) for k, v in m["accumulated_counts"].items()}
+        if not set(opt_state) <= expected or set(acc) != set(counts) or not set(acc) <= expected:
+            raise CheckpointError("its optimizer state or partial sums name slices this shard does not hold")
         return Snapshot(
             shard_id, num_shards, mode, plan, OptimizerConfig(**m["optimizer"]), int(m["version"]),
             {str(k): int(v) for k, v in m["clocks"].items()},
             {int(k): int(v) for k, v in m["staleness_histogram"].items()},
-            {str(k): int(v) for k, v in m["counters"].items()}, params, opt_state)
+            {str(k): int(v) for k, v in m["counters"].items()}, params, opt_state,
+            [str(w) for w in m["active"]], acc, counts, int(m["step_pushes"]))
     except CheckpointError:
         raise
     except (OSError, ValueError, KeyError, TypeError, PSError) as e:  # unreadable, bad JSON, bad safetensors

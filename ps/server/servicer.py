@@ -44,7 +44,8 @@ class ParameterServerServicer:
 
     def _decode(self, tensors, writable: bool = True) -> list:
         try:
-            return [(t.key, tensor_from_proto(t, writable)) for t in tensors]
+            limit = self.shard.store.max_numel
+            return [(t.key, tensor_from_proto(t, writable, limit)) for t in tensors]
         except InvalidArgument as e:
             self.shard.reject(e)
 

@@ -6,6 +6,8 @@ the servicer decodes a request, calls one method here, and encodes the result.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import logging
 import threading
 import time
@@ -16,7 +18,8 @@ from typing import Callable, Sequence
 import torch
 
 from ps.config import OptimizerConfig, ServerConfig
-from ps.errors import Cancelled, InvalidArgument, NotInitialized, PlanMismatch, PSError, StepConflict, UnknownWorker
+from ps.errors import (Cancelled, InvalidArgument, NotInitialized, PlanMismatch, PSError, StepConflict, Unavailable,
+                       UnknownWorker)
 from ps.server.checkpoint import Snapshot
 from ps.server.policy import View, Verdict, make_policy
 from ps.server.store import ParamStore
@@ -25,6 +28,7 @@ from ps.sharding import Plan
 log = logging.getLogger("ps.server")
 
 MAX_PARTS = 1 << 16
+APPLY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)  # seconds
 
 
 @dataclass
@@ -80,12 +84,20 @@ class Shard:
         self._step_pushes = 0  # pushes accumulated into the current sync step
         self.staleness_hist: Counter[int] = Counter()
         self.counters: Counter[str] = Counter()
+        self._apply_counts = [0] * (len(APPLY_BUCKETS) + 1)  # the last one: above every bound
+        self._apply_seconds = 0.0
+        self._restored_workers: frozenset[str] = frozenset()  # ids in the checkpoint restored
+        self._awaiting: set[str] = set()  # of those, the ones active then and not registered again yet
+        self._awaiting_deadline = 0.0
         self._stopped = False
 
     # -- helpers (lock held) ------------------------------------------------------------------
     def _view(self) -> View:
         clocks = tuple(w.clock for w in self._workers.values())
-        return View(self.version, clocks, len(self._ever) >= self.cfg.num_workers)
+        # After a restore, steps also wait for the workers the checkpoint had (until they are back,
+        # or for one lease timeout): none may find a step done without its gradient.
+        back = not self._awaiting or self._now() >= self._awaiting_deadline
+        return View(self.version, clocks, len(self._ever) >= self.cfg.num_workers and back)
 
     def _check_plan(self, fingerprint: str) -> None:
         if self.plan is not None and fingerprint != self.plan.fingerprint:
@@ -115,7 +127,8 @@ class Shard:
 
     def _maybe_complete_step(self) -> None:
         if self.policy.step_ready(self._view(), self._step_pushes):
-            self.store.apply_accumulated()
+            with self._timed_apply():
+                self.store.apply_accumulated()
             self._step_pushes = 0
             self.version += 1
             self.staleness_hist[0] += 1
@@ -133,9 +146,9 @@ class Shard:
         self._cond.notify_all()
 
     def _catch_up(self, seen_version: int) -> None:
-        """A worker has read version `seen_version` of this shard. Never above the shard's own in
-        normal operation; after a restore from an older checkpoint it is how the shard learns how
-        many updates it lost: it takes that version (sync: skips those steps) and counts them."""
+        """A worker the restored checkpoint knew has read version `seen_version` of this shard:
+        above the restored version, it is how the shard learns how many updates it lost. It takes
+        that version (sync: skips those steps) and counts them."""
         if seen_version > self.version and self.store.initialized:
             lost = seen_version - self.version
             log.warning("shard %d: a worker has seen version %d but the shard restored version %d: %d updates lost",
@@ -144,6 +157,14 @@ class Shard:
             self.version = seen_version
             self.store.clear_accumulated()
             self._step_pushes = 0
+
+    @contextlib.contextmanager
+    def _timed_apply(self):
+        t = time.perf_counter()
+        yield
+        took = time.perf_counter() - t
+        self._apply_seconds += took
+        self._apply_counts[bisect.bisect_left(APPLY_BUCKETS, took)] += 1
 
     def _reject(self, exc: Exception) -> None:
         self.counters["rejected"] += 1
@@ -165,7 +186,9 @@ class Shard:
             raise InvalidArgument(f"clock ({clock}) and seen_version ({seen_version}) must be >= 0")
         with self._cond:
             self._check_plan(fingerprint)
-            self._catch_up(seen_version)
+            if worker_id in self._restored_workers:
+                self._catch_up(seen_version)
+            self._awaiting.discard(worker_id)
             w = self._workers.get(worker_id)
             if w is None:
                 join = max(self.policy.join_clock(self._view()), self._departed.pop(worker_id, 0))
@@ -235,8 +258,10 @@ class Shard:
             if worker_id:
                 self._worker(worker_id)
                 while not self.policy.pull_ready(clock, self._view()):
-                    if self._stopped or not is_active():
-                        raise Cancelled("pull abandoned: the client went away or the server is stopping")
+                    if self._stopped:  # the client retries elsewhere or after the restart
+                        raise Unavailable(f"shard {self.cfg.shard_id} is stopping")
+                    if not is_active():
+                        raise Cancelled("pull abandoned: the client went away")
                     self._cond.wait(self._wait_slice)
                     self._worker(worker_id)
             self.counters["pulls"] += 1
@@ -310,7 +335,8 @@ class Shard:
         if not grads:  # a push with no keys for this shard (a TP rank's) only moves the clock
             return PushResult("APPLIED", self.version)
         staleness = self.version - base_version
-        self.store.apply(grads, 1.0 / (1 + staleness) if self.cfg.staleness_lr else 1.0)
+        with self._timed_apply():
+            self.store.apply(grads, 1.0 / (1 + staleness) if self.cfg.staleness_lr else 1.0)
         self.version += 1
         self.staleness_hist[staleness] += 1
         self._cond.notify_all()
@@ -329,8 +355,15 @@ class Shard:
                 self._remove(worker_id, left=True)
 
     def evict_expired(self) -> list[str]:
-        """Evict workers silent for longer than the timeout; returns their ids."""
+        """Evict workers silent for longer than the timeout; returns their ids. Also ends the wait
+        for checkpointed workers that did not come back after a restore."""
         with self._cond:
+            if self._awaiting and self._now() >= self._awaiting_deadline:
+                log.warning("shard %d: workers %s did not come back after the restore; going on without them",
+                            self.cfg.shard_id, sorted(self._awaiting))
+                self._awaiting.clear()
+                self._maybe_complete_step()
+                self._cond.notify_all()
             deadline = self._now() - self.cfg.worker_timeout
             gone = [wid for wid in self._workers if self._seen.get(wid, 0.0) < deadline]
             for wid in gone:
@@ -365,6 +398,14 @@ class Shard:
                                                  "bytes_pushed", "bytes_pulled", "lost_updates", "checkpoints")},
             }
 
+    def metrics(self) -> dict:
+        """What the Prometheus endpoint exports (see ps.server.metrics)."""
+        with self._cond:
+            return {"shard_id": self.cfg.shard_id, "mode": self.policy.name, "version": self.version,
+                    "active_workers": len(self._workers), "counters": dict(self.counters),
+                    "staleness_histogram": dict(self.staleness_hist),
+                    "apply_latency": (APPLY_BUCKETS, list(self._apply_counts), self._apply_seconds)}
+
     # -- checkpoints --------------------------------------------------------------------------
     def snapshot(self) -> Snapshot | None:
         """A consistent copy of everything needed to resume (None before init)."""
@@ -374,18 +415,27 @@ class Shard:
             assert self.plan is not None and self.optimizer_cfg is not None and self.store.optimizer is not None
             clocks = dict(self._departed)
             clocks.update({wid: w.clock for wid, w in self._workers.items()})
+            acc, acc_counts = self.store.accumulated()
             return Snapshot(
                 self.cfg.shard_id, self.cfg.num_shards, self.policy.name, self.plan, self.optimizer_cfg, self.version,
                 clocks, dict(self.staleness_hist), dict(self.counters),
-                {k: p.detach().clone() for k, p in self.store.params.items()}, self.store.optimizer.state())
+                {k: p.detach().clone() for k, p in self.store.params.items()}, self.store.optimizer.state(),
+                sorted(self._workers), acc, acc_counts, self._step_pushes)
 
     def restore(self, snap: Snapshot) -> None:
         """Resume from `snap` (before serving). Its workers count as departed with their clocks:
-        each registers again on its next call and is told its clock (sync: `_catch_up`)."""
+        each registers again on its next call and is told its clock (and `_catch_up`). Until the
+        ones active at the snapshot are back (or one lease timeout passed), steps and reads that
+        wait for everyone go on waiting. A sync step's partial sum is restored with it."""
         with self._cond:
             self.store.init(snap.params, snap.optimizer)
             assert self.store.optimizer is not None
             self.store.optimizer.load_state(snap.optimizer_state)
+            self.store.restore_accumulated(snap.accumulated, snap.accumulated_counts)
+            self._step_pushes = snap.step_pushes
+            self._restored_workers = frozenset(snap.clocks)
+            self._awaiting = set(snap.active)
+            self._awaiting_deadline = self._now() + self.cfg.worker_timeout
             self.plan, self.optimizer_cfg, self.version = snap.plan, snap.optimizer, snap.version
             self._workers.clear()
             self._departed = dict(snap.clocks)

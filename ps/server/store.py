@@ -27,6 +27,7 @@ class ParamStore:
         self.optimizer: SliceOptimizer | None = None
         self._acc: dict[str, torch.Tensor] = {}
         self._acc_count: dict[str, int] = {}
+        self.max_numel = 0  # elements of the largest slice held: what any gradient may have at most
 
     @property
     def initialized(self) -> bool:
@@ -38,6 +39,7 @@ class ParamStore:
     def init(self, values: Mapping[str, torch.Tensor], optimizer: OptimizerConfig) -> None:
         self.params = {k: v.detach().to(torch.float32).clone().requires_grad_(True) for k, v in values.items()}
         self.optimizer = SliceOptimizer(optimizer, self.params)
+        self.max_numel = max((p.numel() for p in self.params.values()), default=0)
         self._acc.clear()
         self._acc_count.clear()
 
@@ -76,6 +78,16 @@ class ParamStore:
             else:
                 self._acc[key] = g.clone()
                 self._acc_count[key] = 1
+
+    def accumulated(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """Copies of the current sync step's partial sums and their counts (for checkpoints)."""
+        return {k: g.clone() for k, g in self._acc.items()}, dict(self._acc_count)
+
+    def restore_accumulated(self, acc: Mapping[str, torch.Tensor], counts: Mapping[str, int]) -> None:
+        if set(acc) != set(counts) or not set(acc) <= set(self.params):
+            raise KeyError("accumulated sums and counts must name the same slices of this shard")
+        self._acc = {k: g.clone() for k, g in acc.items()}
+        self._acc_count = dict(counts)
 
     def clear_accumulated(self) -> None:
         self._acc.clear()

@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 import grpc
 import torch
 
-from ps import wire
+from ps import tls, wire
 from ps.compress import Compressor
 from ps.config import DEFAULT_PARTITION_BYTES, OptimizerConfig, grpc_options
 from ps.errors import InvalidArgument, PSError, Unavailable, UnknownWorker, error_from_wire
@@ -80,6 +80,12 @@ def _push_results(responses: Iterable[tuple[int, pb.PushResponse]]) -> list[dict
     return [final[k] for k in sorted(final)]
 
 
+def _mapped(e: grpc.RpcError) -> PSError:
+    """The PSError a failed call stands for (the class the server raised, or its status code's)."""
+    meta = dict(e.trailing_metadata() or ())
+    return error_from_wire(e.code().name, meta.get(ERROR_CLASS_KEY), e.details() or "")
+
+
 class _Pulled:
     """The destination of one pull: tensors to decode into, versions seen per shard."""
 
@@ -123,7 +129,8 @@ class PSClient:
     def __init__(self, servers: Sequence[str], worker_id: str | None = None, *,
                  partition_bytes: int = DEFAULT_PARTITION_BYTES, connect_timeout: float = 60.0,
                  retry_timeout: float = 60.0, rpc_timeout: float = 120.0, heartbeat: bool = True,
-                 compress: str = "none", auth_token: str = ""):
+                 compress: str = "none", auth_token: str = "", tls_ca: str = "", tls_cert: str = "",
+                 tls_key: str = ""):
         if not servers:
             raise PSError("servers must name at least one host:port")
         self._compressor = Compressor(compress)  # validates the spec
@@ -133,7 +140,7 @@ class PSClient:
         self.partition_bytes = partition_bytes
         self.retry_timeout = retry_timeout
         self.rpc_timeout = rpc_timeout
-        self._channels = [grpc.insecure_channel(s, options=grpc_options()) for s in self.servers]
+        self._channels = [tls.channel(s, grpc_options(), tls_ca, tls_cert, tls_key) for s in self.servers]
         self._stubs = [wire.Stub(c) for c in self._channels]
         # Pulls may wait (sync, ssp) and must never hold up a heartbeat: a pool of their own.
         # Pushes need no threads: they go out as gRPC futures.
@@ -175,8 +182,7 @@ class PSClient:
             try:
                 return getattr(self._stubs[shard], method)(request, timeout=rpc_timeout, metadata=self._metadata)
             except grpc.RpcError as e:
-                meta = dict(e.trailing_metadata() or ())
-                err = error_from_wire(e.code().name, meta.get(ERROR_CLASS_KEY), e.details() or "")
+                err = _mapped(e)
                 if isinstance(err, UnknownWorker) and reregister and not self._left and self.plan is not None:
                     log.warning("%s: %s; registering again", self.servers[shard], err)
                     self._register_one(shard, clock)
@@ -200,7 +206,10 @@ class PSClient:
         for (k, m, req, t), f in issued:
             try:
                 out.append((k, f.result()))
-            except grpc.RpcError:
+            except grpc.RpcError as e:
+                err = _mapped(e)
+                if not isinstance(err, (Unavailable, UnknownWorker)):
+                    raise err from e  # a refused request stays refused: do not send it again
                 out.append((k, self._call(k, m, req, timeout=t, clock=clock)))
         return out
 
@@ -405,6 +414,8 @@ class PSClient:
         pulled = _Pulled(self, names, into)
         pushed = []
         for shard, resp in self._call_many(calls, clock):
+            if isinstance(resp, wire.Malformed):
+                raise InvalidArgument(f"server {self.servers[shard]} sent a {resp.reason}")
             pushed.append((shard, resp.push))
             pulled.absorb(shard, resp.pull)
         return _push_results(pushed), pulled.finish(observer=False)

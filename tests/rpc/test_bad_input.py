@@ -55,6 +55,9 @@ CASES = {
     "part out of range": (lambda c: push_request(c, [grad()], part=5, num_parts=2), "INVALID_ARGUMENT",
                           InvalidArgument),
     "duplicate keys": (lambda c: push_request(c, [grad(), grad()]), "INVALID_ARGUMENT", InvalidArgument),
+    "sparse tensor declaring 2**40 elements": (
+        lambda c: push_request(c, [pb.Tensor(key="w#0", dtype="float32", shape=[1 << 40], data=b"\0" * 4,
+                                             indices=(0).to_bytes(4, "little"))]), "INVALID_ARGUMENT", InvalidArgument),
     "sparse position out of range": (
         lambda c: push_request(c, [pb.Tensor(key="w#0", dtype="float32", shape=[10], data=b"\0" * 4,
                                              indices=(10).to_bytes(4, "little"))]), "INVALID_ARGUMENT", InvalidArgument),

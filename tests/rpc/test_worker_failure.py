@@ -1,8 +1,11 @@
-"""A worker killed with SIGKILL in sync mode does not hang the others: after the timeout it is
-evicted and the steps complete without it."""
+"""A worker killed with SIGKILL does not hang the others in any mode (sync: after the timeout it
+is evicted and the steps complete without it), and the same worker started again rejoins under
+its id and finishes its steps."""
 
 import json
 import os
+
+import pytest
 import signal
 import subprocess
 import sys
@@ -28,8 +31,10 @@ def steps_logged(path):
     return sum(1 for line in path.read_text().splitlines() if line.strip())
 
 
-def test_a_killed_worker_is_evicted_and_sync_training_completes(cluster, tmp_path):
-    with cluster(2, "sync", num_workers=2, worker_timeout=2.0) as addresses:
+@pytest.mark.parametrize("mode", ["sync", "async", "ssp"])
+def test_a_killed_worker_is_evicted_the_others_complete_and_it_rejoins(cluster, tmp_path, mode):
+    extra = {"staleness": 2} if mode == "ssp" else {}
+    with cluster(2, mode, num_workers=2, worker_timeout=2.0, **extra) as addresses:
         survivor = start_worker(addresses, 0, tmp_path)
         victim = start_worker(addresses, 1, tmp_path)
         deadline = time.monotonic() + 60
@@ -38,14 +43,28 @@ def test_a_killed_worker_is_evicted_and_sync_training_completes(cluster, tmp_pat
             assert victim.poll() is None, victim.stdout.read()
             time.sleep(0.05)
         victim.send_signal(signal.SIGKILL)
+        victim.wait()
         killed_at = steps_logged(tmp_path / "worker-1.jsonl")
         out, _ = survivor.communicate(timeout=120)
         assert survivor.returncode == 0, out
+        with PSClient(addresses, heartbeat=False) as c:  # async and ssp never waited: eviction may come later
+            deadline = time.monotonic() + 15
+            evicted = c.stats()
+            while not all(s["evictions"] for s in evicted) and time.monotonic() < deadline:
+                time.sleep(0.1)
+                evicted = c.stats()
+        again = start_worker(addresses, 1, tmp_path)  # the same id: it rejoins where it was
+        out, _ = again.communicate(timeout=120)
+        assert again.returncode == 0, out
         with PSClient(addresses, heartbeat=False) as c:
             stats = c.stats()
-    victim.wait()
     assert killed_at < STEPS
-    assert all(s["evictions"] == 1 for s in stats), [(s["evictions"], s["dropped"], s["pushes"]) for s in stats]
-    assert all(s["version"] == STEPS for s in stats)
+    assert all(s["evictions"] == 1 for s in evicted), [(s["evictions"], s["dropped"], s["pushes"]) for s in evicted]
     records = [json.loads(x) for x in (tmp_path / "worker-0.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "final" not in r] == list(range(STEPS))
+    rejoined = [json.loads(x) for x in (tmp_path / "worker-1.jsonl").read_text().splitlines()][killed_at:]
+    steps = [r["step"] for r in rejoined if "final" not in r]
+    if mode == "sync":  # it rejoins at the current step: here the survivor has already done them all
+        assert steps == [] and all(s["version"] == STEPS for s in stats)
+    else:  # it resumes from the clock the servers kept for it
+        assert steps and steps[-1] == STEPS - 1 and killed_at - 2 <= steps[0] <= killed_at + 1, steps[:3]

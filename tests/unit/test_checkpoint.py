@@ -163,3 +163,55 @@ def test_restore_if_present_starts_fresh_without_a_checkpoint_and_restores_with_
         assert srv.shard.version == 2
     finally:
         srv.stop(grace=0)
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_a_sync_step_half_summed_at_the_checkpoint_completes_with_both_gradients_after_a_restore(tmp_path):
+    shard, plan = trained_shard("sync", OPTIMIZERS[0], steps=2, workers=("a", "b"))
+    g_a, g_b = [("w#0", torch.ones(6)), ("b#0", torch.ones(2))], [("w#0", 3 * torch.ones(6)), ("b#0", -torch.ones(2))]
+    shard.push("a", plan.fingerprint, 2, 2, g_a, 0, 1)  # a's gradient for step 2 is in the partial sum
+    new = restored(tmp_path, shard)
+    shard.push("b", plan.fingerprint, 2, 2, g_b, 0, 1)
+    new.register("a", plan.fingerprint, 3, seen_version=2)  # a waits for step 3, b comes back to push 2
+    new.register("b", plan.fingerprint, 2, seen_version=2)
+    assert new.push("b", plan.fingerprint, 2, 2, g_b, 0, 1).outcome == "APPLIED"
+    assert new.version == shard.version == 3 and new.stats()["lost_updates"] == 0
+    assert all(torch.equal(x, y) for x, y in zip(weights(shard).values(), weights(new).values()))
+
+
+def test_after_a_restore_sync_steps_wait_for_the_checkpointed_workers_for_one_lease(tmp_path):
+    shard, plan = trained_shard("sync", OPTIMIZERS[0], steps=2, workers=("a", "b"))
+    checkpoint.save(str(tmp_path), shard.snapshot())
+    clock = Clock()
+    new = Shard(shard.cfg, now=clock)
+    new.restore(checkpoint.load_latest(str(tmp_path), 0, 1, "sync"))
+    new.register("a", plan.fingerprint, 2, seen_version=2)
+    grads = [("w#0", torch.ones(6)), ("b#0", torch.ones(2))]
+    assert new.push("a", plan.fingerprint, 2, 2, grads, 0, 1).outcome == "ACCUMULATED"  # b is awaited
+    assert new.version == 2
+    clock.t += new.cfg.worker_timeout + 1  # b never comes back: after one lease the shard goes on
+    new.evict_expired()
+    assert new.version == 3
+
+
+def test_only_workers_the_checkpoint_knew_can_move_a_restored_shard(tmp_path):
+    shard, plan = trained_shard("async", OPTIMIZERS[0], steps=2)
+    new = restored(tmp_path, shard)
+    new.register("stranger", plan.fingerprint, 0, seen_version=10**6)
+    assert new.version == 2 and new.stats()["lost_updates"] == 0
+
+
+def test_a_fresh_server_refuses_a_directory_with_an_earlier_runs_checkpoints(tmp_path):
+    from ps.server.app import create_server
+
+    shard, _ = trained_shard("async", OPTIMIZERS[0], steps=1)
+    checkpoint.save(str(tmp_path), shard.snapshot())
+    with pytest.raises(CheckpointError, match="from an earlier run .* --restore or --restore-if-present"):
+        create_server(ServerConfig(mode="async", checkpoint_dir=str(tmp_path)))

@@ -268,3 +268,24 @@ def test_init_from_an_unregistered_worker_is_refused():
     shard, plan = make_shard("async")
     with pytest.raises(UnknownWorker):
         shard.init("x", plan, plan.fingerprint, SGD1, [("w#0", torch.zeros(4))], 0, 1)
+
+
+def test_a_stopping_server_answers_a_waiting_pull_unavailable_which_clients_retry():
+    from ps.errors import Unavailable
+
+    shard, plan = make_shard("sync", num_workers=1)
+    init(shard, plan)
+    errors = []
+
+    def wait():
+        try:
+            shard.pull("a", plan.fingerprint, 1, ["w#0"])  # step 0 has not happened: waits
+        except Exception as e:  # noqa: BLE001 - inspected below
+            errors.append(e)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    time.sleep(0.2)
+    shard.stop()
+    t.join(5)
+    assert len(errors) == 1 and isinstance(errors[0], Unavailable), errors

@@ -1,0 +1,66 @@
+"""Prometheus metrics of a shard, read from its counters at scrape time (nothing on the hot path
+but the apply-latency histogram the shard keeps anyway)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from ps.server.shard import Shard
+
+STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128)
+COUNTERS = {  # counter key -> (metric name without ps_ and _total, help)
+    "pushes": ("pushes", "gradient pushes applied or accumulated"),
+    "pulls": ("pulls", "pulls served"),
+    "bytes_pushed": ("pushed_bytes", "tensor bytes received in pushes"),
+    "bytes_pulled": ("pulled_bytes", "tensor bytes sent in pulls"),
+    "rejected": ("rejected_requests", "requests refused as invalid (bad shape, dtype, key, NaN, malformed bytes, ...)"),
+    "evictions": ("evictions", "workers evicted after the lease timeout"),
+    "dropped": ("dropped_pushes", "sync pushes too late for their step"),
+    "duplicates": ("duplicate_pushes", "retried pushes ignored"),
+    "lost_updates": ("lost_updates", "updates a restore from checkpoint did not have"),
+    "checkpoints": ("checkpoints", "checkpoints written"),
+    "unauthenticated": ("unauthenticated_requests", "calls refused for a missing or wrong auth token"),
+}
+
+
+class ShardCollector(Collector):
+    def __init__(self, shard: Shard):
+        self.shard = shard
+
+    def collect(self):
+        s = self.shard.metrics()
+        labels = {"shard": str(s["shard_id"]), "mode": s["mode"]}
+        names, values = list(labels), list(labels.values())
+        for key, (name, doc) in COUNTERS.items():
+            c = CounterMetricFamily(f"ps_{name}", doc, labels=names)
+            c.add_metric(values, s["counters"].get(key, 0))
+            yield c
+        for name, doc, value in (("version", "updates applied (sync: steps)", s["version"]),
+                                 ("active_workers", "workers holding a lease", s["active_workers"])):
+            g = GaugeMetricFamily(f"ps_{name}", doc, labels=names)
+            g.add_metric(values, value)
+            yield g
+        hist = s["staleness_histogram"]
+        buckets = [(str(b), sum(n for k, n in hist.items() if k <= b)) for b in STALENESS_BUCKETS]
+        h = HistogramMetricFamily("ps_staleness", "versions between a gradient's base and its apply", labels=names)
+        h.add_metric(values, buckets + [("+Inf", sum(hist.values()))], sum(k * n for k, n in hist.items()))
+        yield h
+        bounds, counts, total = s["apply_latency"]
+        cumulative, running = [], 0
+        for b, n in zip(bounds, counts):
+            running += n
+            cumulative.append((str(b), running))
+        h = HistogramMetricFamily("ps_apply_seconds", "time to apply one update (optimizer step) under the lock",
+                                  labels=names)
+        h.add_metric(values, cumulative + [("+Inf", running + counts[-1])], total)
+        yield h
+
+
+def serve(shard: Shard, host: str, port: int):
+    """Start the /metrics endpoint; returns (http server, its port)."""
+    registry = CollectorRegistry()
+    registry.register(ShardCollector(shard))
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    return server, server.server_port

@@ -1,0 +1,58 @@
+"""Load: 32 concurrent clients against 2 async servers, each pushing known gradients (with
+retries of the same clock). The final values are exactly the sum of everything pushed once, and
+the servers' memory stays bounded: a second identical round grows neither server's RSS."""
+
+import io
+import threading
+
+import torch
+
+from ps.cli.launch import start_servers, stop_all
+from ps.config import OptimizerConfig
+from ps.sharding import ParamSpec
+from ps.worker.client import PSClient
+from tests.conftest import run_in_threads
+
+CLIENTS, PUSHES, SIZE = 32, 40, 20_000
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def test_32_concurrent_clients_sum_exactly_and_server_memory_stays_bounded():
+    servers = start_servers(2, "async", CLIENTS, out=io.StringIO())
+    addresses = [s.address for s in servers]
+    init = {"w": torch.zeros(SIZE), "b": torch.zeros(3)}
+    rss = []
+    try:
+        for round_ in range(2):
+            start = threading.Barrier(CLIENTS)
+
+            def client(i: int, round_=round_) -> None:
+                with PSClient(addresses, f"c{i}", partition_bytes=16384) as c:
+                    clock = c.setup(init, OptimizerConfig("sgd", lr=1.0))
+                    grads = {"w": torch.full((SIZE,), float(i + 1)), "b": torch.full((3,), float(i + 1))}
+                    start.wait()
+                    for step in range(clock, clock + PUSHES):
+                        c.push(grads, step)
+                        if step % 8 == 0:
+                            assert all(r["outcome"] == "DUPLICATE" for r in c.push(grads, step))  # a retry
+                    c.leave()
+
+            run_in_threads(client, CLIENTS, timeout=600)
+            rss.append([rss_mib(s.popen.pid) for s in servers])
+        with PSClient(addresses, partition_bytes=16384, heartbeat=False) as obs:
+            obs.attach([ParamSpec(n, tuple(t.shape)) for n, t in init.items()])
+            final = obs.pull(0, observer=True)
+            stats = obs.stats()
+    finally:
+        stop_all(servers)
+    expected = -2.0 * PUSHES * sum(range(1, CLIENTS + 1))  # two rounds, lr 1: minus every gradient once
+    assert torch.equal(final["w"], torch.full((SIZE,), expected))
+    assert torch.equal(final["b"], torch.full((3,), expected))
+    assert sum(s["pushes"] for s in stats) == 2 * 2 * CLIENTS * PUSHES and sum(s["rejected"] for s in stats) == 0
+    for first, second in zip(*rss):
+        assert second < first + 32, f"server RSS grew from {first:.0f} to {second:.0f} MiB over an identical round"
+    print(f"load: {CLIENTS} clients x {PUSHES} pushes x 2 rounds; server RSS MiB after each round {rss}")

@@ -1,0 +1,108 @@
+"""A network partition of one worker (a network namespace whose link is cut) for longer than the
+lease timeout: the servers evict it, the other worker goes on, and when the link returns the
+partitioned worker registers again and finishes; nothing deadlocks. Needs root and `ip netns`
+(skipped otherwise)."""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from ps.cli.launch import start_servers, stop_all
+from ps.worker.client import PSClient
+
+STEPS = 400
+HOST_IP, NS_IP = "10.231.0.1", "10.231.0.2"
+
+
+def _ip(*args, check=True):
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+def _netns_usable() -> bool:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return False
+    name = f"pscheck{uuid.uuid4().hex[:6]}"
+    ok = _ip("netns", "add", name, check=False).returncode == 0
+    _ip("netns", "del", name, check=False)
+    return ok
+
+
+@pytest.fixture
+def netns():
+    """A namespace joined to the host by a veth pair: (namespace name, host-side link name)."""
+    tag = uuid.uuid4().hex[:6]
+    ns, host_if, ns_if = f"psw{tag}", f"psh{tag}", f"psn{tag}"
+    _ip("netns", "add", ns)
+    try:
+        _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        _ip("link", "set", ns_if, "netns", ns)
+        _ip("addr", "add", f"{HOST_IP}/24", "dev", host_if)
+        _ip("link", "set", host_if, "up")
+        _ip("-n", ns, "addr", "add", f"{NS_IP}/24", "dev", ns_if)
+        _ip("-n", ns, "link", "set", ns_if, "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+        yield ns, host_if
+    finally:
+        _ip("link", "del", host_if, check=False)
+        _ip("netns", "del", ns, check=False)
+
+
+def _worker(addresses, rank, log_dir, ns=None):
+    argv = [sys.executable, "-m", "ps.cli.worker", "--servers", ",".join(addresses), "--rank", str(rank),
+            "--num-workers", "2", "--steps", str(STEPS), "--data", "synthetic", "--log-dir", str(log_dir),
+            "--eval-every", "0", "--no-progress", "--straggler", "2"]
+    prefix = ["ip", "netns", "exec", ns] if ns else []
+    return subprocess.Popen(prefix + argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _steps(path):
+    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.exists() else 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _netns_usable(), reason="needs root and network namespaces")
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_partitioned_worker_is_evicted_then_rejoins_when_the_link_returns(netns, tmp_path, mode):
+    ns, host_if = netns
+    servers = start_servers(2, mode, 2, worker_timeout=1.5, host=HOST_IP, out=io.StringIO())
+    addresses = [s.address for s in servers]
+    try:
+        near = _worker(addresses, 0, tmp_path)
+        far = _worker(addresses, 1, tmp_path, ns=ns)
+        deadline = time.monotonic() + 90
+        while _steps(tmp_path / "worker-1.jsonl") < 30:
+            assert time.monotonic() < deadline and far.poll() is None, far.stdout.read() if far.poll() else ""
+            time.sleep(0.05)
+        _ip("link", "set", host_if, "down")  # the partition
+        near_at_cut = _steps(tmp_path / "worker-0.jsonl")
+        time.sleep(4.0)  # well past the 1.5 s lease
+        during = _steps(tmp_path / "worker-0.jsonl")
+        with PSClient(addresses, heartbeat=False) as c:
+            evictions = [s["evictions"] for s in c.stats()]
+        _ip("link", "set", host_if, "up")  # the link returns
+        out_near, _ = near.communicate(timeout=180)
+        out_far, _ = far.communicate(timeout=180)
+    finally:
+        stop_all(servers)
+        for p in (locals().get("near"), locals().get("far")):
+            if p is not None and p.poll() is None:
+                p.kill()
+    assert near.returncode == 0, out_near
+    assert far.returncode == 0, out_far
+    assert evictions == [1, 1]
+    assert "registering again" in out_far, out_far  # it came back under its id
+    records = [json.loads(x) for x in (tmp_path / "worker-1.jsonl").read_text().splitlines()]
+    last = max(r["step"] for r in records if "final" not in r)
+    if mode == "async":  # it resumes from its clock and does its remaining steps
+        assert last == STEPS - 1
+    else:  # sync: it rejoins at the current step, which the other worker may already have taken to the end
+        assert last >= 30
+    assert during > near_at_cut + 5  # the other worker went on while the link was down
