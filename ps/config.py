@@ -22,10 +22,19 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 
 
 def grpc_options() -> list[tuple[str, int]]:
-    """Channel and server options shared by both ends (message limits live here only)."""
+    """Channel and server options shared by both ends (message limits live here only).
+    Keepalive pings every 10 s (answered within 5 s) find a connection that died silently (a
+    network partition that drops packets), so a pull waiting without a deadline fails over to a
+    retry instead of waiting forever; servers accept pings that often."""
     return [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ]
 
 

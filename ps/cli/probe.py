@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ps import tls, wire
+from ps.errors import PSError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,16 +24,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=f"127.0.0.1:{port}", help="server to check (default: 127.0.0.1:$PS_PORT)")
     p.add_argument("--service", default=wire.SERVICE, help="service name to check ('' for the whole server)")
     p.add_argument("--timeout", default=3.0, type=float, help="seconds")
-    for flag in ("ca", "cert", "key"):  # a server serving TLS is probed over TLS (PS_TLS_* as the server's)
-        p.add_argument(f"--tls-{flag}", default=os.environ.get(f"PS_TLS_{flag.upper()}", ""),
-                       help=f"PEM {flag} for a TLS server [env PS_TLS_{flag.upper()}]")
+    # A server serving TLS is probed over TLS, as a client: the CA that signed the server's
+    # certificate and, under mutual TLS, a client certificate (not the server's own settings).
+    for flag in ("ca", "cert", "key"):
+        var = f"PS_PROBE_TLS_{flag.upper()}"
+        p.add_argument(f"--tls-{flag}", default=os.environ.get(var, ""), help=f"PEM {flag} as a TLS client [env {var}]")
+    p.add_argument("--tls-server-name", default=os.environ.get("PS_PROBE_TLS_SERVER_NAME", ""),
+                   help="name to check the server's certificate against, when it does not name 127.0.0.1 "
+                        "[env PS_PROBE_TLS_SERVER_NAME]")
     return p
 
 
 def check(address: str, service: str = wire.SERVICE, timeout: float = 3.0, ca: str = "", cert: str = "",
-          key: str = "") -> str:
+          key: str = "", server_name: str = "") -> str:
     """The serving status name (SERVING, NOT_SERVING, ...), or the gRPC error code's name."""
-    with tls.channel(address, (), ca, cert, key) as channel:
+    options = (("grpc.ssl_target_name_override", server_name),) if server_name else ()
+    with tls.channel(address, options, ca, cert, key) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
                                                               timeout=timeout)
@@ -43,7 +50,11 @@ def check(address: str, service: str = wire.SERVICE, timeout: float = 3.0, ca: s
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    status = check(args.address, args.service, args.timeout, args.tls_ca, args.tls_cert, args.tls_key)
+    try:
+        status = check(args.address, args.service, args.timeout, args.tls_ca, args.tls_cert, args.tls_key,
+                       args.tls_server_name)
+    except PSError as e:  # bad TLS settings: unhealthy, with the reason
+        status = f"ERROR {e}"
     print(f"{args.address} {args.service or '(server)'}: {status}")
     return 0 if status == "SERVING" else 1
 

@@ -159,7 +159,7 @@ def _load_one(manifest_path: str, shard_id: int, num_shards: int, mode: str) -> 
         expected = {s.key for s in plan.slices_for(shard_id)}
         if set(params) != expected:
             raise CheckpointError(f"it holds {len(params)} slices, not this shard's {len(expected)}")
-        counts = {str(k): int(v) for k, v in m["accumulated_counts"].items()}
+        counts = {str(k): int(v) for k, v in m.get("accumulated_counts", {}).items()}
         if not set(opt_state) <= expected or set(acc) != set(counts) or not set(acc) <= expected:
             raise CheckpointError("its optimizer state or partial sums name slices this shard does not hold")
         return Snapshot(
@@ -167,7 +167,7 @@ def _load_one(manifest_path: str, shard_id: int, num_shards: int, mode: str) -> 
             {str(k): int(v) for k, v in m["clocks"].items()},
             {int(k): int(v) for k, v in m["staleness_histogram"].items()},
             {str(k): int(v) for k, v in m["counters"].items()}, params, opt_state,
-            [str(w) for w in m["active"]], acc, counts, int(m["step_pushes"]))
+            [str(w) for w in m.get("active", [])], acc, counts, int(m.get("step_pushes", 0)))
     except CheckpointError:
         raise
     except (OSError, ValueError, KeyError, TypeError, PSError) as e:  # unreadable, bad JSON, bad safetensors

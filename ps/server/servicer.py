@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import grpc
 
@@ -42,9 +43,17 @@ class ParameterServerServicer:
     def __init__(self, shard: Shard):
         self.shard = shard
 
-    def _decode(self, tensors, writable: bool = True) -> list:
+    def _decode(self, tensors, lengths: list[int], writable: bool = True) -> list:
+        """Decode a request's tensors for slices of these `lengths` (the shard's, or for an init
+        the plan's). Counts and sparse sizes are checked before anything is expanded."""
         try:
-            limit = self.shard.store.max_numel
+            if len(tensors) > max(len(lengths), 1):
+                raise InvalidArgument(f"a request carries {len(tensors)} tensors; this shard has {len(lengths)} slices")
+            declared = sum(math.prod(t.shape) for t in tensors if len(t.indices))
+            if declared > sum(lengths):
+                raise InvalidArgument(f"sparse tensors declare {declared} elements; this shard's slices hold "
+                                      f"{sum(lengths)}")
+            limit = max(lengths, default=0)
             return [(t.key, tensor_from_proto(t, writable, limit)) for t in tensors]
         except InvalidArgument as e:
             self.shard.reject(e)
@@ -71,7 +80,8 @@ class ParameterServerServicer:
             self.shard.reject(e)
         applied = self.shard.init(
             request.worker_id, plan, request.plan_fingerprint, optimizer,
-            self._decode(request.tensors), request.part, request.num_parts,
+            self._decode(request.tensors, [s.length for s in plan.slices_for(self.shard.cfg.shard_id)]),
+            request.part, request.num_parts,
         )
         return pb.InitResponse(applied=applied)
 
@@ -86,7 +96,7 @@ class ParameterServerServicer:
         h = request.header
         result = self.shard.push(
             h.worker_id, h.plan_fingerprint, h.clock, h.base_version,
-            self._decode(request.grads, writable=False), h.part, h.num_parts,
+            self._decode(request.grads, self.shard.store.slice_lengths, writable=False), h.part, h.num_parts,
             sum(t.data.nbytes + t.indices.nbytes for t in request.grads),
         )
         return pb.PushResponse(

@@ -126,12 +126,23 @@ class Shard:
         return w
 
     def _maybe_complete_step(self) -> None:
-        if self.policy.step_ready(self._view(), self._step_pushes):
+        view = self._view()
+        if self.policy.step_ready(view, self._step_pushes):
             with self._timed_apply():
                 self.store.apply_accumulated()
             self._step_pushes = 0
             self.version += 1
             self.staleness_hist[0] += 1
+            self._cond.notify_all()
+        elif (self.policy.name == "sync" and self._step_pushes == 0 and view.quorum and view.clocks
+              and all(c > view.version for c in view.clocks)):
+            # Every active worker is past this step, yet none of its gradients is here: they were
+            # lost with a server restart. Waiting would wait forever; the step is skipped instead.
+            log.warning("shard %d: step %d has no gradient left (lost in a restart); skipping it",
+                        self.cfg.shard_id, self.version)
+            self.counters["lost_updates"] += 1
+            self.store.clear_accumulated()
+            self.version += 1
             self._cond.notify_all()
 
     def _remove(self, worker_id: str, left: bool) -> None:

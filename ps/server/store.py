@@ -27,7 +27,7 @@ class ParamStore:
         self.optimizer: SliceOptimizer | None = None
         self._acc: dict[str, torch.Tensor] = {}
         self._acc_count: dict[str, int] = {}
-        self.max_numel = 0  # elements of the largest slice held: what any gradient may have at most
+        self.slice_lengths: list[int] = []  # elements of each slice held (bounds what a request may expand to)
 
     @property
     def initialized(self) -> bool:
@@ -39,7 +39,7 @@ class ParamStore:
     def init(self, values: Mapping[str, torch.Tensor], optimizer: OptimizerConfig) -> None:
         self.params = {k: v.detach().to(torch.float32).clone().requires_grad_(True) for k, v in values.items()}
         self.optimizer = SliceOptimizer(optimizer, self.params)
-        self.max_numel = max((p.numel() for p in self.params.values()), default=0)
+        self.slice_lengths = [p.numel() for p in self.params.values()]
         self._acc.clear()
         self._acc_count.clear()
 

@@ -185,7 +185,9 @@ class PSClient:
                 err = _mapped(e)
                 if isinstance(err, UnknownWorker) and reregister and not self._left and self.plan is not None:
                     log.warning("%s: %s; registering again", self.servers[shard], err)
-                    self._register_one(shard, clock)
+                    # With every shard, aligned: evicted by one shard, a worker has usually been
+                    # evicted by all, and each would otherwise place it at its own current step.
+                    self._join_all(clock)
                     reregister = False
                     continue
                 if retry and isinstance(err, Unavailable) and time.monotonic() + delay < deadline:
@@ -198,19 +200,26 @@ class PSClient:
                    ) -> list[tuple[int, object]]:
         """Issue each (shard, method, request, timeout) as a gRPC future as soon as it is built (no
         Python threads in between; encoding overlaps sending) and return (shard, response) pairs
-        in order. A call that fails is redone through `_call`, which retries, registers again and
-        maps errors (pushes and pulls are safe to repeat)."""
+        in order. A call that fails because the server was unreachable or no longer knew this
+        worker is redone through `_call` (which retries and registers again), and so is every
+        other call to that shard: a restarted server has lost the parts of a push it had
+        acknowledged (parts it still holds are answered DUPLICATE). Pushes and pulls are safe
+        to repeat; a refused request is not sent again."""
         issued = [(call, getattr(self._stubs[call[0]], call[1]).future(call[2], timeout=call[3], metadata=self._metadata))
                   for call in calls]
-        out = []
+        out, redo = [], set()
         for (k, m, req, t), f in issued:
             try:
                 out.append((k, f.result()))
             except grpc.RpcError as e:
                 err = _mapped(e)
                 if not isinstance(err, (Unavailable, UnknownWorker)):
-                    raise err from e  # a refused request stays refused: do not send it again
-                out.append((k, self._call(k, m, req, timeout=t, clock=clock)))
+                    raise err from e
+                out.append((k, None))
+                redo.add(k)
+        for i, ((k, m, req, t), _) in enumerate(issued):  # in order: the last part decides the outcome
+            if k in redo:
+                out[i] = (k, self._call(k, m, req, timeout=t, clock=clock))
         return out
 
     def _map(self, fn: Callable[..., T], jobs: Sequence[tuple], pool: ThreadPoolExecutor | None = None) -> list[T]:
@@ -257,16 +266,23 @@ class PSClient:
         clock to start at (the largest any shard asks for)."""
         self.attach(specs)
         self._left = False
-        self.info = self._map(self._register_one, [(k,) for k in range(len(self.servers))])
-        start = max(r.clock for r in self.info)
-        behind = [k for k, r in enumerate(self.info) if r.clock < start]
-        for k, r in zip(behind, self._map(self._register_one, [(k, start) for k in behind])):
-            self.info[k] = r  # aligned: that shard no longer waits for clocks this worker skips
+        self.info = self._join_all()
         self.versions = [r.version for r in self.info]
         if self._want_heartbeat and self._heartbeat_thread is None:
             self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, daemon=True, name="ps-heartbeat")
             self._heartbeat_thread.start()
         return max(r.clock for r in self.info)
+
+    def _join_all(self, clock: int = 0) -> list[pb.RegisterResponse]:
+        """Register with every shard (at least at `clock`) and align: shards that would put this
+        worker at a lower clock than another shard are told the highest one, so no shard waits
+        for a step this worker will never push there."""
+        infos = self._map(self._register_one, [(k, clock) for k in range(len(self.servers))])
+        start = max(r.clock for r in infos)
+        behind = [k for k, r in enumerate(infos) if r.clock < start]
+        for k, r in zip(behind, self._map(self._register_one, [(k, start) for k in behind])):
+            infos[k] = r
+        return infos
 
     def _heartbeat_loop(self) -> None:
         """Renew the lease on every shard at once, one attempt each: a shard that is down must

@@ -58,6 +58,10 @@ CASES = {
     "sparse tensor declaring 2**40 elements": (
         lambda c: push_request(c, [pb.Tensor(key="w#0", dtype="float32", shape=[1 << 40], data=b"\0" * 4,
                                              indices=(0).to_bytes(4, "little"))]), "INVALID_ARGUMENT", InvalidArgument),
+    "sparse tensors declaring more elements than the shard holds": (
+        lambda c: push_request(c, [pb.Tensor(key=f"w#{i}", dtype="float32", shape=[10], data=b"\0" * 4,
+                                             indices=(0).to_bytes(4, "little")) for i in range(2)]),
+        "INVALID_ARGUMENT", InvalidArgument),
     "sparse position out of range": (
         lambda c: push_request(c, [pb.Tensor(key="w#0", dtype="float32", shape=[10], data=b"\0" * 4,
                                              indices=(10).to_bytes(4, "little"))]), "INVALID_ARGUMENT", InvalidArgument),

@@ -215,3 +215,17 @@ def test_a_fresh_server_refuses_a_directory_with_an_earlier_runs_checkpoints(tmp
     checkpoint.save(str(tmp_path), shard.snapshot())
     with pytest.raises(CheckpointError, match="from an earlier run .* --restore or --restore-if-present"):
         create_server(ServerConfig(mode="async", checkpoint_dir=str(tmp_path)))
+
+
+def test_a_step_whose_gradients_were_all_lost_in_a_restart_is_skipped_not_waited_for_forever(tmp_path):
+    shard, plan = trained_shard("sync", OPTIMIZERS[0], steps=2, workers=("a", "b"))
+    checkpoint.save(str(tmp_path), shard.snapshot())  # version 2, no partial sum
+    clock = Clock()
+    new = Shard(shard.cfg, now=clock)
+    new.restore(checkpoint.load_latest(str(tmp_path), 0, 1, "sync"))
+    # a had pushed step 2 to the server that died (lost) and waits for step 3; b never comes back
+    new.register("a", plan.fingerprint, 3, seen_version=2)
+    assert new.version == 2
+    clock.t += new.cfg.worker_timeout + 1
+    new.evict_expired()
+    assert new.version == 3 and new.stats()["lost_updates"] == 1
