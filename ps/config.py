@@ -165,6 +165,8 @@ class WorkerConfig:
     tp: int = 1             # tensor-parallel ranks in this worker's group
     micro_batches: int = 1  # gradient accumulation over this many micro-batches per step
     recompute: bool = False  # activation recomputation (models that support it)
+    push_early: bool = False  # push each gradient as backward produces it (overlaps the push with backward)
+    prefetch: bool = False    # async/ssp: pull the next step's weights while computing this one
     straggler: float = 1.0  # fault injection: this worker's steps take this many times longer
     kill_at: int = -1       # fault injection: SIGKILL this worker when it reaches this step (-1: never)
     auth_token: str = field(default="", repr=False)  # sent with every RPC when the servers require one

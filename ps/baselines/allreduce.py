@@ -24,7 +24,7 @@ from ps.config import WorkerConfig
 from ps.data import batches, evaluate, load_data, shard_indices
 from ps.models import build_model, model_loss
 from ps.server.optim import torch_optimizer
-from ps.worker.trainer import JsonlLog, resolve_device, total_steps
+from ps.worker.trainer import JsonlLog, Straggler, resolve_device, total_steps
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +58,7 @@ def train(cfg: WorkerConfig, master: str) -> float | None:
         log = JsonlLog(os.path.join(cfg.log_dir, f"{cfg.worker_id}.jsonl") if cfg.log_dir else None)
         loss_fn = lambda out, y: model_loss(model, out, y)  # noqa: E731
         dist.barrier()
+        straggler = Straggler(cfg.straggler)
         t0 = time.monotonic()
         acc = None
         for step in range(steps):
@@ -69,8 +70,7 @@ def train(cfg: WorkerConfig, master: str) -> float | None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if cfg.straggler > 1:
-                time.sleep((cfg.straggler - 1) * (time.perf_counter() - work_start))
+            straggler.after_step(time.perf_counter() - work_start)
             record = {"worker": cfg.worker_id, "step": step, "time": time.monotonic() - t0, "loss": float(loss.detach())}
             if cfg.rank == 0 and cfg.eval_every and (step % cfg.eval_every == 0 or step == steps - 1):
                 acc, record["test_loss"] = evaluate(model, data.test, device, loss_fn)

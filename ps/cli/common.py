@@ -151,6 +151,10 @@ def add_training_flags(parser: argparse.ArgumentParser, env: Mapping[str, str] |
                  help="accumulate gradients over this many micro-batches per step")
         add_flag(parser, "--recompute", env=env, action="store_true", default=False,
                  help="recompute activations in backward instead of keeping them (gpt-tiny)")
+        add_flag(parser, "--push-early", env=env, action="store_true", default=False,
+                 help="push each layer's gradient as soon as backward produces it (overlaps the push with backward)")
+        add_flag(parser, "--prefetch", env=env, action="store_true", default=False,
+                 help="async/ssp: pull the next step's weights while this step computes (one step staler)")
     if worker_outputs:
         add_flag(parser, "--log-dir", env=env, default="", help="directory for JSONL metrics, one file per worker")
         add_flag(parser, "--eval-every", env=env, default=50, type=int, help="test accuracy every N steps (0: never)")

@@ -22,7 +22,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     p = argparse.ArgumentParser(
         prog="ps-compare", description="Compare sync, async, ssp and an all-reduce baseline on the same job.")
     add_flag(p, "--modes", env=env, default=DEFAULT_MODES,
-             help="comma-separated: sync, async, ssp:S, allreduce; options +backup=B (sync), +slr (async, ssp)")
+             help="comma-separated: sync, async, ssp:S, allreduce; options +backup=B (sync), +slr and +prefetch "
+                  "(async, ssp), +early (sync, async, ssp)")
     add_flag(p, "--workers", env=env, default=4, type=int, help="workers per configuration")
     add_flag(p, "--servers", env=env, default=2, type=int, help="server shards per configuration")
     p.add_argument("--straggler", action="append", default=[], metavar="WORKER:FACTOR",

@@ -17,7 +17,7 @@ from ps.cli.common import add_flag, add_training_flags, run_main
 from ps.cli.server import READY_PREFIX
 from ps.config import MODES
 from ps.data import evaluate, load_data
-from ps.errors import PSError
+from ps.errors import InvalidArgument, PSError
 from ps.models import build_model, model_loss
 from ps.sharding import ParamSpec, dtype_name
 from ps.tp.binding import tp_init, unshard_keys
@@ -143,8 +143,9 @@ def training_argv(args: argparse.Namespace) -> list[str]:
         out += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.log_dir:
         out += ["--log-dir", args.log_dir]
-    if args.recompute:
-        out.append("--recompute")
+    for flag in ("recompute", "push_early", "prefetch"):
+        if getattr(args, flag):
+            out.append(f"--{flag.replace('_', '-')}")
     return out
 
 
@@ -185,6 +186,9 @@ class Observer:
 
 
 def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
+    if args.prefetch and args.mode == "sync":
+        raise InvalidArgument("--prefetch needs --mode async or ssp: in sync mode the next step's weights exist only "
+                              "once every worker has pushed this step")
     servers = start_servers(int(args.servers), args.mode, int(args.workers) * int(args.tp), staleness=int(args.staleness),
                             worker_timeout=float(args.worker_timeout), host=args.host, out=out)
     workers: list[Proc] = []

@@ -36,7 +36,7 @@ class RunResult:
     staleness: dict[int, int] = field(default_factory=dict)
 
 
-def _argv(cfg: CompareConfig, rank: int, log_dir: str, ps: bool = True) -> list[str]:
+def _argv(cfg: CompareConfig, rank: int, log_dir: str, ps: bool = True, spec: RunSpec | None = None) -> list[str]:
     argv = ["--rank", str(rank), "--model", cfg.model, "--data", cfg.data, "--batch-size", str(cfg.batch_size),
             "--steps", str(cfg.steps), "--epochs", str(cfg.epochs), "--seed", str(cfg.seed), "--device", cfg.device,
             "--optimizer", cfg.optimizer.name, "--lr", str(cfg.optimizer.lr), "--momentum", str(cfg.optimizer.momentum),
@@ -45,6 +45,9 @@ def _argv(cfg: CompareConfig, rank: int, log_dir: str, ps: bool = True) -> list[
             "--partition-bytes", str(cfg.partition_bytes)]
     if ps and cfg.compress != "none":
         argv += ["--compress", cfg.compress]
+    if spec is not None:
+        argv += ["--push-early"] if spec.push_early else []
+        argv += ["--prefetch"] if spec.prefetch else []
     if rank in cfg.stragglers:
         argv += ["--straggler", str(cfg.stragglers[rank])]
     if rank in cfg.kills:
@@ -109,7 +112,7 @@ def run_ps(spec: RunSpec, cfg: CompareConfig, log: IO[str], progress: Callable[[
         addresses = ",".join(p.address for p in servers)
         for r in range(cfg.workers):
             workers.append(start_worker(f"worker-{r}", ["--servers", addresses, "--num-workers", str(cfg.workers),
-                                                        "--no-progress", "--eval-every", "0", *_argv(cfg, r, log_dir)],
+                                                        "--no-progress", "--eval-every", "0", *_argv(cfg, r, log_dir, spec=spec)],
                                         log))
         thread = threading.Thread(target=monitor, daemon=True)
         thread.start()

@@ -14,14 +14,18 @@ _ITEM = re.compile(r"^(sync|async|ssp|allreduce)(?::(\d+))?((?:\+[a-z-]+(?:=\d+)
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One configuration: `sync`, `async`, `ssp:S`, `allreduce`, with options `+backup=B` (sync)
-    and `+slr` (staleness-aware learning rate, async and ssp)."""
+    """One configuration: `sync`, `async`, `ssp:S`, `allreduce`, with options `+backup=B` (sync),
+    `+slr` (staleness-aware learning rate, async and ssp), `+early` (push each gradient as
+    backward produces it; any parameter-server mode) and `+prefetch` (pull the next step's
+    weights while computing; async and ssp)."""
 
     label: str
     mode: str
     staleness: int = 0
     backup: int = 0
     staleness_lr: bool = False
+    push_early: bool = False
+    prefetch: bool = False
 
 
 def parse_runs(text: str, num_workers: int) -> list[RunSpec]:
@@ -31,24 +35,27 @@ def parse_runs(text: str, num_workers: int) -> list[RunSpec]:
         if not m:
             raise InvalidArgument(
                 f"configuration ({item!r}) must look like sync, async, ssp:S or allreduce, optionally with "
-                "+backup=B (sync) or +slr (async, ssp)")
+                "+backup=B (sync), +slr or +prefetch (async, ssp), +early (not allreduce)")
         mode, staleness, opts = m.group(1), m.group(2), m.group(3)
         if mode == "ssp" and staleness is None:
             raise InvalidArgument(f"configuration ({item!r}): ssp needs its bound, e.g. ssp:2")
         if mode != "ssp" and staleness is not None:
             raise InvalidArgument(f"configuration ({item!r}): only ssp takes a bound")
-        backup, slr = 0, False
+        backup, flags = 0, set()
         for opt in filter(None, opts.split("+")):
             name, _, value = opt.partition("=")
             if name == "backup" and value and mode == "sync":
                 backup = int(value)
-            elif name == "slr" and not value and mode in ("async", "ssp"):
-                slr = True
+            elif name in ("slr", "prefetch") and not value and mode in ("async", "ssp") and name not in flags:
+                flags.add(name)
+            elif name == "early" and not value and mode != "allreduce" and name not in flags:
+                flags.add(name)
             else:
                 raise InvalidArgument(f"configuration ({item!r}): option +{opt} does not apply to {mode}")
         if backup >= num_workers:
             raise InvalidArgument(f"configuration ({item!r}): backup ({backup}) must be < workers ({num_workers})")
-        runs.append(RunSpec(item, mode, int(staleness or 0), backup, slr))
+        runs.append(RunSpec(item, mode, int(staleness or 0), backup, "slr" in flags, "early" in flags,
+                            "prefetch" in flags))
     if len({r.label for r in runs}) != len(runs):
         raise InvalidArgument(f"configurations ({text!r}) must not repeat")
     return runs

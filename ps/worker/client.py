@@ -19,7 +19,9 @@ pushes below `client.clock_floor` are then answered DUPLICATE, so continue from
 
 Tensors passed to `push` are read before it returns (or before the handle of `push_async`
 resolves); the caller must not modify them until then. One client serves one worker; its
-methods may be called from one thread at a time (the heartbeat thread is internal).
+methods may be called from one thread at a time (the heartbeat thread is internal), except
+that a `prefetch` runs in the background and a `push_stream` may be fed from another thread
+(e.g. autograd's) while the caller pushes or pulls.
 """
 
 from __future__ import annotations
@@ -125,6 +127,82 @@ class _Pulled:
         return self.out
 
 
+class PushStream:
+    """One push whose gradients arrive tensor by tensor (`PSClient.push_stream`). Requests go out
+    as soon as all their gradients are in (a shard that holds none of these tensors gets its
+    empty push, which moves this worker's clock there, at once); `finish` sends zeros for
+    tensors never added (a parameter that got no gradient), waits and returns one result per
+    shard, as `push` does. A tensor handed to `add` is read until `finish` returns: do not
+    modify it before. `add` may be called from any one thread at a time (e.g. autograd's)."""
+
+    def __init__(self, client: "PSClient", clock: int, dtypes: Mapping[str, torch.dtype]):
+        self.client, self.clock, self.dtypes = client, clock, dict(dtypes)
+        self._jobs = client._push_layout(self.dtypes)
+        self._flat: dict[str, torch.Tensor] = {}
+        self._request = client._push_encoder(clock, self._flat)
+        self._missing = [{s.name for s in job[2]} for job in self._jobs]
+        self._jobs_of: dict[str, list[int]] = {}
+        for i, names in enumerate(self._missing):
+            for n in names:
+                self._jobs_of.setdefault(n, []).append(i)
+        self._added: set[str] = set()
+        self._issued: list[tuple[tuple, grpc.Future]] = []
+        self._lock = threading.Lock()
+        for i, names in enumerate(self._missing):
+            if not names:
+                self._send(i)
+
+    def _send(self, i: int) -> None:
+        job = self._jobs[i]
+        self._issued.append(self.client._issue((job[0], "Push", self._request(*job), self.client.rpc_timeout)))
+
+    def has(self, name: str) -> bool:
+        return name in self._added
+
+    def add(self, name: str, grad: torch.Tensor) -> None:
+        """The gradient of `name` is final: send every request it completes."""
+        if name not in self.dtypes:
+            raise InvalidArgument(f"gradient {name!r} is not part of this push (expected one of {sorted(self.dtypes)[:5]})")
+        spec = self.client.plan.specs[name]
+        if tuple(grad.shape) != tuple(spec.shape):
+            raise InvalidArgument(f"gradient {name!r} has shape {tuple(grad.shape)}, expected {tuple(spec.shape)}")
+        with self._lock:
+            if name in self._added:
+                raise InvalidArgument(f"gradient {name!r} was already added to the push for step {self.clock}")
+            self._flat.update(self.client.plan.split({name: self.client._on_wire(grad.to(self.dtypes[name]))}, [name]))
+            self._added.add(name)
+            for i in self._jobs_of.get(name, ()):
+                self._missing[i].discard(name)
+                if not self._missing[i]:
+                    self._send(i)
+
+    def finish(self) -> list[dict]:
+        for name in [n for n in self.dtypes if n not in self._added]:
+            self.add(name, torch.zeros(self.client.plan.specs[name].shape, dtype=self.dtypes[name]))
+        return _push_results(self.client._collect(self._issued, self.clock))
+
+
+class Prefetch:
+    """Weights being pulled in the background (`PSClient.prefetch`)."""
+
+    def __init__(self, future: Future):
+        self._future = future
+
+    def install(self, into: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Wait, write the weights into `into` {name: tensor}, and count the versions read as this
+        worker's (the base of its next push)."""
+        pulled: _Pulled = self._future.result()
+        pulled.given = dict(into)
+        return pulled.finish(observer=False)
+
+    def cancel(self) -> None:
+        """Drop it (wait for it to end; errors too are dropped)."""
+        try:
+            self._future.result()
+        except Exception as e:  # noqa: BLE001 - nobody needs these weights any more
+            log.debug("dropped prefetch ended with %s", e)
+
+
 class PSClient:
     def __init__(self, servers: Sequence[str], worker_id: str | None = None, *,
                  partition_bytes: int = DEFAULT_PARTITION_BYTES, connect_timeout: float = 60.0,
@@ -150,6 +228,8 @@ class PSClient:
         self._beat_pool = ThreadPoolExecutor(max_workers=len(self.servers), thread_name_prefix="ps-heartbeat")
         self._async = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ps-client-async")
         self._left = False
+        self._rejoin = threading.Lock()
+        self._floor_lock = threading.Lock()
         self.clock_floor = 0  # the lowest clock the servers will take from this worker
         self._want_heartbeat = heartbeat
         self._stop = threading.Event()
@@ -187,7 +267,8 @@ class PSClient:
                     log.warning("%s: %s; registering again", self.servers[shard], err)
                     # With every shard, aligned: evicted by one shard, a worker has usually been
                     # evicted by all, and each would otherwise place it at its own current step.
-                    self._join_all(clock)
+                    with self._rejoin:  # one re-registration at a time (a prefetch may run beside)
+                        self._join_all(clock)
                     reregister = False
                     continue
                 if retry and isinstance(err, Unavailable) and time.monotonic() + delay < deadline:
@@ -200,13 +281,20 @@ class PSClient:
                    ) -> list[tuple[int, object]]:
         """Issue each (shard, method, request, timeout) as a gRPC future as soon as it is built (no
         Python threads in between; encoding overlaps sending) and return (shard, response) pairs
-        in order. A call that fails because the server was unreachable or no longer knew this
-        worker is redone through `_call` (which retries and registers again), and so is every
-        other call to that shard: a restarted server has lost the parts of a push it had
-        acknowledged (parts it still holds are answered DUPLICATE). Pushes and pulls are safe
-        to repeat; a refused request is not sent again."""
-        issued = [(call, getattr(self._stubs[call[0]], call[1]).future(call[2], timeout=call[3], metadata=self._metadata))
-                  for call in calls]
+        in order (see `_collect`)."""
+        return self._collect([self._issue(call) for call in calls], clock)
+
+    def _issue(self, call: tuple[int, str, object, float | None]) -> tuple[tuple, grpc.Future]:
+        shard, method, request, timeout = call
+        return call, getattr(self._stubs[shard], method).future(request, timeout=timeout, metadata=self._metadata)
+
+    def _collect(self, issued: Sequence[tuple[tuple, grpc.Future]], clock: int = 0) -> list[tuple[int, object]]:
+        """Wait for issued calls; (shard, response) pairs in their order. A call that fails because
+        the server was unreachable or no longer knew this worker is redone through `_call` (which
+        retries and registers again), and so is every other call to that shard: a restarted
+        server has lost the parts of a push it had acknowledged (parts it still holds are
+        answered DUPLICATE). Pushes and pulls are safe to repeat; a refused request is not sent
+        again."""
         out, redo = [], set()
         for (k, m, req, t), f in issued:
             try:
@@ -250,7 +338,8 @@ class PSClient:
         req = pb.RegisterRequest(worker_id=self.worker_id, plan_fingerprint=self.plan.fingerprint, clock=clock,
                                  seen_version=seen)
         resp = self._call(shard, "Register", req, reregister=False)
-        self.clock_floor = max(self.clock_floor, resp.clock)
+        with self._floor_lock:  # registrations may run on several threads
+            self.clock_floor = max(self.clock_floor, resp.clock)
         return resp
 
     def attach(self, specs: Sequence[ParamSpec]) -> Plan:
@@ -351,7 +440,8 @@ class PSClient:
         return self._async.submit(self._pull_job(clock, observer, names))
 
     def _pull_job(self, clock: int, observer: bool, names: Sequence[str] | None,
-                  into: Mapping[str, torch.Tensor] | None = None) -> Callable[[], dict[str, torch.Tensor]]:
+                  into: Mapping[str, torch.Tensor] | None = None, commit: bool = True,
+                  own_clock: int | None = None) -> Callable:
         assert self.plan is not None, "register first"
         worker = "" if observer else self.worker_id
         batches = self._batches_for(names)
@@ -360,12 +450,12 @@ class PSClient:
             req = pb.PullRequest(worker_id=worker, plan_fingerprint=self.plan.fingerprint, clock=clock,
                                  keys=[s.key for s in batch])
             pulled.absorb(shard, self._call(shard, "Pull", req, timeout=self.rpc_timeout if observer else None,
-                                            clock=clock))
+                                            clock=clock if own_clock is None else own_clock))
 
-        def gather() -> dict[str, torch.Tensor]:
+        def gather() -> dict[str, torch.Tensor] | _Pulled:
             pulled = _Pulled(self, names, into)
             self._map(fetch_into, [(k, b, pulled) for k, bs in enumerate(batches) for b in bs], self._pull_pool)
-            return pulled.finish(observer)
+            return pulled.finish(observer) if commit else pulled
 
         return gather
 
@@ -381,12 +471,31 @@ class PSClient:
     def _push_requests(self, grads: Mapping[str, torch.Tensor], clock: int) -> tuple[list[tuple], Callable]:
         """The push's parts as (shard, part, batch, num_parts) jobs, and a function building each
         job's request (encoding happens there, as late as possible)."""
-        assert self.plan is not None, "register first"
         names = list(grads)
+        flat = self.plan.split({n: self._on_wire(grads[n]) for n in names}, names)
+        return self._push_layout({n: grads[n].dtype for n in names}), self._push_encoder(clock, flat)
+
+    def _on_wire(self, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient as it travels: on the CPU, in the wire dtype (no copy when it is already)."""
+        return grad.detach().to("cpu", self._compressor.wire_dtype(grad.dtype))
+
+    def _push_layout(self, dtypes: Mapping[str, torch.dtype]) -> list[tuple[int, int, list[Slice], int]]:
+        """How a push of these tensors (name: dtype) splits into requests: (shard, part, slices,
+        num_parts) jobs. It depends on the names and dtypes only, not on the values."""
+        assert self.plan is not None, "register first"
         comp = self._compressor
-        flat = self.plan.split({n: grads[n].detach().to("cpu", comp.wire_dtype(grads[n].dtype)) for n in names}, names)
-        nbytes = lambda s: comp.wire_bytes(s.length, flat[s.key].element_size())  # noqa: E731
-        per_shard = [[s for s in self.plan.slices_for(k) if s.key in flat] for k in range(len(self.servers))]
+        size = {n: comp.wire_dtype(d).itemsize for n, d in dtypes.items()}
+        nbytes = lambda s: comp.wire_bytes(s.length, size[s.name])  # noqa: E731
+        jobs = []
+        for k in range(len(self.servers)):
+            bs = _batches([s for s in self.plan.slices_for(k) if s.name in size], self.partition_bytes, nbytes)
+            jobs += [(k, i, b, len(bs)) for i, b in enumerate(bs)]
+        return jobs
+
+    def _push_encoder(self, clock: int, flat: Mapping[str, torch.Tensor]) -> Callable[..., wire.Frame]:
+        """request(shard, part, batch, num_parts): one part of the push, from `flat` (wire tensors
+        by slice key; read when the request is built)."""
+        comp = self._compressor
 
         def request(shard: int, part: int, batch: list[Slice], num_parts: int) -> wire.Frame:
             header = pb.PushRequest(
@@ -399,11 +508,20 @@ class PSClient:
                 tensors = [tensor_frame(s.key, flat[s.key]) for s in batch]
             return wire.push_frame(header, tensors)
 
-        jobs = []
-        for k, slices in enumerate(per_shard):
-            bs = _batches(slices, self.partition_bytes, nbytes)
-            jobs += [(k, i, b, len(bs)) for i, b in enumerate(bs)]
-        return jobs, request
+        return request
+
+    def push_stream(self, clock: int, dtypes: Mapping[str, torch.dtype]) -> "PushStream":
+        """A push for `clock` of the tensors named in `dtypes` whose gradients are handed over one
+        by one (`PushStream.add`, e.g. as backward produces them): each request goes out the
+        moment all its gradients are in, so sending overlaps the rest of backward."""
+        return PushStream(self, clock, dtypes)
+
+    def prefetch(self, clock: int, names: Sequence[str] | None = None) -> "Prefetch":
+        """Start pulling the weights for `clock` in the background (async and ssp modes: while
+        this worker computes the step before). The versions read count only once installed."""
+        # Should it have to register again, this worker is still at clock - 1 (its push for that
+        # step may not have gone out yet): registering at `clock` would make that push a duplicate.
+        return Prefetch(self._async.submit(self._pull_job(clock, False, names, commit=False, own_clock=clock - 1)))
 
     def _push_job(self, grads: Mapping[str, torch.Tensor], clock: int) -> Callable[[], list[dict]]:
         jobs, request = self._push_requests(grads, clock)

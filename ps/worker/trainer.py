@@ -8,7 +8,10 @@ import logging
 import math
 import os
 import signal
+import statistics
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -34,6 +37,8 @@ class Client(Protocol):
     def pull(self, clock: int, observer: bool = False, names=None, into=None) -> dict[str, torch.Tensor]: ...
     def push(self, grads, clock: int) -> list[dict]: ...
     def push_pull(self, grads, clock: int, names=None, into=None) -> tuple[list[dict], dict]: ...
+    def push_stream(self, clock: int, dtypes): ...
+    def prefetch(self, clock: int, names=None): ...
     def leave(self) -> None: ...
     def stats(self) -> list[dict]: ...
 
@@ -72,6 +77,84 @@ class HostGrads:
             self.buffers[n].copy_(g, non_blocking=True)
         torch.cuda.current_stream().synchronize()
         return self.buffers
+
+
+class EarlyPush:
+    """Pushes each parameter's gradient the moment backward has produced it, so sending overlaps
+    the rest of backward (as BytePS and Poseidon's wait-free backpropagation do): a hook on every
+    parameter, armed during the step's last backward (micro-batches accumulate before it).
+    On CUDA each gradient is copied to a pinned host buffer on the stream and handed over once
+    the copy has completed, by a thread of its own, so backward never waits for the host."""
+
+    def __init__(self, client: Client, params: dict[str, nn.Parameter], device: torch.device):
+        self.client, self.params = client, params
+        self.dtypes = {n: p.dtype for n, p in params.items()}
+        self.cuda = device.type == "cuda"
+        self.buffers = ({n: torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for n, p in params.items()}
+                        if self.cuda else {})
+        self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ps-early-push") if self.cuda else None
+        self._copies: list[Future] = []
+        self.stream = None
+        self.armed = False
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook(n)) for n, p in params.items()]
+
+    def _hook(self, name: str) -> Callable[[nn.Parameter], None]:
+        def hook(p: nn.Parameter) -> None:
+            if self.armed and self.stream is not None and p.grad is not None:
+                self._send(name, p.grad)
+        return hook
+
+    def _send(self, name: str, grad: torch.Tensor) -> None:
+        if not self.cuda:
+            self.stream.add(name, grad)
+            return
+        buf = self.buffers[name]
+        buf.copy_(grad, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        stream = self.stream
+        self._copies.append(self._copier.submit(lambda: (done.synchronize(), stream.add(name, buf))))
+
+    def begin(self, clock: int) -> None:
+        self.stream, self.armed = self.client.push_stream(clock, self.dtypes), False
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def finish(self) -> list[dict]:
+        """Wait for the step's push; per-shard results. A parameter the last micro-batch gave no
+        gradient goes with what earlier ones accumulated, or as zeros if none did."""
+        self.armed = False
+        for name, p in self.params.items():
+            if p.grad is not None and not self.stream.has(name):
+                self._send(name, p.grad)
+        copies, self._copies = self._copies, []
+        for f in copies:
+            f.result()
+        stream, self.stream = self.stream, None
+        return stream.finish()
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        if self._copier is not None:
+            self._copier.shutdown(wait=True)
+
+
+class Straggler:
+    """Fault injection: each step takes `factor` times as long, as on a slower machine. After a
+    step it sleeps (factor - 1) times the median of the last 20 steps' times, this one included
+    (not this step's time alone: a stall, such as a partition, is not slept again). Sleeping
+    uses no CPU."""
+
+    def __init__(self, factor: float):
+        self.factor = factor
+        self.recent: deque[float] = deque(maxlen=20)
+
+    def after_step(self, seconds: float) -> None:
+        if self.factor > 1:
+            self.recent.append(seconds)
+            time.sleep((self.factor - 1) * statistics.median(self.recent))
 
 
 class JsonlLog:
@@ -124,6 +207,12 @@ def _pull(client: Client, clock: int, binding: Binding) -> None:
     broadcast_([binding.params[k].data for k in binding.replicated], binding.tp)
 
 
+def _install(ahead, binding: Binding) -> None:
+    """Put prefetched weights in place (TP rank 0 then broadcasts the replicated ones)."""
+    ahead.install(_into(binding))
+    broadcast_([binding.params[k].data for k in binding.replicated], binding.tp)
+
+
 def _push_pull(client: Client, grads: dict[str, torch.Tensor], clock: int, binding: Binding) -> list[dict]:
     """Push this step's gradients and pull the next step's weights into place: one round trip
     per shard for small models."""
@@ -132,12 +221,16 @@ def _push_pull(client: Client, grads: dict[str, torch.Tensor], clock: int, bindi
     return results
 
 
-def _forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro_batches: int) -> float:
+def _forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro_batches: int,
+                      before_last_backward: Callable[[], None] | None = None) -> float:
     """Gradients of the batch's mean loss, accumulated over micro-batches; returns the loss."""
     model.zero_grad(set_to_none=True)
     total = 0.0
-    for xm, ym in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
+    chunks = list(zip(x.chunk(micro_batches), y.chunk(micro_batches)))
+    for i, (xm, ym) in enumerate(chunks):
         loss = model_loss(model, model(xm), ym) * (len(xm) / len(x))
+        if before_last_backward is not None and i == len(chunks) - 1:
+            before_last_backward()
         loss.backward()
         total += float(loss.detach())
     return total
@@ -157,12 +250,20 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
         _wait_for_everyone(client, cfg, cfg.num_workers * tp.size)
     stream = batches(data.train, shard_indices(len(data.train), cfg.rank, cfg.num_workers),
                      cfg.batch_size, cfg.seed * 1_000_003 + cfg.rank)
-    host = HostGrads({k: binding.params[k] for k in binding.own}, device)
+    own = {k: binding.params[k] for k in binding.own}
+    early = EarlyPush(client, own, device) if cfg.push_early else None
+    host = HostGrads(own, device) if early is None else None
     metrics = JsonlLog(os.path.join(cfg.log_dir, f"{cfg.worker_id}.jsonl") if cfg.log_dir and tp.rank == 0 else None)
     t0, loss_value = time.monotonic(), float("nan")
     clock = start
+    straggler = Straggler(cfg.straggler)
+    ahead, ahead_clock = None, -1  # weights being prefetched, and their clock
     try:
+        if cfg.prefetch and client.mode == "sync":
+            raise InvalidArgument("prefetch needs async or ssp mode: in sync mode the next step's weights exist "
+                                  "only once every worker has pushed this step")
         _pull(client, clock, binding)
+        pulled = clock  # the clock whose weights the parameters hold
         while clock < steps:
             if clock == cfg.kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die as a crashed machine would
@@ -174,11 +275,29 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
             if clock >= steps:
                 break
             work_start = time.perf_counter()
+            if ahead is not None:  # the weights prefetched during the last step, or fresh ones if the clock moved
+                if ahead_clock == clock:
+                    _install(ahead, binding)
+                else:
+                    ahead.cancel()
+                    _pull(client, clock, binding)
+                ahead = None
+            if cfg.prefetch and clock + 1 < steps:  # pulled while this step computes (one step staler)
+                ahead, ahead_clock = client.prefetch(clock + 1, names=binding.own), clock + 1
             x, y = next(stream)
-            loss_value = _forward_backward(model, x.to(device), y.to(device), cfg.micro_batches)
-            results = _push_pull(client, host.collect(), clock, binding)  # the weights for clock + 1
-            if cfg.straggler > 1:
-                time.sleep((cfg.straggler - 1) * (time.perf_counter() - work_start))
+            if early is not None:
+                early.begin(clock)
+            loss_value = _forward_backward(model, x.to(device), y.to(device), cfg.micro_batches,
+                                           early.arm if early is not None else None)
+            if early is None and not cfg.prefetch:
+                results = _push_pull(client, host.collect(), clock, binding)  # the weights for clock + 1
+            else:
+                results = early.finish() if early is not None else client.push(host.collect(), clock)
+                if not cfg.prefetch:
+                    _pull(client, clock + 1, binding)
+            if not cfg.prefetch:
+                pulled = clock + 1
+            straggler.after_step(time.perf_counter() - work_start)
             record = {"worker": cfg.worker_id, "step": clock, "time": time.monotonic() - t0, "loss": loss_value,
                       "staleness": max(r["staleness"] for r in results)}
             if cfg.eval_every and data.test is not None and (clock % cfg.eval_every == 0 or clock == steps - 1):
@@ -187,7 +306,9 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
             if on_step and tp.rank == 0:
                 on_step({**record, "steps": steps})
             clock += 1
-        if clock != steps:  # the loop did not end by pulling the weights after the last step
+        if ahead is not None:
+            ahead.cancel()
+        if pulled != steps:  # the weights after the last step are not in place yet
             _pull(client, steps, binding)
         acc = accuracy(model, data.test, device) if data.test is not None else None
         result = TrainResult(steps, loss_value, acc, time.monotonic() - t0)
@@ -196,6 +317,10 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
         return result
     finally:
         metrics.close()
+        if ahead is not None:  # an error mid-step: the prefetch must end before this worker leaves
+            ahead.cancel()
+        if early is not None:
+            early.close()
         try:
             client.leave()
         except Exception as e:  # noqa: BLE001 - leaving is best effort; the lease expires anyway

@@ -67,6 +67,19 @@ def test_a_bad_compression_is_refused_by_the_parser_with_the_rule(main, capsys):
     assert "compress ('topk:2') must be none, fp16, bf16 or topk:R with 0 < R <= 1" in capsys.readouterr().err
 
 
+def test_prefetch_in_sync_mode_is_refused_before_anything_starts(capsys):
+    assert launch.main(["--mode", "sync", "--prefetch"]) == 2
+    assert "--prefetch needs --mode async or ssp" in capsys.readouterr().err
+
+
+def test_overlap_flags_reach_the_workers():
+    args = launch.build_parser({}).parse_args(["--mode", "async", "--prefetch", "--push-early"])
+    argv = launch.training_argv(args)
+    assert "--prefetch" in argv and "--push-early" in argv and "--recompute" not in argv
+    cfg = worker.config_from_args(worker.build_parser({}).parse_args(["--servers", "h:1", "--steps", "1", *argv]))
+    assert cfg.prefetch and cfg.push_early
+
+
 def test_a_bad_boolean_in_the_environment_is_refused():
     with pytest.raises(Exception, match="PS_STALENESS_LR"):
         server.build_parser({"PS_STALENESS_LR": "maybe"})

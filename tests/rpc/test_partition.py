@@ -10,48 +10,22 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 
 from ps.cli.launch import start_servers, stop_all
 from ps.worker.client import PSClient
+from tests.netns import ip, usable, veth_namespace
 
 STEPS = 400
 HOST_IP, NS_IP = "10.231.0.1", "10.231.0.2"
 
 
-def _ip(*args, check=True):
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
-
-
-def _netns_usable() -> bool:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        return False
-    name = f"pscheck{uuid.uuid4().hex[:6]}"
-    ok = _ip("netns", "add", name, check=False).returncode == 0
-    _ip("netns", "del", name, check=False)
-    return ok
-
-
 @pytest.fixture
 def netns():
     """A namespace joined to the host by a veth pair: (namespace name, the namespace's link name)."""
-    tag = uuid.uuid4().hex[:6]
-    ns, host_if, ns_if = f"psw{tag}", f"psh{tag}", f"psn{tag}"
-    _ip("netns", "add", ns)
-    try:
-        _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
-        _ip("link", "set", ns_if, "netns", ns)
-        _ip("addr", "add", f"{HOST_IP}/24", "dev", host_if)
-        _ip("link", "set", host_if, "up")
-        _ip("-n", ns, "addr", "add", f"{NS_IP}/24", "dev", ns_if)
-        _ip("-n", ns, "link", "set", ns_if, "up")
-        _ip("-n", ns, "link", "set", "lo", "up")
-        yield ns, ns_if
-    finally:
-        _ip("link", "del", host_if, check=False)
-        _ip("netns", "del", ns, check=False)
+    with veth_namespace(HOST_IP, NS_IP) as pair:
+        yield pair
 
 
 def _worker(addresses, rank, log_dir, ns=None):
@@ -68,10 +42,10 @@ def _steps(path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _netns_usable(), reason="needs root and network namespaces")
+@pytest.mark.skipif(not usable(), reason="needs root and network namespaces")
 def _cut(ns, ns_if, how, on):
     if how == "link":  # the link goes down: the worker's sends fail at once
-        _ip("-n", ns, "link", "set", ns_if, "down" if on else "up")
+        ip("-n", ns, "link", "set", ns_if, "down" if on else "up")
     else:  # packets vanish both ways: connections look alive until keepalive gives up on them
         for chain in ("INPUT", "OUTPUT"):
             subprocess.run(["ip", "netns", "exec", ns, "iptables", "-A" if on else "-D", chain, "-j", "DROP"],

@@ -11,12 +11,16 @@ def test_configurations_parse_with_their_options():
     assert runs == [RunSpec("sync", "sync"), RunSpec("async+slr", "async", staleness_lr=True),
                     RunSpec("ssp:4", "ssp", 4), RunSpec("sync+backup=1", "sync", backup=1),
                     RunSpec("ssp:0+slr", "ssp", 0, staleness_lr=True), RunSpec("allreduce", "allreduce")]
+    assert parse_runs("sync+early,async+prefetch+early+slr", 2) == [
+        RunSpec("sync+early", "sync", push_early=True),
+        RunSpec("async+prefetch+early+slr", "async", staleness_lr=True, push_early=True, prefetch=True)]
 
 
 @pytest.mark.parametrize("text, rule", [
     ("bsp", "must look like"), ("ssp", "needs its bound"), ("sync:2", "only ssp takes a bound"),
     ("async+backup=1", "does not apply"), ("sync+slr", "does not apply"), ("sync+backup=4", "must be < workers"),
-    ("sync,sync", "must not repeat"),
+    ("sync,sync", "must not repeat"), ("sync+prefetch", "does not apply"), ("allreduce+early", "does not apply"),
+    ("async+prefetch+prefetch", "does not apply"),
 ])
 def test_bad_configurations_name_the_rule(text, rule):
     with pytest.raises(InvalidArgument, match=rule):
