@@ -2,7 +2,8 @@
 (and, for the small model, the combined push_pull call),
 against a gloo all-reduce of the same tensor between 2 processes, raw TCP moving the same bytes
 (there and back), and the ceiling of gRPC Python itself (2 echo servers of raw bytes, same slices,
-no protobuf, no ps; and a bare health-check round trip), all measured in this run. Prints p50 and
+no protobuf, no ps; for the small model, 1 KiB echoed by 2 servers at once; and a bare
+health-check round trip), all measured in this run. Prints p50 and
 p99 over the rounds, and the ratios.
 
     python benchmarks/transport.py [--mib 100] [--rounds 20]
@@ -16,6 +17,7 @@ import os
 import socket
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import torch
@@ -84,34 +86,56 @@ def _grpc_echo(port: int, ready) -> None:
     server.wait_for_termination()
 
 
+class EchoServers:
+    """Two gRPC servers whose one method answers the request's bytes (no protobuf, no ps)."""
+
+    def __enter__(self):
+        ctx = torch.multiprocessing.get_context("spawn")
+        ports, self.procs = [free_port(), free_port()], []
+        for port in ports:
+            ready = ctx.Event()
+            self.procs.append(ctx.Process(target=_grpc_echo, args=(port, ready), daemon=True))
+            self.procs[-1].start()
+            ready.wait(60)
+        self.channels = [grpc.insecure_channel(f"127.0.0.1:{p}", options=grpc_options()) for p in ports]
+        return [ch.unary_unary("/bench.Echo/Echo") for ch in self.channels]
+
+    def __exit__(self, *exc):
+        for ch in self.channels:
+            ch.close()
+        for proc in self.procs:
+            proc.kill()
+
+
 def bench_grpc_ceiling(nbytes: int, rounds: int) -> list[float]:
     """gRPC Python's own ceiling: the model's bytes in 4 MiB raw-bytes messages sent to 2 echo
     servers as concurrent futures and answered back (push + pull in one), as ps splits them."""
-    ctx = torch.multiprocessing.get_context("spawn")
-    ports, procs = [free_port(), free_port()], []
-    for port in ports:
-        ready = ctx.Event()
-        procs.append(ctx.Process(target=_grpc_echo, args=(port, ready), daemon=True))
-        procs[-1].start()
-        ready.wait(60)
-    channels = [grpc.insecure_channel(f"127.0.0.1:{p}", options=grpc_options()) for p in ports]
-    echo = [ch.unary_unary("/bench.Echo/Echo") for ch in channels]
     chunk = DEFAULT_PARTITION_BYTES
     data = [os.urandom(min(chunk, nbytes - off)) for off in range(0, nbytes, chunk)]
     times = []
-    try:
+    with EchoServers() as echo:
         for i in range(rounds + 2):
             t = time.perf_counter()
             calls = [echo[j % 2].future(d) for j, d in enumerate(data)]
             assert sum(len(c.result()) for c in calls) == nbytes
             if i >= 2:
                 times.append(time.perf_counter() - t)
-        return times
-    finally:
-        for ch in channels:
-            ch.close()
-        for proc in procs:
-            proc.kill()
+    return times
+
+
+def bench_grpc_small_floor(nbytes: int, rounds: int) -> list[float]:
+    """gRPC Python's floor for a small step: `nbytes` echoed by each of 2 servers at once, one
+    blocking call on this thread and one on a pool thread (as ps's push_pull issues them)."""
+    data = os.urandom(nbytes)
+    times = []
+    with EchoServers() as echo, ThreadPoolExecutor(1) as pool:
+        for i in range(rounds + 2):
+            t = time.perf_counter()
+            other = pool.submit(echo[1], data)
+            assert len(echo[0](data)) == len(other.result()) == nbytes
+            if i >= 2:
+                times.append(time.perf_counter() - t)
+    return times
 
 
 def _allreduce_rank(rank: int, port: int, nbytes: int, rounds: int, out) -> None:
@@ -189,6 +213,7 @@ def main() -> None:
     ceiling = bench_grpc_ceiling(big, args.rounds)
     ps_small = bench_ps(1024, max(args.rounds, 200))
     ps_small_combined = bench_ps(1024, max(args.rounds, 200), combined=True)
+    small_floor = bench_grpc_small_floor(1024, max(args.rounds, 200))
     rtt = bench_health_rtt(max(args.rounds, 200))
     gb = lambda seconds: 2 * big / seconds / 1e9  # noqa: E731 - bytes there and back
     print(f"model {big / (1 << 20):.0f} MiB fp32, 1 worker, 2 servers, {args.rounds} rounds")
@@ -208,6 +233,8 @@ def main() -> None:
           "(goal p50 < 1 ms)")
     print(f"1 KiB model push_pull (one round trip): p50 {statistics.median(ps_small_combined) * 1e3:.3f} ms, "
           f"p99 {pct(ps_small_combined, 0.99) * 1e3:.3f} ms")
+    print(f"gRPC floor for it (1 KiB echoed by 2 servers at once): p50 {statistics.median(small_floor) * 1e3:.3f} ms, "
+          f"p99 {pct(small_floor, 0.99) * 1e3:.3f} ms")
     print(f"bare gRPC round trip (health check): p50 {statistics.median(rtt) * 1e3:.3f} ms, "
           f"p99 {pct(rtt, 0.99) * 1e3:.3f} ms")
 

@@ -263,10 +263,16 @@ def _nested(buf: memoryview, start: int, end: int, number: int, cls, read):
     return header, read(buf, s, e)
 
 
-def _reader(read):
+def _reader(read, small=None):
+    """A gRPC deserializer: `read` walks the fields in Python so that payloads stay views of the
+    received bytes; messages up to SMALL bytes go to `small` (protobuf's parser, then the same
+    structures: walking the fields costs more than copying a few kilobytes)."""
+
     def deserialize(data: bytes):
         buf = memoryview(data)
         try:
+            if small is not None and len(buf) <= SMALL:
+                return small(data)
             return read(buf, 0, len(buf))
         except (_Bad, DecodeError, ValueError, RecursionError) as e:
             return Malformed(f"malformed message ({len(data)} bytes): {e}")
@@ -279,6 +285,32 @@ def _protobuf_reader(cls):
     return _reader(lambda buf, start, end: cls.FromString(buf[start:end].tobytes()))
 
 
+def _wire_tensor(t: pb.Tensor) -> WireTensor:
+    return WireTensor(t.key, t.dtype, tuple(t.shape), memoryview(t.data), memoryview(t.indices))
+
+
+def _small_push(m: pb.PushRequest) -> PushIn:
+    tensors = [_wire_tensor(t) for t in m.grads]
+    m.ClearField("grads")
+    return PushIn(m, tensors)
+
+
+def _small_pull(m: pb.PullResponse) -> PullIn:
+    tensors = [_wire_tensor(t) for t in m.tensors]
+    m.ClearField("tensors")
+    return PullIn(m, tensors)
+
+
+def _small_push_pull_request(data: bytes) -> PushPullIn:
+    m = pb.PushPullRequest.FromString(data)
+    return PushPullIn(_small_push(m.push), list(m.pull_keys))
+
+
+def _small_push_pull_response(data: bytes) -> PushPullOut:
+    m = pb.PushPullResponse.FromString(data)
+    return PushPullOut(m.push, _small_pull(m.pull))
+
+
 def _push_pull_request(buf: memoryview, start: int, end: int) -> PushPullIn:
     header, push = _nested(buf, start, end, _PUSHPULL_PUSH, pb.PushPullRequest, _push)
     return PushPullIn(push, list(header.pull_keys))
@@ -289,10 +321,15 @@ def _push_pull_response(buf: memoryview, start: int, end: int) -> PushPullOut:
     return PushPullOut(header.push, pull)
 
 
-read_push = _reader(_push)
-read_pull_response = _reader(_pull)
-read_push_pull_request = _reader(_push_pull_request)
-read_push_pull_response = _reader(_push_pull_response)
+SMALL = 16 << 10
+read_push = _reader(_push, lambda data: _small_push(pb.PushRequest.FromString(data)))
+read_pull_response = _reader(_pull, lambda data: _small_pull(pb.PullResponse.FromString(data)))
+read_push_pull_request = _reader(_push_pull_request, _small_push_pull_request)
+read_push_pull_response = _reader(_push_pull_response, _small_push_pull_response)
+# The field walkers alone, whatever the size (tests read every message both ways).
+WALKERS = {name: _reader(read) for name, read in (("push", _push), ("pull_response", _pull),
+                                                  ("push_pull_request", _push_pull_request),
+                                                  ("push_pull_response", _push_pull_response))}
 
 
 # -- gRPC plumbing ---------------------------------------------------------------------------------

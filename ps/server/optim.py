@@ -37,6 +37,9 @@ class SliceOptimizer:
         """Apply fp32 gradients (by slice key) with lr * lr_scale."""
         if self._opt is None:
             return
+        if self.cfg.name != "adam":
+            self._sgd(grads, self.cfg.lr * lr_scale)
+            return
         for group in self._opt.param_groups:
             group["lr"] = self.cfg.lr * lr_scale
         for key, grad in grads.items():
@@ -47,6 +50,30 @@ class SliceOptimizer:
             for key in grads:
                 self.params[key].grad = None
 
+
+    def _sgd(self, grads: Mapping[str, torch.Tensor], lr: float) -> None:
+        """torch.optim.SGD's single-tensor update as configured here (no dampening, no nesterov):
+        the same operations in the same order, so bit-identical results, without the per-call
+        machinery of `Optimizer.step` (profiler hooks, a walk over every parameter), which costs
+        more than the update of a small slice. Momentum buffers live in the torch optimizer's
+        state, where torch keeps them (checkpoints read them there)."""
+        assert self._opt is not None
+        wd = self.cfg.weight_decay
+        momentum = self.cfg.momentum if self.cfg.name == "momentum" else 0.0
+        with torch.no_grad():
+            for key, grad in grads.items():
+                p = self.params[key]
+                if wd != 0:
+                    grad = grad.add(p, alpha=wd)
+                if momentum != 0:
+                    state = self._opt.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = grad.detach().clone()
+                    else:
+                        buf.mul_(momentum).add_(grad, alpha=1)
+                    grad = buf
+                p.add_(grad, alpha=-lr)
 
     def state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Copies of the optimizer's per-slice state (momentum buffers, Adam moments and steps)."""

@@ -6,6 +6,7 @@ state changes, so a rejected request leaves the parameters exactly as they were.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -18,7 +19,7 @@ from ps.server.optim import SliceOptimizer
 def _all_finite(t: torch.Tensor) -> bool:
     """A finite sum means every element is finite (NaN and Inf propagate); only when it is not
     (or overflowed) is the exact elementwise check needed. 10-20x faster than isfinite().all()."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+    return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
 
 
 class ParamStore:
