@@ -42,14 +42,15 @@ def bench_ps(nbytes: int, rounds: int, compress: str = "none", combined: bool = 
         with PSClient([p.address for p in procs], "bench", compress=compress) as client:
             client.setup({"w": torch.zeros(n)}, OptimizerConfig("sgd", lr=1e-6))
             grad = {"w": torch.full((n,), 1e-3)}
+            weights = {"w": torch.zeros(n)}  # pulled into place, as the trainer pulls into its parameters
             times = []
             for clock in range(rounds + 2):
                 t = time.perf_counter()
                 if combined:
-                    client.push_pull(grad, clock)
+                    client.push_pull(grad, clock, into=weights)
                 else:
                     client.push(grad, clock)
-                    client.pull(clock + 1)
+                    client.pull(clock + 1, into=weights)
                 if clock >= 2:
                     times.append(time.perf_counter() - t)
             return times

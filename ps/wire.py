@@ -7,7 +7,9 @@ message with all their fields. So the small fields go through protobuf as usual,
 tensor's `data` (and `indices`) field is written here as a tag, a length and the tensor's own
 memory, all joined into the outgoing bytes in one copy. Reading walks the fields of the received
 bytes, hands everything but the tensor payloads to protobuf, and returns the payloads as
-read-only memoryviews of the received bytes (no copy). Any other client speaking the .proto
+read-only memoryviews of the received bytes (no copy). Messages up to SMALL bytes are parsed
+by protobuf whole instead (it copies their payloads, which costs less than walking the fields
+in Python) into the same structures. Any other client speaking the .proto
 interoperates; the generated stubs work against a ps-server unchanged.
 
 A reader never raises on hostile bytes: it returns `Malformed`, which the servicer answers with

@@ -221,7 +221,8 @@ class PSClient:
         self._channels = [tls.channel(s, grpc_options(), tls_ca, tls_cert, tls_key) for s in self.servers]
         self._stubs = [wire.Stub(c) for c in self._channels]
         # Pulls may wait (sync, ssp) and must never hold up a heartbeat: a pool of their own.
-        # Pushes need no threads: they go out as gRPC futures.
+        # Pushes of several requests go out as gRPC futures; push_pull (one request per shard)
+        # makes blocking calls, on this pool for all but the first shard.
         width = max(8, 4 * len(self.servers))  # requests in flight: enough to keep every server busy
         self._pool = ThreadPoolExecutor(max_workers=len(self.servers), thread_name_prefix="ps-client")
         self._pull_pool = ThreadPoolExecutor(max_workers=width, thread_name_prefix="ps-pull")
@@ -561,8 +562,9 @@ class PSClient:
             pulled.absorb(shard, resp.pull)
             return shard, resp.push
 
-        # Blocking calls, the first on this thread: a gRPC future costs a thread start of its own
-        # (about 0.4 ms here), more than a small request's whole round trip.
+        # Blocking calls, the first on this thread: a gRPC future starts a thread whenever none
+        # of the channel's calls is in flight (two bare 1 KiB echoes: 0.99 ms as futures, 0.67 ms
+        # as blocking calls on two threads).
         pushed = self._map(one, [(job,) for job in jobs], self._pull_pool)
         return _push_results(pushed), pulled.finish(observer=False)
 

@@ -88,6 +88,7 @@ def test_large_messages_are_walked_and_small_ones_parsed_to_the_same_result():
                           [tensor_frame("a#0", torch.arange(float(wire.SMALL)))]).tobytes()
     assert len(big) > wire.SMALL
     got = wire.read_push(big)
+    assert got.grads[0].data.obj is big  # walked: the payload is a view of the received bytes
     assert got.header.clock == 1 and torch.equal(tensor_from_proto(got.grads[0]), torch.arange(float(wire.SMALL)))
     small = _push().tobytes()
     assert len(small) <= wire.SMALL
