@@ -308,6 +308,7 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
             clock += 1
         if ahead is not None:
             ahead.cancel()
+            ahead = None
         if pulled != steps:  # the weights after the last step are not in place yet
             _pull(client, steps, binding)
         acc = accuracy(model, data.test, device) if data.test is not None else None
