@@ -474,8 +474,8 @@ class PSClient:
         """The push's parts as (shard, part, batch, num_parts) jobs, and a function building each
         job's request (encoding happens there, as late as possible)."""
         names = list(grads)
-        flat = self.plan.split({n: self._on_wire(grads[n]) for n in names}, names)
-        return self._push_layout({n: grads[n].dtype for n in names}), self._push_encoder(clock, flat)
+        jobs = self._push_layout({n: grads[n].dtype for n in names})
+        return jobs, self._push_encoder(clock, self.plan.split({n: self._on_wire(grads[n]) for n in names}, names))
 
     def _on_wire(self, grad: torch.Tensor) -> torch.Tensor:
         """The gradient as it travels: on the CPU, in the wire dtype (no copy when it is already)."""

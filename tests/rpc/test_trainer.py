@@ -13,11 +13,11 @@ from ps.worker.client import PSClient
 from ps.worker.trainer import HostGrads, train
 
 
-def train_once(device, tmp_path, model="mlp", steps=30):
+def train_once(device, tmp_path, model="mlp", steps=30, **overrides):
     server = create_server(ServerConfig(mode="sync"))
     try:
         cfg = WorkerConfig(servers=(server.address,), worker_id="w0", steps=steps, device=device, eval_every=10,
-                           model=model, log_dir=str(tmp_path))
+                           model=model, log_dir=str(tmp_path), **overrides)
         torch.manual_seed(cfg.seed)
         data = load_data(cfg.data)
         net = build_model(cfg.model, data.input_shape, data.num_classes)
@@ -42,9 +42,10 @@ def test_training_logs_jsonl_and_ends_with_the_servers_weights(tmp_path, model):
 
 
 @pytest.mark.gpu
-def test_a_cuda_worker_trains_like_a_cpu_worker(tmp_path):
+@pytest.mark.parametrize("push_early", [False, True])  # True: pinned copies from backward's hooks
+def test_a_cuda_worker_trains_like_a_cpu_worker(tmp_path, push_early):
     cpu, _, _ = train_once("cpu", tmp_path / "cpu")
-    cuda, result, _ = train_once("cuda", tmp_path / "cuda")
+    cuda, result, _ = train_once("cuda", tmp_path / "cuda", push_early=push_early)
     for name in cpu:
         torch.testing.assert_close(cuda[name], cpu[name], rtol=1e-3, atol=1e-4)
     assert result.test_accuracy > 0.5
