@@ -86,17 +86,15 @@ class EarlyPush:
     On CUDA each gradient is copied to a pinned host buffer on the stream and handed over once
     the copy has completed, by a thread of its own, so backward never waits for the host."""
 
-    def __init__(self, client: Client, params: dict[str, nn.Parameter], device: torch.device):
-        self.client, self.params = client, params
-        self.dtypes = {n: p.dtype for n, p in params.items()}
-        self.cuda = device.type == "cuda"
-        self.buffers = ({n: torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for n, p in params.items()}
-                        if self.cuda else {})
+    def __init__(self, client: Client, host: HostGrads):
+        self.client, self.params, self.buffers = client, host.params, host.buffers
+        self.dtypes = {n: p.dtype for n, p in self.params.items()}
+        self.cuda = self.buffers is not None
         self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ps-early-push") if self.cuda else None
         self._copies: list[Future] = []
         self.stream = None
         self.armed = False
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook(n)) for n, p in params.items()]
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook(n)) for n, p in self.params.items()]
 
     def _hook(self, name: str) -> Callable[[nn.Parameter], None]:
         def hook(p: nn.Parameter) -> None:
@@ -251,8 +249,8 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
     stream = batches(data.train, shard_indices(len(data.train), cfg.rank, cfg.num_workers),
                      cfg.batch_size, cfg.seed * 1_000_003 + cfg.rank)
     own = {k: binding.params[k] for k in binding.own}
-    early = EarlyPush(client, own, device) if cfg.push_early else None
-    host = HostGrads(own, device) if early is None else None
+    host = HostGrads(own, device)  # its pinned buffers serve either way of pushing
+    early = EarlyPush(client, host) if cfg.push_early else None
     metrics = JsonlLog(os.path.join(cfg.log_dir, f"{cfg.worker_id}.jsonl") if cfg.log_dir and tp.rank == 0 else None)
     t0, loss_value = time.monotonic(), float("nan")
     clock = start

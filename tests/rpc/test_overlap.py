@@ -14,7 +14,7 @@ from ps.errors import InvalidArgument
 from ps.models import build_model
 from ps.sharding import ParamSpec
 from ps.worker.client import PSClient
-from ps.worker.trainer import EarlyPush, train
+from ps.worker.trainer import EarlyPush, HostGrads, train
 
 PARTITION = 4096  # the mlp's layers split into many slices, and each shard's push into several parts
 
@@ -94,7 +94,7 @@ def test_a_gradient_missing_from_the_last_micro_batch_goes_with_what_earlier_one
         m = Two()
         with PSClient(addresses, "w0") as c:
             c.setup(dict(m.named_parameters()), OptimizerConfig("sgd", lr=1.0))
-            early = EarlyPush(c, dict(m.named_parameters()), torch.device("cpu"))
+            early = EarlyPush(c, HostGrads(dict(m.named_parameters()), torch.device("cpu")))
             try:
                 early.begin(0)
                 (2 * m.a + 3 * m.b).sum().backward()  # an earlier micro-batch: both get gradients
