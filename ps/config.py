@@ -103,7 +103,9 @@ class ServerConfig:
     worker_timeout: float = 30.0
     staleness_lr: bool = False
     backup_workers: int = 0
-    threads: int = 64
+    progress_timeout: float = 120.0  # sync, ssp: evict a worker a waiting step is blocked on after this long (0: never)
+    max_inflight_bytes: int = 1 << 30  # bytes of requests being processed at once; beyond: wait, then refuse
+    threads: int = 8  # threads for the tensor work of large requests (the event loop serves the rest)
     auth_token: str = field(default="", repr=False)  # "": no authentication
     checkpoint_dir: str = ""       # "": no checkpoints
     checkpoint_every: str = "60s"  # "Ns": every N seconds; "N": every N versions (applied updates)
@@ -131,7 +133,10 @@ class ServerConfig:
         )
         _check(self.backup_workers == 0 or self.mode == "sync",
                f"backup_workers ({self.backup_workers}) applies to sync mode only, not {self.mode!r}")
-        _check(self.threads >= 4, f"threads ({self.threads}) must be >= 4")
+        _check(self.threads >= 1, f"threads ({self.threads}) must be >= 1")
+        _check(math.isfinite(self.progress_timeout) and self.progress_timeout >= 0,
+               f"progress_timeout ({self.progress_timeout}) must be >= 0 seconds (0: never)")
+        _check(self.max_inflight_bytes >= MiB, f"max_inflight_bytes ({self.max_inflight_bytes}) must be >= {MiB}")
         checkpoint_interval(self.checkpoint_every)
         tls.check(self.tls_cert, self.tls_key, self.tls_ca, server=True)
         _check(-1 <= self.metrics_port <= 65535, f"metrics_port ({self.metrics_port}) must be -1 (off) or in [0, 65535]")

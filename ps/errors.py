@@ -73,6 +73,12 @@ class ResourceExhausted(PSError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class Overloaded(PSError):
+    """The server is at its bound on requests in flight: retry later, with backoff."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
 class Cancelled(PSError):
     """The call was cancelled (the client went away or the server is stopping)."""
 
@@ -93,6 +99,7 @@ ERROR_CLASSES: dict[str, type[PSError]] = {
         Unavailable,
         DeadlineExceeded,
         ResourceExhausted,
+        Overloaded,
         Cancelled,
     )
 }

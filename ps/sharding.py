@@ -119,6 +119,9 @@ class Plan:
     def slices_for(self, shard: int) -> list[Slice]:
         return self._by_shard[shard]
 
+    def slices_of(self, name: str) -> list[Slice]:
+        return self._by_name[name]
+
     def shard_bytes(self) -> list[int]:
         return [sum(s.length * DTYPES[self.specs[s.name].dtype].itemsize for s in sl) for sl in self._by_shard]
 

@@ -52,3 +52,11 @@ def channel(address: str, options, ca: str = "", cert: str = "", key: str = "") 
         check(cert, key, ca, server=False)
         return grpc.insecure_channel(address, options=options)
     return grpc.secure_channel(address, channel_credentials(ca, cert, key), options=options)
+
+
+def aio_channel(address: str, options, ca: str = "", cert: str = "", key: str = "") -> grpc.aio.Channel:
+    """`channel` for grpc.aio (create it on the event loop that will use it)."""
+    if not ca:
+        check(cert, key, ca, server=False)
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, channel_credentials(ca, cert, key), options=options)

@@ -36,7 +36,15 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
              help="scale the learning rate by 1 / (1 + staleness) (async, ssp)")
     add_flag(p, "--backup-workers", env=env, default=0, type=int,
              help="sync: a step completes when all but this many workers have pushed (late pushes dropped)")
-    add_flag(p, "--threads", env=env, default=64, type=int, help="gRPC handler threads")
+    add_flag(p, "--progress-timeout", env=env, default=120.0, type=float,
+             help="sync, ssp: evict a worker that a waiting step is blocked on when its clock has not moved for "
+                  "this many seconds, even if its heartbeat runs (0: never)")
+    add_flag(p, "--max-inflight-bytes", env=env, default=1 << 30, type=int,
+             help="bytes of requests this shard processes at once; beyond it a request waits briefly, then is "
+                  "refused RESOURCE_EXHAUSTED (clients retry with backoff)")
+    add_flag(p, "--threads", env=env, default=8, type=int,
+             help="threads for the tensor work of large requests (decoding, the optimizer, pull encoding); "
+                  "waiting requests hold none")
     add_auth_flags(p, env)
     add_tls_flags(p, env, server=True)
     add_flag(p, "--checkpoint-dir", env=env, default="", help="write checkpoints here (safetensors + JSON)")
@@ -58,7 +66,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         host=args.host, port=int(args.port), shard_id=int(args.shard_id), num_shards=int(args.num_shards),
         mode=args.mode, staleness=int(args.staleness), num_workers=int(args.num_workers),
         worker_timeout=float(args.worker_timeout), staleness_lr=bool(args.staleness_lr),
-        backup_workers=int(args.backup_workers), threads=int(args.threads), auth_token=auth_token_from_args(args),
+        backup_workers=int(args.backup_workers), threads=int(args.threads),
+        progress_timeout=float(args.progress_timeout), max_inflight_bytes=int(args.max_inflight_bytes), auth_token=auth_token_from_args(args),
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, restore=bool(args.restore),
         restore_if_present=bool(args.restore_if_present), metrics_port=int(args.metrics_port),
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,

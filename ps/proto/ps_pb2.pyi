@@ -168,11 +168,13 @@ class PushResponse(_message.Message):
         ACCUMULATED: _ClassVar[PushResponse.Outcome]
         DUPLICATE: _ClassVar[PushResponse.Outcome]
         DROPPED: _ClassVar[PushResponse.Outcome]
+        EVICTED: _ClassVar[PushResponse.Outcome]
     BUFFERED: PushResponse.Outcome
     APPLIED: PushResponse.Outcome
     ACCUMULATED: PushResponse.Outcome
     DUPLICATE: PushResponse.Outcome
     DROPPED: PushResponse.Outcome
+    EVICTED: PushResponse.Outcome
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
@@ -212,7 +214,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("shard_id", "mode", "version", "clocks", "staleness_histogram", "active_workers", "pushes", "pulls", "rejected", "evictions", "dropped", "duplicates", "initialized", "num_keys", "num_elements", "bytes_pushed", "bytes_pulled", "backup_workers", "lost_updates", "checkpoints")
+    __slots__ = ("shard_id", "mode", "version", "clocks", "staleness_histogram", "active_workers", "pushes", "pulls", "rejected", "evictions", "dropped", "duplicates", "initialized", "num_keys", "num_elements", "bytes_pushed", "bytes_pulled", "backup_workers", "lost_updates", "checkpoints", "stalled_evictions", "refused_evicted", "overloaded")
     class ClocksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +249,9 @@ class StatsResponse(_message.Message):
     BACKUP_WORKERS_FIELD_NUMBER: _ClassVar[int]
     LOST_UPDATES_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    STALLED_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_EVICTED_FIELD_NUMBER: _ClassVar[int]
+    OVERLOADED_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     mode: str
     version: int
@@ -267,4 +272,7 @@ class StatsResponse(_message.Message):
     backup_workers: int
     lost_updates: int
     checkpoints: int
-    def __init__(self, shard_id: _Optional[int] = ..., mode: _Optional[str] = ..., version: _Optional[int] = ..., clocks: _Optional[_Mapping[str, int]] = ..., staleness_histogram: _Optional[_Mapping[int, int]] = ..., active_workers: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., dropped: _Optional[int] = ..., duplicates: _Optional[int] = ..., initialized: _Optional[bool] = ..., num_keys: _Optional[int] = ..., num_elements: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., bytes_pulled: _Optional[int] = ..., backup_workers: _Optional[int] = ..., lost_updates: _Optional[int] = ..., checkpoints: _Optional[int] = ...) -> None: ...
+    stalled_evictions: int
+    refused_evicted: int
+    overloaded: int
+    def __init__(self, shard_id: _Optional[int] = ..., mode: _Optional[str] = ..., version: _Optional[int] = ..., clocks: _Optional[_Mapping[str, int]] = ..., staleness_histogram: _Optional[_Mapping[int, int]] = ..., active_workers: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., dropped: _Optional[int] = ..., duplicates: _Optional[int] = ..., initialized: _Optional[bool] = ..., num_keys: _Optional[int] = ..., num_elements: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., bytes_pulled: _Optional[int] = ..., backup_workers: _Optional[int] = ..., lost_updates: _Optional[int] = ..., checkpoints: _Optional[int] = ..., stalled_evictions: _Optional[int] = ..., refused_evicted: _Optional[int] = ..., overloaded: _Optional[int] = ...) -> None: ...

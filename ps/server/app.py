@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
 import time
-from concurrent import futures
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,28 +25,36 @@ log = logging.getLogger("ps.server")
 SERVICE_NAME = wire.SERVICE
 
 
-@dataclass
 class RunningServer:
-    """A started server; `stop()` ends it. `port` is the bound port (useful with port 0)."""
+    """A started server, serving from an event loop on a thread of its own; `stop()` ends it.
+    `port` is the bound port (useful with port 0)."""
 
-    server: grpc.Server
-    port: int
-    shard: Shard
-    health: health.HealthServicer
-    _stop_reaper: threading.Event
-    checkpointer: Checkpointer | None = None
-    metrics: object | None = None  # the Prometheus HTTP server
-    metrics_port: int = -1
+    def __init__(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread, server: grpc.aio.Server, port: int,
+                 shard: Shard, health_servicer, pool: ThreadPoolExecutor, stop_reaper: threading.Event,
+                 checkpointer: "Checkpointer | None", http, metrics_port: int):
+        self._loop, self._thread, self.server, self.port, self.shard = loop, thread, server, port, shard
+        self.health, self._pool, self._stop_reaper = health_servicer, pool, stop_reaper
+        self.checkpointer, self.metrics, self.metrics_port = checkpointer, http, metrics_port
+        self._stopped = False
 
     @property
     def address(self) -> str:
         return f"{self.shard.cfg.host}:{self.port}"
 
+    def _on_loop(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
     def stop(self, grace: float | None = 1.0) -> None:
-        self.health.enter_graceful_shutdown()
+        if self._stopped:
+            return
+        self._stopped = True
+        self._on_loop(self.health.enter_graceful_shutdown())
         self._stop_reaper.set()
         self.shard.stop()
-        self.server.stop(grace).wait()
+        self._on_loop(self.server.stop(grace))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._pool.shutdown(wait=True)
         if self.metrics is not None:
             self.metrics.shutdown()
             self.metrics.server_close()
@@ -54,7 +62,7 @@ class RunningServer:
             self.checkpointer.save()
 
     def wait(self) -> None:
-        self.server.wait_for_termination()
+        self._thread.join()
 
 
 class Checkpointer:
@@ -101,6 +109,31 @@ def _reap(shard: Shard, stop: threading.Event) -> None:
         shard.evict_expired()
 
 
+async def _serve(shard: Shard, pool: ThreadPoolExecutor) -> tuple:
+    """Build and start the aio server on the running loop: (server, port, health servicer)."""
+    scfg = shard.cfg
+    refused = lambda: shard.count("unauthenticated")  # noqa: E731
+    interceptors = (TokenInterceptor(scfg.auth_token, refused),) if scfg.auth_token else ()
+    # so_reuseport off: a second server on a port in use must fail, not share the port.
+    server = grpc.aio.server(options=grpc_options() + [("grpc.so_reuseport", 0)], interceptors=interceptors)
+    server.add_generic_rpc_handlers((wire.handler(ParameterServerServicer(shard, pool, scfg.max_inflight_bytes)),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{scfg.host}:{scfg.port}"
+    try:
+        port = (server.add_secure_port(address, tls.server_credentials(scfg.tls_cert, scfg.tls_key, scfg.tls_ca))
+                if scfg.tls_cert else server.add_insecure_port(address))
+    except RuntimeError as e:  # grpc.aio raises where the threaded server returned 0
+        raise OSError(f"could not bind {address}: address in use or not an address of this machine") from e
+    if port == 0:
+        raise OSError(f"could not bind {address}: address in use or not an address of this machine")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, health_servicer
+
+
 def create_server(cfg: ServerConfig) -> RunningServer:
     """Start serving `cfg` and return at once; the caller owns the returned server."""
     warm_up()
@@ -113,26 +146,22 @@ def create_server(cfg: ServerConfig) -> RunningServer:
             f"checkpoint_dir ({cfg.checkpoint_dir!r}) holds checkpoints of shard {cfg.shard_id} from an earlier run "
             f"(newest {os.path.basename(found[0])}): pass --restore or --restore-if-present to resume it, or use "
             "an empty directory")
-    refused = lambda: shard.count("unauthenticated")  # noqa: E731
-    interceptors = (TokenInterceptor(cfg.auth_token, refused),) if cfg.auth_token else ()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.threads), options=grpc_options(),
-                         interceptors=interceptors)
-    server.add_generic_rpc_handlers((wire.handler(ParameterServerServicer(shard)),))
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = f"{cfg.host}:{cfg.port}"
-    port = (server.add_secure_port(address, tls.server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_ca))
-            if cfg.tls_cert else server.add_insecure_port(address))
-    if port == 0:
-        raise OSError(f"could not bind {cfg.host}:{cfg.port}")
-    server.start()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    pool = ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix=f"ps-shard{cfg.shard_id}")
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True, name=f"ps-server-loop-{cfg.shard_id}")
+    thread.start()
+    try:
+        server, port, health_servicer = asyncio.run_coroutine_threadsafe(_serve(shard, pool), loop).result()
+    except BaseException:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        pool.shutdown(wait=False)
+        raise
     stop = threading.Event()
     threading.Thread(target=_reap, args=(shard, stop), daemon=True, name="ps-reaper").start()
     checkpointer = Checkpointer(shard, stop) if cfg.checkpoint_dir else None
     http, metrics_port = metrics.serve(shard, cfg.host, cfg.metrics_port) if cfg.metrics_port >= 0 else (None, -1)
     if http is not None:
         log.info("shard %d: Prometheus metrics on http://%s:%d/metrics", cfg.shard_id, cfg.host, metrics_port)
-    return RunningServer(server, port, shard, health_servicer, stop, checkpointer, http, metrics_port)
+    return RunningServer(loop, thread, server, port, shard, health_servicer, pool, stop, checkpointer, http,
+                         metrics_port)

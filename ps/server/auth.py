@@ -16,11 +16,11 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
-def _deny(request, context):
-    context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong auth token (send 'authorization: Bearer <token>')")
+async def _deny(request, context):
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong auth token (send 'authorization: Bearer <token>')")
 
 
-class TokenInterceptor(grpc.ServerInterceptor):
+class TokenInterceptor(grpc.aio.ServerInterceptor):
     """Lets a call through only with `authorization: Bearer <token>`; health checks always pass.
     A refused call never reaches the servicer (its request is not even parsed)."""
 
@@ -29,12 +29,12 @@ class TokenInterceptor(grpc.ServerInterceptor):
         self._denied = grpc.unary_unary_rpc_method_handler(_deny)  # raw bytes in, nothing decoded
         self._on_refuse = on_refuse
 
-    def intercept_service(self, continuation, details):
+    async def intercept_service(self, continuation, details):
         if details.method.startswith(HEALTH_PREFIX):
-            return continuation(details)
-        got = next((v for k, v in details.invocation_metadata if k == "authorization"), "")
+            return await continuation(details)
+        got = next((v for k, v in details.invocation_metadata or () if k == "authorization"), "")
         if hmac.compare_digest(got.encode() if isinstance(got, str) else got, self._expected):
-            return continuation(details)
+            return await continuation(details)
         self._on_refuse()
         log.warning("refused %s: missing or wrong auth token", details.method)
         return self._denied

@@ -16,7 +16,10 @@ COUNTERS = {  # counter key -> (metric name without ps_ and _total, help)
     "bytes_pushed": ("pushed_bytes", "tensor bytes received in pushes"),
     "bytes_pulled": ("pulled_bytes", "tensor bytes sent in pulls"),
     "rejected": ("rejected_requests", "requests refused as invalid (bad shape, dtype, key, NaN, malformed bytes, ...)"),
-    "evictions": ("evictions", "workers evicted after the lease timeout"),
+    "evictions": ("evictions", "workers evicted (lease timeout, or clock stalled past the progress timeout)"),
+    "stalled_evictions": ("stalled_evictions", "workers evicted because their clock stopped moving while others waited"),
+    "refused_evicted": ("evicted_pushes", "pushes refused because their worker had been evicted (answered EVICTED)"),
+    "overloaded": ("overloaded_requests", "requests refused RESOURCE_EXHAUSTED at the bound on in-flight bytes"),
     "dropped": ("dropped_pushes", "sync pushes too late for their step"),
     "duplicates": ("duplicate_pushes", "retried pushes ignored"),
     "lost_updates": ("lost_updates", "updates a restore from checkpoint did not have"),
@@ -38,7 +41,10 @@ class ShardCollector(Collector):
             c.add_metric(values, s["counters"].get(key, 0))
             yield c
         for name, doc, value in (("version", "updates applied (sync: steps)", s["version"]),
-                                 ("active_workers", "workers holding a lease", s["active_workers"])):
+                                 ("active_workers", "workers holding a lease", s["active_workers"]),
+                                 ("waiting_pulls", "pulls waiting for their step (they hold no thread)",
+                                  s["waiting_pulls"]),
+                                 ("pending_bytes", "bytes held in half-assembled pushes", s["pending_bytes"])):
             g = GaugeMetricFamily(f"ps_{name}", doc, labels=names)
             g.add_metric(values, value)
             yield g
@@ -52,7 +58,7 @@ class ShardCollector(Collector):
         for b, n in zip(bounds, counts):
             running += n
             cumulative.append((str(b), running))
-        h = HistogramMetricFamily("ps_apply_seconds", "time to apply one update (optimizer step) under the lock",
+        h = HistogramMetricFamily("ps_apply_seconds", "time to apply one update (optimizer step)",
                                   labels=names)
         h.add_metric(values, cumulative + [("+Inf", running + counts[-1])], total)
         yield h

@@ -19,69 +19,65 @@ def torch_optimizer(cfg: OptimizerConfig, params) -> torch.optim.Optimizer:
 
 
 class SliceOptimizer:
-    """One torch optimizer over a shard's slices; `step` updates only the slices given grads.
+    """One torch optimizer per slice, so that slices can be updated concurrently: torch's
+    single-tensor update of a parameter depends on that parameter's state alone, so this is
+    bit-identical to one optimizer over all slices.
 
-    Not thread-safe: the shard calls it under its lock.
+    `step_one` of two different slices may run at once; the same slice is the caller's to
+    serialise (the store holds that slice's lock).
     """
 
     def __init__(self, cfg: OptimizerConfig, params: Mapping[str, torch.Tensor]):
         self.cfg = cfg
         self.params = dict(params)
-        tensors = list(self.params.values())
-        self._opt: torch.optim.Optimizer | None = None
-        if not tensors:  # a shard the plan gave no slices: nothing to update
-            return
-        self._opt = torch_optimizer(cfg, tensors)
+        self._opts = {key: torch_optimizer(cfg, [p]) for key, p in self.params.items()}
 
     def step(self, grads: Mapping[str, torch.Tensor], lr_scale: float = 1.0) -> None:
-        """Apply fp32 gradients (by slice key) with lr * lr_scale."""
-        if self._opt is None:
-            return
-        if self.cfg.name != "adam":
-            self._sgd(grads, self.cfg.lr * lr_scale)
-            return
-        for group in self._opt.param_groups:
-            group["lr"] = self.cfg.lr * lr_scale
+        """Apply fp32 gradients (by slice key) with lr * lr_scale, one slice after the other."""
         for key, grad in grads.items():
-            self.params[key].grad = grad
+            self.step_one(key, grad, lr_scale)
+
+    def step_one(self, key: str, grad: torch.Tensor, lr_scale: float = 1.0) -> None:
+        lr = self.cfg.lr * lr_scale
+        if self.cfg.name != "adam":
+            self._sgd(key, grad, lr)
+            return
+        opt, p = self._opts[key], self.params[key]
+        opt.param_groups[0]["lr"] = lr
+        p.grad = grad
         try:
-            self._opt.step()
+            opt.step()
         finally:
-            for key in grads:
-                self.params[key].grad = None
+            p.grad = None
 
-
-    def _sgd(self, grads: Mapping[str, torch.Tensor], lr: float) -> None:
+    def _sgd(self, key: str, grad: torch.Tensor, lr: float) -> None:
         """torch.optim.SGD's single-tensor update as configured here (no dampening, no nesterov):
         the same operations in the same order, so bit-identical results, without the per-call
-        machinery of `Optimizer.step` (profiler hooks, a walk over every parameter), which costs
-        more than the update of a small slice. Momentum buffers live in the torch optimizer's
-        state, where torch keeps them (checkpoints read them there)."""
-        assert self._opt is not None
+        machinery of `Optimizer.step` (profiler hooks), which costs more than the update of a
+        small slice. Momentum buffers live in the torch optimizer's state, where torch keeps
+        them (checkpoints read them there)."""
         wd = self.cfg.weight_decay
         momentum = self.cfg.momentum if self.cfg.name == "momentum" else 0.0
+        p = self.params[key]
         with torch.no_grad():
-            for key, grad in grads.items():
-                p = self.params[key]
-                if wd != 0:
-                    grad = grad.add(p, alpha=wd)
-                if momentum != 0:
-                    state = self._opt.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = grad.detach().clone()
-                    else:
-                        buf.mul_(momentum).add_(grad, alpha=1)
-                    grad = buf
-                p.add_(grad, alpha=-lr)
+            if wd != 0:
+                grad = grad.add(p, alpha=wd)
+            if momentum != 0:
+                state = self._opts[key].state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = grad.detach().clone()
+                else:
+                    buf.mul_(momentum).add_(grad, alpha=1)
+                grad = buf
+            p.add_(grad, alpha=-lr)
 
     def state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Copies of the optimizer's per-slice state (momentum buffers, Adam moments and steps)."""
-        if self._opt is None:
-            return {}
         out = {}
         for key, p in self.params.items():
-            st = {n: v.detach().clone() for n, v in self._opt.state.get(p, {}).items() if isinstance(v, torch.Tensor)}
+            st = {n: v.detach().clone() for n, v in self._opts[key].state.get(p, {}).items()
+                  if isinstance(v, torch.Tensor)}
             if st:
                 out[key] = st
         return out
@@ -89,14 +85,14 @@ class SliceOptimizer:
     def load_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
         """Restore what `state` returned (slices missing from it start fresh, as torch's would)."""
         for key, st in state.items():
-            if key not in self.params or self._opt is None:
+            if key not in self.params:
                 raise KeyError(f"optimizer state for unknown slice {key!r}")
-            self._opt.state[self.params[key]] = {n: t.clone() for n, t in st.items()}
+            self._opts[key].state[self.params[key]] = {n: t.clone() for n, t in st.items()}
 
 
 def warm_up() -> None:
     """Build and step each optimizer once: torch imports parts of itself lazily on first use
-    (seconds), which must not happen under a shard's lock while workers wait."""
+    (seconds), which must not happen while workers wait."""
     for name in ("sgd", "momentum", "adam"):
         p = torch.zeros(2, requires_grad=True)
         SliceOptimizer(OptimizerConfig(name, lr=0.1), {"p": p}).step({"p": torch.ones(2)})

@@ -1,47 +1,121 @@
-"""The gRPC adapter: decode a request, call the shard, encode the answer, map errors once."""
+"""The gRPC adapter (grpc.aio): decode a request, call the shard, encode the answer, map errors once.
+
+No request holds a thread while it waits: a pull that must wait (sync, ssp) awaits a future the
+shard resolves when its state moves. Tensor work (decoding, validation, the optimizer, pull
+encoding) runs on the event loop for small shards, where a thread hop would cost more than the
+work, and on a thread pool for large ones (torch releases the GIL in its kernels).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import math
+from concurrent.futures import Executor
 
 import grpc
 
 from ps import wire
-from ps.errors import InvalidArgument, PlanMismatch, PSError
+from ps.errors import InvalidArgument, Overloaded, PlanMismatch, PSError
 from ps.proto import ps_pb2 as pb
 from ps.serde import optimizer_from_proto, plan_from_proto, stats_to_proto, tensor_from_proto
 from ps.server.shard import Shard
 
 log = logging.getLogger("ps.server")
 ERROR_CLASS_KEY = "ps-error-class"
+INLINE_ELEMENTS = 1 << 18  # shards (or requests) up to this many fp32 elements are served on the loop
+ADMISSION_WAIT = 2.0  # seconds a request waits for room before it is refused RESOURCE_EXHAUSTED
 
 
 def _rpc(method):
     """Map PSError to its status code (class name in trailing metadata); anything else to INTERNAL."""
 
     @functools.wraps(method)
-    def wrapper(self, request, context):
+    async def wrapper(self, request, context):
         try:
             if isinstance(request, wire.Malformed):
                 self.shard.reject(InvalidArgument(request.reason))
-            return method(self, request, context)
+            return await method(self, request, context)
         except PSError as e:
             context.set_trailing_metadata(((ERROR_CLASS_KEY, type(e).__name__),))
-            context.abort(getattr(grpc.StatusCode, e.code), str(e))
+            await context.abort(getattr(grpc.StatusCode, e.code), str(e))
         except Exception as e:  # a bug: keep serving, say so
             log.exception("internal error in %s", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
 
     return wrapper
+
+
+class Admission:
+    """A bound on the bytes of requests a shard processes at once, half-assembled pushes
+    included. A request that does not fit waits up to `wait` seconds for room, then is refused
+    with `Overloaded` (RESOURCE_EXHAUSTED; clients retry with backoff). A request alone is always
+    let in. Used from the event loop only."""
+
+    def __init__(self, shard: Shard, limit: int, wait: float = ADMISSION_WAIT):
+        self.shard, self.limit, self.wait, self.used = shard, limit, wait, 0
+        self._room: asyncio.Condition | None = None
+
+    @contextlib.asynccontextmanager
+    async def hold(self, nbytes: int):
+        if nbytes <= 0:
+            yield
+            return
+        await self._enter(nbytes)
+        try:
+            yield
+        finally:
+            self.used -= nbytes
+            async with self._room:
+                self._room.notify_all()
+
+    def _full(self, nbytes: int) -> bool:
+        return self.used > 0 and self.used + self.shard.pending_bytes + nbytes > self.limit
+
+    async def _enter(self, nbytes: int) -> None:
+        if self._room is None:
+            self._room = asyncio.Condition()
+        if self._full(nbytes):
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.wait
+            async with self._room:
+                while self._full(nbytes):
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        self.shard.count("overloaded")
+                        raise Overloaded(
+                            f"shard {self.shard.cfg.shard_id} is busy: {self.used + self.shard.pending_bytes} bytes "
+                            f"in flight, a request of {nbytes} more would pass max_inflight_bytes ({self.limit}); "
+                            "retry later")
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._room.wait(), left)
+        self.used += nbytes
+
+
+def _payload_bytes(tensors) -> int:
+    return sum(t.data.nbytes + t.indices.nbytes for t in tensors)
+
+
+def _encode_pull(slices, version: int, min_clock: int) -> wire.Frame:
+    """A PullResponse from read-only views of the live slices (called with their locks held: one copy)."""
+    tensors = [wire.tensor_frame(key, "float32", [len(data) // 4], data) for key, data in slices]
+    return wire.Frame.of(wire.pull_response_frame(version, min_clock, tensors).tobytes())
 
 
 class ParameterServerServicer:
     """Serves the ParameterServer service of ps.proto (registered through `wire.handler`)."""
 
-    def __init__(self, shard: Shard):
-        self.shard = shard
+    def __init__(self, shard: Shard, pool: Executor, max_inflight_bytes: int):
+        self.shard, self.pool = shard, pool
+        self.admission = Admission(shard, max_inflight_bytes)
+
+    async def _run(self, elements: int, fn, *args):
+        """fn(*args) on the loop when the shard and the request are small, else on the pool."""
+        if max(elements, self.shard.store.elements) <= INLINE_ELEMENTS:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
 
     def _decode(self, tensors, lengths: list[int], writable: bool = True) -> list:
         """Decode a request's tensors for slices of these `lengths` (the shard's, or for an init
@@ -58,9 +132,50 @@ class ParameterServerServicer:
         except InvalidArgument as e:
             self.shard.reject(e)
 
+    async def _wait(self, worker_id: str, clock: int) -> None:
+        """Until a worker at `clock` may read: a future per round, resolved by the shard."""
+        loop = asyncio.get_running_loop()
+        while True:
+            ready = loop.create_future()
+
+            def wake(ready=ready) -> None:
+                loop.call_soon_threadsafe(lambda: ready.done() or ready.set_result(None))
+
+            if self.shard.ready_or_wait(worker_id, clock, wake):
+                return
+            try:
+                await ready
+            except asyncio.CancelledError:  # the client went away or its deadline passed
+                self.shard.forget(wake)
+                raise
+
+    async def _pull(self, worker_id: str, fingerprint: str, clock: int, keys: list[str]) -> wire.Frame:
+        self.shard.check_pull(worker_id, fingerprint, clock, keys)
+        await self._wait(worker_id, clock)
+        nbytes = 4 * sum(self.shard.store.params[k].numel() for k in keys)
+        async with self.admission.hold(nbytes):
+            return await self._run(nbytes // 4, self.shard.read, keys, _encode_pull)
+
+    def _push_now(self, request: wire.PushIn) -> pb.PushResponse:
+        h = request.header
+        result = self.shard.push(
+            h.worker_id, h.plan_fingerprint, h.clock, h.base_version,
+            self._decode(request.grads, self.shard.store.slice_lengths, writable=False), h.part, h.num_parts,
+            _payload_bytes(request.grads),
+        )
+        return pb.PushResponse(
+            outcome=pb.PushResponse.Outcome.Value(result.outcome), version=result.version, staleness=result.staleness
+        )
+
+    async def _push(self, request: wire.PushIn) -> pb.PushResponse:
+        nbytes = _payload_bytes(request.grads)
+        async with self.admission.hold(nbytes):
+            return await self._run(nbytes // 4, self._push_now, request)
+
     @_rpc
-    def Register(self, request, context):
-        out = self.shard.register(request.worker_id, request.plan_fingerprint, request.clock, request.seen_version)
+    async def Register(self, request, context):
+        out = await self._run(0, self.shard.register, request.worker_id, request.plan_fingerprint, request.clock,
+                              request.seen_version)
         cfg = self.shard.cfg
         return pb.RegisterResponse(
             **out, mode=cfg.mode, staleness=cfg.staleness, num_workers=cfg.num_workers,
@@ -68,8 +183,7 @@ class ParameterServerServicer:
             backup_workers=cfg.backup_workers,
         )
 
-    @_rpc
-    def Init(self, request, context):
+    def _init_now(self, request) -> bool:
         if request.plan.num_shards != self.shard.cfg.num_shards:  # before any work on the plan
             self.shard.reject(PlanMismatch(
                 f"plan has {request.plan.num_shards} shards but this cluster has {self.shard.cfg.num_shards}"))
@@ -78,58 +192,49 @@ class ParameterServerServicer:
             optimizer = optimizer_from_proto(request.optimizer)
         except InvalidArgument as e:
             self.shard.reject(e)
-        applied = self.shard.init(
+        return self.shard.init(
             request.worker_id, plan, request.plan_fingerprint, optimizer,
             self._decode(request.tensors, [s.length for s in plan.slices_for(self.shard.cfg.shard_id)]),
             request.part, request.num_parts,
         )
-        return pb.InitResponse(applied=applied)
-
-    def _pull(self, worker_id: str, fingerprint: str, clock: int, keys: list[str], context) -> wire.Frame:
-        def encode(slices, version: int, min_clock: int) -> wire.Frame:  # under the shard lock: one copy
-            tensors = [wire.tensor_frame(key, "float32", [len(data) // 4], data) for key, data in slices]
-            return wire.Frame.of(wire.pull_response_frame(version, min_clock, tensors).tobytes())
-
-        return self.shard.pull(worker_id, fingerprint, clock, keys, context.is_active, encode)
-
-    def _push(self, request: wire.PushIn) -> pb.PushResponse:
-        h = request.header
-        result = self.shard.push(
-            h.worker_id, h.plan_fingerprint, h.clock, h.base_version,
-            self._decode(request.grads, self.shard.store.slice_lengths, writable=False), h.part, h.num_parts,
-            sum(t.data.nbytes + t.indices.nbytes for t in request.grads),
-        )
-        return pb.PushResponse(
-            outcome=pb.PushResponse.Outcome.Value(result.outcome), version=result.version, staleness=result.staleness
-        )
 
     @_rpc
-    def Pull(self, request, context):
-        return self._pull(request.worker_id, request.plan_fingerprint, request.clock, list(request.keys), context)
+    async def Init(self, request, context):
+        nbytes = sum(len(t.data) + len(t.indices) for t in request.tensors)
+        async with self.admission.hold(nbytes):
+            return pb.InitResponse(applied=await self._run(nbytes // 4, self._init_now, request))
 
     @_rpc
-    def Push(self, request, context):
-        return self._push(request)
+    async def Pull(self, request, context):
+        return await self._pull(request.worker_id, request.plan_fingerprint, request.clock, list(request.keys))
 
     @_rpc
-    def PushPull(self, request, context):
+    async def Push(self, request, context):
+        return await self._push(request)
+
+    @_rpc
+    async def PushPull(self, request, context):
         push = request.push.header
         if push.num_parts != 1:
             self.shard.reject(InvalidArgument(f"PushPull takes a whole push (num_parts 1), not {push.num_parts} parts"))
-        pushed = self._push(request.push)
+        # The whole request is checked before its push changes anything.
+        self.shard.check_pull(push.worker_id, push.plan_fingerprint, push.clock + 1, request.pull_keys)
+        pushed = await self._push(request.push)
+        if pushed.outcome == pb.PushResponse.EVICTED:  # the worker must register again and pull fresh weights
+            return wire.push_pull_response_frame(pushed, wire.pull_response_frame(pushed.version, 0, []))
         return wire.push_pull_response_frame(
-            pushed, self._pull(push.worker_id, push.plan_fingerprint, push.clock + 1, request.pull_keys, context))
+            pushed, await self._pull(push.worker_id, push.plan_fingerprint, push.clock + 1, request.pull_keys))
 
     @_rpc
-    def Heartbeat(self, request, context):
+    async def Heartbeat(self, request, context):
         self.shard.heartbeat(request.worker_id)
         return pb.Ack()
 
     @_rpc
-    def Leave(self, request, context):
-        self.shard.leave(request.worker_id)
+    async def Leave(self, request, context):
+        await self._run(0, self.shard.leave, request.worker_id)
         return pb.Ack()
 
     @_rpc
-    def Stats(self, request, context):
+    async def Stats(self, request, context):
         return stats_to_proto(self.shard.stats())

@@ -1,7 +1,17 @@
 """One server shard's state machine: membership, clocks, pending pushes, versions, stats.
 
-Every public method is thread-safe (one lock and one condition per shard) and free of gRPC:
-the servicer decodes a request, calls one method here, and encodes the result.
+Free of gRPC and of any event loop: the servicer decodes a request, calls a method here, and
+encodes the result. Every public method is thread-safe. Two kinds of lock:
+
+* the state lock guards membership, clocks, versions and pending parts; it is held only for
+  bookkeeping, never for tensor work;
+* each slice's lock (in `ParamStore`) guards its values and optimizer state; validation needs
+  none, updates take one slice at a time, so pushes of several workers apply concurrently.
+
+A push is *reserved* under the state lock (duplicate and step checks, its clock marked busy),
+applied outside it, and *committed* under it again (clock, version). A pull that must wait
+(sync, ssp) does not block a thread: `ready_or_wait` registers a callback that runs when the
+shard's state moves, and the caller checks again then.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from ps.config import OptimizerConfig, ServerConfig
-from ps.errors import (Cancelled, InvalidArgument, NotInitialized, PlanMismatch, PSError, StepConflict, Unavailable,
+from ps.errors import (InvalidArgument, NotInitialized, PlanMismatch, PSError, StepConflict, Unavailable,
                        UnknownWorker)
 from ps.server.checkpoint import Snapshot
 from ps.server.policy import View, Verdict, make_policy
@@ -27,13 +37,24 @@ from ps.sharding import Plan
 
 log = logging.getLogger("ps.server")
 
-MAX_PARTS = 1 << 16
+MAX_CLOCK = (1 << 62)  # clocks and versions stay far below int64's limit
+MAX_DEPARTED = 1 << 16  # departed workers remembered (oldest forgotten first)
 APPLY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)  # seconds
 
 
 @dataclass
 class _Worker:
+    clock: int                 # the next clock this shard takes from it
+    taken: int                 # pushes below this clock were taken here (applied, accumulated or dropped)
+    progress_at: float         # when its clock last moved (or it joined)
+    busy: set[int] = field(default_factory=set)  # clocks whose push is being applied now
+
+
+@dataclass
+class _Departed:
     clock: int
+    taken: int
+    at: float
 
 
 @dataclass
@@ -43,6 +64,8 @@ class _Pending:
     clock: int
     num_parts: int
     base_version: int = 0
+    at: float = 0.0
+    nbytes: int = 0
     parts: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def merged(self, what: str) -> dict[str, torch.Tensor]:
@@ -57,9 +80,13 @@ class _Pending:
 
 @dataclass(frozen=True)
 class PushResult:
-    outcome: str  # BUFFERED | APPLIED | ACCUMULATED | DUPLICATE | DROPPED
+    outcome: str  # BUFFERED | APPLIED | ACCUMULATED | DUPLICATE | DROPPED | EVICTED
     version: int
     staleness: int = 0
+
+
+def _nbytes(values: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in values.values())
 
 
 class Shard:
@@ -67,21 +94,25 @@ class Shard:
         self.cfg = cfg
         self.policy = make_policy(cfg.mode, cfg.staleness, cfg.backup_workers)
         self._now = now
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Condition(threading.Lock())
         self.store = ParamStore()
         self.plan: Plan | None = None
         self.optimizer_cfg: OptimizerConfig | None = None
         self.version = 0
         self._workers: dict[str, _Worker] = {}
-        # Lease renewals are written outside the main lock, so a worker is never evicted for
+        # Lease renewals are written outside the state lock, so a worker is never evicted for
         # waiting on a lock (single dict writes are atomic under the GIL).
         self._seen: dict[str, float] = {}
-        self._departed: dict[str, int] = {}  # clocks of workers that left or were evicted
-        self._wait_slice = min(0.5, cfg.worker_timeout / 4)
+        self._departed: dict[str, _Departed] = {}  # workers that left or were evicted
         self._ever: set[str] = set()
         self._pending_push: dict[str, _Pending] = {}
         self._pending_init: dict[str, _Pending] = {}
+        self.pending_bytes = 0  # held in half-assembled pushes (admission control counts them)
         self._step_pushes = 0  # pushes accumulated into the current sync step
+        self._inflight = 0     # reserved pushes being applied or accumulated outside the lock
+        self._applying = False  # a sync step's update is being applied outside the lock
+        self._waiters: list[Callable[[], None]] = []
+        self._last_min_clock = 0
         self.staleness_hist: Counter[int] = Counter()
         self.counters: Counter[str] = Counter()
         self._apply_counts = [0] * (len(APPLY_BUCKETS) + 1)  # the last one: above every bound
@@ -91,13 +122,28 @@ class Shard:
         self._awaiting_deadline = 0.0
         self._stopped = False
 
-    # -- helpers (lock held) ------------------------------------------------------------------
+    # -- helpers (state lock held) ----------------------------------------------------------
     def _view(self) -> View:
         clocks = tuple(w.clock for w in self._workers.values())
         # After a restore, steps also wait for the workers the checkpoint had (until they are back,
         # or for one lease timeout): none may find a step done without its gradient.
         back = not self._awaiting or self._now() >= self._awaiting_deadline
         return View(self.version, clocks, len(self._ever) >= self.cfg.num_workers and back)
+
+    def _wake(self) -> None:
+        """Run (and forget) every waiting pull's callback: the state they wait on has moved."""
+        waiters, self._waiters = self._waiters, []
+        for wake in waiters:
+            wake()
+        self._lock.notify_all()
+
+    def _wake_if_floor_moved(self) -> None:
+        """ssp pulls wait on the slowest clock: wake them only when it moved."""
+        if self._waiters and self.policy.name == "ssp":
+            floor = self._view().min_clock
+            if floor != self._last_min_clock:
+                self._last_min_clock = floor
+                self._wake()
 
     def _check_plan(self, fingerprint: str) -> None:
         if self.plan is not None and fingerprint != self.plan.fingerprint:
@@ -111,8 +157,7 @@ class Shard:
         if not self.store.initialized:
             raise NotInitialized(f"shard {self.cfg.shard_id} holds no parameters yet: call init first")
         self._check_plan(fingerprint)
-        if clock < 0:
-            raise InvalidArgument(f"clock ({clock}) must be >= 0")
+        _check_clock("clock", clock)
 
     def _touch(self, worker_id: str) -> None:
         if worker_id:
@@ -126,41 +171,60 @@ class Shard:
         return w
 
     def _maybe_complete_step(self) -> None:
-        view = self._view()
-        if self.policy.step_ready(view, self._step_pushes):
-            with self._timed_apply():
-                self.store.apply_accumulated()
-            self._step_pushes = 0
-            self.version += 1
-            self.staleness_hist[0] += 1
-            self._cond.notify_all()
-        elif (self.policy.name == "sync" and self._step_pushes == 0 and view.quorum and view.clocks
-              and all(c > view.version for c in view.clocks)):
-            # Every active worker is past this step, yet none of its gradients is here: they were
-            # lost with a server restart. Waiting would wait forever; the step is skipped instead.
-            log.warning("shard %d: step %d has no gradient left (lost in a restart); skipping it",
-                        self.cfg.shard_id, self.version)
-            self.counters["lost_updates"] += 1
-            self.store.clear_accumulated()
-            self.version += 1
-            self._cond.notify_all()
+        """Complete the sync step if the policy says so. The update is applied outside the state
+        lock (released and taken again here): callers must not rely on state read before."""
+        while not self._applying:
+            view = self._view()
+            if self._inflight == 0 and self.policy.step_ready(view, self._step_pushes):
+                self._applying = True
+                self._lock.release()
+                try:
+                    with self._timed_apply():
+                        self.store.apply_accumulated()
+                finally:
+                    self._lock.acquire()
+                    self._applying = False
+                self._step_pushes = 0
+                self.version += 1
+                self.staleness_hist[0] += 1
+                self._wake()
+                continue
+            if (self.policy.name == "sync" and self._step_pushes == 0 and self._inflight == 0 and view.quorum
+                    and view.clocks and all(c > view.version for c in view.clocks)):
+                # Every active worker is past this step, yet none of its gradients is here: they were
+                # lost with a server restart. Waiting would wait forever; the step is skipped instead.
+                log.warning("shard %d: step %d has no gradient left (lost in a restart); skipping it",
+                            self.cfg.shard_id, self.version)
+                self.counters["lost_updates"] += 1
+                self.store.clear_accumulated()
+                self.version += 1
+                self._wake()
+                continue
+            return
 
     def _remove(self, worker_id: str, left: bool) -> None:
         w = self._workers.pop(worker_id, None)
         self._seen.pop(worker_id, None)
         if w is not None:
-            self._departed[worker_id] = w.clock
+            self._departed[worker_id] = _Departed(w.clock, w.taken, self._now())
+            if len(self._departed) > MAX_DEPARTED:  # dicts keep insertion order: the oldest first
+                del self._departed[next(iter(self._departed))]
         if left:  # an evicted worker may come back and finish a push it had begun
-            self._pending_push.pop(worker_id, None)
-        self._pending_init.pop(worker_id, None)
+            self._drop_pending(self._pending_push, worker_id)
+        self._drop_pending(self._pending_init, worker_id)
         self._maybe_complete_step()
-        self._cond.notify_all()
+        self._wake()
+
+    def _drop_pending(self, table: dict[str, _Pending], worker_id: str) -> None:
+        pending = table.pop(worker_id, None)
+        if pending is not None:
+            self.pending_bytes -= pending.nbytes
 
     def _catch_up(self, seen_version: int) -> None:
         """A worker the restored checkpoint knew has read version `seen_version` of this shard:
         above the restored version, it is how the shard learns how many updates it lost. It takes
         that version (sync: skips those steps) and counts them."""
-        if seen_version > self.version and self.store.initialized:
+        if seen_version > self.version and self.store.initialized and not self._applying and not self._inflight:
             lost = seen_version - self.version
             log.warning("shard %d: a worker has seen version %d but the shard restored version %d: %d updates lost",
                         self.cfg.shard_id, seen_version, self.version, lost)
@@ -168,6 +232,15 @@ class Shard:
             self.version = seen_version
             self.store.clear_accumulated()
             self._step_pushes = 0
+
+    def _mark_taken(self, worker_id: str, w: _Worker, clock: int) -> None:
+        """A push at `clock` was applied, accumulated or dropped: record it on the worker, or on
+        its departed record if it was evicted meanwhile (a retry must then be a duplicate)."""
+        for rec in (w, self._workers.get(worker_id), self._departed.get(worker_id)):
+            if rec is not None:
+                rec.taken = max(rec.taken, clock + 1)
+                rec.clock = max(rec.clock, clock + 1)
+        w.progress_at = self._now()
 
     @contextlib.contextmanager
     def _timed_apply(self):
@@ -183,8 +256,16 @@ class Shard:
 
     def reject(self, exc: Exception) -> None:
         """Count a request refused before it reached the shard (e.g. undecodable bytes) and raise."""
-        with self._cond:
+        with self._lock:
             self._reject(exc)
+
+    @contextlib.contextmanager
+    def _refusing(self):
+        """Count any PSError raised inside as a rejected request (validation outside the lock)."""
+        try:
+            yield
+        except PSError as e:
+            self.reject(e)
 
     # -- RPCs ---------------------------------------------------------------------------------
     def register(self, worker_id: str, fingerprint: str, clock: int = 0, seen_version: int = 0) -> dict:
@@ -193,30 +274,33 @@ class Shard:
         so its retried pushes stay duplicates. `seen_version`: see `_catch_up`."""
         if not worker_id:
             raise InvalidArgument("worker_id must be a non-empty string")
-        if clock < 0 or seen_version < 0:
-            raise InvalidArgument(f"clock ({clock}) and seen_version ({seen_version}) must be >= 0")
-        with self._cond:
+        _check_clock("clock", clock)
+        _check_clock("seen_version", seen_version)
+        with self._lock:
             self._check_plan(fingerprint)
             if worker_id in self._restored_workers:
                 self._catch_up(seen_version)
             self._awaiting.discard(worker_id)
             w = self._workers.get(worker_id)
             if w is None:
-                join = max(self.policy.join_clock(self._view()), self._departed.pop(worker_id, 0))
-                w = self._workers[worker_id] = _Worker(join)
+                gone = self._departed.pop(worker_id, None)
+                join = self.policy.join_clock(self._view())
+                w = self._workers[worker_id] = (
+                    _Worker(max(join, gone.clock), gone.taken, self._now()) if gone else _Worker(join, join, self._now()))
                 self._ever.add(worker_id)
                 log.info("shard %d: worker %s joined at clock %d", self.cfg.shard_id, worker_id, w.clock)
             if clock > w.clock:
                 w.clock = clock
+                w.progress_at = self._now()
                 self._maybe_complete_step()
             self._touch(worker_id)
-            self._cond.notify_all()
+            self._wake()
             return {"initialized": self.store.initialized, "clock": w.clock, "version": self.version}
 
     def init(self, worker_id: str, plan: Plan, fingerprint: str, optimizer: OptimizerConfig,
              tensors: Sequence[tuple[str, torch.Tensor]], part: int, num_parts: int) -> bool:
         self._touch(worker_id if worker_id in self._workers else "")
-        with self._cond:
+        with self._lock:
             self._worker(worker_id)
             try:
                 if plan.fingerprint != fingerprint:
@@ -224,86 +308,125 @@ class Shard:
                 if plan.num_shards != self.cfg.num_shards:
                     raise PlanMismatch(f"plan has {plan.num_shards} shards but this cluster has {self.cfg.num_shards}")
                 self._check_plan(fingerprint)
+                expected = {s.key: s.length for s in plan.slices_for(self.cfg.shard_id)}
+                _check_part(part, num_parts, len(expected))
+                values = _validate_slices(tensors, expected)
                 if self.store.initialized:
                     if optimizer != self.optimizer_cfg:
                         raise PlanMismatch(f"optimizer {optimizer} differs from the servers' {self.optimizer_cfg}")
                     return False
-                _check_part(part, num_parts)
-                expected = {s.key: s.length for s in plan.slices_for(self.cfg.shard_id)}
-                values = _validate_slices(tensors, expected)
             except PSError as e:
                 self._reject(e)
             pending = self._pending_init.get(worker_id)
             if pending is None or pending.num_parts != num_parts:
+                self._drop_pending(self._pending_init, worker_id)
                 pending = self._pending_init[worker_id] = _Pending(0, num_parts)
-            pending.parts[part] = values
+            self._hold(pending, part, values)
             if len(pending.parts) < num_parts:
                 return False
-            del self._pending_init[worker_id]
+            self._drop_pending(self._pending_init, worker_id)
             merged = pending.merged("init")
             if set(merged) != set(expected):
                 missing = sorted(set(expected) - set(merged))[:5]
                 self._reject(InvalidArgument(f"init is missing slices of this shard, e.g. {missing}"))
             self.store.init(merged, optimizer)
-            self._pending_init.clear()
+            for other in list(self._pending_init):
+                self._drop_pending(self._pending_init, other)
             self.plan, self.optimizer_cfg = plan, optimizer
             log.info("shard %d: initialised %d slices (plan %s)", self.cfg.shard_id, len(merged), fingerprint)
-            self._cond.notify_all()
+            self._wake()
             return True
 
-    def pull(self, worker_id: str, fingerprint: str, clock: int, keys: Sequence[str],
-             is_active: Callable[[], bool] = lambda: True, encode: Callable | None = None):
-        """Raw fp32 bytes of the slices for `keys` once the policy allows a worker at `clock` to read; returns
-        (slices, version, min_clock). An empty worker_id reads without waiting or joining.
-        encode(views, version, min_clock): called instead under the lock with read-only views of the
-        live slices (it must copy what it keeps: one copy, consistent across slices); returns its result."""
+    def _hold(self, pending: _Pending, part: int, values: dict[str, torch.Tensor]) -> None:
+        old = pending.parts.get(part)
+        if old is not None:
+            pending.nbytes -= _nbytes(old)
+            self.pending_bytes -= _nbytes(old)
+        pending.parts[part] = values
+        n = _nbytes(values)
+        pending.nbytes += n
+        self.pending_bytes += n
+        pending.at = self._now()
+
+    def check_pull(self, worker_id: str, fingerprint: str, clock: int, keys: Sequence[str]) -> None:
+        """Validate a pull (nothing waits or changes); renews the worker's lease."""
         self._touch(worker_id if worker_id in self._workers else "")
-        with self._cond:
-            try:
-                self._check_request(fingerprint, clock)
-                if len(set(keys)) != len(keys):
-                    raise InvalidArgument("a pull names the same key more than once")
-                self.store.check_keys(keys)
-            except PSError as e:
-                self._reject(e)
-            if worker_id:
-                self._worker(worker_id)
-                while not self.policy.pull_ready(clock, self._view()):
-                    if self._stopped:  # the client retries elsewhere or after the restart
-                        raise Unavailable(f"shard {self.cfg.shard_id} is stopping")
-                    if not is_active():
-                        raise Cancelled("pull abandoned: the client went away")
-                    self._cond.wait(self._wait_slice)
-                    self._worker(worker_id)
+        with self._refusing():
+            self._check_request(fingerprint, clock)
+            if len(set(keys)) != len(keys):
+                raise InvalidArgument("a pull names the same key more than once")
+            self.store.check_keys(keys)
+
+    def ready_or_wait(self, worker_id: str, clock: int, wake: Callable[[], None]) -> bool:
+        """True if a worker at `clock` may read now (an empty worker_id always may). Otherwise
+        `wake` is registered, to be called (once, from any thread, with the state lock held:
+        it must only schedule) when the shard's state moves; then ask again. Raises
+        UnknownWorker once the worker is evicted, Unavailable once the shard is stopping."""
+        if not worker_id:
+            return True
+        with self._lock:
+            if self._stopped:  # the client retries elsewhere or after the restart
+                raise Unavailable(f"shard {self.cfg.shard_id} is stopping")
+            self._worker(worker_id)
+            if self.policy.pull_ready(clock, self._view()):
+                return True
+            self._waiters.append(wake)
+            return False
+
+    def forget(self, wake: Callable[[], None]) -> None:
+        """Withdraw a callback `ready_or_wait` registered (its pull was abandoned)."""
+        with self._lock:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(wake)
+
+    def read(self, keys: Sequence[str], encode: Callable | None = None):
+        """The slices for `keys`: (slices, version, min_clock) with copies of their bytes, or
+        encode(views, version, min_clock) called with read-only views of the live slices while
+        their locks are held (it must copy what it keeps; one copy, consistent across slices).
+        `version` counts at least the updates the slices hold."""
+        with self._lock:
             self.counters["pulls"] += 1
-            slices = self.store.read(keys, copy=encode is None)
-            self.counters["bytes_pulled"] += sum(len(data) for _, data in slices)
-            if encode is not None:
-                return encode(slices, self.version, self._view().min_clock)
-            return slices, self.version, self._view().min_clock
+            version, min_clock = self.version, self._view().min_clock
+        with self.store.reading(keys) as views:
+            nbytes = sum(v.nbytes for _, v in views)
+            out = (encode(views, version, min_clock) if encode is not None
+                   else ([(k, v.tobytes()) for k, v in views], version, min_clock))
+        with self._lock:
+            self.counters["bytes_pulled"] += nbytes
+        return out
+
+    def pull(self, worker_id: str, fingerprint: str, clock: int, keys: Sequence[str], encode: Callable | None = None):
+        """check_pull, wait (blocking this thread) until ready, read: for callers without an event loop."""
+        self.check_pull(worker_id, fingerprint, clock, keys)
+        while True:
+            ready = threading.Event()
+            if self.ready_or_wait(worker_id, clock, ready.set):
+                return self.read(keys, encode)
+            ready.wait()
 
     def push(self, worker_id: str, fingerprint: str, clock: int, base_version: int,
              grads: Sequence[tuple[str, torch.Tensor]], part: int, num_parts: int,
              wire_bytes: int | None = None) -> PushResult:
-        """wire_bytes: what the gradients took on the wire (sparse ones less than dense), for stats."""
+        """Validate (no lock), reserve, apply or accumulate (slice locks), commit.
+        wire_bytes: what the gradients took on the wire (sparse ones less than dense), for stats."""
         self._touch(worker_id if worker_id in self._workers else "")
-        with self._cond:
-            try:
-                self._check_request(fingerprint, clock)
-                if base_version < 0:
-                    raise InvalidArgument(f"base_version ({base_version}) must be >= 0")
-                # A base ahead of the shard comes from updates a restored shard forgot: staleness 0.
-                base_version = min(base_version, self.version)
-                _check_part(part, num_parts)
-                values = self.store.validate(grads)
-            except PSError as e:
-                self._reject(e)
+        with self._refusing():
+            self._check_request(fingerprint, clock)
+            _check_clock("base_version", base_version)
+            _check_part(part, num_parts, len(self.store.params))
+            values = self.store.validate(grads)
+        with self._lock:
             w = self._worker(worker_id)  # an unknown worker registers first (and may catch the shard up)
+            # A base ahead of the shard comes from updates a restored shard forgot: staleness 0.
+            base_version = min(base_version, self.version)
             if self.policy.on_push(clock, self._view()) is Verdict.AHEAD:
                 self._reject(StepConflict(f"push for sync step {clock} but the shard is at step {self.version}"))
-            if clock < w.clock:
+            if clock < w.taken or clock in w.busy:
                 self.counters["duplicates"] += 1
                 return PushResult("DUPLICATE", self.version)
+            if clock < w.clock:  # never taken: the worker was placed past it when it came back
+                self.counters["refused_evicted"] += 1
+                return PushResult("EVICTED", self.version)
             pending = self._pending_push.get(worker_id)
             if pending is not None and pending.clock == clock:
                 if part in pending.parts:
@@ -315,85 +438,129 @@ class Shard:
                 self.counters["dropped"] += 1
                 return PushResult("DROPPED", self.version)
             else:
+                self._drop_pending(self._pending_push, worker_id)
                 pending = self._pending_push[worker_id] = _Pending(clock, num_parts, base_version)
-            pending.parts[part] = values
+            self._hold(pending, part, values)
             pending.base_version = min(pending.base_version, base_version)
             self.counters["bytes_pushed"] += (sum(t.numel() * t.element_size() for _, t in grads)
                                               if wire_bytes is None else wire_bytes)
             if len(pending.parts) < num_parts:
                 return PushResult("BUFFERED", self.version)
-            del self._pending_push[worker_id]
+            self._drop_pending(self._pending_push, worker_id)
             try:
                 merged = pending.merged("gradient")
             except InvalidArgument as e:
                 self._reject(e)
-            return self._commit(w, clock, pending.base_version, merged)
+            verdict = self.policy.on_push(clock, self._view())
+            if verdict is Verdict.LATE or (verdict is Verdict.ACCUMULATE and self._applying):
+                self._mark_taken(worker_id, w, clock)
+                self.counters["dropped"] += 1
+                self._maybe_complete_step()
+                return PushResult("DROPPED", self.version)
+            staleness = self.version - pending.base_version
+            w.busy.add(clock)
+            self._inflight += 1
+        return self._apply(worker_id, w, clock, verdict, staleness, merged)
 
-    def _commit(self, w: _Worker, clock: int, base_version: int, grads: dict[str, torch.Tensor]) -> PushResult:
-        verdict = self.policy.on_push(clock, self._view())
-        if verdict is Verdict.LATE:
-            w.clock = max(w.clock, clock + 1)
-            self.counters["dropped"] += 1
-            return PushResult("DROPPED", self.version)
-        self.counters["pushes"] += 1
-        w.clock = clock + 1
-        if verdict is Verdict.ACCUMULATE:
-            self.store.accumulate(grads)
-            self._step_pushes += 1
-            before = self.version
-            self._maybe_complete_step()
-            return PushResult("APPLIED" if self.version > before else "ACCUMULATED", self.version)
-        if not grads:  # a push with no keys for this shard (a TP rank's) only moves the clock
-            return PushResult("APPLIED", self.version)
-        staleness = self.version - base_version
-        with self._timed_apply():
-            self.store.apply(grads, 1.0 / (1 + staleness) if self.cfg.staleness_lr else 1.0)
-        self.version += 1
-        self.staleness_hist[staleness] += 1
-        self._cond.notify_all()
-        return PushResult("APPLIED", self.version, staleness)
+    def _apply(self, worker_id: str, w: _Worker, clock: int, verdict: Verdict, staleness: int,
+               grads: dict[str, torch.Tensor]) -> PushResult:
+        """The reserved push's tensor work, outside the state lock, then its commit."""
+        try:
+            if verdict is Verdict.ACCUMULATE:
+                self.store.accumulate(grads)
+            elif grads:
+                with self._timed_apply():
+                    self.store.apply(grads, 1.0 / (1 + staleness) if self.cfg.staleness_lr else 1.0)
+        finally:
+            with self._lock:
+                self._inflight -= 1
+                w.busy.discard(clock)
+        with self._lock:
+            self._mark_taken(worker_id, w, clock)
+            self.counters["pushes"] += 1
+            if verdict is Verdict.ACCUMULATE:
+                self._step_pushes += 1
+                before = self.version
+                self._maybe_complete_step()
+                return PushResult("APPLIED" if self.version > before else "ACCUMULATED", self.version)
+            if grads:  # a push with no keys for this shard (a TP rank's) only moves the clock
+                self.version += 1
+                self.staleness_hist[staleness] += 1
+            self._wake_if_floor_moved()
+            self._lock.notify_all()
+            return PushResult("APPLIED", self.version, staleness if grads else 0)
 
     def heartbeat(self, worker_id: str) -> None:
-        """Renew the lease; needs no lock, so it is never held up by a long apply."""
+        """Renew the lease; needs no lock, so it is never held up."""
         if worker_id not in self._workers:
             raise UnknownWorker(f"worker {worker_id!r} is not registered (left or evicted): register again")
         self._touch(worker_id)
 
     def leave(self, worker_id: str) -> None:
-        with self._cond:
+        with self._lock:
             if worker_id in self._workers:
                 log.info("shard %d: worker %s left", self.cfg.shard_id, worker_id)
                 self._remove(worker_id, left=True)
 
     def evict_expired(self) -> list[str]:
-        """Evict workers silent for longer than the timeout; returns their ids. Also ends the wait
-        for checkpointed workers that did not come back after a restore."""
-        with self._cond:
-            if self._awaiting and self._now() >= self._awaiting_deadline:
+        """Evict workers silent for longer than the lease, and (sync, ssp) workers a waiting step
+        is blocked on whose clock has not moved for `progress_timeout`; returns their ids. Also
+        ends the wait for checkpointed workers that did not come back after a restore, and
+        forgets half-assembled pushes of workers that are gone and departed workers long gone."""
+        now = self._now()
+        with self._lock:
+            if self._awaiting and now >= self._awaiting_deadline:
                 log.warning("shard %d: workers %s did not come back after the restore; going on without them",
                             self.cfg.shard_id, sorted(self._awaiting))
                 self._awaiting.clear()
                 self._maybe_complete_step()
-                self._cond.notify_all()
-            deadline = self._now() - self.cfg.worker_timeout
-            gone = [wid for wid in self._workers if self._seen.get(wid, 0.0) < deadline]
+                self._wake()
+            silent = now - self.cfg.worker_timeout
+            gone = [wid for wid in self._workers if self._seen.get(wid, 0.0) < silent]
             for wid in gone:
-                log.warning("shard %d: evicting worker %s (silent for over %.1fs)", self.cfg.shard_id, wid, self.cfg.worker_timeout)
+                log.warning("shard %d: evicting worker %s (silent for over %.1fs)", self.cfg.shard_id, wid,
+                            self.cfg.worker_timeout)
                 self.counters["evictions"] += 1
                 self._remove(wid, left=False)
-            return gone
+            stalled = self._stalled(now)
+            for wid in stalled:
+                log.warning("shard %d: evicting worker %s (clock %d has not moved for %.1fs while others wait)",
+                            self.cfg.shard_id, wid, self._workers[wid].clock, self.cfg.progress_timeout)
+                self.counters["evictions"] += 1
+                self.counters["stalled_evictions"] += 1
+                self._remove(wid, left=False)
+            for table in (self._pending_push, self._pending_init):  # a lease's time after the worker went
+                for wid in [w for w in table if w not in self._workers
+                            and (w not in self._departed or self._departed[w].at < silent)]:
+                    self._drop_pending(table, wid)
+            forget = now - max(600.0, 20 * self.cfg.worker_timeout)
+            for wid in [w for w, d in self._departed.items() if d.at < forget]:
+                del self._departed[wid]
+            return gone + stalled
+
+    def _stalled(self, now: float) -> list[str]:
+        """Workers a waiting pull is blocked on whose clock has not moved for progress_timeout."""
+        if not self.cfg.progress_timeout or not self._waiters or self.policy.name == "async" or self._applying:
+            return []
+        view = self._view()
+        if not view.quorum or not view.clocks:
+            return []
+        floor = view.version if self.policy.name == "sync" else view.min_clock
+        before = now - self.cfg.progress_timeout
+        return [wid for wid, w in list(self._workers.items())
+                if w.clock <= floor and not w.busy and w.progress_at < before]
 
     def count(self, counter: str, n: int = 1) -> None:
-        with self._cond:
+        with self._lock:
             self.counters[counter] += n
 
     def stop(self) -> None:
-        with self._cond:
+        with self._lock:
             self._stopped = True
-            self._cond.notify_all()
+            self._wake()
 
     def stats(self) -> dict:
-        with self._cond:
+        with self._lock:
             return {
                 "shard_id": self.cfg.shard_id,
                 "mode": self.policy.name,
@@ -405,32 +572,37 @@ class Shard:
                 "num_keys": len(self.store.params),
                 "num_elements": self.store.num_elements(),
                 "backup_workers": self.cfg.backup_workers,
-                **{k: self.counters[k] for k in ("pushes", "pulls", "rejected", "evictions", "dropped", "duplicates",
-                                                 "bytes_pushed", "bytes_pulled", "lost_updates", "checkpoints")},
+                **{k: self.counters[k] for k in STAT_COUNTERS},
             }
 
     def metrics(self) -> dict:
         """What the Prometheus endpoint exports (see ps.server.metrics)."""
-        with self._cond:
+        with self._lock:
             return {"shard_id": self.cfg.shard_id, "mode": self.policy.name, "version": self.version,
                     "active_workers": len(self._workers), "counters": dict(self.counters),
+                    "waiting_pulls": len(self._waiters), "pending_bytes": self.pending_bytes,
                     "staleness_histogram": dict(self.staleness_hist),
                     "apply_latency": (APPLY_BUCKETS, list(self._apply_counts), self._apply_seconds)}
 
     # -- checkpoints --------------------------------------------------------------------------
     def snapshot(self) -> Snapshot | None:
-        """A consistent copy of everything needed to resume (None before init)."""
-        with self._cond:
+        """A consistent copy of everything needed to resume (None before init): taken once no
+        reserved push is being applied, and while none can start."""
+        with self._lock:
+            while self._inflight or self._applying:
+                self._lock.wait(0.1)
             if not self.store.initialized:
                 return None
             assert self.plan is not None and self.optimizer_cfg is not None and self.store.optimizer is not None
-            clocks = dict(self._departed)
+            clocks = {wid: d.taken for wid, d in self._departed.items()}
             clocks.update({wid: w.clock for wid, w in self._workers.items()})
             acc, acc_counts = self.store.accumulated()
+            with self.store.reading(list(self.store.params)):
+                params = {k: p.detach().clone() for k, p in self.store.params.items()}
+                optimizer_state = self.store.optimizer.state()
             return Snapshot(
                 self.cfg.shard_id, self.cfg.num_shards, self.policy.name, self.plan, self.optimizer_cfg, self.version,
-                clocks, dict(self.staleness_hist), dict(self.counters),
-                {k: p.detach().clone() for k, p in self.store.params.items()}, self.store.optimizer.state(),
+                clocks, dict(self.staleness_hist), dict(self.counters), params, optimizer_state,
                 sorted(self._workers), acc, acc_counts, self._step_pushes)
 
     def restore(self, snap: Snapshot) -> None:
@@ -438,7 +610,7 @@ class Shard:
         each registers again on its next call and is told its clock (and `_catch_up`). Until the
         ones active at the snapshot are back (or one lease timeout passed), steps and reads that
         wait for everyone go on waiting. A sync step's partial sum is restored with it."""
-        with self._cond:
+        with self._lock:
             self.store.init(snap.params, snap.optimizer)
             assert self.store.optimizer is not None
             self.store.optimizer.load_state(snap.optimizer_state)
@@ -449,7 +621,7 @@ class Shard:
             self._awaiting_deadline = self._now() + self.cfg.worker_timeout
             self.plan, self.optimizer_cfg, self.version = snap.plan, snap.optimizer, snap.version
             self._workers.clear()
-            self._departed = dict(snap.clocks)
+            self._departed = {wid: _Departed(c, c, self._now()) for wid, c in snap.clocks.items()}
             self._ever = set(snap.clocks)
             self.staleness_hist = Counter(snap.staleness_histogram)
             self.counters = Counter(snap.counters)
@@ -457,9 +629,20 @@ class Shard:
                      self.version, len(snap.params), len(snap.clocks))
 
 
-def _check_part(part: int, num_parts: int) -> None:
-    if not 1 <= num_parts <= MAX_PARTS:
-        raise InvalidArgument(f"num_parts ({num_parts}) must be in [1, {MAX_PARTS}]")
+STAT_COUNTERS = ("pushes", "pulls", "rejected", "evictions", "stalled_evictions", "dropped", "duplicates",
+                 "refused_evicted", "overloaded", "bytes_pushed", "bytes_pulled", "lost_updates", "checkpoints")
+
+
+def _check_clock(name: str, value: int) -> None:
+    if not 0 <= value < MAX_CLOCK:
+        raise InvalidArgument(f"{name} ({value}) must be in [0, 2^62)")
+
+
+def _check_part(part: int, num_parts: int, slices: int) -> None:
+    """A push or init has at most one part per slice (one part if the shard holds none)."""
+    most = max(1, slices)
+    if not 1 <= num_parts <= most:
+        raise InvalidArgument(f"num_parts ({num_parts}) must be in [1, {most}] (one part per slice at most)")
     if not 0 <= part < num_parts:
         raise InvalidArgument(f"part ({part}) must be in [0, num_parts={num_parts})")
 

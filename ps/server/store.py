@@ -1,12 +1,16 @@
 """A shard's slices: fp32 master copies, their optimizer, sync accumulators and validation.
 
-Not thread-safe on its own: `Shard` calls it under one lock. Every check runs before any
-state changes, so a rejected request leaves the parameters exactly as they were.
+Each slice has a lock of its own: updates of different slices (two workers' pushes, or the
+slices of one large push) run at once, and a read of a slice never sees half an update of it.
+`validate` reads only what `init` fixed (keys and shapes), so it needs no lock at all. Every
+check runs before any state changes, so a rejected request leaves the parameters as they were.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -26,23 +30,29 @@ class ParamStore:
     def __init__(self) -> None:
         self.params: dict[str, torch.Tensor] = {}
         self.optimizer: SliceOptimizer | None = None
+        self._locks: dict[str, threading.Lock] = {}
         self._acc: dict[str, torch.Tensor] = {}
         self._acc_count: dict[str, int] = {}
         self.slice_lengths: list[int] = []  # elements of each slice held (bounds what a request may expand to)
+        self.elements = 0
 
     @property
     def initialized(self) -> bool:
         return self.optimizer is not None
 
     def num_elements(self) -> int:
-        return sum(p.numel() for p in self.params.values())
+        return self.elements
 
     def init(self, values: Mapping[str, torch.Tensor], optimizer: OptimizerConfig) -> None:
-        self.params = {k: v.detach().to(torch.float32).clone().requires_grad_(True) for k, v in values.items()}
-        self.optimizer = SliceOptimizer(optimizer, self.params)
-        self.slice_lengths = [p.numel() for p in self.params.values()]
+        """Set the slices (before any other call, or with no other call running)."""
+        params = {k: v.detach().to(torch.float32).clone().requires_grad_(True) for k, v in values.items()}
+        self._locks = {k: threading.Lock() for k in params}
+        self.slice_lengths = [p.numel() for p in params.values()]
+        self.elements = sum(self.slice_lengths)
         self._acc.clear()
         self._acc_count.clear()
+        self.params = params
+        self.optimizer = SliceOptimizer(optimizer, params)
 
     def check_keys(self, keys: Iterable[str]) -> None:
         for key in keys:
@@ -50,7 +60,7 @@ class ParamStore:
                 raise UnknownKey(f"key {key!r} is not held by this shard")
 
     def validate(self, tensors: Sequence[tuple[str, torch.Tensor]], what: str = "gradient") -> dict[str, torch.Tensor]:
-        """Check keys, shapes and finiteness; return fp32 tensors by key."""
+        """Check keys, shapes and finiteness; return fp32 tensors by key. Needs no lock."""
         out: dict[str, torch.Tensor] = {}
         for key, t in tensors:
             if key in out:
@@ -67,22 +77,30 @@ class ParamStore:
         return out
 
     def apply(self, grads: Mapping[str, torch.Tensor], lr_scale: float = 1.0) -> None:
+        """One optimizer step of each slice given a gradient, each under its slice's lock."""
         assert self.optimizer is not None
-        with torch.no_grad():
-            self.optimizer.step(grads, lr_scale)
+        for key, g in grads.items():
+            with self._locks[key]:
+                self.optimizer.step_one(key, g, lr_scale)
 
     def accumulate(self, grads: Mapping[str, torch.Tensor]) -> None:
+        """Add to the current sync step's sums (slice by slice; pushes add concurrently)."""
         for key, g in grads.items():
-            if key in self._acc:
-                self._acc[key].add_(g)
-                self._acc_count[key] += 1
-            else:
-                self._acc[key] = g.clone()
-                self._acc_count[key] = 1
+            with self._locks[key]:
+                if key in self._acc:
+                    self._acc[key].add_(g)
+                    self._acc_count[key] += 1
+                else:
+                    self._acc[key] = g.clone()
+                    self._acc_count[key] = 1
 
     def accumulated(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """Copies of the current sync step's partial sums and their counts (for checkpoints)."""
-        return {k: g.clone() for k, g in self._acc.items()}, dict(self._acc_count)
+        out = {}
+        for key in list(self._acc):
+            with self._locks[key]:
+                out[key] = self._acc[key].clone()
+        return out, dict(self._acc_count)
 
     def restore_accumulated(self, acc: Mapping[str, torch.Tensor], counts: Mapping[str, int]) -> None:
         if set(acc) != set(counts) or not set(acc) <= set(self.params):
@@ -95,16 +113,30 @@ class ParamStore:
         self._acc_count.clear()
 
     def apply_accumulated(self) -> None:
-        """Apply the average of each key's accumulated gradients (one sync step) and reset."""
-        grads = {k: g.div_(self._acc_count[k]) for k, g in self._acc.items()}
-        self.apply(grads)
-        self._acc.clear()
-        self._acc_count.clear()
+        """Apply the average of each key's accumulated gradients (one sync step) and reset.
+        Only keys some push gave a gradient for are stepped."""
+        acc, counts = self._acc, self._acc_count
+        self._acc, self._acc_count = {}, {}
+        assert self.optimizer is not None
+        for key, g in acc.items():
+            with self._locks[key]:
+                self.optimizer.step_one(key, g.div_(counts[key]))
 
-    def read(self, keys: Iterable[str], copy: bool = True) -> list[tuple[str, bytes | memoryview]]:
-        """The raw fp32 (little-endian) bytes of each slice: one copy, taken under the shard lock,
-        so the slices are consistent with each other. copy=False: read-only views of the live
-        values, valid only while the lock is held."""
-        if copy:
-            return [(k, self.params[k].detach().numpy().tobytes()) for k in keys]
-        return [(k, memoryview(self.params[k].detach().numpy()).cast("B").toreadonly()) for k in keys]
+    @contextlib.contextmanager
+    def reading(self, keys: Sequence[str]):
+        """Read-only views of the live fp32 bytes of these slices, valid inside the block, which
+        holds their locks (taken in key order; updates take one lock at a time, so this cannot
+        deadlock): the slices read are consistent with each other. Copy what you keep."""
+        locks = [self._locks[k] for k in sorted(set(keys))]
+        for lock in locks:
+            lock.acquire()
+        try:
+            yield [(k, memoryview(self.params[k].detach().numpy()).cast("B").toreadonly()) for k in keys]
+        finally:
+            for lock in reversed(locks):
+                lock.release()
+
+    def read(self, keys: Sequence[str]) -> list[tuple[str, bytes]]:
+        """Copies of the raw fp32 (little-endian) bytes of each slice, read consistently."""
+        with self.reading(keys) as views:
+            return [(k, v.tobytes()) for k, v in views]

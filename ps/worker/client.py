@@ -13,118 +13,44 @@
 the servers apply them in fp32. `compress="topk:0.01"` sends the largest 1% of each slice's
 entries (8 bytes each) and keeps the rest for later pushes (error feedback; see ps.compress).
 
-If a shard evicts the worker (silent past the timeout), the next call registers again by itself;
-pushes below `client.clock_floor` are then answered DUPLICATE, so continue from
-`max(clock, client.clock_floor)` (the trainer does).
+If a shard evicts the worker (silent past the timeout, or stalled past the progress timeout),
+the next call registers again by itself. A push the servers did not apply because of that is
+answered EVICTED (not DUPLICATE, which means a retry of a push already taken): pull fresh
+weights and continue from `max(clock, client.clock_floor)` (the trainer does).
 
-Tensors passed to `push` are read before it returns (or before the handle of `push_async`
-resolves); the caller must not modify them until then. One client serves one worker; its
-methods may be called from one thread at a time (the heartbeat thread is internal), except
-that a `prefetch` runs in the background and a `push_stream` may be fed from another thread
-(e.g. autograd's) while the caller pushes or pulls.
+All calls run as coroutines on one event loop, on a thread of the client's own (see
+ps.worker.transport); the methods here hand them over and wait. Tensors passed to `push` are
+read before it returns (or before the handle of `push_async` resolves); the caller must not
+modify them until then. One client serves one worker; its methods may be called from one
+thread at a time, except that a `prefetch` runs in the background and a `push_stream` may be
+fed from another thread (e.g. autograd's) while the caller pushes or pulls.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import threading
-import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Mapping, Sequence
 
-import grpc
 import torch
 
-from ps import tls, wire
+from ps import wire
 from ps.compress import Compressor
-from ps.config import DEFAULT_PARTITION_BYTES, OptimizerConfig, grpc_options
-from ps.errors import InvalidArgument, PSError, Unavailable, UnknownWorker, error_from_wire
+from ps.config import DEFAULT_PARTITION_BYTES, OptimizerConfig
+from ps.errors import InvalidArgument, Overloaded, PSError, Unavailable, UnknownWorker
 from ps.proto import ps_pb2 as pb
-from ps.serde import (optimizer_to_proto, plan_to_proto, sparse_frame, stats_from_proto, tensor_frame, tensor_into,
-                      tensor_to_proto)
+from ps.serde import optimizer_to_proto, plan_to_proto, stats_from_proto, tensor_to_proto
 from ps.server.auth import bearer
-from ps.server.servicer import ERROR_CLASS_KEY
-from ps.sharding import ParamSpec, Plan, Slice, dtype_name, make_plan
+from ps.sharding import ParamSpec, Plan, dtype_name, make_plan
+from ps.worker.codec import Codec, Job, Pulled, push_results
+from ps.worker.membership import Membership
+from ps.worker.transport import Transport, gather_all
 
 log = logging.getLogger("ps.worker")
-T = TypeVar("T")
-_DEFAULT = object()  # "use the client's rpc_timeout"
-
-
-def _batches(slices: Sequence[Slice], limit: int, nbytes: Callable[[Slice], int] = lambda s: 4 * s.length
-             ) -> list[list[Slice]]:
-    """Group slices into requests of at most `limit` bytes (a slice alone may reach the limit)."""
-    out: list[list[Slice]] = [[]]
-    size = 0
-    for s in slices:
-        n = nbytes(s)
-        if out[-1] and size + n > limit:
-            out.append([])
-            size = 0
-        out[-1].append(s)
-        size += n
-    return out
-
-
-def _decodable(t: torch.Tensor | None, shape: tuple[int, ...]) -> bool:
-    return (t is not None and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
-            and tuple(t.shape) == tuple(shape))
-
-
-def _push_results(responses: Iterable[tuple[int, pb.PushResponse]]) -> list[dict]:
-    """One result per shard: the outcome of its last part (parts before it are BUFFERED)."""
-    final: dict[int, dict] = {}
-    for shard, resp in responses:
-        outcome = pb.PushResponse.Outcome.Name(resp.outcome)
-        if outcome != "BUFFERED" or shard not in final:
-            final[shard] = {"outcome": outcome, "version": resp.version, "staleness": resp.staleness}
-    return [final[k] for k in sorted(final)]
-
-
-def _mapped(e: grpc.RpcError) -> PSError:
-    """The PSError a failed call stands for (the class the server raised, or its status code's)."""
-    meta = dict(e.trailing_metadata() or ())
-    return error_from_wire(e.code().name, meta.get(ERROR_CLASS_KEY), e.details() or "")
-
-
-class _Pulled:
-    """The destination of one pull: tensors to decode into, versions seen per shard."""
-
-    def __init__(self, client: "PSClient", names: Sequence[str] | None, into: Mapping[str, torch.Tensor] | None):
-        plan = client.plan
-        wanted = plan.specs if names is None else {n: plan.specs[n] for n in names}
-        self.client, self.given = client, dict(into or {})
-        self.out = {n: self.given[n] if _decodable(self.given.get(n), spec.shape)
-                    else torch.empty(spec.shape, dtype=torch.float32) for n, spec in wanted.items()}
-        self.versions: dict[int, int] = {}
-        self.min_clocks: dict[int, int] = {}
-        self._lock = threading.Lock()
-
-    def absorb(self, shard: int, resp: wire.PullIn | wire.Malformed) -> None:
-        """Decode one answer straight into place (thread-safe: answers may arrive concurrently)."""
-        plan = self.client.plan
-        if isinstance(resp, wire.Malformed):
-            raise InvalidArgument(f"server {self.client.servers[shard]} sent a {resp.reason}")
-        for t in resp.tensors:
-            s = plan.by_key.get(t.key)
-            if s is None or s.name not in self.out:
-                raise InvalidArgument(f"server {self.client.servers[shard]} sent key {t.key!r}, which was not asked for")
-            tensor_into(t, self.out[s.name].view(-1)[s.start : s.start + s.length])
-        with self._lock:
-            self.versions[shard] = min(self.versions.get(shard, resp.header.version), resp.header.version)
-            self.min_clocks[shard] = resp.header.min_clock
-
-    def finish(self, observer: bool) -> dict[str, torch.Tensor]:
-        self.client.last_min_clocks = self.min_clocks
-        if not observer:
-            for shard, v in self.versions.items():
-                self.client.versions[shard] = v
-        with torch.no_grad():
-            for n, t in self.given.items():
-                if n in self.out and self.out[n] is not t:
-                    t.copy_(self.out[n])
-        return self.out
+REDO = (Unavailable, UnknownWorker, Overloaded)  # a part failing so is sent again, with every part of its shard
 
 
 class PushStream:
@@ -137,16 +63,15 @@ class PushStream:
 
     def __init__(self, client: "PSClient", clock: int, dtypes: Mapping[str, torch.dtype]):
         self.client, self.clock, self.dtypes = client, clock, dict(dtypes)
-        self._jobs = client._push_layout(self.dtypes)
+        self._jobs = client._codec.layout(self.dtypes)
         self._flat: dict[str, torch.Tensor] = {}
-        self._request = client._push_encoder(clock, self._flat)
         self._missing = [{s.name for s in job[2]} for job in self._jobs]
         self._jobs_of: dict[str, list[int]] = {}
         for i, names in enumerate(self._missing):
             for n in names:
                 self._jobs_of.setdefault(n, []).append(i)
         self._added: set[str] = set()
-        self._issued: list[tuple[tuple, grpc.Future]] = []
+        self._sent: list[tuple[Job, wire.Frame, concurrent.futures.Future]] = []
         self._lock = threading.Lock()
         for i, names in enumerate(self._missing):
             if not names:
@@ -154,7 +79,8 @@ class PushStream:
 
     def _send(self, i: int) -> None:
         job = self._jobs[i]
-        self._issued.append(self.client._issue((job[0], "Push", self._request(*job), self.client.rpc_timeout)))
+        request = self.client._push_request(self.clock, job, self._flat)
+        self._sent.append((job, request, self.client._t.submit(self.client._try(job[0], "Push", request))))
 
     def has(self, name: str) -> bool:
         return name in self._added
@@ -169,7 +95,7 @@ class PushStream:
         with self._lock:
             if name in self._added:
                 raise InvalidArgument(f"gradient {name!r} was already added to the push for step {self.clock}")
-            self._flat.update(self.client.plan.split({name: self.client._on_wire(grad.to(self.dtypes[name]))}, [name]))
+            self._flat.update(self.client._codec.split({name: grad.to(self.dtypes[name])}))
             self._added.add(name)
             for i in self._jobs_of.get(name, ()):
                 self._missing[i].discard(name)
@@ -179,28 +105,31 @@ class PushStream:
     def finish(self) -> list[dict]:
         for name in [n for n in self.dtypes if n not in self._added]:
             self.add(name, torch.zeros(self.client.plan.specs[name].shape, dtype=self.dtypes[name]))
-        return _push_results(self.client._collect(self._issued, self.clock))
+        async def settle() -> list[dict]:
+            sent = [(job, req, asyncio.wrap_future(f)) for job, req, f in self._sent]
+            return push_results(await self.client._settle(sent, self.clock))
+
+        return self.client._t.run(settle())
 
 
 class Prefetch:
     """Weights being pulled in the background (`PSClient.prefetch`)."""
 
-    def __init__(self, future: Future):
-        self._future = future
+    def __init__(self, client: "PSClient", future: concurrent.futures.Future):
+        self._client, self._future = client, future
 
     def install(self, into: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Wait, write the weights into `into` {name: tensor}, and count the versions read as this
         worker's (the base of its next push)."""
-        pulled: _Pulled = self._future.result()
+        pulled: Pulled = self._future.result()
         pulled.given = dict(into)
-        return pulled.finish(observer=False)
+        return self._client._installed(pulled)
 
     def cancel(self) -> None:
-        """Drop it (wait for it to end; errors too are dropped)."""
-        try:
-            self._future.result()
-        except Exception as e:  # noqa: BLE001 - nobody needs these weights any more
-            log.debug("dropped prefetch ended with %s", e)
+        """Drop it: the pull is cancelled where it is (a pull waiting for this worker's own push,
+        which will not come, ends at once)."""
+        self._future.cancel()
+        concurrent.futures.wait([self._future], timeout=30)
 
 
 class PSClient:
@@ -212,200 +141,88 @@ class PSClient:
         if not servers:
             raise PSError("servers must name at least one host:port")
         self._compressor = Compressor(compress)  # validates the spec
-        self._metadata = bearer(auth_token) if auth_token else None
         self.servers = list(servers)
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
         self.partition_bytes = partition_bytes
-        self.retry_timeout = retry_timeout
         self.rpc_timeout = rpc_timeout
-        self._channels = [tls.channel(s, grpc_options(), tls_ca, tls_cert, tls_key) for s in self.servers]
-        self._stubs = [wire.Stub(c) for c in self._channels]
-        # Pulls may wait (sync, ssp) and must never hold up a heartbeat: a pool of their own.
-        # Pushes of several requests go out as gRPC futures; push_pull (one request per shard)
-        # makes blocking calls, on this pool for all but the first shard.
-        width = max(8, 4 * len(self.servers))  # requests in flight: enough to keep every server busy
-        self._pool = ThreadPoolExecutor(max_workers=len(self.servers), thread_name_prefix="ps-client")
-        self._pull_pool = ThreadPoolExecutor(max_workers=width, thread_name_prefix="ps-pull")
-        self._beat_pool = ThreadPoolExecutor(max_workers=len(self.servers), thread_name_prefix="ps-heartbeat")
-        self._async = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ps-client-async")
-        self._left = False
-        self._rejoin = threading.Lock()
-        self._floor_lock = threading.Lock()
-        self.clock_floor = 0  # the lowest clock the servers will take from this worker
-        self._want_heartbeat = heartbeat
-        self._stop = threading.Event()
-        self._heartbeat_thread: threading.Thread | None = None
-        self.plan: Plan | None = None
-        self.info: list[pb.RegisterResponse] = []
-        self.versions: list[int] = [0] * len(self.servers)
-        self._wait_connected(connect_timeout)
+        self._t = Transport(self.servers, metadata=bearer(auth_token) if auth_token else None,
+                            retry_timeout=retry_timeout, rpc_timeout=rpc_timeout, tls_ca=tls_ca, tls_cert=tls_cert,
+                            tls_key=tls_key)
+        self._m = Membership(self._t, self.worker_id, heartbeat)
+        self._codec: Codec | None = None
+        try:
+            self._t.run(self._t.wait_connected(connect_timeout))
+        except BaseException:
+            self._t.close()
+            raise
 
-    # -- plumbing ---------------------------------------------------------------------------
-    def _wait_connected(self, timeout: float) -> None:
-        for addr, ch in zip(self.servers, self._channels):
-            try:
-                grpc.channel_ready_future(ch).result(timeout=timeout)
-            except grpc.FutureTimeoutError as e:
-                raise Unavailable(f"server {addr} did not answer within {timeout:.0f}s") from e
+    # -- state the trainer reads -----------------------------------------------------------
+    @property
+    def plan(self) -> Plan | None:
+        return self._m.plan
 
-    def _call(self, shard: int, method: str, request, timeout: float | None | object = _DEFAULT,
-              reregister: bool = True, retry: bool = True, clock: int = 0):
-        """One RPC with errors mapped to PSError; retries while the server is unavailable and
-        registers again (then retries) if the server evicted this worker or restarted without
-        it. `clock`: the request's clock, this worker's clock, told to the server when
-        registering again with the newest version of it this worker has read (a server restored
-        from a checkpoint learns from them where training is).
-        timeout None: no deadline (a pull that may wait for other workers)."""
-        deadline = time.monotonic() + self.retry_timeout
-        delay = 0.05
-        rpc_timeout = self.rpc_timeout if timeout is _DEFAULT else timeout
-        while True:
-            try:
-                return getattr(self._stubs[shard], method)(request, timeout=rpc_timeout, metadata=self._metadata)
-            except grpc.RpcError as e:
-                err = _mapped(e)
-                if isinstance(err, UnknownWorker) and reregister and not self._left and self.plan is not None:
-                    log.warning("%s: %s; registering again", self.servers[shard], err)
-                    # With every shard, aligned: evicted by one shard, a worker has usually been
-                    # evicted by all, and each would otherwise place it at its own current step.
-                    with self._rejoin:  # one re-registration at a time (a prefetch may run beside)
-                        self._join_all(clock)
-                    reregister = False
-                    continue
-                if retry and isinstance(err, Unavailable) and time.monotonic() + delay < deadline:
-                    time.sleep(delay)
-                    delay = min(delay * 2, 2.0)
-                    continue
-                raise err from e
+    @property
+    def clock_floor(self) -> int:
+        """The lowest clock the servers will take pushes from (moves up when they re-place this worker)."""
+        return self._m.clock_floor
 
-    def _call_many(self, calls: Iterable[tuple[int, str, object, float | None]], clock: int = 0
-                   ) -> list[tuple[int, object]]:
-        """Issue each (shard, method, request, timeout) as a gRPC future as soon as it is built (no
-        Python threads in between; encoding overlaps sending) and return (shard, response) pairs
-        in order (see `_collect`)."""
-        return self._collect([self._issue(call) for call in calls], clock)
+    @property
+    def versions(self) -> list[int]:
+        return self._m.versions
 
-    def _issue(self, call: tuple[int, str, object, float | None]) -> tuple[tuple, grpc.Future]:
-        shard, method, request, timeout = call
-        return call, getattr(self._stubs[shard], method).future(request, timeout=timeout, metadata=self._metadata)
+    @property
+    def last_min_clocks(self) -> dict[int, int]:
+        return self._m.min_clocks
 
-    def _collect(self, issued: Sequence[tuple[tuple, grpc.Future]], clock: int = 0) -> list[tuple[int, object]]:
-        """Wait for issued calls; (shard, response) pairs in their order. A call that fails because
-        the server was unreachable or no longer knew this worker is redone through `_call` (which
-        retries and registers again), and so is every other call to that shard: a restarted
-        server has lost the parts of a push it had acknowledged (parts it still holds are
-        answered DUPLICATE). Pushes and pulls are safe to repeat; a refused request is not sent
-        again."""
-        out, redo = [], set()
-        for (k, m, req, t), f in issued:
-            try:
-                out.append((k, f.result()))
-            except grpc.RpcError as e:
-                err = _mapped(e)
-                if not isinstance(err, (Unavailable, UnknownWorker)):
-                    raise err from e
-                out.append((k, None))
-                redo.add(k)
-        for i, ((k, m, req, t), _) in enumerate(issued):  # in order: the last part decides the outcome
-            if k in redo:
-                out[i] = (k, self._call(k, m, req, timeout=t, clock=clock))
-        return out
+    @property
+    def info(self) -> list[pb.RegisterResponse]:
+        return self._m.info
 
-    def _map(self, fn: Callable[..., T], jobs: Sequence[tuple], pool: ThreadPoolExecutor | None = None) -> list[T]:
-        """Run fn(*job) for every job concurrently; raise the first error after all finish."""
-        if not jobs:
-            return []
-        futures = [(pool or self._pool).submit(fn, *job) for job in jobs[1:]]
-        results, first_error = [], None
-        try:  # the first job runs on this thread: one thread hop less for small requests
-            results.append(fn(*jobs[0]))
-        except Exception as e:  # noqa: BLE001 - re-raised below
-            first_error = e
-            results.append(None)
-        for f in futures:
-            try:
-                results.append(f.result())
-            except Exception as e:  # noqa: BLE001 - re-raised below
-                first_error = first_error or e
-                results.append(None)
-        if first_error is not None:
-            raise first_error
-        return results
+    @property
+    def mode(self) -> str:
+        """The servers' consistency mode (known once registered)."""
+        return self._m.info[0].mode if self._m.info else ""
 
     # -- membership ---------------------------------------------------------------------------
-    def _register_one(self, shard: int, clock: int = 0) -> pb.RegisterResponse:
-        assert self.plan is not None
-        seen = self.versions[shard] if shard < len(self.versions) else 0
-        req = pb.RegisterRequest(worker_id=self.worker_id, plan_fingerprint=self.plan.fingerprint, clock=clock,
-                                 seen_version=seen)
-        resp = self._call(shard, "Register", req, reregister=False)
-        with self._floor_lock:  # registrations may run on several threads
-            self.clock_floor = max(self.clock_floor, resp.clock)
-        return resp
-
     def attach(self, specs: Sequence[ParamSpec]) -> Plan:
         """Compute the plan for these parameters without joining (enough for observer pulls)."""
-        self.plan = make_plan(list(specs), len(self.servers), self.partition_bytes)
-        self._pull_batches = [_batches(self.plan.slices_for(k), self.partition_bytes)  # fp32 master copies
-                              for k in range(len(self.servers))]
-        self._subset_batches: dict[frozenset, list[list[Slice]]] = {}
-        self._layouts: dict[tuple, list[tuple[int, int, list[Slice], int]]] = {}
-        return self.plan
+        plan = make_plan(list(specs), len(self.servers), self.partition_bytes)
+        self._m.plan = plan
+        self._codec = Codec(plan, len(self.servers), self.partition_bytes, self._compressor)
+        return plan
 
     def register(self, specs: Sequence[ParamSpec]) -> int:
         """Compute the plan for these parameters, join every shard, start heartbeats; returns the
         clock to start at (the largest any shard asks for)."""
         self.attach(specs)
-        self._left = False
-        self.info = self._join_all()
-        self.versions = [r.version for r in self.info]
-        if self._want_heartbeat and self._heartbeat_thread is None:
-            self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, daemon=True, name="ps-heartbeat")
-            self._heartbeat_thread.start()
-        return max(r.clock for r in self.info)
 
-    def _join_all(self, clock: int = 0) -> list[pb.RegisterResponse]:
-        """Register with every shard (at least at `clock`) and align: shards that would put this
-        worker at a lower clock than another shard are told the highest one, so no shard waits
-        for a step this worker will never push there."""
-        infos = self._map(self._register_one, [(k, clock) for k in range(len(self.servers))])
-        start = max(r.clock for r in infos)
-        behind = [k for k, r in enumerate(infos) if r.clock < start]
-        for k, r in zip(behind, self._map(self._register_one, [(k, start) for k in behind])):
-            infos[k] = r
-        return infos
+        async def go() -> int:
+            self._m.left = False
+            infos = await self._m.join()
+            self._m.versions[:] = [r.version for r in infos]
+            self._m.start_heartbeat()
+            return max(r.clock for r in infos)
 
-    def _heartbeat_loop(self) -> None:
-        """Renew the lease on every shard at once, one attempt each: a shard that is down must
-        not delay the others (a worker the shards evicted registers again on its next pull/push)."""
-        interval = max(0.05, min(r.worker_timeout for r in self.info) / 4)
-        request = pb.WorkerRef(worker_id=self.worker_id)
-
-        def beat(k: int) -> None:
-            try:
-                self._call(k, "Heartbeat", request, timeout=interval * 2, reregister=False, retry=False)
-            except PSError as e:
-                log.debug("heartbeat to %s failed: %s", self.servers[k], e)
-
-        while not self._stop.wait(interval):
-            list(self._beat_pool.map(beat, range(len(self.servers))))
+        return self._t.run(go())
 
     def init(self, tensors: Mapping[str, torch.Tensor], optimizer: OptimizerConfig) -> bool:
         """Send initial values and the optimizer; idempotent. True if this call set the values
         (False: the servers already held values, which win; pull to get them)."""
         assert self.plan is not None, "register first"
-        flat = self.plan.split({n: t.detach().to("cpu", torch.float32) for n, t in tensors.items()})
-        spec, opt = plan_to_proto(self.plan), optimizer_to_proto(optimizer)
+        plan = self.plan
+        flat = plan.split({n: t.detach().to("cpu", torch.float32) for n, t in tensors.items()})
+        spec, opt = plan_to_proto(plan), optimizer_to_proto(optimizer)
+        rejoin = self._m.rejoiner(0)
 
-        def send(shard: int, part: int, batch: list[Slice], num_parts: int) -> bool:
+        async def send(shard: int, part: int, batch, num_parts: int) -> bool:
             req = pb.InitRequest(
-                worker_id=self.worker_id, plan_fingerprint=self.plan.fingerprint, plan=spec, optimizer=opt,
+                worker_id=self.worker_id, plan_fingerprint=plan.fingerprint, plan=spec, optimizer=opt,
                 tensors=[tensor_to_proto(s.key, flat[s.key]) for s in batch], part=part, num_parts=num_parts,
             )
-            return self._call(shard, "Init", req).applied
+            return (await self._t.call(shard, "Init", req, rejoin=rejoin)).applied
 
-        jobs = [(k, i, b, len(bs)) for k, bs in enumerate(self._pull_batches) for i, b in enumerate(bs)]
-        return any(self._map(send, jobs))
+        jobs = [(k, i, b, len(bs)) for k, bs in enumerate(self._codec.pull_batches) for i, b in enumerate(bs)]
+        return any(self._t.run(gather_all([send(*job) for job in jobs])))
 
     def setup(self, tensors: Mapping[str, torch.Tensor], optimizer: OptimizerConfig) -> int:
         """register + init in one call; returns the clock to start at."""
@@ -414,11 +231,6 @@ class PSClient:
         self.init(tensors, optimizer)
         return clock
 
-    @property
-    def mode(self) -> str:
-        """The servers' consistency mode (known once registered)."""
-        return self.info[0].mode if self.info else ""
-
     # -- data ---------------------------------------------------------------------------------
     def pull(self, clock: int, observer: bool = False, names: Sequence[str] | None = None,
              into: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -426,172 +238,162 @@ class PSClient:
         at `clock` read. `observer=True` reads without waiting or joining (evaluation, monitoring).
         `into` {name: tensor}: write the values there too; contiguous fp32 CPU tensors (e.g. a CPU
         model's parameters, or pinned buffers) are decoded into directly, with no extra copy."""
-        return self._pull_job(clock, observer, names, into)()
+        pulled = self._t.run(self._pull(clock, observer, names, into))
+        return pulled.finish() if observer else self._installed(pulled)
 
-    def _batches_for(self, names: Sequence[str] | None) -> list[list[Slice]]:
-        if names is None:
-            return self._pull_batches
-        key = frozenset(names)
-        if key not in self._subset_batches:
-            self._subset_batches[key] = [_batches([s for s in self.plan.slices_for(k) if s.name in key],
-                                                  self.partition_bytes) for k in range(len(self.servers))]
-        return self._subset_batches[key]
-
-    def pull_async(self, clock: int, observer: bool = False, names: Sequence[str] | None = None) -> Future:
+    def pull_async(self, clock: int, observer: bool = False, names: Sequence[str] | None = None
+                   ) -> concurrent.futures.Future:
         """`pull` in the background; the future resolves to its result."""
-        return self._async.submit(self._pull_job(clock, observer, names))
+        async def go() -> dict[str, torch.Tensor]:
+            pulled = await self._pull(clock, observer, names, None)
+            return pulled.finish() if observer else self._installed(pulled)
 
-    def _pull_job(self, clock: int, observer: bool, names: Sequence[str] | None,
-                  into: Mapping[str, torch.Tensor] | None = None, commit: bool = True,
-                  own_clock: int | None = None) -> Callable:
-        assert self.plan is not None, "register first"
-        worker = "" if observer else self.worker_id
-        batches = self._batches_for(names)
+        return self._t.submit(go())
 
-        def fetch_into(shard: int, batch: list[Slice], pulled: "_Pulled"):
-            req = pb.PullRequest(worker_id=worker, plan_fingerprint=self.plan.fingerprint, clock=clock,
-                                 keys=[s.key for s in batch])
-            pulled.absorb(shard, self._call(shard, "Pull", req, timeout=self.rpc_timeout if observer else None,
-                                            clock=clock if own_clock is None else own_clock))
-
-        def gather() -> dict[str, torch.Tensor] | _Pulled:
-            pulled = _Pulled(self, names, into)
-            self._map(fetch_into, [(k, b, pulled) for k, bs in enumerate(batches) for b in bs], self._pull_pool)
-            return pulled.finish(observer) if commit else pulled
-
-        return gather
-
-    def push(self, grads: Mapping[str, torch.Tensor], clock: int) -> list[dict]:
-        """Send gradients (by parameter name; any float dtype) for `clock`; returns one result
-        per shard: {"outcome", "version", "staleness"}."""
-        return self._push_job(grads, clock)()
-
-    def push_async(self, grads: Mapping[str, torch.Tensor], clock: int) -> Future:
-        """`push` in the background; the future resolves to its result."""
-        return self._async.submit(self._push_job(grads, clock))
-
-    def _push_requests(self, grads: Mapping[str, torch.Tensor], clock: int) -> tuple[list[tuple], Callable]:
-        """The push's parts as (shard, part, batch, num_parts) jobs, and a function building each
-        job's request (encoding happens there, as late as possible)."""
-        names = list(grads)
-        jobs = self._push_layout({n: grads[n].dtype for n in names})
-        return jobs, self._push_encoder(clock, self.plan.split({n: self._on_wire(grads[n]) for n in names}, names))
-
-    def _on_wire(self, grad: torch.Tensor) -> torch.Tensor:
-        """The gradient as it travels: on the CPU, in the wire dtype (no copy when it is already)."""
-        return grad.detach().to("cpu", self._compressor.wire_dtype(grad.dtype))
-
-    def _push_layout(self, dtypes: Mapping[str, torch.dtype]) -> list[tuple[int, int, list[Slice], int]]:
-        """How a push of these tensors (name: dtype) splits into requests: (shard, part, slices,
-        num_parts) jobs. It depends on the names and dtypes only, not on the values."""
-        assert self.plan is not None, "register first"
-        key = tuple(dtypes.items())
-        if key not in self._layouts:  # the same every step: computed once
-            self._layouts[key] = self._layout(dtypes)
-        return self._layouts[key]
-
-    def _layout(self, dtypes: Mapping[str, torch.dtype]) -> list[tuple[int, int, list[Slice], int]]:
-        comp = self._compressor
-        size = {n: comp.wire_dtype(d).itemsize for n, d in dtypes.items()}
-        nbytes = lambda s: comp.wire_bytes(s.length, size[s.name])  # noqa: E731
-        jobs = []
-        for k in range(len(self.servers)):
-            bs = _batches([s for s in self.plan.slices_for(k) if s.name in size], self.partition_bytes, nbytes)
-            jobs += [(k, i, b, len(bs)) for i, b in enumerate(bs)]
-        return jobs
-
-    def _push_encoder(self, clock: int, flat: Mapping[str, torch.Tensor]) -> Callable[..., wire.Frame]:
-        """request(shard, part, batch, num_parts): one part of the push, from `flat` (wire tensors
-        by slice key; read when the request is built)."""
-        comp = self._compressor
-
-        def request(shard: int, part: int, batch: list[Slice], num_parts: int) -> wire.Frame:
-            header = pb.PushRequest(
-                worker_id=self.worker_id, plan_fingerprint=self.plan.fingerprint, clock=clock,
-                base_version=self.versions[shard], part=part, num_parts=num_parts,
-            )
-            if comp.sparse:
-                tensors = [sparse_frame(s.key, [s.length], *comp.sparsify(s.key, flat[s.key])) for s in batch]
-            else:
-                tensors = [tensor_frame(s.key, flat[s.key]) for s in batch]
-            return wire.push_frame(header, tensors)
-
-        return request
-
-    def push_stream(self, clock: int, dtypes: Mapping[str, torch.dtype]) -> "PushStream":
-        """A push for `clock` of the tensors named in `dtypes` whose gradients are handed over one
-        by one (`PushStream.add`, e.g. as backward produces them): each request goes out the
-        moment all its gradients are in, so sending overlaps the rest of backward."""
-        return PushStream(self, clock, dtypes)
-
-    def prefetch(self, clock: int, names: Sequence[str] | None = None) -> "Prefetch":
+    def prefetch(self, clock: int, names: Sequence[str] | None = None) -> Prefetch:
         """Start pulling the weights for `clock` in the background (async and ssp modes: while
         this worker computes the step before). The versions read count only once installed."""
         # Should it have to register again, this worker is still at clock - 1 (its push for that
         # step may not have gone out yet): registering at `clock` would make that push a duplicate.
-        return Prefetch(self._async.submit(self._pull_job(clock, False, names, commit=False, own_clock=clock - 1)))
+        return Prefetch(self, self._t.submit(self._pull(clock, False, names, None, own_clock=clock - 1)))
 
-    def _push_job(self, grads: Mapping[str, torch.Tensor], clock: int) -> Callable[[], list[dict]]:
-        jobs, request = self._push_requests(grads, clock)
+    def _installed(self, pulled: Pulled) -> dict[str, torch.Tensor]:
+        """A worker's pull is complete: its weights are in place and its versions are this worker's."""
+        out = pulled.finish()
+        self._m.min_clocks = pulled.min_clocks
+        for shard, v in pulled.versions.items():
+            self._m.versions[shard] = v
+        return out
 
-        def gather() -> list[dict]:
-            calls = ((job[0], "Push", request(*job), self.rpc_timeout) for job in jobs)
-            return _push_results(self._call_many(calls, clock))
+    async def _pull(self, clock: int, observer: bool, names: Sequence[str] | None,
+                    into: Mapping[str, torch.Tensor] | None, own_clock: int | None = None) -> Pulled:
+        assert self._codec is not None, "register (or attach) first"
+        worker = "" if observer else self.worker_id
+        pulled = Pulled(self.plan, self.servers, names, into)
+        rejoin = None if observer else self._m.rejoiner(clock if own_clock is None else own_clock)
 
-        return gather
+        async def fetch(shard: int, batch) -> None:
+            req = pb.PullRequest(worker_id=worker, plan_fingerprint=self.plan.fingerprint, clock=clock,
+                                 keys=[s.key for s in batch])
+            pulled.absorb(shard, await self._t.call(shard, "Pull", req, rejoin=rejoin, waits=not observer))
+
+        await gather_all([fetch(k, b) for k, bs in enumerate(self._codec.batches_for(names)) for b in bs])
+        return pulled
+
+    def _push_request(self, clock: int, job: Job, flat: Mapping[str, torch.Tensor]) -> wire.Frame:
+        return self._codec.push_request(self.worker_id, clock, self._m.versions[job[0]], job, flat)
+
+    async def _try(self, shard: int, method: str, request):
+        """One attempt; a failure is returned, not raised (`_settle` decides)."""
+        try:
+            return await self._t.attempt(shard, method, request)
+        except PSError as e:
+            return e
+
+    async def _settle(self, sent: Sequence[tuple[Job, wire.Frame, "asyncio.Future"]], clock: int
+                      ) -> list[tuple[int, object]]:
+        """Wait for pushed parts; (shard, response) pairs in their order. A part that failed
+        because its server was unreachable, overloaded or no longer knew this worker is sent
+        again through `call` (which retries and registers again), and so is every other part
+        to that shard, in order: a restarted server has lost the parts it had acknowledged
+        (parts it still holds are answered DUPLICATE). A refused part is not sent again."""
+        results = [await f for _, _, f in sent]
+        redo = set()
+        for (job, _, _), r in zip(sent, results):
+            if isinstance(r, REDO):
+                redo.add(job[0])
+            elif isinstance(r, PSError):
+                raise r
+        rejoin = self._m.rejoiner(clock)
+
+        async def again(shard: int) -> list[tuple[int, int, object]]:
+            out = []
+            for i, (job, req, _) in enumerate(sent):
+                if job[0] == shard:
+                    out.append((i, shard, await self._t.call(shard, "Push", req, rejoin=rejoin)))
+            return out
+
+        for redone in await gather_all([again(k) for k in sorted(redo)]):
+            for i, shard, resp in redone:
+                results[i] = resp
+        return [(job[0], r) for (job, _, _), r in zip(sent, results)]
+
+    def push(self, grads: Mapping[str, torch.Tensor], clock: int) -> list[dict]:
+        """Send gradients (by parameter name; any float dtype) for `clock`; returns one result
+        per shard: {"outcome", "version", "staleness"}."""
+        return self._t.run(self._push(grads, clock))
+
+    def push_async(self, grads: Mapping[str, torch.Tensor], clock: int) -> concurrent.futures.Future:
+        """`push` in the background; the future resolves to its result."""
+        return self._t.submit(self._push(grads, clock))
+
+    async def _push(self, grads: Mapping[str, torch.Tensor], clock: int) -> list[dict]:
+        assert self._codec is not None, "register first"
+        flat = self._codec.split(grads)
+        jobs = self._codec.layout({n: g.dtype for n, g in grads.items()})
+        sent = []
+        for job in jobs:  # each part goes out as soon as it is encoded
+            req = self._push_request(clock, job, flat)
+            sent.append((job, req, asyncio.ensure_future(self._try(job[0], "Push", req))))
+        return push_results(await self._settle(sent, clock))
 
     def push_pull(self, grads: Mapping[str, torch.Tensor], clock: int, names: Sequence[str] | None = None,
                   into: Mapping[str, torch.Tensor] | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
         """`push(grads, clock)` then `pull(clock + 1, names=names, into=into)`, in one round trip
         per shard when each shard's push and pull fit in one request (small models); otherwise
-        the two calls one after the other. Returns (push results, weights)."""
-        jobs, request = self._push_requests(grads, clock)
-        batches = self._batches_for(names)
-        single = [sum(1 for job in jobs if job[0] == k) == 1 and len(batches[k]) == 1 for k in range(len(self.servers))]
-        if not all(single):
-            return _push_results(self._call_many(((j[0], "Push", request(*j), self.rpc_timeout) for j in jobs), clock)), \
-                self.pull(clock + 1, names=names, into=into)
-        pulled = _Pulled(self, names, into)
+        the two calls one after the other. Returns (push results, weights). If any shard answers
+        EVICTED, the weights are not pulled (the dict is empty): pull at `clock_floor`."""
+        assert self._codec is not None, "register first"
+        jobs = self._codec.layout({n: g.dtype for n, g in grads.items()})
+        pull_batches = self._codec.batches_for(names)
+        single = all(sum(1 for job in jobs if job[0] == k) == 1 and len(pull_batches[k]) == 1
+                     for k in range(len(self.servers)))
+        if not single:
+            results = self.push(grads, clock)
+            if any(r["outcome"] == "EVICTED" for r in results):
+                return results, {}
+            return results, self.pull(clock + 1, names=names, into=into)
+        flat = self._codec.split(grads)
+        rejoin = self._m.rejoiner(clock)
+        pulled = Pulled(self.plan, self.servers, names, into)
 
-        def one(job: tuple) -> tuple[int, pb.PushResponse]:
+        async def one(job: Job) -> tuple[int, pb.PushResponse]:
             shard = job[0]
-            req = wire.push_pull_request_frame(request(*job), [s.key for s in batches[shard][0]])
-            resp = self._call(shard, "PushPull", req, timeout=None, clock=clock)  # the pull half may wait
+            req = wire.push_pull_request_frame(self._push_request(clock, job, flat),
+                                               [s.key for s in pull_batches[shard][0]])
+            resp = await self._t.call(shard, "PushPull", req, rejoin=rejoin, waits=True)
             if isinstance(resp, wire.Malformed):
                 raise InvalidArgument(f"server {self.servers[shard]} sent a {resp.reason}")
-            pulled.absorb(shard, resp.pull)
+            if resp.push.outcome != pb.PushResponse.EVICTED:
+                pulled.absorb(shard, resp.pull)
             return shard, resp.push
 
-        # Blocking calls, the first on this thread: a gRPC future starts a thread whenever none
-        # of the channel's calls is in flight (two bare 1 KiB echoes: 0.99 ms as futures, 0.67 ms
-        # as blocking calls on two threads).
-        pushed = self._map(one, [(job,) for job in jobs], self._pull_pool)
-        return _push_results(pushed), pulled.finish(observer=False)
+        results = push_results(self._t.run(gather_all([one(job) for job in jobs])))
+        if any(r["outcome"] == "EVICTED" for r in results):
+            return results, {}
+        return results, self._installed(pulled)
+
+    def push_stream(self, clock: int, dtypes: Mapping[str, torch.dtype]) -> PushStream:
+        """A push for `clock` of the tensors named in `dtypes` whose gradients are handed over one
+        by one (`PushStream.add`, e.g. as backward produces them): each request goes out the
+        moment all its gradients are in, so sending overlaps the rest of backward."""
+        return PushStream(self, clock, dtypes)
 
     def stats(self) -> list[dict]:
-        return [stats_from_proto(r) for r in self._map(lambda k: self._call(k, "Stats", pb.StatsRequest()), [(k,) for k in range(len(self.servers))])]
+        """Every shard's Stats (needs no registration)."""
+        async def go():
+            return await gather_all([self._t.call(k, "Stats", pb.StatsRequest()) for k in range(len(self.servers))])
+
+        return [stats_from_proto(r) for r in self._t.run(go())]
 
     def leave(self) -> None:
         """Tell every shard this worker is done (sync steps stop waiting for it). Heartbeats stop
         and the client no longer registers again by itself."""
-        self._left = True
-        self._stop_heartbeat()
-        self._map(lambda k: self._call(k, "Leave", pb.WorkerRef(worker_id=self.worker_id), reregister=False),
-                  [(k,) for k in range(len(self.servers))])
-
-    def _stop_heartbeat(self) -> None:
-        self._stop.set()
-        if self._heartbeat_thread is not None:
-            self._heartbeat_thread.join()
-            self._heartbeat_thread = None
+        self._t.run(self._m.leave())
 
     def close(self) -> None:
         """Stop heartbeats, cancel what is still in flight, close the channels."""
-        self._stop_heartbeat()
-        for ch in self._channels:
-            ch.close()  # in-flight RPCs (a waiting pull) end with CANCELLED
-        for pool in (self._async, self._pull_pool, self._pool, self._beat_pool):
-            pool.shutdown(wait=True, cancel_futures=True)
+        self._t.close()
 
     def __enter__(self) -> "PSClient":
         return self

@@ -256,6 +256,7 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
     clock = start
     straggler = Straggler(cfg.straggler)
     ahead, ahead_clock = None, -1  # weights being prefetched, and their clock
+    evicted = False  # the last push came back EVICTED
     try:
         if cfg.prefetch and client.mode == "sync":
             raise InvalidArgument("prefetch needs async or ssp mode: in sync mode the next step's weights exist "
@@ -274,12 +275,15 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
                 break
             work_start = time.perf_counter()
             if ahead is not None:  # the weights prefetched during the last step, or fresh ones if the clock moved
-                if ahead_clock == clock:
+                if ahead_clock == clock and not evicted:
                     _install(ahead, binding)
                 else:
                     ahead.cancel()
                     _pull(client, clock, binding)
                 ahead = None
+            elif evicted:  # the last push was not applied and no weights came back: fresh ones
+                _pull(client, clock, binding)
+            pulled = clock
             if cfg.prefetch and clock + 1 < steps:  # pulled while this step computes (one step staler)
                 ahead, ahead_clock = client.prefetch(clock + 1, names=binding.own), clock + 1
             x, y = next(stream)
@@ -291,9 +295,12 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
                 results = _push_pull(client, host.collect(), clock, binding)  # the weights for clock + 1
             else:
                 results = early.finish() if early is not None else client.push(host.collect(), clock)
-                if not cfg.prefetch:
-                    _pull(client, clock + 1, binding)
-            if not cfg.prefetch:
+            # EVICTED: the servers re-placed this worker and did not apply the push; the next
+            # step starts from client.clock_floor with fresh weights (every TP rank agrees).
+            evicted = bool(all_reduce_max(int(any(r["outcome"] == "EVICTED" for r in results)), tp))
+            if early is not None and not cfg.prefetch and not evicted:
+                _pull(client, clock + 1, binding)
+            if not cfg.prefetch and not evicted:
                 pulled = clock + 1
             straggler.after_step(time.perf_counter() - work_start)
             record = {"worker": cfg.worker_id, "step": clock, "time": time.monotonic() - t0, "loss": loss_value,

@@ -102,9 +102,8 @@ def test_a_plan_for_far_too_many_shards_is_refused_before_any_work(servers):
     try:
         spec = pb.PlanSpec(params=[pb.ParamSpec(name=f"p{i}", dtype="float32", shape=[1000]) for i in range(20)],
                            num_shards=10**7, partition_bytes=4096)
-        c.plan = None
         with pytest.raises(PlanMismatch, match="10000000 shards"):
-            c._call(0, "Init", pb.InitRequest(worker_id="a", plan=spec), reregister=False)
+            c._t.run(c._t.attempt(0, "Init", pb.InitRequest(worker_id="a", plan=spec)))
     finally:
         c.close()
 

@@ -24,16 +24,23 @@ class FakeTime:
         return self.t
 
 
-def make_shard(mode, staleness=0, num_workers=1, now=None, size=4):
+def make_shard(mode, staleness=0, num_workers=1, now=None, size=4, extra=False):
+    """A shard of one slice "w#0" (and with `extra` a second one, "u#0": pushes in two parts)."""
     shard = Shard(ServerConfig(mode=mode, staleness=staleness, num_workers=num_workers, worker_timeout=5.0),
                   now=now or time.monotonic)
-    plan = make_plan([ParamSpec("w", (size,))], 1, 1 << 20)
+    plan = make_plan([ParamSpec("w", (size,))] + ([ParamSpec("u", (size,))] if extra else []), 1, 1 << 20)
     return shard, plan
 
 
 def init(shard, plan, worker="a", value=0.0):
     shard.register(worker, plan.fingerprint)
-    shard.init(worker, plan, plan.fingerprint, SGD1, [("w#0", torch.full((plan.params[0].numel,), value))], 0, 1)
+    shard.init(worker, plan, plan.fingerprint, SGD1,
+               [(f"{p.name}#0", torch.full((p.numel,), value)) for p in plan.params], 0, 1)
+
+
+def first_part(shard, plan, worker="a", clock=0):
+    """Part 0 of a two-part push (a zero gradient for "u"); part 1 carries "w"."""
+    return shard.push(worker, plan.fingerprint, clock, 0, [("u#0", torch.zeros(4))], 0, 2)
 
 
 def weights(shard):
@@ -57,11 +64,10 @@ def test_a_retried_push_is_applied_once(mode, s):
 
 @pytest.mark.parametrize("mode,s", MODES)
 def test_a_push_in_parts_is_applied_when_the_last_part_arrives(mode, s):
-    shard, plan = make_shard(mode, s)
+    shard, plan = make_shard(mode, s, extra=True)
     init(shard, plan)
-    plan2 = make_plan([ParamSpec("w", (4,))], 1, 1 << 20)
-    assert shard.push("a", plan2.fingerprint, 0, 0, [], 0, 2).outcome == "BUFFERED"
-    assert shard.push("a", plan2.fingerprint, 0, 0, [], 0, 2).outcome == "DUPLICATE"
+    assert first_part(shard, plan).outcome == "BUFFERED"
+    assert first_part(shard, plan).outcome == "DUPLICATE"
     assert torch.equal(weights(shard), torch.zeros(4))
     assert push(shard, plan, "a", 0, torch.ones(4), part=1, num_parts=2).outcome == "APPLIED"
     assert torch.equal(weights(shard), -torch.ones(4))
@@ -233,9 +239,9 @@ def test_a_pull_never_moves_the_clock_so_a_prefetch_cannot_swallow_the_push(mode
 @pytest.mark.parametrize("mode,s", MODES)
 def test_a_push_in_parts_survives_an_eviction_between_its_parts(mode, s):
     now = FakeTime()
-    shard, plan = make_shard(mode, s, now=now)
+    shard, plan = make_shard(mode, s, now=now, extra=True)
     init(shard, plan)
-    assert shard.push("a", plan.fingerprint, 0, 0, [], 0, 2).outcome == "BUFFERED"
+    assert first_part(shard, plan).outcome == "BUFFERED"
     now.t = 100.0
     shard.evict_expired()
     shard.register("a", plan.fingerprint)
@@ -244,9 +250,9 @@ def test_a_push_in_parts_survives_an_eviction_between_its_parts(mode, s):
 
 
 def test_a_refused_push_leaves_a_push_in_progress_intact():
-    shard, plan = make_shard("sync")
+    shard, plan = make_shard("sync", extra=True)
     init(shard, plan)
-    assert shard.push("a", plan.fingerprint, 0, 0, [], 0, 2).outcome == "BUFFERED"
+    assert first_part(shard, plan).outcome == "BUFFERED"
     with pytest.raises(StepConflict):
         push(shard, plan, "a", 7, torch.ones(4))
     assert push(shard, plan, "a", 0, torch.ones(4), part=1, num_parts=2).outcome == "APPLIED"

@@ -1,0 +1,145 @@
+"""Push and pull encoding for the client: requests batched by size, push parts laid out per
+shard, pull answers decoded straight into place (and checked to cover what was asked)."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from ps import wire
+from ps.compress import Compressor
+from ps.errors import InvalidArgument
+from ps.proto import ps_pb2 as pb
+from ps.serde import sparse_frame, tensor_frame, tensor_into
+from ps.sharding import Plan, Slice
+
+Job = tuple[int, int, list[Slice], int]  # (shard, part, slices, num_parts) of one push request
+
+
+def batches(slices: Sequence[Slice], limit: int, nbytes: Callable[[Slice], int] = lambda s: 4 * s.length
+            ) -> list[list[Slice]]:
+    """Group slices into requests of at most `limit` bytes (a slice alone may reach the limit)."""
+    out: list[list[Slice]] = [[]]
+    size = 0
+    for s in slices:
+        n = nbytes(s)
+        if out[-1] and size + n > limit:
+            out.append([])
+            size = 0
+        out[-1].append(s)
+        size += n
+    return out
+
+
+def push_results(responses: Iterable[tuple[int, pb.PushResponse]]) -> list[dict]:
+    """One result per shard: the outcome of its last part (parts before it are BUFFERED)."""
+    final: dict[int, dict] = {}
+    for shard, resp in responses:
+        outcome = pb.PushResponse.Outcome.Name(resp.outcome)
+        if outcome != "BUFFERED" or shard not in final:
+            final[shard] = {"outcome": outcome, "version": resp.version, "staleness": resp.staleness}
+    return [final[k] for k in sorted(final)]
+
+
+class Codec:
+    """What a push or pull of this plan looks like on the wire; layouts are computed once."""
+
+    def __init__(self, plan: Plan, num_servers: int, partition_bytes: int, compressor: Compressor):
+        self.plan, self.num_servers, self.partition_bytes, self.comp = plan, num_servers, partition_bytes, compressor
+        self.pull_batches = [batches(plan.slices_for(k), partition_bytes) for k in range(num_servers)]
+        self._subset_batches: dict[frozenset, list[list[list[Slice]]]] = {}
+        self._layouts: dict[tuple, list[Job]] = {}
+
+    def batches_for(self, names: Sequence[str] | None) -> list[list[list[Slice]]]:
+        """Per shard, the pull requests for these parameters (all when None)."""
+        if names is None:
+            return self.pull_batches
+        key = frozenset(names)
+        if key not in self._subset_batches:
+            self._subset_batches[key] = [batches([s for s in self.plan.slices_for(k) if s.name in key],
+                                                 self.partition_bytes) for k in range(self.num_servers)]
+        return self._subset_batches[key]
+
+    def on_wire(self, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient as it travels: on the CPU, in the wire dtype (no copy when it is already)."""
+        return grad.detach().to("cpu", self.comp.wire_dtype(grad.dtype))
+
+    def layout(self, dtypes: Mapping[str, torch.dtype]) -> list[Job]:
+        """How a push of these tensors (name: dtype) splits into requests. It depends on the names
+        and dtypes only, not on the values: computed once per set."""
+        key = tuple(dtypes.items())
+        if key not in self._layouts:
+            size = {n: self.comp.wire_dtype(d).itemsize for n, d in dtypes.items()}
+            nbytes = lambda s: self.comp.wire_bytes(s.length, size[s.name])  # noqa: E731
+            jobs: list[Job] = []
+            for k in range(self.num_servers):
+                bs = batches([s for s in self.plan.slices_for(k) if s.name in size], self.partition_bytes, nbytes)
+                jobs += [(k, i, b, len(bs)) for i, b in enumerate(bs)]
+            self._layouts[key] = jobs
+        return self._layouts[key]
+
+    def split(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Wire tensors by slice key."""
+        names = list(grads)
+        return self.plan.split({n: self.on_wire(grads[n]) for n in names}, names)
+
+    def push_request(self, worker_id: str, clock: int, base_version: int, job: Job,
+                     flat: Mapping[str, torch.Tensor]) -> wire.Frame:
+        """One part of a push, from `flat` (wire tensors by slice key; read when the request is
+        serialised)."""
+        shard, part, batch, num_parts = job
+        header = pb.PushRequest(worker_id=worker_id, plan_fingerprint=self.plan.fingerprint, clock=clock,
+                                base_version=base_version, part=part, num_parts=num_parts)
+        if self.comp.sparse:
+            tensors = [sparse_frame(s.key, [s.length], *self.comp.sparsify(s.key, flat[s.key])) for s in batch]
+        else:
+            tensors = [tensor_frame(s.key, flat[s.key]) for s in batch]
+        return wire.push_frame(header, tensors)
+
+
+def _decodable(t: torch.Tensor | None, shape: tuple[int, ...]) -> bool:
+    return (t is not None and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+            and tuple(t.shape) == tuple(shape))
+
+
+class Pulled:
+    """The destination of one pull: tensors to decode into, versions seen per shard. Answers are
+    absorbed on the client's event loop (one at a time)."""
+
+    def __init__(self, plan: Plan, servers: Sequence[str], names: Sequence[str] | None,
+                 into: Mapping[str, torch.Tensor] | None):
+        wanted = plan.specs if names is None else {n: plan.specs[n] for n in names}
+        self.plan, self.servers, self.given = plan, servers, dict(into or {})
+        self.out = {n: self.given[n] if _decodable(self.given.get(n), spec.shape)
+                    else torch.empty(spec.shape, dtype=torch.float32) for n, spec in wanted.items()}
+        self.expected = {s.key for n in wanted for s in plan.slices_of(n)}
+        self.received: set[str] = set()
+        self.versions: dict[int, int] = {}
+        self.min_clocks: dict[int, int] = {}
+
+    def absorb(self, shard: int, resp: wire.PullIn | wire.Malformed) -> None:
+        """Decode one answer straight into place."""
+        if isinstance(resp, wire.Malformed):
+            raise InvalidArgument(f"server {self.servers[shard]} sent a {resp.reason}")
+        for t in resp.tensors:
+            s = self.plan.by_key.get(t.key)
+            if s is None or s.name not in self.out or t.key in self.received:
+                raise InvalidArgument(f"server {self.servers[shard]} sent key {t.key!r}, which was not asked for "
+                                      "(or sent it twice)")
+            tensor_into(t, self.out[s.name].view(-1)[s.start : s.start + s.length])
+            self.received.add(t.key)
+        self.versions[shard] = min(self.versions.get(shard, resp.header.version), resp.header.version)
+        self.min_clocks[shard] = resp.header.min_clock
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        """Check that every slice asked for arrived, copy into `into` where not decoded there."""
+        missing = self.expected - self.received
+        if missing:
+            raise InvalidArgument(f"the servers' answers lack {len(missing)} slices asked for, e.g. "
+                                  f"{sorted(missing)[:3]}: the weights were not installed")
+        with torch.no_grad():
+            for n, t in self.given.items():
+                if n in self.out and self.out[n] is not t:
+                    t.copy_(self.out[n])
+        return self.out
