@@ -24,7 +24,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 def grpc_options() -> list[tuple[str, int]]:
     """Channel and server options shared by both ends (message limits live here only).
     Keepalive pings every 10 s (answered within 5 s) find a connection that died silently (a
-    network partition that drops packets), so a pull waiting without a deadline fails over to a
+    network partition that drops packets), so a waiting pull (whose deadline may be long) fails over to a
     retry instead of waiting forever; servers accept pings that often."""
     return [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -106,7 +106,10 @@ class Checkpointer:
 def _reap(shard: Shard, stop: threading.Event) -> None:
     interval = min(1.0, shard.cfg.worker_timeout / 4)
     while not stop.wait(interval):
-        shard.evict_expired()
+        try:
+            shard.evict_expired()
+        except Exception:  # noqa: BLE001 - a bug here must not end evictions for good
+            log.exception("shard %d: eviction pass failed", shard.cfg.shard_id)
 
 
 async def _serve(shard: Shard, pool: ThreadPoolExecutor) -> tuple:

@@ -113,6 +113,7 @@ class Shard:
         self._applying = False  # a sync step's update is being applied outside the lock
         self._waiters: list[Callable[[], None]] = []
         self._last_min_clock = 0
+        self._moved_at = 0.0  # when the state waiting pulls depend on last moved
         self.staleness_hist: Counter[int] = Counter()
         self.counters: Counter[str] = Counter()
         self._apply_counts = [0] * (len(APPLY_BUCKETS) + 1)  # the last one: above every bound
@@ -130,9 +131,13 @@ class Shard:
         back = not self._awaiting or self._now() >= self._awaiting_deadline
         return View(self.version, clocks, len(self._ever) >= self.cfg.num_workers and back)
 
-    def _wake(self) -> None:
-        """Run (and forget) every waiting pull's callback: the state they wait on has moved."""
+    def _wake(self, moved: bool = True) -> None:
+        """Run (and forget) every waiting pull's callback: the state they wait on may have moved.
+        `moved`: it did (a version, the slowest clock, a registration), so a wait still blocked
+        counts its time from now; a removal alone does not restart the count."""
         waiters, self._waiters = self._waiters, []
+        if moved:
+            self._moved_at = self._now()
         for wake in waiters:
             wake()
         self._lock.notify_all()
@@ -213,7 +218,7 @@ class Shard:
             self._drop_pending(self._pending_push, worker_id)
         self._drop_pending(self._pending_init, worker_id)
         self._maybe_complete_step()
-        self._wake()
+        self._wake(moved=False)
 
     def _drop_pending(self, table: dict[str, _Pending], worker_id: str) -> None:
         pending = table.pop(worker_id, None)
@@ -382,8 +387,8 @@ class Shard:
     def read(self, keys: Sequence[str], encode: Callable | None = None):
         """The slices for `keys`: (slices, version, min_clock) with copies of their bytes, or
         encode(views, version, min_clock) called with read-only views of the live slices while
-        their locks are held (it must copy what it keeps; one copy, consistent across slices).
-        `version` counts at least the updates the slices hold."""
+        their locks are held (it must copy what it keeps; one copy). The slices hold at least
+        the `version` updates (async: maybe more, applied meanwhile)."""
         with self._lock:
             self.counters["pulls"] += 1
             version, min_clock = self.version, self._view().min_clock
@@ -471,11 +476,14 @@ class Shard:
             elif grads:
                 with self._timed_apply():
                     self.store.apply(grads, 1.0 / (1 + staleness) if self.cfg.staleness_lr else 1.0)
-        finally:
+        except BaseException:
             with self._lock:
                 self._inflight -= 1
                 w.busy.discard(clock)
-        with self._lock:
+            raise
+        with self._lock:  # the clock is marked taken before it stops being busy: no retry slips in
+            self._inflight -= 1
+            w.busy.discard(clock)
             self._mark_taken(worker_id, w, clock)
             self.counters["pushes"] += 1
             if verdict is Verdict.ACCUMULATE:
@@ -517,13 +525,19 @@ class Shard:
                 self._wake()
             silent = now - self.cfg.worker_timeout
             gone = [wid for wid in self._workers if self._seen.get(wid, 0.0) < silent]
-            for wid in gone:
+            for wid in list(gone):
+                if wid not in self._workers or self._seen.get(wid, 0.0) >= silent:  # changed meanwhile
+                    gone.remove(wid)
+                    continue
                 log.warning("shard %d: evicting worker %s (silent for over %.1fs)", self.cfg.shard_id, wid,
                             self.cfg.worker_timeout)
                 self.counters["evictions"] += 1
                 self._remove(wid, left=False)
-            stalled = self._stalled(now)
-            for wid in stalled:
+            stalled = []
+            for wid in self._stalled(now):
+                if wid not in self._stalled(now):  # evicting another completed the step meanwhile
+                    continue
+                stalled.append(wid)
                 log.warning("shard %d: evicting worker %s (clock %d has not moved for %.1fs while others wait)",
                             self.cfg.shard_id, wid, self._workers[wid].clock, self.cfg.progress_timeout)
                 self.counters["evictions"] += 1
@@ -547,8 +561,10 @@ class Shard:
             return []
         floor = view.version if self.policy.name == "sync" else view.min_clock
         before = now - self.cfg.progress_timeout
+        # Time counts from the later of the worker's own last move and the moment the state the
+        # waiters depend on last moved: a worker is not blamed for time it could not progress.
         return [wid for wid, w in list(self._workers.items())
-                if w.clock <= floor and not w.busy and w.progress_at < before]
+                if w.clock <= floor and not w.busy and max(w.progress_at, self._moved_at) < before]
 
     def count(self, counter: str, n: int = 1) -> None:
         with self._lock:

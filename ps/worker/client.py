@@ -40,17 +40,17 @@ import torch
 from ps import wire
 from ps.compress import Compressor
 from ps.config import DEFAULT_PARTITION_BYTES, OptimizerConfig
-from ps.errors import InvalidArgument, Overloaded, PSError, Unavailable, UnknownWorker
+from ps.errors import InvalidArgument, PSError, UnknownWorker
 from ps.proto import ps_pb2 as pb
 from ps.serde import optimizer_to_proto, plan_to_proto, stats_from_proto, tensor_to_proto
 from ps.server.auth import bearer
 from ps.sharding import ParamSpec, Plan, dtype_name, make_plan
 from ps.worker.codec import Codec, Job, Pulled, push_results
 from ps.worker.membership import Membership
-from ps.worker.transport import Transport, gather_all
+from ps.worker.transport import RETRIED, Transport, gather_all
 
 log = logging.getLogger("ps.worker")
-REDO = (Unavailable, UnknownWorker, Overloaded)  # a part failing so is sent again, with every part of its shard
+REDO = (*RETRIED, UnknownWorker)  # a part failing so is sent again, with every part of its shard
 
 
 class PushStream:

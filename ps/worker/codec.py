@@ -32,12 +32,17 @@ def batches(slices: Sequence[Slice], limit: int, nbytes: Callable[[Slice], int] 
     return out
 
 
+# Which part's outcome stands for a shard's push: what happened to the push outranks a part
+# answered DUPLICATE (parts re-sent after the one that completed it) or BUFFERED.
+_RANK = {"BUFFERED": 0, "DUPLICATE": 1, "DROPPED": 2, "ACCUMULATED": 2, "APPLIED": 2, "EVICTED": 3}
+
+
 def push_results(responses: Iterable[tuple[int, pb.PushResponse]]) -> list[dict]:
-    """One result per shard: the outcome of its last part (parts before it are BUFFERED)."""
+    """One result per shard: the outcome of the part that decided its push."""
     final: dict[int, dict] = {}
     for shard, resp in responses:
         outcome = pb.PushResponse.Outcome.Name(resp.outcome)
-        if outcome != "BUFFERED" or shard not in final:
+        if shard not in final or _RANK[outcome] >= _RANK[final[shard]["outcome"]]:
             final[shard] = {"outcome": outcome, "version": resp.version, "staleness": resp.staleness}
     return [final[k] for k in sorted(final)]
 

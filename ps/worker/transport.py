@@ -17,13 +17,16 @@ import grpc
 
 from ps import tls, wire
 from ps.config import grpc_options
-from ps.errors import DeadlineExceeded, Overloaded, PSError, Unavailable, UnknownWorker, error_from_wire
+from ps.errors import Cancelled, DeadlineExceeded, Overloaded, PSError, Unavailable, UnknownWorker, error_from_wire
 from ps.server.servicer import ERROR_CLASS_KEY
 
 log = logging.getLogger("ps.worker")
 T = TypeVar("T")
 DEFAULT = object()  # "use the transport's rpc_timeout"
-RETRIED = (Unavailable, Overloaded)  # a call that failed with these is tried again, with backoff
+# A call that failed with these is tried again, with backoff. CANCELLED from the other side (this
+# client's own cancellations surface as asyncio.CancelledError, never as a status) means the
+# server or the connection gave up on the call, as with UNAVAILABLE: every call is safe to repeat.
+RETRIED = (Unavailable, Overloaded, Cancelled)
 
 
 def mapped(e: grpc.RpcError) -> PSError:

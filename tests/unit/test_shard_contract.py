@@ -295,3 +295,22 @@ def test_a_stopping_server_answers_a_waiting_pull_unavailable_which_clients_retr
     shard.stop()
     t.join(5)
     assert len(errors) == 1 and isinstance(errors[0], Unavailable), errors
+
+
+def test_progress_eviction_counts_only_time_a_worker_could_have_progressed():
+    now = FakeTime()
+    shard = Shard(ServerConfig(mode="sync", num_workers=3, worker_timeout=100.0, progress_timeout=2.0), now=now)
+    plan = make_plan([ParamSpec("w", (4,))], 1, 1 << 20)
+    init(shard, plan)
+    shard.register("b", plan.fingerprint)
+    now.t = 3.0
+    shard.register("c", plan.fingerprint)  # the quorum: step 0 can start only now
+    push(shard, plan, "c", 0, torch.ones(4))
+    assert not shard.ready_or_wait("c", 1, lambda: None)  # c waits for a and b
+    now.t = 4.5
+    assert shard.evict_expired() == []  # a and b have computed for 1.5 s only, not 4.5
+    now.t = 5.5
+    evicted = shard.evict_expired()  # stuck for 2.5 s while c waits
+    assert not shard.ready_or_wait("c", 1, lambda: None)  # woken by the eviction, c waits again
+    assert sorted(evicted + shard.evict_expired()) == ["a", "b"]
+    assert shard.stats()["stalled_evictions"] == 2 and shard.version == 1
