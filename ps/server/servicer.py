@@ -49,8 +49,7 @@ def _rpc(method):
 
 
 class Admission:
-    """A bound on the bytes of requests a shard processes at once, half-assembled pushes
-    included. A request that does not fit waits up to `wait` seconds for room, then is refused
+    """A bound on the bytes of requests a shard processes at once. A request that does not fit waits up to `wait` seconds for room, then is refused
     with `Overloaded` (RESOURCE_EXHAUSTED; clients retry with backoff). A request alone is always
     let in. Used from the event loop only."""
 
@@ -72,7 +71,10 @@ class Admission:
                 self._room.notify_all()
 
     def _full(self, nbytes: int) -> bool:
-        return self.used > 0 and self.used + self.shard.pending_bytes + nbytes > self.limit
+        # Half-assembled pushes are not counted here: refusing the parts that would complete
+        # them would only keep them longer. They are bounded apart (one per worker, a part per
+        # slice at most, dropped a lease after their worker goes).
+        return self.used > 0 and self.used + nbytes > self.limit
 
     async def _enter(self, nbytes: int) -> None:
         if self._room is None:
@@ -86,7 +88,7 @@ class Admission:
                     if left <= 0:
                         self.shard.count("overloaded")
                         raise Overloaded(
-                            f"shard {self.shard.cfg.shard_id} is busy: {self.used + self.shard.pending_bytes} bytes "
+                            f"shard {self.shard.cfg.shard_id} is busy: {self.used} bytes "
                             f"in flight, a request of {nbytes} more would pass max_inflight_bytes ({self.limit}); "
                             "retry later")
                     with contextlib.suppress(TimeoutError):
@@ -194,7 +196,7 @@ class ParameterServerServicer:
             self.shard.reject(e)
         return self.shard.init(
             request.worker_id, plan, request.plan_fingerprint, optimizer,
-            self._decode(request.tensors, [s.length for s in plan.slices_for(self.shard.cfg.shard_id)]),
+            self._decode(request.tensors, [s.length for s in plan.slices_for(self.shard.cfg.shard_id)], writable=False),
             request.part, request.num_parts,
         )
 

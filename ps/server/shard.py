@@ -104,7 +104,9 @@ class Shard:
         # waiting on a lock (single dict writes are atomic under the GIL).
         self._seen: dict[str, float] = {}
         self._departed: dict[str, _Departed] = {}  # workers that left or were evicted
-        self._ever: set[str] = set()
+        self._joined: set[str] = set()  # ids seen until the quorum is reached, then dropped
+        self._quorum = cfg.num_workers <= 0
+        self._frozen = False  # a snapshot is copying the slices: no push may start meanwhile
         self._pending_push: dict[str, _Pending] = {}
         self._pending_init: dict[str, _Pending] = {}
         self.pending_bytes = 0  # held in half-assembled pushes (admission control counts them)
@@ -129,7 +131,7 @@ class Shard:
         # After a restore, steps also wait for the workers the checkpoint had (until they are back,
         # or for one lease timeout): none may find a step done without its gradient.
         back = not self._awaiting or self._now() >= self._awaiting_deadline
-        return View(self.version, clocks, len(self._ever) >= self.cfg.num_workers and back)
+        return View(self.version, clocks, self._quorum and back)
 
     def _wake(self, moved: bool = True) -> None:
         """Run (and forget) every waiting pull's callback: the state they wait on may have moved.
@@ -178,7 +180,7 @@ class Shard:
     def _maybe_complete_step(self) -> None:
         """Complete the sync step if the policy says so. The update is applied outside the state
         lock (released and taken again here): callers must not rely on state read before."""
-        while not self._applying:
+        while not self._applying and not self._frozen:
             view = self._view()
             if self._inflight == 0 and self.policy.step_ready(view, self._step_pushes):
                 self._applying = True
@@ -229,7 +231,8 @@ class Shard:
         """A worker the restored checkpoint knew has read version `seen_version` of this shard:
         above the restored version, it is how the shard learns how many updates it lost. It takes
         that version (sync: skips those steps) and counts them."""
-        if seen_version > self.version and self.store.initialized and not self._applying and not self._inflight:
+        if (seen_version > self.version and self.store.initialized and not self._applying and not self._inflight
+                and not self._frozen):
             lost = seen_version - self.version
             log.warning("shard %d: a worker has seen version %d but the shard restored version %d: %d updates lost",
                         self.cfg.shard_id, seen_version, self.version, lost)
@@ -292,7 +295,10 @@ class Shard:
                 join = self.policy.join_clock(self._view())
                 w = self._workers[worker_id] = (
                     _Worker(max(join, gone.clock), gone.taken, self._now()) if gone else _Worker(join, join, self._now()))
-                self._ever.add(worker_id)
+                if not self._quorum:
+                    self._joined.add(worker_id)
+                    if len(self._joined) >= self.cfg.num_workers:
+                        self._quorum, self._joined = True, set()
                 log.info("shard %d: worker %s joined at clock %d", self.cfg.shard_id, worker_id, w.clock)
             if clock > w.clock:
                 w.clock = clock
@@ -304,24 +310,25 @@ class Shard:
 
     def init(self, worker_id: str, plan: Plan, fingerprint: str, optimizer: OptimizerConfig,
              tensors: Sequence[tuple[str, torch.Tensor]], part: int, num_parts: int) -> bool:
+        """One part of the initial values. Validated outside the state lock (on an initialised
+        shard too: bad input is refused, not ignored); the slices are built outside it too, and
+        the first complete init wins."""
         self._touch(worker_id if worker_id in self._workers else "")
+        with self._refusing():
+            if plan.fingerprint != fingerprint:
+                raise PlanMismatch(f"plan fingerprint {fingerprint!r} does not match the plan sent ({plan.fingerprint!r})")
+            if plan.num_shards != self.cfg.num_shards:
+                raise PlanMismatch(f"plan has {plan.num_shards} shards but this cluster has {self.cfg.num_shards}")
+            self._check_plan(fingerprint)
+            expected = {s.key: s.length for s in plan.slices_for(self.cfg.shard_id)}
+            _check_part(part, num_parts, len(expected))
+            values = _validate_slices(tensors, expected)
         with self._lock:
             self._worker(worker_id)
-            try:
-                if plan.fingerprint != fingerprint:
-                    raise PlanMismatch(f"plan fingerprint {fingerprint!r} does not match the plan sent ({plan.fingerprint!r})")
-                if plan.num_shards != self.cfg.num_shards:
-                    raise PlanMismatch(f"plan has {plan.num_shards} shards but this cluster has {self.cfg.num_shards}")
-                self._check_plan(fingerprint)
-                expected = {s.key: s.length for s in plan.slices_for(self.cfg.shard_id)}
-                _check_part(part, num_parts, len(expected))
-                values = _validate_slices(tensors, expected)
-                if self.store.initialized:
-                    if optimizer != self.optimizer_cfg:
-                        raise PlanMismatch(f"optimizer {optimizer} differs from the servers' {self.optimizer_cfg}")
-                    return False
-            except PSError as e:
-                self._reject(e)
+            if self.store.initialized:
+                if optimizer != self.optimizer_cfg:
+                    self._reject(PlanMismatch(f"optimizer {optimizer} differs from the servers' {self.optimizer_cfg}"))
+                return False
             pending = self._pending_init.get(worker_id)
             if pending is None or pending.num_parts != num_parts:
                 self._drop_pending(self._pending_init, worker_id)
@@ -330,11 +337,16 @@ class Shard:
             if len(pending.parts) < num_parts:
                 return False
             self._drop_pending(self._pending_init, worker_id)
-            merged = pending.merged("init")
-            if set(merged) != set(expected):
-                missing = sorted(set(expected) - set(merged))[:5]
-                self._reject(InvalidArgument(f"init is missing slices of this shard, e.g. {missing}"))
-            self.store.init(merged, optimizer)
+        merged = pending.merged("init")
+        if set(merged) != set(expected):
+            missing = sorted(set(expected) - set(merged))[:5]
+            self.reject(InvalidArgument(f"init is missing slices of this shard, e.g. {missing}"))
+        store = ParamStore()
+        store.init(merged, optimizer)  # the copies and optimizers, built with no lock held
+        with self._lock:
+            if self.store.initialized:  # another worker's init completed meanwhile: it won
+                return False
+            self.store = store
             for other in list(self._pending_init):
                 self._drop_pending(self._pending_init, other)
             self.plan, self.optimizer_cfg = plan, optimizer
@@ -421,6 +433,8 @@ class Shard:
             _check_part(part, num_parts, len(self.store.params))
             values = self.store.validate(grads)
         with self._lock:
+            while self._frozen:  # a snapshot is copying the slices (large shards: on a pool thread)
+                self._lock.wait(0.05)
             w = self._worker(worker_id)  # an unknown worker registers first (and may catch the shard up)
             # A base ahead of the shard comes from updates a restored shard forgot: staleness 0.
             base_version = min(base_version, self.version)
@@ -602,24 +616,32 @@ class Shard:
 
     # -- checkpoints --------------------------------------------------------------------------
     def snapshot(self) -> Snapshot | None:
-        """A consistent copy of everything needed to resume (None before init): taken once no
-        reserved push is being applied, and while none can start."""
+        """A consistent copy of everything needed to resume (None before init). The bookkeeping
+        is read under the state lock once no push is being applied; the slices are then copied
+        outside it while no push may start (the event loop keeps serving pulls and health)."""
         with self._lock:
-            while self._inflight or self._applying:
+            while self._inflight or self._applying or self._frozen:
                 self._lock.wait(0.1)
             if not self.store.initialized:
                 return None
             assert self.plan is not None and self.optimizer_cfg is not None and self.store.optimizer is not None
             clocks = {wid: d.taken for wid, d in self._departed.items()}
             clocks.update({wid: w.clock for wid, w in self._workers.items()})
+            head = (self.cfg.shard_id, self.cfg.num_shards, self.policy.name, self.plan, self.optimizer_cfg,
+                    self.version, clocks, dict(self.staleness_hist), dict(self.counters))
+            active, step_pushes = sorted(self._workers), self._step_pushes
+            self._frozen = True
+        try:
             acc, acc_counts = self.store.accumulated()
             with self.store.reading(list(self.store.params)):
                 params = {k: p.detach().clone() for k, p in self.store.params.items()}
                 optimizer_state = self.store.optimizer.state()
-            return Snapshot(
-                self.cfg.shard_id, self.cfg.num_shards, self.policy.name, self.plan, self.optimizer_cfg, self.version,
-                clocks, dict(self.staleness_hist), dict(self.counters), params, optimizer_state,
-                sorted(self._workers), acc, acc_counts, self._step_pushes)
+        finally:
+            with self._lock:
+                self._frozen = False
+                self._lock.notify_all()
+                self._maybe_complete_step()
+        return Snapshot(*head, params, optimizer_state, active, acc, acc_counts, step_pushes)
 
     def restore(self, snap: Snapshot) -> None:
         """Resume from `snap` (before serving). Its workers count as departed with their clocks:
@@ -638,7 +660,8 @@ class Shard:
             self.plan, self.optimizer_cfg, self.version = snap.plan, snap.optimizer, snap.version
             self._workers.clear()
             self._departed = {wid: _Departed(c, c, self._now()) for wid, c in snap.clocks.items()}
-            self._ever = set(snap.clocks)
+            self._quorum = len(snap.clocks) >= self.cfg.num_workers
+            self._joined = set() if self._quorum else set(snap.clocks)
             self.staleness_hist = Counter(snap.staleness_histogram)
             self.counters = Counter(snap.counters)
             log.info("shard %d: restored version %d (%d slices, %d workers' clocks)", self.cfg.shard_id,

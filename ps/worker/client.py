@@ -40,7 +40,7 @@ import torch
 from ps import wire
 from ps.compress import Compressor
 from ps.config import DEFAULT_PARTITION_BYTES, OptimizerConfig
-from ps.errors import InvalidArgument, PSError, UnknownWorker
+from ps.errors import InvalidArgument, Overloaded, PSError, UnknownWorker
 from ps.proto import ps_pb2 as pb
 from ps.serde import optimizer_to_proto, plan_to_proto, stats_from_proto, tensor_to_proto
 from ps.server.auth import bearer
@@ -115,21 +115,20 @@ class PushStream:
 class Prefetch:
     """Weights being pulled in the background (`PSClient.prefetch`)."""
 
-    def __init__(self, client: "PSClient", future: concurrent.futures.Future):
-        self._client, self._future = client, future
+    def __init__(self, client: "PSClient", task: asyncio.Task):
+        self._client, self._task = client, task
 
     def install(self, into: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Wait, write the weights into `into` {name: tensor}, and count the versions read as this
         worker's (the base of its next push)."""
-        pulled: Pulled = self._future.result()
+        pulled: Pulled = self._client._t.result(self._task)
         pulled.given = dict(into)
         return self._client._installed(pulled)
 
     def cancel(self) -> None:
         """Drop it: the pull is cancelled where it is (a pull waiting for this worker's own push,
-        which will not come, ends at once)."""
-        self._future.cancel()
-        concurrent.futures.wait([self._future], timeout=30)
+        which will not come, ends at once) and has ended when this returns."""
+        self._client._t.cancel(self._task)
 
 
 class PSClient:
@@ -255,7 +254,7 @@ class PSClient:
         this worker computes the step before). The versions read count only once installed."""
         # Should it have to register again, this worker is still at clock - 1 (its push for that
         # step may not have gone out yet): registering at `clock` would make that push a duplicate.
-        return Prefetch(self, self._t.submit(self._pull(clock, False, names, None, own_clock=clock - 1)))
+        return Prefetch(self, self._t.start(self._pull(clock, False, names, None, own_clock=clock - 1)))
 
     def _installed(self, pulled: Pulled) -> dict[str, torch.Tensor]:
         """A worker's pull is complete: its weights are in place and its versions are this worker's."""
@@ -293,23 +292,24 @@ class PSClient:
     async def _settle(self, sent: Sequence[tuple[Job, wire.Frame, "asyncio.Future"]], clock: int
                       ) -> list[tuple[int, object]]:
         """Wait for pushed parts; (shard, response) pairs in their order. A part that failed
-        because its server was unreachable, overloaded or no longer knew this worker is sent
-        again through `call` (which retries and registers again), and so is every other part
-        to that shard, in order: a restarted server has lost the parts it had acknowledged
-        (parts it still holds are answered DUPLICATE). A refused part is not sent again."""
+        because its server was unreachable or no longer knew this worker is sent again through
+        `call` (which retries and registers again), and so is every other part to that shard,
+        in order: a restarted server has lost the parts it had acknowledged (parts it still
+        holds are answered DUPLICATE). A part refused as overloaded is sent again alone. A part
+        refused as invalid is not sent again."""
         results = [await f for _, _, f in sent]
-        redo = set()
+        redo: dict[int, bool] = {}  # shard -> every part again (True) or only the refused ones
         for (job, _, _), r in zip(sent, results):
             if isinstance(r, REDO):
-                redo.add(job[0])
+                redo[job[0]] = redo.get(job[0], False) or not isinstance(r, Overloaded)
             elif isinstance(r, PSError):
                 raise r
         rejoin = self._m.rejoiner(clock)
 
         async def again(shard: int) -> list[tuple[int, int, object]]:
             out = []
-            for i, (job, req, _) in enumerate(sent):
-                if job[0] == shard:
+            for i, (job, req, _) in enumerate(sent):  # an overloaded shard kept the parts it took
+                if job[0] == shard and (redo[shard] or isinstance(results[i], Overloaded)):
                     out.append((i, shard, await self._t.call(shard, "Push", req, rejoin=rejoin)))
             return out
 

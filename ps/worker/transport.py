@@ -59,14 +59,42 @@ class Transport:
     # -- from other threads -------------------------------------------------------------------
     def run(self, coro: Coroutine[object, object, T]) -> T:
         """Run `coro` on the loop and wait for its result (from any thread but the loop's)."""
+        self._check_open(coro)
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("Transport.run called on its own event loop: await the coroutine instead")
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
+    def _check_open(self, coro) -> None:
+        if self.loop.is_closed():
+            coro.close()
+            raise PSError("the client is closed")
+
     def submit(self, coro: Coroutine[object, object, T]) -> concurrent.futures.Future:
         """Start `coro` on the loop; its future can be waited on or cancelled from any thread."""
+        self._check_open(coro)
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def start(self, coro: Coroutine[object, object, T]) -> "asyncio.Task[T]":
+        """`coro` as a task on the loop; `result` waits for it, `cancel` ends it."""
+        async def create() -> asyncio.Task:
+            return asyncio.ensure_future(coro)
+
+        return self.run(create())
+
+    def result(self, task: "asyncio.Task[T]") -> T:
+        async def wait() -> T:
+            return await task
+
+        return self.run(wait())
+
+    def cancel(self, task: asyncio.Task) -> None:
+        """Cancel the task and return once it has ended (its errors are dropped)."""
+        async def stop() -> None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+        self.run(stop())
 
     def close(self) -> None:
         """Cancel what is in flight, close the channels, stop the loop."""

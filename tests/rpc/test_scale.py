@@ -171,3 +171,23 @@ def test_256_async_clients_with_retries_sum_exactly(cluster):
         n = pushed[r["worker"]]
         retries = sum(1 for c in range(steps - n, steps) if c % 2 == 0)
         assert r["outcomes"] == {"APPLIED": 2 * n, **({"DUPLICATE": 2 * retries} if retries else {})}, r["outcomes"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_workers_on_a_model_too_large_for_the_event_loop_stay_exact_on_the_thread_pool(cluster, mode):
+    from ps.server.servicer import INLINE_ELEMENTS
+
+    workers, steps, numel = 12, 4, 4 * INLINE_ELEMENTS  # 2 shards of 2x the inline size: tensor work on the pool
+    with cluster(2, mode, num_workers=workers) as servers:
+        results = _run_load(servers, workers, steps, numel, per_process=6,
+                            extra=["--retry-every", "2"] if mode == "async" else ())
+        final, stats = _final(servers, numel)
+    pushed = {r["worker"]: len(r["step_times"]) for r in results}
+    if mode == "sync":
+        assert torch.equal(final, torch.full((numel,), -steps * (workers + 1) / 2))
+        assert all((s["version"], s["dropped"], s["duplicates"]) == (steps, 0, 0) for s in stats)
+    else:
+        assert torch.equal(final, torch.full((numel,), -float(sum((i + 1) * n for i, n in pushed.items()))))
+        assert sum(s["pushes"] for s in stats) == 2 * sum(pushed.values())
+    assert sum(s["evictions"] + s["rejected"] for s in stats) == 0

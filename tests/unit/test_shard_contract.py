@@ -314,3 +314,22 @@ def test_progress_eviction_counts_only_time_a_worker_could_have_progressed():
     assert not shard.ready_or_wait("c", 1, lambda: None)  # woken by the eviction, c waits again
     assert sorted(evicted + shard.evict_expired()) == ["a", "b"]
     assert shard.stats()["stalled_evictions"] == 2 and shard.version == 1
+
+
+def test_an_init_with_nan_or_a_bad_part_is_refused_even_on_an_initialised_shard():
+    shard, plan = make_shard("async")
+    init(shard, plan)
+    with pytest.raises(InvalidArgument, match="NaN"):
+        shard.init("a", plan, plan.fingerprint, SGD1, [("w#0", torch.full((4,), float("nan")))], 0, 1)
+    with pytest.raises(InvalidArgument, match="part"):
+        shard.init("a", plan, plan.fingerprint, SGD1, [("w#0", torch.zeros(4))], 3, 1)
+    assert torch.equal(weights(shard), torch.zeros(4)) and shard.stats()["rejected"] == 2
+
+
+def test_the_quorum_is_remembered_without_keeping_every_id_that_ever_joined():
+    shard, plan = make_shard("sync", num_workers=2)
+    init(shard, plan)
+    shard.register("b", plan.fingerprint)
+    shard.leave("b")
+    assert shard.ready_or_wait("a", 0, lambda: None)  # the quorum stays reached after b left
+    assert not shard._joined
