@@ -91,7 +91,7 @@ class Admission:
                             f"shard {self.shard.cfg.shard_id} is busy: {self.used} bytes "
                             f"in flight, a request of {nbytes} more would pass max_inflight_bytes ({self.limit}); "
                             "retry later")
-                    with contextlib.suppress(TimeoutError):
+                    with contextlib.suppress(asyncio.TimeoutError):  # TimeoutError itself from 3.11 on
                         await asyncio.wait_for(self._room.wait(), left)
         self.used += nbytes
 

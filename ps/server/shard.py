@@ -47,6 +47,7 @@ class _Worker:
     clock: int                 # the next clock this shard takes from it
     taken: int                 # pushes below this clock were taken here (applied, accumulated or dropped)
     progress_at: float         # when its clock last moved (or it joined)
+    ready_at: float = 0.0      # when a pull of its was last let through (it could compute from then)
     busy: set[int] = field(default_factory=set)  # clocks whose push is being applied now
 
 
@@ -115,7 +116,7 @@ class Shard:
         self._applying = False  # a sync step's update is being applied outside the lock
         self._waiters: list[Callable[[], None]] = []
         self._last_min_clock = 0
-        self._moved_at = 0.0  # when the state waiting pulls depend on last moved
+        self._initializing = False  # one worker's complete init is building the slices
         self.staleness_hist: Counter[int] = Counter()
         self.counters: Counter[str] = Counter()
         self._apply_counts = [0] * (len(APPLY_BUCKETS) + 1)  # the last one: above every bound
@@ -133,13 +134,9 @@ class Shard:
         back = not self._awaiting or self._now() >= self._awaiting_deadline
         return View(self.version, clocks, self._quorum and back)
 
-    def _wake(self, moved: bool = True) -> None:
-        """Run (and forget) every waiting pull's callback: the state they wait on may have moved.
-        `moved`: it did (a version, the slowest clock, a registration), so a wait still blocked
-        counts its time from now; a removal alone does not restart the count."""
+    def _wake(self) -> None:
+        """Run (and forget) every waiting pull's callback: the state they wait on may have moved."""
         waiters, self._waiters = self._waiters, []
-        if moved:
-            self._moved_at = self._now()
         for wake in waiters:
             wake()
         self._lock.notify_all()
@@ -220,7 +217,7 @@ class Shard:
             self._drop_pending(self._pending_push, worker_id)
         self._drop_pending(self._pending_init, worker_id)
         self._maybe_complete_step()
-        self._wake(moved=False)
+        self._wake()
 
     def _drop_pending(self, table: dict[str, _Pending], worker_id: str) -> None:
         pending = table.pop(worker_id, None)
@@ -285,6 +282,8 @@ class Shard:
         _check_clock("clock", clock)
         _check_clock("seen_version", seen_version)
         with self._lock:
+            while self._frozen:  # a catch-up must not be skipped (nor change state a snapshot copies)
+                self._lock.wait(0.05)
             self._check_plan(fingerprint)
             if worker_id in self._restored_workers:
                 self._catch_up(seen_version)
@@ -325,9 +324,7 @@ class Shard:
             values = _validate_slices(tensors, expected)
         with self._lock:
             self._worker(worker_id)
-            if self.store.initialized:
-                if optimizer != self.optimizer_cfg:
-                    self._reject(PlanMismatch(f"optimizer {optimizer} differs from the servers' {self.optimizer_cfg}"))
+            if self._settled_init(fingerprint, optimizer):
                 return False
             pending = self._pending_init.get(worker_id)
             if pending is None or pending.num_parts != num_parts:
@@ -337,6 +334,31 @@ class Shard:
             if len(pending.parts) < num_parts:
                 return False
             self._drop_pending(self._pending_init, worker_id)
+            while self._initializing:  # another complete init is building: it wins if it succeeds
+                self._lock.wait(0.05)
+            if self._settled_init(fingerprint, optimizer):
+                return False
+            self._initializing = True
+        try:
+            return self._build(worker_id, plan, fingerprint, optimizer, pending, expected)
+        finally:
+            with self._lock:
+                self._initializing = False
+                self._lock.notify_all()
+
+    def _settled_init(self, fingerprint: str, optimizer: OptimizerConfig) -> bool:
+        """(state lock held) True if the shard is initialised and this init agrees with it."""
+        if not self.store.initialized:
+            return False
+        if fingerprint != self.plan.fingerprint:
+            self._reject(PlanMismatch(f"plan fingerprint {fingerprint!r} differs from this shard's "
+                                      f"{self.plan.fingerprint!r}"))
+        if optimizer != self.optimizer_cfg:
+            self._reject(PlanMismatch(f"optimizer {optimizer} differs from the servers' {self.optimizer_cfg}"))
+        return True
+
+    def _build(self, worker_id: str, plan: Plan, fingerprint: str, optimizer: OptimizerConfig, pending: _Pending,
+               expected: dict[str, int]) -> bool:
         merged = pending.merged("init")
         if set(merged) != set(expected):
             missing = sorted(set(expected) - set(merged))[:5]
@@ -344,8 +366,6 @@ class Shard:
         store = ParamStore()
         store.init(merged, optimizer)  # the copies and optimizers, built with no lock held
         with self._lock:
-            if self.store.initialized:  # another worker's init completed meanwhile: it won
-                return False
             self.store = store
             for other in list(self._pending_init):
                 self._drop_pending(self._pending_init, other)
@@ -384,8 +404,9 @@ class Shard:
         with self._lock:
             if self._stopped:  # the client retries elsewhere or after the restart
                 raise Unavailable(f"shard {self.cfg.shard_id} is stopping")
-            self._worker(worker_id)
+            w = self._worker(worker_id)
             if self.policy.pull_ready(clock, self._view()):
+                w.ready_at = self._now()
                 return True
             self._waiters.append(wake)
             return False
@@ -494,6 +515,8 @@ class Shard:
             with self._lock:
                 self._inflight -= 1
                 w.busy.discard(clock)
+                self._maybe_complete_step()  # it may have been the one push a ready step waited for
+                self._lock.notify_all()
             raise
         with self._lock:  # the clock is marked taken before it stops being busy: no retry slips in
             self._inflight -= 1
@@ -547,10 +570,11 @@ class Shard:
                             self.cfg.worker_timeout)
                 self.counters["evictions"] += 1
                 self._remove(wid, left=False)
-            stalled = []
+            stalled, version = [], self.version
             for wid in self._stalled(now):
-                if wid not in self._stalled(now):  # evicting another completed the step meanwhile
-                    continue
+                # Evicting one may complete the step: the others then wait for their next pull.
+                if self.version != version or wid not in self._stalled(now, waited=False):
+                    break
                 stalled.append(wid)
                 log.warning("shard %d: evicting worker %s (clock %d has not moved for %.1fs while others wait)",
                             self.cfg.shard_id, wid, self._workers[wid].clock, self.cfg.progress_timeout)
@@ -566,19 +590,20 @@ class Shard:
                 del self._departed[wid]
             return gone + stalled
 
-    def _stalled(self, now: float) -> list[str]:
-        """Workers a waiting pull is blocked on whose clock has not moved for progress_timeout."""
-        if not self.cfg.progress_timeout or not self._waiters or self.policy.name == "async" or self._applying:
+    def _stalled(self, now: float, waited: bool = True) -> list[str]:
+        """Workers a waiting pull is blocked on whose clock has not moved for progress_timeout
+        since they could last compute (their pull was let through, or they pushed). `waited`:
+        only while some pull waits."""
+        if (not self.cfg.progress_timeout or (waited and not self._waiters) or self.policy.name == "async"
+                or self._applying or self._frozen):
             return []
         view = self._view()
         if not view.quorum or not view.clocks:
             return []
         floor = view.version if self.policy.name == "sync" else view.min_clock
         before = now - self.cfg.progress_timeout
-        # Time counts from the later of the worker's own last move and the moment the state the
-        # waiters depend on last moved: a worker is not blamed for time it could not progress.
         return [wid for wid, w in list(self._workers.items())
-                if w.clock <= floor and not w.busy and max(w.progress_at, self._moved_at) < before]
+                if w.clock <= floor and not w.busy and max(w.progress_at, w.ready_at) < before]
 
     def count(self, counter: str, n: int = 1) -> None:
         with self._lock:
@@ -620,17 +645,19 @@ class Shard:
         is read under the state lock once no push is being applied; the slices are then copied
         outside it while no push may start (the event loop keeps serving pulls and health)."""
         with self._lock:
-            while self._inflight or self._applying or self._frozen:
+            while self._frozen:
                 self._lock.wait(0.1)
             if not self.store.initialized:
                 return None
+            self._frozen = True  # no new push starts; the ones applying now finish
+            while self._inflight or self._applying:
+                self._lock.wait(0.05)
             assert self.plan is not None and self.optimizer_cfg is not None and self.store.optimizer is not None
             clocks = {wid: d.taken for wid, d in self._departed.items()}
             clocks.update({wid: w.clock for wid, w in self._workers.items()})
             head = (self.cfg.shard_id, self.cfg.num_shards, self.policy.name, self.plan, self.optimizer_cfg,
                     self.version, clocks, dict(self.staleness_hist), dict(self.counters))
             active, step_pushes = sorted(self._workers), self._step_pushes
-            self._frozen = True
         try:
             acc, acc_counts = self.store.accumulated()
             with self.store.reading(list(self.store.params)):
@@ -660,7 +687,9 @@ class Shard:
             self.plan, self.optimizer_cfg, self.version = snap.plan, snap.optimizer, snap.version
             self._workers.clear()
             self._departed = {wid: _Departed(c, c, self._now()) for wid, c in snap.clocks.items()}
-            self._quorum = len(snap.clocks) >= self.cfg.num_workers
+            # A shard that had applied updates had had its quorum (the ids of the workers that made
+            # it may have been forgotten since).
+            self._quorum = snap.version > 0 or len(snap.clocks) >= self.cfg.num_workers
             self._joined = set() if self._quorum else set(snap.clocks)
             self.staleness_hist = Counter(snap.staleness_histogram)
             self.counters = Counter(snap.counters)

@@ -53,6 +53,10 @@ log = logging.getLogger("ps.worker")
 REDO = (*RETRIED, UnknownWorker)  # a part failing so is sent again, with every part of its shard
 
 
+def _shard_outcomes(responses) -> list[dict]:
+    return [dict(r, shard=k) for k, r in zip(sorted({k for k, _ in responses}), push_results(responses))]
+
+
 class PushStream:
     """One push whose gradients arrive tensor by tensor (`PSClient.push_stream`). Requests go out
     as soon as all their gradients are in (a shard that holds none of these tensors gets its
@@ -316,7 +320,16 @@ class PSClient:
         for redone in await gather_all([again(k) for k in sorted(redo)]):
             for i, shard, resp in redone:
                 results[i] = resp
-        return [(job[0], r) for (job, _, _), r in zip(sent, results)]
+        out = [(job[0], r) for (job, _, _), r in zip(sent, results)]
+        # A shard whose parts all answer BUFFERED lost some it had taken (it restarted while a
+        # refused part was resent alone): send it every part again.
+        unfinished = {r["shard"] for r in _shard_outcomes(out) if r["outcome"] == "BUFFERED"}
+        if unfinished:
+            redo = {k: True for k in unfinished}
+            for redone in await gather_all([again(k) for k in sorted(unfinished)]):
+                for i, shard, resp in redone:
+                    out[i] = (shard, resp)
+        return out
 
     def push(self, grads: Mapping[str, torch.Tensor], clock: int) -> list[dict]:
         """Send gradients (by parameter name; any float dtype) for `clock`; returns one result

@@ -64,7 +64,7 @@ def test_health_and_stats_answer_at_once_while_64_pulls_wait(cluster):
 
 
 def test_a_worker_whose_heartbeat_runs_but_whose_loop_is_stuck_is_evicted_by_progress(cluster):
-    with cluster(2, "sync", num_workers=3, extra=["--progress-timeout", "2", "--worker-timeout", "30"]) as servers:
+    with cluster(2, "sync", num_workers=3, extra=["--progress-timeout", "5", "--worker-timeout", "30"]) as servers:
         stuck = PSClient(servers, "stuck", partition_bytes=4096)  # heartbeats keep running
         stuck.setup({"w": torch.zeros(2000)}, SGD1)
 
