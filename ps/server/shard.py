@@ -660,9 +660,10 @@ class Shard:
             active, step_pushes = sorted(self._workers), self._step_pushes
         try:
             acc, acc_counts = self.store.accumulated()
-            with self.store.reading(list(self.store.params)):
-                params = {k: p.detach().clone() for k, p in self.store.params.items()}
-                optimizer_state = self.store.optimizer.state()
+            # Frozen and drained: nothing writes a slice now, so the copy takes no slice lock and
+            # pulls read beside it.
+            params = {k: p.detach().clone() for k, p in self.store.params.items()}
+            optimizer_state = self.store.optimizer.state()
         finally:
             with self._lock:
                 self._frozen = False
