@@ -50,11 +50,7 @@ from ps.worker.membership import Membership
 from ps.worker.transport import RETRIED, Transport, gather_all
 
 log = logging.getLogger("ps.worker")
-REDO = (*RETRIED, UnknownWorker)  # a part failing so is sent again, with every part of its shard
-
-
-def _shard_outcomes(responses) -> list[dict]:
-    return [dict(r, shard=k) for k, r in zip(sorted({k for k, _ in responses}), push_results(responses))]
+REDO = (*RETRIED, UnknownWorker)  # a part failing so is sent again (see `_settle`)
 
 
 class PushStream:
@@ -302,34 +298,29 @@ class PSClient:
         holds are answered DUPLICATE). A part refused as overloaded is sent again alone. A part
         refused as invalid is not sent again."""
         results = [await f for _, _, f in sent]
-        redo: dict[int, bool] = {}  # shard -> every part again (True) or only the refused ones
+        every: set[int] = set()  # shards to send every part again
+        overloaded: set[int] = set()  # shards to send only their refused parts again
         for (job, _, _), r in zip(sent, results):
-            if isinstance(r, REDO):
-                redo[job[0]] = redo.get(job[0], False) or not isinstance(r, Overloaded)
+            if isinstance(r, Overloaded):
+                overloaded.add(job[0])
+            elif isinstance(r, REDO):
+                every.add(job[0])
             elif isinstance(r, PSError):
                 raise r
         rejoin = self._m.rejoiner(clock)
 
-        async def again(shard: int) -> list[tuple[int, int, object]]:
-            out = []
-            for i, (job, req, _) in enumerate(sent):  # an overloaded shard kept the parts it took
-                if job[0] == shard and (redo[shard] or isinstance(results[i], Overloaded)):
-                    out.append((i, shard, await self._t.call(shard, "Push", req, rejoin=rejoin)))
-            return out
+        async def again(shard: int, all_parts: bool) -> None:
+            for i, (job, req, _) in enumerate(sent):  # in order: the last part completes the push
+                if job[0] == shard and (all_parts or isinstance(results[i], Overloaded)):
+                    results[i] = await self._t.call(shard, "Push", req, rejoin=rejoin)
 
-        for redone in await gather_all([again(k) for k in sorted(redo)]):
-            for i, shard, resp in redone:
-                results[i] = resp
-        out = [(job[0], r) for (job, _, _), r in zip(sent, results)]
+        shards = {job[0] for job, _, _ in sent}
+        await gather_all([again(k, k in every) for k in every | overloaded])
         # A shard whose parts all answer BUFFERED lost some it had taken (it restarted while a
         # refused part was resent alone): send it every part again.
-        unfinished = {r["shard"] for r in _shard_outcomes(out) if r["outcome"] == "BUFFERED"}
-        if unfinished:
-            redo = {k: True for k in unfinished}
-            for redone in await gather_all([again(k) for k in sorted(unfinished)]):
-                for i, shard, resp in redone:
-                    out[i] = (shard, resp)
-        return out
+        done = {job[0] for (job, _, _), r in zip(sent, results) if r.outcome != pb.PushResponse.BUFFERED}
+        await gather_all([again(k, True) for k in shards - done])
+        return [(job[0], r) for (job, _, _), r in zip(sent, results)]
 
     def push(self, grads: Mapping[str, torch.Tensor], clock: int) -> list[dict]:
         """Send gradients (by parameter name; any float dtype) for `clock`; returns one result
