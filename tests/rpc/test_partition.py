@@ -41,8 +41,6 @@ def _steps(path):
     return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.exists() else 0
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not usable(), reason="needs root and network namespaces")
 def _cut(ns, ns_if, how, on):
     if how == "link":  # the link goes down: the worker's sends fail at once
         ip("-n", ns, "link", "set", ns_if, "down" if on else "up")
@@ -52,6 +50,8 @@ def _cut(ns, ns_if, how, on):
                            check=True, capture_output=True)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not usable(), reason="needs root and network namespaces")
 @pytest.mark.parametrize("mode, how", [("sync", "link"), ("async", "link"), ("sync", "drop"), ("async", "drop")])
 def test_a_partitioned_worker_is_evicted_then_rejoins_when_the_link_returns(netns, tmp_path, mode, how):
     if how == "drop" and shutil.which("iptables") is None:
