@@ -60,13 +60,24 @@ class GPT(nn.Module):
 
 
 def _replay(block: Block, gen: torch.Generator):
-    """The block as a function that restarts the per-rank RNG where it was, so recomputation in
-    backward draws the same attention-dropout mask (checkpoint restores only the global RNG)."""
+    """The block as a function whose recomputation in backward draws the same attention-dropout
+    masks as its forward did (checkpoint restores only the global RNG): the per-rank RNG is set
+    back to where the forward started for the replay, then returned to where it was, so the
+    next forward draws fresh masks."""
     state = gen.get_state()
+    calls = 0
 
     def run(x: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # the forward itself
+            return block(x, gen)
+        now = gen.get_state()
         gen.set_state(state)
-        return block(x, gen)
+        try:
+            return block(x, gen)
+        finally:
+            gen.set_state(now)
 
     return run
 

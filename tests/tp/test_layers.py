@@ -105,3 +105,25 @@ def test_recompute_replays_the_same_dropout_masks():
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6)
+
+
+def test_recompute_draws_fresh_dropout_masks_every_step():
+    """Over several steps (forward, backward, update), recomputation changes nothing: each step's
+    masks are new ones, the same as without recomputation (the replay must not rewind the RNG)."""
+    torch.manual_seed(0)
+    data = [(torch.randint(0, 16, (4, 8)), torch.randint(0, 16, (4, 8))) for _ in range(4)]
+    runs = []
+    for recompute in (False, True):
+        torch.manual_seed(5)
+        model = GPT(vocab=16, seq_len=8, dim=16, heads=4, layers=3, dropout=0.3, recompute=recompute)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        grads = []
+        for x, y in data:
+            opt.zero_grad()
+            model.loss(model(x), y).backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+            opt.step()
+        runs.append(grads)
+    for step, (plain, replayed) in enumerate(zip(*runs)):
+        for n in plain:
+            torch.testing.assert_close(replayed[n], plain[n], rtol=1e-5, atol=1e-6, msg=f"step {step}: {n}")
