@@ -142,7 +142,7 @@ class PullResponse(_message.Message):
     def __init__(self, tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., version: _Optional[int] = ..., min_clock: _Optional[int] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("worker_id", "plan_fingerprint", "clock", "base_version", "grads", "part", "num_parts")
+    __slots__ = ("worker_id", "plan_fingerprint", "clock", "base_version", "grads", "part", "num_parts", "no_grad")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,7 @@ class PushRequest(_message.Message):
     GRADS_FIELD_NUMBER: _ClassVar[int]
     PART_FIELD_NUMBER: _ClassVar[int]
     NUM_PARTS_FIELD_NUMBER: _ClassVar[int]
+    NO_GRAD_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     plan_fingerprint: str
     clock: int
@@ -157,7 +158,8 @@ class PushRequest(_message.Message):
     grads: _containers.RepeatedCompositeFieldContainer[Tensor]
     part: int
     num_parts: int
-    def __init__(self, worker_id: _Optional[str] = ..., plan_fingerprint: _Optional[str] = ..., clock: _Optional[int] = ..., base_version: _Optional[int] = ..., grads: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., part: _Optional[int] = ..., num_parts: _Optional[int] = ...) -> None: ...
+    no_grad: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., plan_fingerprint: _Optional[str] = ..., clock: _Optional[int] = ..., base_version: _Optional[int] = ..., grads: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., part: _Optional[int] = ..., num_parts: _Optional[int] = ..., no_grad: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PushResponse(_message.Message):
     __slots__ = ("outcome", "version", "staleness")

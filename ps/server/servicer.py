@@ -163,7 +163,7 @@ class ParameterServerServicer:
         result = self.shard.push(
             h.worker_id, h.plan_fingerprint, h.clock, h.base_version,
             self._decode(request.grads, self.shard.store.slice_lengths, writable=False), h.part, h.num_parts,
-            _payload_bytes(request.grads),
+            _payload_bytes(request.grads), no_grad=h.no_grad,
         )
         return pb.PushResponse(
             outcome=pb.PushResponse.Outcome.Value(result.outcome), version=result.version, staleness=result.staleness

@@ -86,8 +86,8 @@ class PushResult:
     staleness: int = 0
 
 
-def _nbytes(values: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in values.values())
+def _nbytes(values: dict[str, torch.Tensor | None]) -> int:
+    return sum(t.numel() * t.element_size() for t in values.values() if t is not None)
 
 
 class Shard:
@@ -444,15 +444,17 @@ class Shard:
 
     def push(self, worker_id: str, fingerprint: str, clock: int, base_version: int,
              grads: Sequence[tuple[str, torch.Tensor]], part: int, num_parts: int,
-             wire_bytes: int | None = None) -> PushResult:
+             wire_bytes: int | None = None, no_grad: Sequence[str] = ()) -> PushResult:
         """Validate (no lock), reserve, apply or accumulate (slice locks), commit.
-        wire_bytes: what the gradients took on the wire (sparse ones less than dense), for stats."""
+        wire_bytes: what the gradients took on the wire (sparse ones less than dense), for stats.
+        no_grad: keys this push covers without a gradient (never stepped by it; in sync mode
+        they count as this worker's zero in the step's average)."""
         self._touch(worker_id if worker_id in self._workers else "")
         with self._refusing():
             self._check_request(fingerprint, clock)
             _check_clock("base_version", base_version)
             _check_part(part, num_parts, len(self.store.params))
-            values = self.store.validate(grads)
+            values = self.store.validate(grads, no_grad=no_grad)
         with self._lock:
             while self._frozen:  # a snapshot is copying the slices (large shards: on a pool thread)
                 self._lock.wait(0.05)
@@ -482,8 +484,7 @@ class Shard:
                 pending = self._pending_push[worker_id] = _Pending(clock, num_parts, base_version)
             self._hold(pending, part, values)
             pending.base_version = min(pending.base_version, base_version)
-            self.counters["bytes_pushed"] += (sum(t.numel() * t.element_size() for _, t in grads)
-                                              if wire_bytes is None else wire_bytes)
+            self.counters["bytes_pushed"] += _nbytes(dict(grads)) if wire_bytes is None else wire_bytes
             if len(pending.parts) < num_parts:
                 return PushResult("BUFFERED", self.version)
             self._drop_pending(self._pending_push, worker_id)
@@ -503,12 +504,14 @@ class Shard:
         return self._apply(worker_id, w, clock, verdict, staleness, merged)
 
     def _apply(self, worker_id: str, w: _Worker, clock: int, verdict: Verdict, staleness: int,
-               grads: dict[str, torch.Tensor]) -> PushResult:
-        """The reserved push's tensor work, outside the state lock, then its commit."""
+               grads: dict[str, torch.Tensor | None]) -> PushResult:
+        """The reserved push's tensor work, outside the state lock, then its commit. A push with
+        no gradient at all here (a TP rank's, or keys without gradients) only moves the clock."""
+        stepped = any(g is not None for g in grads.values())
         try:
             if verdict is Verdict.ACCUMULATE:
                 self.store.accumulate(grads)
-            elif grads:
+            elif stepped:
                 with self._timed_apply():
                     self.store.apply(grads, 1.0 / (1 + staleness) if self.cfg.staleness_lr else 1.0)
         except BaseException:
@@ -528,12 +531,12 @@ class Shard:
                 before = self.version
                 self._maybe_complete_step()
                 return PushResult("APPLIED" if self.version > before else "ACCUMULATED", self.version)
-            if grads:  # a push with no keys for this shard (a TP rank's) only moves the clock
+            if stepped:
                 self.version += 1
                 self.staleness_hist[staleness] += 1
             self._wake_if_floor_moved()
             self._lock.notify_all()
-            return PushResult("APPLIED", self.version, staleness if grads else 0)
+            return PushResult("APPLIED", self.version, staleness if stepped else 0)
 
     def heartbeat(self, worker_id: str) -> None:
         """Renew the lease; needs no lock, so it is never held up."""

@@ -59,9 +59,11 @@ class ParamStore:
             if key not in self.params:
                 raise UnknownKey(f"key {key!r} is not held by this shard")
 
-    def validate(self, tensors: Sequence[tuple[str, torch.Tensor]], what: str = "gradient") -> dict[str, torch.Tensor]:
-        """Check keys, shapes and finiteness; return fp32 tensors by key. Needs no lock."""
-        out: dict[str, torch.Tensor] = {}
+    def validate(self, tensors: Sequence[tuple[str, torch.Tensor]], what: str = "gradient",
+                 no_grad: Sequence[str] = ()) -> dict[str, torch.Tensor | None]:
+        """Check keys, shapes and finiteness; return fp32 tensors by key, and None for each key of
+        `no_grad` (the push covers it but has no gradient for it: it is not stepped). Needs no lock."""
+        out: dict[str, torch.Tensor | None] = {}
         for key, t in tensors:
             if key in out:
                 raise InvalidArgument(f"{what} for key {key!r} appears more than once in one push")
@@ -74,25 +76,37 @@ class ParamStore:
             if not _all_finite(t):
                 raise InvalidArgument(f"{what} {key!r} holds NaN or Inf values; the push is rejected")
             out[key] = t
+        for key in no_grad:
+            if key in out:
+                raise InvalidArgument(f"key {key!r} is named as having no gradient and appears in the push again")
+            if key not in self.params:
+                raise UnknownKey(f"no-gradient key {key!r} is not held by this shard")
+            out[key] = None
         return out
 
-    def apply(self, grads: Mapping[str, torch.Tensor], lr_scale: float = 1.0) -> None:
-        """One optimizer step of each slice given a gradient, each under its slice's lock."""
+    def apply(self, grads: Mapping[str, torch.Tensor | None], lr_scale: float = 1.0) -> None:
+        """One optimizer step of each slice given a gradient, each under its slice's lock (a key
+        without one, None, is left alone, as torch.optim skips a parameter whose grad is None)."""
         assert self.optimizer is not None
         for key, g in grads.items():
+            if g is None:
+                continue
             with self._locks[key]:
                 self.optimizer.step_one(key, g, lr_scale)
 
-    def accumulate(self, grads: Mapping[str, torch.Tensor]) -> None:
-        """Add to the current sync step's sums (slice by slice; pushes add concurrently)."""
+    def accumulate(self, grads: Mapping[str, torch.Tensor | None]) -> None:
+        """Add to the current sync step's sums (slice by slice; pushes add concurrently). A key
+        without a gradient (None) counts as a worker's zero in the average (as in an all-reduce)
+        but adds nothing; a key no push gave a gradient for is not stepped at all."""
         for key, g in grads.items():
             with self._locks[key]:
+                self._acc_count[key] = self._acc_count.get(key, 0) + 1
+                if g is None:
+                    continue
                 if key in self._acc:
                     self._acc[key].add_(g)
-                    self._acc_count[key] += 1
                 else:
                     self._acc[key] = g.clone()
-                    self._acc_count[key] = 1
 
     def accumulated(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """Copies of the current sync step's partial sums and their counts (for checkpoints)."""
@@ -103,8 +117,8 @@ class ParamStore:
         return out, dict(self._acc_count)
 
     def restore_accumulated(self, acc: Mapping[str, torch.Tensor], counts: Mapping[str, int]) -> None:
-        if set(acc) != set(counts) or not set(acc) <= set(self.params):
-            raise KeyError("accumulated sums and counts must name the same slices of this shard")
+        if not set(acc) <= set(counts) <= set(self.params):
+            raise KeyError("accumulated sums must have counts, and both must name slices of this shard")
         self._acc = {k: g.clone() for k, g in acc.items()}
         self._acc_count = dict(counts)
 
@@ -113,8 +127,8 @@ class ParamStore:
         self._acc_count.clear()
 
     def apply_accumulated(self) -> None:
-        """Apply the average of each key's accumulated gradients (one sync step) and reset.
-        Only keys some push gave a gradient for are stepped."""
+        """Apply the average of each key's accumulated gradients over the pushes that covered it
+        (one sync step) and reset. Only keys some push gave a gradient for are stepped."""
         acc, counts = self._acc, self._acc_count
         self._acc, self._acc_count = {}, {}
         assert self.optimizer is not None

@@ -56,8 +56,8 @@ REDO = (*RETRIED, UnknownWorker)  # a part failing so is sent again (see `_settl
 class PushStream:
     """One push whose gradients arrive tensor by tensor (`PSClient.push_stream`). Requests go out
     as soon as all their gradients are in (a shard that holds none of these tensors gets its
-    empty push, which moves this worker's clock there, at once); `finish` sends zeros for
-    tensors never added (a parameter that got no gradient), waits and returns one result per
+    empty push, which moves this worker's clock there, at once); `finish` sends the tensors never
+    added as having no gradient (the servers do not step them), waits and returns one result per
     shard, as `push` does. A tensor handed to `add` is read until `finish` returns: do not
     modify it before. `add` may be called from any one thread at a time (e.g. autograd's)."""
 
@@ -82,20 +82,18 @@ class PushStream:
         request = self.client._push_request(self.clock, job, self._flat)
         self._sent.append((job, request, self.client._t.submit(self.client._try(job[0], "Push", request))))
 
-    def has(self, name: str) -> bool:
-        return name in self._added
-
-    def add(self, name: str, grad: torch.Tensor) -> None:
-        """The gradient of `name` is final: send every request it completes."""
+    def add(self, name: str, grad: torch.Tensor | None) -> None:
+        """The gradient of `name` is final (None: it has none): send every request it completes."""
         if name not in self.dtypes:
             raise InvalidArgument(f"gradient {name!r} is not part of this push (expected one of {sorted(self.dtypes)[:5]})")
         spec = self.client.plan.specs[name]
-        if tuple(grad.shape) != tuple(spec.shape):
+        if grad is not None and tuple(grad.shape) != tuple(spec.shape):
             raise InvalidArgument(f"gradient {name!r} has shape {tuple(grad.shape)}, expected {tuple(spec.shape)}")
         with self._lock:
             if name in self._added:
                 raise InvalidArgument(f"gradient {name!r} was already added to the push for step {self.clock}")
-            self._flat.update(self.client._codec.split({name: grad.to(self.dtypes[name])}))
+            if grad is not None:
+                self._flat.update(self.client._codec.split({name: grad.to(self.dtypes[name])}))
             self._added.add(name)
             for i in self._jobs_of.get(name, ()):
                 self._missing[i].discard(name)
@@ -104,7 +102,7 @@ class PushStream:
 
     def finish(self) -> list[dict]:
         for name in [n for n in self.dtypes if n not in self._added]:
-            self.add(name, torch.zeros(self.client.plan.specs[name].shape, dtype=self.dtypes[name]))
+            self.add(name, None)
         async def settle() -> list[dict]:
             sent = [(job, req, asyncio.wrap_future(f)) for job, req, f in self._sent]
             return push_results(await self.client._settle(sent, self.clock))
@@ -323,8 +321,9 @@ class PSClient:
         return [(job[0], r) for (job, _, _), r in zip(sent, results)]
 
     def push(self, grads: Mapping[str, torch.Tensor], clock: int) -> list[dict]:
-        """Send gradients (by parameter name; any float dtype) for `clock`; returns one result
-        per shard: {"outcome", "version", "staleness"}."""
+        """Send gradients (by parameter name; any float dtype; None for a parameter that got no
+        gradient, which the servers then do not step, as torch.optim skips it) for `clock`;
+        returns one result per shard: {"outcome", "version", "staleness"}."""
         return self._t.run(self._push(grads, clock))
 
     def push_async(self, grads: Mapping[str, torch.Tensor], clock: int) -> concurrent.futures.Future:
@@ -334,7 +333,7 @@ class PSClient:
     async def _push(self, grads: Mapping[str, torch.Tensor], clock: int) -> list[dict]:
         assert self._codec is not None, "register first"
         flat = self._codec.split(grads)
-        jobs = self._codec.layout({n: g.dtype for n, g in grads.items()})
+        jobs = self._codec.layout(self._codec.dtypes(grads))
         sent = []
         for job in jobs:  # each part goes out as soon as it is encoded
             req = self._push_request(clock, job, flat)
@@ -348,7 +347,7 @@ class PSClient:
         the two calls one after the other. Returns (push results, weights). If any shard answers
         EVICTED, the weights are not pulled (the dict is empty): pull at `clock_floor`."""
         assert self._codec is not None, "register first"
-        jobs = self._codec.layout({n: g.dtype for n, g in grads.items()})
+        jobs = self._codec.layout(self._codec.dtypes(grads))
         pull_batches = self._codec.batches_for(names)
         single = all(sum(1 for job in jobs if job[0] == k) == 1 and len(pull_batches[k]) == 1
                      for k in range(len(self.servers)))

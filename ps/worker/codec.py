@@ -70,6 +70,10 @@ class Codec:
         """The gradient as it travels: on the CPU, in the wire dtype (no copy when it is already)."""
         return grad.detach().to("cpu", self.comp.wire_dtype(grad.dtype))
 
+    def dtypes(self, grads: Mapping[str, torch.Tensor | None]) -> dict[str, torch.dtype]:
+        """The dtype each gradient travels from (the parameter's own for one that has none)."""
+        return {n: g.dtype if g is not None else getattr(torch, self.plan.specs[n].dtype) for n, g in grads.items()}
+
     def layout(self, dtypes: Mapping[str, torch.dtype]) -> list[Job]:
         """How a push of these tensors (name: dtype) splits into requests. It depends on the names
         and dtypes only, not on the values: computed once per set."""
@@ -84,22 +88,24 @@ class Codec:
             self._layouts[key] = jobs
         return self._layouts[key]
 
-    def split(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Wire tensors by slice key."""
-        names = list(grads)
+    def split(self, grads: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        """Wire tensors by slice key (none for a parameter whose gradient is None)."""
+        names = [n for n, g in grads.items() if g is not None]
         return self.plan.split({n: self.on_wire(grads[n]) for n in names}, names)
 
     def push_request(self, worker_id: str, clock: int, base_version: int, job: Job,
                      flat: Mapping[str, torch.Tensor]) -> wire.Frame:
         """One part of a push, from `flat` (wire tensors by slice key; read when the request is
-        serialised)."""
+        serialised). Slices of the part missing from `flat` travel as keys without a gradient."""
         shard, part, batch, num_parts = job
+        given = [s for s in batch if s.key in flat]
         header = pb.PushRequest(worker_id=worker_id, plan_fingerprint=self.plan.fingerprint, clock=clock,
-                                base_version=base_version, part=part, num_parts=num_parts)
+                                base_version=base_version, part=part, num_parts=num_parts,
+                                no_grad=[s.key for s in batch if s.key not in flat])
         if self.comp.sparse:
-            tensors = [sparse_frame(s.key, [s.length], *self.comp.sparsify(s.key, flat[s.key])) for s in batch]
+            tensors = [sparse_frame(s.key, [s.length], *self.comp.sparsify(s.key, flat[s.key])) for s in given]
         else:
-            tensors = [tensor_frame(s.key, flat[s.key]) for s in batch]
+            tensors = [tensor_frame(s.key, flat[s.key]) for s in given]
         return wire.push_frame(header, tensors)
 
 

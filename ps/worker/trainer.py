@@ -59,8 +59,8 @@ def total_steps(cfg: WorkerConfig, train_size: int) -> int:
 
 class HostGrads:
     """Gradients on the host for the wire: pinned buffers filled asynchronously on CUDA,
-    the gradients themselves on CPU."""
-
+    the gradients themselves on CPU. A parameter that got no gradient maps to None (the servers
+    do not step it, as torch.optim skips it)."""
 
     def __init__(self, params: dict[str, nn.Parameter], device: torch.device):
         self.params = params
@@ -69,14 +69,15 @@ class HostGrads:
             if device.type == "cuda" else None
         )
 
-    def collect(self) -> dict[str, torch.Tensor]:
-        grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self.params.items()}
+    def collect(self) -> dict[str, torch.Tensor | None]:
+        grads = {n: p.grad for n, p in self.params.items()}
         if self.buffers is None:
             return grads
         for n, g in grads.items():
-            self.buffers[n].copy_(g, non_blocking=True)
+            if g is not None:
+                self.buffers[n].copy_(g, non_blocking=True)
         torch.cuda.current_stream().synchronize()
-        return self.buffers
+        return {n: self.buffers[n] if g is not None else None for n, g in grads.items()}
 
 
 class EarlyPush:
@@ -84,7 +85,9 @@ class EarlyPush:
     the rest of backward (as BytePS and Poseidon's wait-free backpropagation do): a hook on every
     parameter, armed during the step's last backward (micro-batches accumulate before it).
     On CUDA each gradient is copied to a pinned host buffer on the stream and handed over once
-    the copy has completed, by a thread of its own, so backward never waits for the host."""
+    the copy has completed, by a thread of its own, so backward never waits for the host. What
+    was handed over is tracked here, when it is handed (not when the stream has it: a copy may
+    still be in flight), so no gradient is sent twice."""
 
     def __init__(self, client: Client, host: HostGrads):
         self.client, self.params, self.buffers = client, host.params, host.buffers
@@ -92,6 +95,7 @@ class EarlyPush:
         self.cuda = self.buffers is not None
         self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ps-early-push") if self.cuda else None
         self._copies: list[Future] = []
+        self._handed: set[str] = set()  # this step's parameters whose gradient was handed over
         self.stream = None
         self.armed = False
         self._handles = [p.register_post_accumulate_grad_hook(self._hook(n)) for n, p in self.params.items()]
@@ -103,6 +107,7 @@ class EarlyPush:
         return hook
 
     def _send(self, name: str, grad: torch.Tensor) -> None:
+        self._handed.add(name)
         if not self.cuda:
             self.stream.add(name, grad)
             return
@@ -115,16 +120,17 @@ class EarlyPush:
 
     def begin(self, clock: int) -> None:
         self.stream, self.armed = self.client.push_stream(clock, self.dtypes), False
+        self._handed = set()
 
     def arm(self) -> None:
         self.armed = True
 
     def finish(self) -> list[dict]:
         """Wait for the step's push; per-shard results. A parameter the last micro-batch gave no
-        gradient goes with what earlier ones accumulated, or as zeros if none did."""
+        gradient goes with what earlier ones accumulated, or as having none if none did."""
         self.armed = False
         for name, p in self.params.items():
-            if p.grad is not None and not self.stream.has(name):
+            if p.grad is not None and name not in self._handed:
                 self._send(name, p.grad)
         copies, self._copies = self._copies, []
         for f in copies:

@@ -63,7 +63,7 @@ def test_a_push_stream_sends_each_request_once_its_gradients_are_in(cluster):
                 stream.add("b", torch.ones(2))
             with pytest.raises(InvalidArgument, match="'c' is not part of this push"):
                 stream.add("c", torch.ones(3))
-            results = stream.finish()  # b never added: zeros
+            results = stream.finish()  # b never added: it has no gradient
             assert {r["outcome"] for r in results} == {"APPLIED"}
             weights = c.pull(1)
         assert torch.equal(weights["a"], torch.full((3000,), -1.0))
@@ -84,12 +84,13 @@ def test_a_shard_holding_none_of_the_streamed_tensors_still_sees_the_step(cluste
         assert torch.equal(weights["b"], torch.full((3,), -1.0)) and torch.equal(weights["a"], init["a"])
 
 
-def test_a_gradient_missing_from_the_last_micro_batch_goes_with_what_earlier_ones_accumulated(cluster):
-    class Two(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+class Two(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
 
+
+def test_a_gradient_missing_from_the_last_micro_batch_goes_with_what_earlier_ones_accumulated(cluster):
     with cluster(2, "async") as addresses:
         m = Two()
         with PSClient(addresses, "w0") as c:
@@ -106,6 +107,44 @@ def test_a_gradient_missing_from_the_last_micro_batch_goes_with_what_earlier_one
             weights = c.pull(1)
         assert torch.equal(weights["a"], torch.full((4,), 1.0 - 7.0))
         assert torch.equal(weights["b"], torch.full((4,), 1.0 - 3.0))
+
+
+class _SlowCopy:
+    """Stands for a CUDA event whose copy completes late: the copier thread waits on it."""
+
+    def record(self):
+        pass
+
+    def synchronize(self):
+        time.sleep(0.3)
+
+
+def test_an_early_push_whose_copy_is_still_in_flight_is_not_sent_again(cluster, monkeypatch):
+    """The CUDA path of --push-early on CPU: each gradient goes through a host buffer and a copier
+    thread that waits for the copy's event. `finish` runs while those copies are still in flight;
+    it must not hand the same gradients over a second time."""
+    monkeypatch.setattr(torch.cuda, "Event", _SlowCopy)
+    with cluster(2, "async") as addresses:
+        m = Two()
+        with PSClient(addresses, "w0") as c:
+            c.setup(dict(m.named_parameters()), OptimizerConfig("sgd", lr=1.0))
+            host = HostGrads(dict(m.named_parameters()), torch.device("cpu"))
+            host.buffers = {n: torch.empty(4) for n in host.params}  # as pinned buffers would be
+            early = EarlyPush(c, host)
+            assert early.cuda
+            try:
+                for clock in (0, 1):
+                    early.begin(clock)
+                    early.arm()
+                    (2 * m.a + 3 * m.b).sum().backward()
+                    results = early.finish()  # the copies of a and b are still in flight here
+                    assert {r["outcome"] for r in results} == {"APPLIED"}
+                    m.zero_grad()
+            finally:
+                early.close()
+            weights = c.pull(2)
+        assert torch.equal(weights["a"], torch.full((4,), 1.0 - 4.0))
+        assert torch.equal(weights["b"], torch.full((4,), 1.0 - 6.0))
 
 
 def test_a_prefetch_that_registers_again_keeps_the_workers_own_step(cluster):

@@ -372,3 +372,26 @@ def test_a_shard_restored_after_its_first_update_does_not_wait_for_a_quorum_agai
     restored.restore(snap)
     restored.register("a", plan.fingerprint, clock=1)
     assert restored.ready_or_wait("a", 1, lambda: None)
+
+
+@pytest.mark.parametrize("no_grad, error, match", [
+    (["x#0"], UnknownKey, "no-gradient key 'x#0'"),
+    (["w#0"], InvalidArgument, "'w#0' is named as having no gradient and appears in the push again"),
+    (["u#0", "u#0"], InvalidArgument, "'u#0' is named as having no gradient and appears in the push again"),
+])
+def test_bad_no_gradient_keys_are_refused_and_change_nothing(no_grad, error, match):
+    shard, plan = make_shard("async", extra=True)
+    init(shard, plan)
+    with pytest.raises(error, match=match):
+        shard.push("a", plan.fingerprint, 0, 0, [("w#0", torch.ones(4))], 0, 1, no_grad=no_grad)
+    assert shard.version == 0 and torch.equal(weights(shard), torch.zeros(4))
+    assert shard.push("a", plan.fingerprint, 0, 0, [("w#0", torch.ones(4))], 0, 1, no_grad=["u#0"]).outcome == "APPLIED"
+
+
+def test_a_sync_step_of_keys_without_gradients_is_taken_and_steps_nothing():
+    shard, plan = make_shard("sync", num_workers=2, extra=True)
+    init(shard, plan)
+    shard.register("b", plan.fingerprint)
+    for worker in ("a", "b"):
+        shard.push(worker, plan.fingerprint, 0, 0, [], 0, 1, no_grad=["w#0", "u#0"])
+    assert shard.version == 1 and torch.equal(weights(shard), torch.zeros(4))
