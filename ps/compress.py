@@ -6,7 +6,12 @@
   (int32 position, fp32 value) pairs, with error feedback: what was not sent is kept on the worker
   and added to the next gradient of that slice, so every gradient entry reaches the servers
   eventually (Stich et al., "Sparsified SGD with Memory", NeurIPS 2018; Lin et al., "Deep Gradient
-  Compression", ICLR 2018).
+  Compression", ICLR 2018). What a push sent to a shard that did not take it (DROPPED, EVICTED,
+  refused) goes back into the residual too (`restore`), so nothing is lost.
+
+fp16's largest finite value is 65504: a slice holding a finite gradient entry beyond it travels
+in fp32 instead (the servers take any float dtype per tensor), rather than as inf, which the
+servers would refuse.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from ps.errors import InvalidArgument
 
 CASTS = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+WIDE = torch.float32  # what a slice that overflows its cast travels in
 RULE = "none, fp16, bf16 or topk:R with 0 < R <= 1"
 
 
@@ -49,6 +55,7 @@ class Compressor:
         self.kind, self.ratio = parse(spec)
         self.cast = CASTS.get(self.kind)
         self.residual: dict[str, torch.Tensor] = {}
+        self.sent: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the current push's (positions, values)
 
     @property
     def sparse(self) -> bool:
@@ -61,6 +68,15 @@ class Compressor:
     def wire_bytes(self, length: int, itemsize: int) -> int:
         """Bytes a slice of `length` elements takes on the wire (for batching requests)."""
         return 8 * self.keep(length) if self.sparse else length * itemsize
+
+    def to_wire(self, t: torch.Tensor) -> torch.Tensor:
+        """A slice (on the CPU) in the dtype it travels in: the cast, unless the cast turns a
+        finite entry into inf (fp16 beyond 65504), then fp32."""
+        want = self.wire_dtype(t.dtype)
+        out = t.to(want)
+        if want != t.dtype and want == torch.float16 and bool(torch.isinf(out).any()) and bool(torch.isfinite(t).all()):
+            return t.to(WIDE)
+        return out
 
     def keep(self, length: int) -> int:
         return min(length, max(1, math.ceil(self.ratio * length)))
@@ -75,4 +91,16 @@ class Compressor:
         values = acc[idx]
         acc[idx] = 0
         self.residual[key] = acc
+        self.sent[key] = (idx, values)
         return idx.to(torch.int32), values
+
+    def restore(self, keys) -> None:
+        """The values last sent for these slice keys were not applied: owe them again."""
+        for key in keys:
+            if key in self.sent:
+                idx, values = self.sent.pop(key)
+                self.residual[key].index_add_(0, idx, values)
+
+    def settled(self) -> None:
+        """The current push is over: what it sent stays sent."""
+        self.sent.clear()

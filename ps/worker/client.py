@@ -20,8 +20,7 @@ weights and continue from `max(clock, client.clock_floor)` (the trainer does).
 
 All calls run as coroutines on one event loop, on a thread of the client's own (see
 ps.worker.transport); the methods here hand them over and wait. Tensors passed to `push` are
-read before it returns (or before the handle of `push_async` resolves); the caller must not
-modify them until then. One client serves one worker; its methods may be called from one
+read before it returns; the caller must not modify them until then. One client serves one worker; its methods may be called from one
 thread at a time, except that a `prefetch` runs in the background and a `push_stream` may be
 fed from another thread (e.g. autograd's) while the caller pushes or pulls.
 """
@@ -103,11 +102,11 @@ class PushStream:
     def finish(self) -> list[dict]:
         for name in [n for n in self.dtypes if n not in self._added]:
             self.add(name, None)
-        async def settle() -> list[dict]:
+        async def settle() -> list[tuple[int, pb.PushResponse]]:
             sent = [(job, req, asyncio.wrap_future(f)) for job, req, f in self._sent]
-            return push_results(await self.client._settle(sent, self.clock))
+            return await self.client._settle(sent, self.clock)
 
-        return self.client._t.run(settle())
+        return self.client._outcomes(self._jobs, lambda: self.client._t.run(settle()))
 
 
 class Prefetch:
@@ -324,21 +323,35 @@ class PSClient:
         """Send gradients (by parameter name; any float dtype; None for a parameter that got no
         gradient, which the servers then do not step, as torch.optim skips it) for `clock`;
         returns one result per shard: {"outcome", "version", "staleness"}."""
-        return self._t.run(self._push(grads, clock))
-
-    def push_async(self, grads: Mapping[str, torch.Tensor], clock: int) -> concurrent.futures.Future:
-        """`push` in the background; the future resolves to its result."""
-        return self._t.submit(self._push(grads, clock))
-
-    async def _push(self, grads: Mapping[str, torch.Tensor], clock: int) -> list[dict]:
         assert self._codec is not None, "register first"
-        flat = self._codec.split(grads)
         jobs = self._codec.layout(self._codec.dtypes(grads))
+        return self._outcomes(jobs, lambda: self._t.run(self._push_parts(grads, clock)))
+
+    def _outcomes(self, jobs: Sequence[Job], responses) -> list[dict]:
+        """One result per shard from `responses()` ((shard, response) pairs). With top-k error
+        feedback, what was sent to a shard that did not take it (DROPPED, EVICTED, or a push
+        that failed) is owed again, so no gradient entry is lost."""
+        comp = self._compressor
+        try:
+            results = push_results(responses())
+        except BaseException:
+            comp.restore(list(comp.sent))
+            comp.settled()
+            raise
+        if comp.sparse:
+            lost = {shard for shard, r in zip(sorted({job[0] for job in jobs}), results)
+                    if r["outcome"] in ("DROPPED", "EVICTED")}
+            comp.restore([s.key for job in jobs if job[0] in lost for s in job[2]])
+            comp.settled()
+        return results
+
+    async def _push_parts(self, grads: Mapping[str, torch.Tensor], clock: int) -> list[tuple[int, pb.PushResponse]]:
+        flat = self._codec.split(grads)
         sent = []
-        for job in jobs:  # each part goes out as soon as it is encoded
+        for job in self._codec.layout(self._codec.dtypes(grads)):  # each part goes out once encoded
             req = self._push_request(clock, job, flat)
             sent.append((job, req, asyncio.ensure_future(self._try(job[0], "Push", req))))
-        return push_results(await self._settle(sent, clock))
+        return await self._settle(sent, clock)
 
     def push_pull(self, grads: Mapping[str, torch.Tensor], clock: int, names: Sequence[str] | None = None,
                   into: Mapping[str, torch.Tensor] | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
@@ -371,7 +384,7 @@ class PSClient:
                 pulled.absorb(shard, resp.pull)
             return shard, resp.push
 
-        results = push_results(self._t.run(gather_all([one(job) for job in jobs])))
+        results = self._outcomes(jobs, lambda: self._t.run(gather_all([one(job) for job in jobs])))
         if any(r["outcome"] == "EVICTED" for r in results):
             return results, {}
         return results, self._installed(pulled)

@@ -66,10 +66,6 @@ class Codec:
                                                  self.partition_bytes) for k in range(self.num_servers)]
         return self._subset_batches[key]
 
-    def on_wire(self, grad: torch.Tensor) -> torch.Tensor:
-        """The gradient as it travels: on the CPU, in the wire dtype (no copy when it is already)."""
-        return grad.detach().to("cpu", self.comp.wire_dtype(grad.dtype))
-
     def dtypes(self, grads: Mapping[str, torch.Tensor | None]) -> dict[str, torch.dtype]:
         """The dtype each gradient travels from (the parameter's own for one that has none)."""
         return {n: g.dtype if g is not None else getattr(torch, self.plan.specs[n].dtype) for n, g in grads.items()}
@@ -89,9 +85,11 @@ class Codec:
         return self._layouts[key]
 
     def split(self, grads: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
-        """Wire tensors by slice key (none for a parameter whose gradient is None)."""
+        """Wire tensors by slice key (none for a parameter whose gradient is None): on the CPU, each
+        slice in the dtype it travels in (no copy where it already is)."""
         names = [n for n, g in grads.items() if g is not None]
-        return self.plan.split({n: self.on_wire(grads[n]) for n in names}, names)
+        flat = self.plan.split({n: grads[n].detach().to("cpu") for n in names}, names)
+        return {k: self.comp.to_wire(t) for k, t in flat.items()}
 
     def push_request(self, worker_id: str, clock: int, base_version: int, job: Job,
                      flat: Mapping[str, torch.Tensor]) -> wire.Frame:

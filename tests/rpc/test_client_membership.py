@@ -122,6 +122,40 @@ def test_compressed_pushes_carry_fewer_bytes_and_apply_in_fp32(servers, compress
         c.close()
 
 
+def test_an_fp16_slice_beyond_its_range_travels_in_fp32_instead_of_as_inf(servers):
+    (srv,) = servers(mode="async")
+    c = PSClient([srv.address], "a", compress="fp16", partition_bytes=1024)
+    try:
+        c.setup({"w": torch.zeros(512)}, SGD1)  # two slices of 256
+        grad = torch.full((512,), 0.5)
+        grad[3] = 1e5  # finite, above fp16's 65504
+        before = srv.shard.stats()["bytes_pushed"]
+        assert c.push({"w": grad}, 0)[0]["outcome"] == "APPLIED"
+        assert srv.shard.stats()["bytes_pushed"] - before == 256 * 4 + 256 * 2  # only that slice in fp32
+        assert torch.equal(c.pull(1)["w"], -grad)
+    finally:
+        c.close()
+
+
+def test_topk_values_a_shard_did_not_take_are_owed_again(servers):
+    """Error feedback keeps what a dropped or refused push sent: nothing is lost."""
+    (srv,) = servers(mode="sync", num_workers=2, backup_workers=1)
+    a, b = PSClient([srv.address], "a", compress="topk:0.5"), PSClient([srv.address], "b", compress="topk:0.5")
+    try:
+        for c in (a, b):
+            c.setup({"w": torch.zeros(4)}, SGD1)
+        grad = torch.tensor([4.0, 3.0, 2.0, 1.0])
+        assert a.push({"w": grad}, 0)[0]["outcome"] == "APPLIED"  # the backup worker's step is complete
+        assert b.push({"w": grad}, 0)[0]["outcome"] == "DROPPED"  # too late for it
+        assert torch.equal(b._compressor.residual["w#0"], grad)  # what it sent is owed again
+        with pytest.raises(Exception, match="sync step 5"):
+            b.push({"w": torch.zeros(4)}, 5)  # refused: that step cannot have been pulled
+        assert torch.equal(b._compressor.residual["w#0"], grad)
+    finally:
+        a.close()
+        b.close()
+
+
 def test_an_unknown_compression_is_refused():
     from ps.errors import InvalidArgument
 

@@ -42,3 +42,24 @@ def test_keep_is_at_least_one_and_at_most_the_length():
     c = Compressor("topk:0.001")
     assert c.keep(10) == 1
     assert Compressor("topk:1").keep(7) == 7
+
+
+def test_fp16_keeps_a_slice_that_would_overflow_in_fp32():
+    c = Compressor("fp16")
+    assert c.to_wire(torch.tensor([1.0, 65504.0])).dtype == torch.float16
+    big = torch.tensor([1.0, 1e5])
+    assert c.to_wire(big).dtype == torch.float32 and torch.equal(c.to_wire(big), big)
+    assert c.to_wire(torch.tensor([1.0, float("inf")])).dtype == torch.float16  # the servers refuse it either way
+    assert Compressor("bf16").to_wire(big).dtype == torch.bfloat16  # bf16 has fp32's range
+
+
+def test_restore_owes_what_was_sent_again():
+    c = Compressor("topk:0.5")
+    g = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    c.sparsify("k", g)
+    c.restore(["k"])
+    assert torch.equal(c.residual["k"], g) and not c.sent
+    c.sparsify("k", torch.zeros(4))
+    c.settled()
+    c.restore(["k"])  # settled: nothing to give back
+    assert torch.equal(c.residual["k"], torch.tensor([0.0, 0, 2, 1]))
