@@ -16,10 +16,10 @@ from ps.data import Datasets, load_data
 from ps.errors import InvalidArgument
 from ps.models import build_model
 from ps.tp.binding import Binding, plain, tensor_parallel
-from ps.tp.groups import TPGroup, destroy, free_port, from_torchrun, init_group
+from ps.tp.groups import TPGroup, destroy, free_port, from_torchrun, group_timeout, init_group
 from ps.tp.layers import partition_dims, shard_state
 from ps.worker.client import PSClient
-from ps.worker.trainer import TrainResult, resolve_device, train
+from ps.worker.trainer import TrainResult, local_index, resolve_device, train
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
@@ -126,7 +126,11 @@ def _backend(cfg: WorkerConfig) -> str:
 
 
 def _spawned_rank(rank: int, cfg: WorkerConfig, init_method: str) -> None:
-    tp = init_group(rank, cfg.tp, init_method, backend=_backend(cfg), seed=cfg.seed)
+    # The group's ranks take consecutive GPUs from the worker's own block: worker i of a host
+    # (LOCAL_RANK, else its rank) holds GPUs i*tp .. i*tp + tp - 1 (mod the device count).
+    os.environ["LOCAL_RANK"] = str(local_index(cfg.rank) * cfg.tp + rank)
+    tp = init_group(rank, cfg.tp, init_method, backend=_backend(cfg), seed=cfg.seed,
+                    timeout=group_timeout(cfg.retry_timeout))
     try:
         run_rank(cfg, tp)
     finally:
@@ -139,7 +143,7 @@ def run(cfg: WorkerConfig) -> TrainResult | None:
     if "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank of the group
         if int(os.environ["WORLD_SIZE"]) != cfg.tp:
             raise InvalidArgument(f"tp ({cfg.tp}) must equal torchrun's WORLD_SIZE ({os.environ['WORLD_SIZE']})")
-        tp = from_torchrun(cfg.seed, _backend(cfg))
+        tp = from_torchrun(cfg.seed, _backend(cfg), group_timeout(cfg.retry_timeout))
         try:
             return run_rank(cfg, tp)
         finally:

@@ -34,9 +34,19 @@ class TPGroup:
         return torch.Generator(device=device).manual_seed(self.seed * 1009 + self.rank)
 
 
+GROUP_TIMEOUT = 120.0  # seconds a collective waits for the group's other ranks, at least
+
+
+def group_timeout(retry_timeout: float) -> float:
+    """How long a collective waits for a peer: longer than a rank may spend retrying a server
+    that restarts (`retry_timeout`), so a group rides out what its workers ride out."""
+    return max(GROUP_TIMEOUT, retry_timeout + 60.0)
+
+
 def init_group(rank: int, size: int, init_method: str, backend: str | None = None, seed: int = 0,
-               timeout: float = 120.0) -> TPGroup:
-    """Join (rendezvous) a group of `size` processes; NCCL when CUDA is present, else gloo."""
+               timeout: float = GROUP_TIMEOUT) -> TPGroup:
+    """Join (rendezvous) a group of `size` processes; NCCL when CUDA is present, else gloo. With
+    NCCL a rank uses GPU LOCAL_RANK (else its rank) mod the device count."""
     if size == 1:
         return TPGroup(0, 1, None, seed)
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
@@ -48,10 +58,10 @@ def init_group(rank: int, size: int, init_method: str, backend: str | None = Non
     return TPGroup(rank, size, dist.group.WORLD, seed)
 
 
-def from_torchrun(seed: int = 0, backend: str | None = None) -> TPGroup:
+def from_torchrun(seed: int = 0, backend: str | None = None, timeout: float = GROUP_TIMEOUT) -> TPGroup:
     """Join the group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    return init_group(rank, size, "env://", backend, seed)
+    return init_group(rank, size, "env://", backend, seed, timeout)
 
 
 def destroy(tp: TPGroup) -> None:

@@ -43,11 +43,27 @@ class Client(Protocol):
     def stats(self) -> list[dict]: ...
 
 
-def resolve_device(name: str) -> torch.device:
+def local_index(rank: int = 0) -> int:
+    """This process's index among the workers on its host: LOCAL_RANK (set by ps-launch, torchrun
+    and the deploy files), else the worker's rank."""
+    raw = os.environ.get("LOCAL_RANK", "")
+    try:
+        return int(raw) if raw.strip() else rank
+    except ValueError:
+        raise InvalidArgument(f"LOCAL_RANK ({raw!r}) must be an integer") from None
+
+
+def resolve_device(name: str, rank: int = 0) -> torch.device:
+    """The device a worker trains on. CUDA: GPU local_index(rank) mod the device count, so the
+    workers of a host each get their own GPU (and share them round-robin when there are more)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgument("device ('cuda') was asked for but torch sees no CUDA device")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidArgument("device ('cuda') was asked for but torch sees no CUDA device")
+        device = torch.device("cuda", local_index(rank) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
     return torch.device(name)
 
 
@@ -244,7 +260,7 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
           on_step: Callable[[dict], None] | None = None, binding: Binding | None = None) -> TrainResult:
     """Train `model` against the servers behind `client`; returns the final metrics. With a
     tensor-parallel `binding`, every rank of the group calls this together."""
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.rank)
     model.to(device).train()
     binding = binding or plain(model)
     tp = binding.tp

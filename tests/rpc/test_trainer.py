@@ -10,7 +10,9 @@ from ps.data import load_data
 from ps.models import build_model
 from ps.server.app import create_server
 from ps.worker.client import PSClient
-from ps.worker.trainer import HostGrads, train
+from ps.errors import InvalidArgument
+from ps.tp.groups import GROUP_TIMEOUT, group_timeout
+from ps.worker.trainer import HostGrads, local_index, resolve_device, train
 
 
 def train_once(device, tmp_path, model="mlp", steps=30, **overrides):
@@ -58,3 +60,27 @@ def test_gradients_leave_the_gpu_through_pinned_buffers():
     out = HostGrads({"w": p}, torch.device("cuda")).collect()
     assert out["w"].is_pinned() and out["w"].device.type == "cpu"
     assert torch.equal(out["w"], torch.full((3,), 2.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("local_rank", ["0", "1", "5"])
+def test_each_worker_of_a_host_takes_its_own_gpu(monkeypatch, local_rank):
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    device = resolve_device("cuda")
+    assert device == torch.device("cuda", int(local_rank) % torch.cuda.device_count())
+    assert torch.cuda.current_device() == device.index
+
+
+def test_the_local_rank_picks_the_gpu_and_must_be_an_integer(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert local_index(3) == 3  # without LOCAL_RANK: the worker's rank
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert local_index(3) == 2
+    monkeypatch.setenv("LOCAL_RANK", "two")
+    with pytest.raises(InvalidArgument, match=r"LOCAL_RANK \('two'\) must be an integer"):
+        local_index(0)
+
+
+def test_a_tensor_parallel_group_outwaits_its_ranks_retries():
+    """A peer retrying a restarting server for --retry-timeout must not time the group out."""
+    assert group_timeout(300.0) > 300.0 and group_timeout(1.0) == GROUP_TIMEOUT
