@@ -21,6 +21,7 @@ from ps.errors import Cancelled, DeadlineExceeded, Overloaded, PSError, Unavaila
 from ps.server.servicer import ERROR_CLASS_KEY
 
 log = logging.getLogger("ps.worker")
+WAITING_NOTICE = 10.0  # seconds between "waiting for server" warnings while a call retries
 T = TypeVar("T")
 DEFAULT = object()  # "use the transport's rpc_timeout"
 # A call that failed with these is tried again, with backoff. CANCELLED from the other side (this
@@ -138,7 +139,8 @@ class Transport:
         retry_timeout); after `rejoin()` once if the server no longer knows this worker; and,
         for a call that `waits` (a pull waiting for other workers), again whenever its deadline
         passes, for as long as the server keeps the worker (it evicts stalled peers)."""
-        deadline = time.monotonic() + self.retry_timeout
+        start = time.monotonic()
+        deadline, said = start + self.retry_timeout, start  # said: when the user was last told
         delay = 0.05
         while True:
             try:
@@ -153,9 +155,14 @@ class Transport:
                 if not waits:
                     raise
                 log.debug("%s: %s still waiting; asking again", self.servers[shard], method)
-            except RETRIED:
-                if not retry or time.monotonic() + delay >= deadline:
+            except RETRIED as err:
+                now = time.monotonic()
+                if not retry or now + delay >= deadline:
                     raise
+                if now - said >= WAITING_NOTICE:  # a server down (restarting?): say so, now and then
+                    said = now
+                    log.warning("waiting for server %s (%s) for %.0fs; retrying until %.0fs (--retry-timeout): %s",
+                                self.servers[shard], method, now - start, self.retry_timeout, err)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 

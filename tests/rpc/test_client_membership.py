@@ -195,3 +195,23 @@ def test_topk_pushes_send_the_largest_entries_and_the_rest_later(servers):
         assert torch.equal(c.pull(2)["w"], torch.tensor([-8.0, -3.0, -4.0, 0.0]))
     finally:
         c.close()
+
+
+def test_a_worker_says_it_is_waiting_for_a_server_that_is_down(servers, monkeypatch, caplog):
+    import logging
+
+    from ps.errors import Unavailable
+    from ps.worker import transport
+
+    monkeypatch.setattr(transport, "WAITING_NOTICE", 0.3)
+    (srv,) = servers(mode="async")
+    c = PSClient([srv.address], "a", retry_timeout=2.0)
+    try:
+        c.setup({"w": torch.zeros(4)}, SGD1)
+        srv.stop(grace=0)
+        with caplog.at_level(logging.WARNING, logger="ps.worker"), pytest.raises(Unavailable):
+            c.stats()
+    finally:
+        c.close()
+    notices = [r.getMessage() for r in caplog.records if "waiting for server" in r.getMessage()]
+    assert notices and srv.address in notices[0] and "--retry-timeout" in notices[0]
