@@ -44,7 +44,7 @@ def _wire_bytes(tensor: torch.Tensor) -> tuple[str, list[int], bytes]:
     return dtype_name(t.dtype), list(t.shape), _raw_view(t).tobytes() if t.numel() else b""
 
 
-def tensor_frame(key: str, tensor: torch.Tensor) -> wire.Frame:
+def dense_frame(key: str, tensor: torch.Tensor) -> wire.Frame:
     """A Tensor message referring to `tensor`'s memory, copied when the message is sent."""
     t = _cpu(tensor)
     return wire.tensor_frame(key, dtype_name(t.dtype), t.shape, _raw_view(t) if t.numel() else b"")

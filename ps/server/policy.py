@@ -47,7 +47,6 @@ class Sync:
 
     backup: int = 0
     name = "sync"
-    staleness = 0
 
     def join_clock(self, view: View) -> int:
         return view.version
@@ -70,7 +69,6 @@ class Sync:
 @dataclass(frozen=True)
 class Async:
     name = "async"
-    staleness = 0
 
     def join_clock(self, view: View) -> int:
         return view.min_clock if view.clocks else 0

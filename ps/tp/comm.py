@@ -106,8 +106,3 @@ def all_reduce_max(value: int, tp: TPGroup) -> int:
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=tp.group)
     return int(t.item())
-
-
-def barrier(tp: TPGroup) -> None:
-    if tp.size > 1:
-        dist.barrier(group=tp.group)

@@ -11,7 +11,7 @@ from ps import wire
 from ps.compress import Compressor
 from ps.errors import InvalidArgument
 from ps.proto import ps_pb2 as pb
-from ps.serde import sparse_frame, tensor_frame, tensor_into
+from ps.serde import dense_frame, sparse_frame, tensor_into
 from ps.sharding import Plan, Slice
 
 Job = tuple[int, int, list[Slice], int]  # (shard, part, slices, num_parts) of one push request
@@ -103,7 +103,7 @@ class Codec:
         if self.comp.sparse:
             tensors = [sparse_frame(s.key, [s.length], *self.comp.sparsify(s.key, flat[s.key])) for s in given]
         else:
-            tensors = [tensor_frame(s.key, flat[s.key]) for s in given]
+            tensors = [dense_frame(s.key, flat[s.key]) for s in given]
         return wire.push_frame(header, tensors)
 
 

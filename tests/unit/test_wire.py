@@ -7,14 +7,14 @@ from hypothesis import strategies as st
 
 from ps import wire
 from ps.proto import ps_pb2 as pb
-from ps.serde import sparse_frame, tensor_frame, tensor_from_proto
+from ps.serde import dense_frame, sparse_frame, tensor_from_proto
 
 
 def _push():
     return wire.push_frame(
         pb.PushRequest(worker_id="w", plan_fingerprint="f", clock=3, base_version=2, part=1, num_parts=2),
-        [tensor_frame("a#0", torch.arange(6.0).reshape(2, 3)), tensor_frame("h#0", torch.ones(3, dtype=torch.bfloat16)),
-         sparse_frame("s#0", [8], torch.tensor([1, 5]), torch.tensor([2.0, -1.0])), tensor_frame("e#0", torch.ones(0))])
+        [dense_frame("a#0", torch.arange(6.0).reshape(2, 3)), dense_frame("h#0", torch.ones(3, dtype=torch.bfloat16)),
+         sparse_frame("s#0", [8], torch.tensor([1, 5]), torch.tensor([2.0, -1.0])), dense_frame("e#0", torch.ones(0))])
 
 
 def test_a_written_push_is_the_protobuf_message():
@@ -48,7 +48,7 @@ def test_push_pull_messages_nest_both_ways(walk):
     assert list(pb.PushPullRequest.FromString(request.tobytes()).pull_keys) == ["a#0", "b#1"]
     got = read_request(request.tobytes())
     assert got.pull_keys == ["a#0", "b#1"] and got.push.header.num_parts == 2 and len(got.push.grads) == 4
-    pull = wire.pull_response_frame(7, 2, [tensor_frame("a#0", torch.ones(4))])
+    pull = wire.pull_response_frame(7, 2, [dense_frame("a#0", torch.ones(4))])
     response = wire.push_pull_response_frame(pb.PushResponse(outcome=pb.PushResponse.APPLIED, version=7), pull)
     back = read_response(response.tobytes())
     assert back.push.version == 7 and (back.pull.header.version, back.pull.header.min_clock) == (7, 2)
@@ -85,7 +85,7 @@ def test_corrupted_real_pushes_never_raise(noise, at):
 
 def test_large_messages_are_walked_and_small_ones_parsed_to_the_same_result():
     big = wire.push_frame(pb.PushRequest(worker_id="w", clock=1, num_parts=1),
-                          [tensor_frame("a#0", torch.arange(float(wire.SMALL)))]).tobytes()
+                          [dense_frame("a#0", torch.arange(float(wire.SMALL)))]).tobytes()
     assert len(big) > wire.SMALL
     got = wire.read_push(big)
     assert got.grads[0].data.obj is big  # walked: the payload is a view of the received bytes
