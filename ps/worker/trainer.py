@@ -338,6 +338,11 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
             ahead = None
         if pulled != steps:  # the weights after the last step are not in place yet
             _pull(client, steps, binding)
+        if math.isnan(loss_value):  # no step was left to run (the job had finished): the weights' loss
+            log.info("%s: the servers are past step %d already; nothing left to train", cfg.worker_id, steps)
+            with torch.no_grad():
+                x, y = next(stream)
+                loss_value = float(model_loss(model, model(x.to(device)), y.to(device)))
         acc = accuracy(model, data.test, device) if data.test is not None else None
         result = TrainResult(steps, loss_value, acc, time.monotonic() - t0)
         metrics.write({"worker": cfg.worker_id, "final": True, "step": steps, "time": result.wall_time,

@@ -84,3 +84,21 @@ def test_the_local_rank_picks_the_gpu_and_must_be_an_integer(monkeypatch):
 def test_a_tensor_parallel_group_outwaits_its_ranks_retries():
     """A peer retrying a restarting server for --retry-timeout must not time the group out."""
     assert group_timeout(300.0) > 300.0 and group_timeout(1.0) == GROUP_TIMEOUT
+
+
+def test_running_a_finished_job_again_reports_the_weights_loss_not_nan(tmp_path):
+    server = create_server(ServerConfig(mode="sync"))
+    try:
+        results = []
+        for run in range(2):  # the second run finds the servers past the last step
+            cfg = WorkerConfig(servers=(server.address,), worker_id="w0", steps=5, device="cpu", eval_every=0,
+                               log_dir=str(tmp_path / str(run)))
+            torch.manual_seed(cfg.seed)
+            data = load_data(cfg.data)
+            with PSClient(cfg.servers, cfg.worker_id) as client:
+                results.append(train(cfg, client, build_model(cfg.model, data.input_shape, data.num_classes), data))
+    finally:
+        server.stop()
+    again = results[1]
+    assert again.final_loss == again.final_loss and 0 < again.final_loss < 10  # a number, not nan
+    assert again.test_accuracy == results[0].test_accuracy  # the same weights
