@@ -7,8 +7,10 @@ A checkpoint of shard k at version v is two files in the checkpoint directory:
                                       counters, and the SHA-256 of the tensor file
 Both are written to temporary names, flushed to disk and renamed; the manifest is renamed last,
 so a checkpoint exists only once it is complete. The newest KEEP checkpoints are kept. Loading
-checks the digest before parsing, so a truncated or corrupted file is reported by name and the
-next older checkpoint is used instead.
+checks the digest before parsing, so a truncated or corrupted file is reported by name, renamed
+aside (`*.json.corrupt`, `*.safetensors.corrupt`: kept for inspection, never counted or pruned
+as a checkpoint) and the next older checkpoint is used instead. A checkpoint that is intact but
+does not fit the server (another shard, mode or format) is reported and left as it is.
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ class CheckpointError(PSError):
     """No usable checkpoint (or one that does not fit this server)."""
 
     code = "FAILED_PRECONDITION"
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint's files are truncated, corrupted, missing or unparseable."""
+
+
+QUARANTINE_SUFFIX = ".corrupt"
 
 
 @dataclass
@@ -139,13 +148,13 @@ def _load_one(manifest_path: str, shard_id: int, num_shards: int, mode: str) -> 
         with open(tensor_path, "rb") as f:
             blob = f.read()
         if len(blob) != m["bytes"] or hashlib.sha256(blob).hexdigest() != m["sha256"]:
-            raise CheckpointError(f"{os.path.basename(tensor_path)} is truncated or corrupted "
+            raise DamagedCheckpoint(f"{os.path.basename(tensor_path)} is truncated or corrupted "
                                   f"({len(blob)} bytes, {m['bytes']} expected, digest mismatch)")
         tensors = st_load(blob)
         p = m["plan"]
         plan = make_plan([ParamSpec(n, tuple(s), d) for n, s, d in p["params"]], p["num_shards"], p["partition_bytes"])
         if plan.fingerprint != p["fingerprint"]:
-            raise CheckpointError("its plan does not reproduce its fingerprint")
+            raise DamagedCheckpoint("its plan does not reproduce its fingerprint")
         params, opt_state, acc = {}, {}, {}
         for name, t in tensors.items():
             kind, _, rest = name.partition("/")
@@ -158,10 +167,10 @@ def _load_one(manifest_path: str, shard_id: int, num_shards: int, mode: str) -> 
                 acc[rest] = t
         expected = {s.key for s in plan.slices_for(shard_id)}
         if set(params) != expected:
-            raise CheckpointError(f"it holds {len(params)} slices, not this shard's {len(expected)}")
+            raise DamagedCheckpoint(f"it holds {len(params)} slices, not this shard's {len(expected)}")
         counts = {str(k): int(v) for k, v in m.get("accumulated_counts", {}).items()}
         if not set(opt_state) <= expected or not set(acc) <= set(counts) <= expected:
-            raise CheckpointError("its optimizer state or partial sums name slices this shard does not hold")
+            raise DamagedCheckpoint("its optimizer state or partial sums name slices this shard does not hold")
         return Snapshot(
             shard_id, num_shards, mode, plan, OptimizerConfig(**m["optimizer"]), int(m["version"]),
             {str(k): int(v) for k, v in m["clocks"].items()},
@@ -170,12 +179,28 @@ def _load_one(manifest_path: str, shard_id: int, num_shards: int, mode: str) -> 
             [str(w) for w in m.get("active", [])], acc, counts, int(m.get("step_pushes", 0)))
     except CheckpointError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, PSError) as e:  # unreadable, bad JSON, bad safetensors
-        raise CheckpointError(f"{type(e).__name__}: {e}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, PSError) as e:  # unreadable, bad JSON or safetensors
+        raise DamagedCheckpoint(f"{type(e).__name__}: {e}") from None
+
+
+def quarantine(manifest_path: str) -> None:
+    """Rename a damaged checkpoint's files aside, so that they are neither loaded again nor
+    counted among the checkpoints kept (which would prune a good one in their place)."""
+    base = manifest_path[:-len(".json")]
+    for path in (manifest_path, base + ".safetensors"):
+        if not os.path.exists(path):
+            continue
+        try:
+            os.replace(path, path + QUARANTINE_SUFFIX)
+        except OSError as e:
+            log.error("checkpoint file %s could not be renamed aside: %s", path, e.strerror)
+        else:
+            log.warning("checkpoint file %s renamed to %s", path, os.path.basename(path) + QUARANTINE_SUFFIX)
 
 
 def load_latest(directory: str, shard_id: int, num_shards: int, mode: str) -> Snapshot:
-    """The newest checkpoint of this shard that loads; each one that does not is reported."""
+    """The newest checkpoint of this shard that loads; each one that does not is reported, and
+    a damaged one is quarantined."""
     errors = []
     for path in candidates(directory, shard_id):
         try:
@@ -183,6 +208,8 @@ def load_latest(directory: str, shard_id: int, num_shards: int, mode: str) -> Sn
         except CheckpointError as e:
             log.error("checkpoint %s is unusable: %s; trying the previous one", path, e)
             errors.append(f"{os.path.basename(path)}: {e}")
+            if isinstance(e, DamagedCheckpoint):
+                quarantine(path)
             continue
         return snap
     if not errors:

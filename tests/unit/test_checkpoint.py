@@ -101,6 +101,33 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_p
     assert all(torch.equal(a, b) for a, b in zip(good.values(), weights(new).values()))
 
 
+def test_a_damaged_checkpoint_is_quarantined_and_pruning_keeps_two_good_ones(tmp_path, caplog):
+    shard, plan = trained_shard("async", OPTIMIZERS[0], steps=1)
+    checkpoint.save(str(tmp_path), shard.snapshot())
+    shard.push("a", plan.fingerprint, 1, shard.version, [("w#0", torch.ones(6))], 0, 1)
+    checkpoint.save(str(tmp_path), shard.snapshot())
+    (tmp_path / "shard-0-v000000000002.safetensors").write_bytes(b"\0" * 10)
+    with caplog.at_level(logging.WARNING, logger="ps.server"):
+        assert checkpoint.load_latest(str(tmp_path), 0, 1, "async").version == 1
+    assert "renamed to shard-0-v000000000002.json.corrupt" in caplog.text
+    later, _ = trained_shard("async", OPTIMIZERS[0], steps=5)  # the restored shard went on to version 5
+    checkpoint.save(str(tmp_path), later.snapshot())
+    assert sorted(os.listdir(tmp_path)) == [
+        "shard-0-v000000000001.json", "shard-0-v000000000001.safetensors",
+        "shard-0-v000000000002.json.corrupt", "shard-0-v000000000002.safetensors.corrupt",
+        "shard-0-v000000000005.json", "shard-0-v000000000005.safetensors"]
+    assert [os.path.basename(c) for c in checkpoint.candidates(str(tmp_path), 0)] == [
+        "shard-0-v000000000005.json", "shard-0-v000000000001.json"]
+
+
+def test_a_checkpoint_that_only_does_not_fit_this_server_is_left_as_it_is(tmp_path):
+    shard, _ = trained_shard("sync", OPTIMIZERS[0], steps=1)
+    checkpoint.save(str(tmp_path), shard.snapshot())
+    with pytest.raises(CheckpointError, match="in mode 'sync'"):
+        checkpoint.load_latest(str(tmp_path), 0, 1, "async")
+    assert checkpoint.load_latest(str(tmp_path), 0, 1, "sync").version == 1
+
+
 def test_no_usable_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint of shard 0"):
         checkpoint.load_latest(str(tmp_path), 0, 1, "sync")
