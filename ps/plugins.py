@@ -4,9 +4,28 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from typing import Any, Callable
 
 from ps.errors import InvalidArgument
+
+
+def _import(module_name: str) -> Any:
+    """Import `module_name` from the Python path, else from the working directory. `python -m`
+    puts the working directory on the path and installed console scripts do not: this makes
+    `ps-launch --model mypkg.job:model` work where `python -m ps.cli.launch` does. The directory
+    is searched last, so it never shadows an installed module."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        cwd = os.getcwd()
+        top = module_name.split(".")[0]
+        if e.name != top or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)
+        importlib.invalidate_caches()
+        return importlib.import_module(module_name)
 
 
 def load_object(spec: str) -> Any:
@@ -14,9 +33,10 @@ def load_object(spec: str) -> Any:
     if not sep or not module_name or not attr:
         raise InvalidArgument(f"plugin ({spec!r}) must look like package.module:factory")
     try:
-        module = importlib.import_module(module_name)
+        module = _import(module_name)
     except ImportError as e:
-        raise InvalidArgument(f"plugin ({spec!r}): cannot import {module_name!r}: {e}") from e
+        raise InvalidArgument(f"plugin ({spec!r}): cannot import {module_name!r} from the Python path or the "
+                              f"working directory ({os.getcwd()}): {e}") from e
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):

@@ -11,7 +11,9 @@ import sys
 import threading
 from typing import Any, Callable, Mapping
 
-from ps import compress
+import torch
+
+from ps import compress, data, models
 from ps.config import DEFAULT_PARTITION_BYTES, OPTIMIZERS, OptimizerConfig
 from ps.errors import InvalidArgument, PSError
 
@@ -23,10 +25,19 @@ def env_name(flag: str) -> str:
     return "PS_" + flag.lstrip("-").upper().replace("-", "_")
 
 
+def workers_at_servers(workers: int, tp: int) -> int:
+    """How many workers the servers count for `workers` data-parallel workers of `tp` ranks each:
+    every tensor-parallel rank registers and pushes as a worker of its own."""
+    return workers * tp
+
+
 def cluster_env(environ: Mapping[str, str]) -> dict[str, str]:
     """`environ`, plus PS_* defaults read from a TF_CONFIG-style cluster spec in TF_CONFIG:
     {"cluster": {"ps": [host:port, ...], "chief": [...], "worker": [...]},
      "task": {"type": "ps" | "chief" | "worker", "index": i}}.
+    Each chief or worker entry is one data-parallel worker (a tensor-parallel group of --tp ranks
+    is one entry): PS_NUM_WORKERS counts entries, for servers as for workers, and a server given
+    --tp counts each entry's ranks (see `workers_at_servers`), as ps-launch does.
     PS_* variables set explicitly win over the spec; flags win over both."""
     raw = environ.get("TF_CONFIG", "")
     if not raw.strip():
@@ -69,35 +80,76 @@ def add_tls_flags(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
              else "PEM CA that signed the servers' certificates (turns TLS on)")
 
 
+def _from_env(args: argparse.Namespace, dest: str) -> bool:
+    """Whether the value of `dest` is its PS_* variable's rather than a command-line flag's."""
+    name, value = getattr(args, ENV_SOURCES, {}).get(dest, ("", None))
+    return bool(name) and getattr(args, dest) == value
+
+
 def auth_token_from_args(args: argparse.Namespace) -> str:
-    if args.auth_token and args.auth_token_file:
-        raise InvalidArgument("give the auth token once: --auth-token or --auth-token-file, not both")
-    if not args.auth_token_file:
-        return args.auth_token
+    """The token from --auth-token or --auth-token-file. A flag beats the other one's PS_*
+    variable (flags win over the environment); both given the same way is refused, naming them
+    as they were given."""
+    token, token_file = args.auth_token, args.auth_token_file
+    if token and token_file:
+        env_token, env_file = _from_env(args, "auth_token"), _from_env(args, "auth_token_file")
+        if env_token and env_file:
+            raise InvalidArgument("PS_AUTH_TOKEN and PS_AUTH_TOKEN_FILE are both set; set one (an empty "
+                                  "PS_AUTH_TOKEN_FILE= unsets the file)")
+        if env_token == env_file:
+            raise InvalidArgument("give the auth token once: --auth-token or --auth-token-file, not both")
+        if env_file:
+            token_file = ""
+        else:
+            token = ""
+    if not token_file:
+        return token
     try:
-        with open(args.auth_token_file, encoding="utf-8") as f:
+        with open(token_file, encoding="utf-8") as f:
             token = f.read().strip()
     except OSError as e:
-        raise InvalidArgument(f"auth token file ({args.auth_token_file!r}) cannot be read: {e.strerror}") from None
+        raise InvalidArgument(f"auth token file ({token_file!r}) cannot be read: {e.strerror}") from None
     if not token:
-        raise InvalidArgument(f"auth token file ({args.auth_token_file!r}) is empty")
+        raise InvalidArgument(f"auth token file ({token_file!r}) is empty")
     return token
+
+
+# The namespace attribute that records which defaults came from PS_* variables: {dest: (name, value)}.
+ENV_SOURCES = "env_sources"
+
+
+class _Repeat(argparse.Action):
+    """A repeatable flag whose command-line values replace its PS_* variable's (comma-separated)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, [*([] if given is self.default else given), values])
 
 
 def add_flag(parser: argparse.ArgumentParser, flag: str, *, env: Mapping[str, str] | None = None,
              default: Any = None, help: str = "", **kwargs: Any) -> None:
-    """Add `flag`, its default taken from PS_<FLAG> when set; the help names the variable."""
+    """Add `flag`, its default taken from PS_<FLAG> when set; the help names the variable.
+    `action="append"` makes a repeatable flag, its variable a comma-separated list."""
     env = os.environ if env is None else env
     name = env_name(flag)
+    repeat = kwargs.get("action") == "append"
+    if repeat:
+        kwargs["action"], default = _Repeat, list(default or [])
     if name in env:
         raw = env[name]
         if kwargs.get("action") == "store_true":
             if raw.lower() not in _TRUE | _FALSE:
                 raise InvalidArgument(f"{name} ({raw!r}) must be one of 1/0, true/false, yes/no, on/off")
             default = raw.lower() in _TRUE
+        elif repeat:
+            default = [item.strip() for item in raw.split(",") if item.strip()]
         else:
             default = raw
-    parser.add_argument(flag, default=default, help=f"{help} [env {name}; default: %(default)s]", **kwargs)
+    action = parser.add_argument(flag, default=default, help=f"{help} [env {name}{', comma-separated' if repeat else ''}; "
+                                 "default: %(default)s]", **kwargs)
+    if name in env:
+        sources = parser.get_default(ENV_SOURCES) or {}
+        parser.set_defaults(**{ENV_SOURCES: {**sources, action.dest: (name, action.default)}})
 
 
 def add_optimizer_flags(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
@@ -134,8 +186,9 @@ def add_training_flags(parser: argparse.ArgumentParser, env: Mapping[str, str] |
                        worker_outputs: bool = True, ps_only: bool = True, epochs: float = 0.0) -> None:
     """Flags that ps-worker, ps-launch, ps-compare and the all-reduce baseline share (the
     comparison has its own outputs; `ps_only` adds wire compression and tensor parallelism)."""
-    add_flag(parser, "--model", env=env, default="mlp", help="mlp, cnn, or package.module:factory")
-    add_flag(parser, "--data", env=env, default="digits", help="digits, synthetic, or package.module:factory")
+    add_flag(parser, "--model", env=env, default="mlp", help=f"{', '.join(models.BUILTIN)}, or package.module:factory "
+             "(found on the Python path or in the working directory)")
+    add_flag(parser, "--data", env=env, default="digits", help=f"{', '.join(data.BUILTIN)}, or package.module:factory")
     add_flag(parser, "--batch-size", env=env, default=32, type=int, help="samples per step per worker")
     add_flag(parser, "--steps", env=env, default=0, type=int, help="steps per worker (overrides --epochs)")
     add_flag(parser, "--epochs", env=env, default=epochs, type=float, help="passes over each worker's data shard")
@@ -160,6 +213,21 @@ def add_training_flags(parser: argparse.ArgumentParser, env: Mapping[str, str] |
         add_flag(parser, "--eval-every", env=env, default=50, type=int, help="test accuracy every N steps (0: never)")
     add_flag(parser, "--partition-bytes", env=env, default=DEFAULT_PARTITION_BYTES, type=int,
              help="tensors larger than this are split into slices")
+
+
+def check_device(device: str) -> None:
+    """`--device cuda` where torch sees no CUDA device is refused at once, before connecting
+    (the choice of GPU is the trainer's; this touches no device)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgument("device ('cuda') was asked for but torch sees no CUDA device: use --device cpu or auto")
+
+
+def check_job(model: str, data_spec: str, device: str) -> None:
+    """Check the device, load the data and build the model once, so that a launcher refuses a
+    bad job before it starts any process (InvalidArgument names what is wrong)."""
+    check_device(device)
+    datasets = data.load_data(data_spec)
+    models.build_model(model, datasets.input_shape, datasets.num_classes)
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import IO, Mapping, Sequence
 
-from ps.cli.common import add_compress_flag, add_flag, add_training_flags, optimizer_from_args, run_main
+from ps.cli.common import add_compress_flag, add_flag, add_training_flags, check_job, optimizer_from_args, run_main
 from ps.compare import report
 from ps.compare.runner import RunResult
 from ps.compare.runner import run as run_one
@@ -26,10 +26,10 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
                   "(async, ssp), +early (sync, async, ssp)")
     add_flag(p, "--workers", env=env, default=4, type=int, help="workers per configuration")
     add_flag(p, "--servers", env=env, default=2, type=int, help="server shards per configuration")
-    p.add_argument("--straggler", action="append", default=[], metavar="WORKER:FACTOR",
-                   help="that worker's steps take FACTOR times longer (repeatable)")
-    p.add_argument("--kill", action="append", default=[], metavar="WORKER:STEP",
-                   help="SIGKILL that worker when it reaches STEP (repeatable)")
+    add_flag(p, "--straggler", env=env, action="append", metavar="WORKER:FACTOR",
+             help="that worker's steps take FACTOR times longer (repeatable)")
+    add_flag(p, "--kill", env=env, action="append", metavar="WORKER:STEP",
+             help="SIGKILL that worker when it reaches STEP (repeatable)")
     add_flag(p, "--target-accuracy", env=env, default=None, type=float, help="test accuracy that counts as reached")
     add_flag(p, "--target-loss", env=env, default=None, type=float, help="test loss that counts as reached")
     add_flag(p, "--out", env=env, default="runs/compare", help="output directory")
@@ -74,6 +74,7 @@ class Progress:
 
 
 def run(cfg: CompareConfig, out: IO[str] = sys.stdout) -> int:
+    check_job(cfg.model, cfg.data, cfg.device)  # a bad job is refused before any configuration runs
     os.makedirs(os.path.join(cfg.out, "logs"), exist_ok=True)
     out.write(f"ps-compare: {report.describe(cfg)}\n")
     progress = Progress(out)
@@ -94,8 +95,19 @@ def run(cfg: CompareConfig, out: IO[str] = sys.stdout) -> int:
     return 0 if all(r.error is None or r.spec.mode == "allreduce" and cfg.kills for r in results) else 1
 
 
+# This command's own WORKER:VALUE lists; its workers get their own --straggler / --kill-at and
+# must not take PS_STRAGGLER for the default of theirs (a factor).
+_COMPARE_ONLY = ("PS_STRAGGLER", "PS_KILL")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main("ps-compare", lambda: run(config_from_args(build_parser().parse_args(argv))), stop_on_sigterm=True)
+    def body() -> int:
+        cfg = config_from_args(build_parser().parse_args(argv))
+        for name in _COMPARE_ONLY:
+            os.environ.pop(name, None)
+        return run(cfg)
+
+    return run_main("ps-compare", body, stop_on_sigterm=True)
 
 
 if __name__ == "__main__":

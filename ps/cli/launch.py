@@ -13,7 +13,7 @@ from typing import IO, Mapping, Sequence
 
 import torch
 
-from ps.cli.common import add_flag, add_training_flags, run_main
+from ps.cli.common import add_flag, add_training_flags, check_job, run_main, workers_at_servers
 from ps.cli.server import READY_PREFIX
 from ps.config import MODES
 from ps.data import evaluate, load_data
@@ -60,16 +60,22 @@ def _forward(name: str, stream: IO[str], out: IO[str]) -> None:
 _CLUSTER_ONLY = ("TF_CONFIG", "PS_AUTH_TOKEN", "PS_AUTH_TOKEN_FILE", "PS_TLS_CERT", "PS_TLS_KEY", "PS_TLS_CA")
 
 
-def _child_env() -> dict[str, str]:
+def child_env(local_rank: int | None = None) -> dict[str, str]:
+    """The environment of a process this launcher starts; a worker's `local_rank` (its index
+    among this host's workers) becomes LOCAL_RANK, from which it picks its GPU."""
     env = {k: v for k, v in os.environ.items() if k not in _CLUSTER_ONLY}
     env.setdefault("OMP_NUM_THREADS", "1")  # N processes on few cores: no oversubscription
     env["PYTHONUNBUFFERED"] = "1"
+    if local_rank is not None:
+        env["LOCAL_RANK"] = str(local_rank)
     return env
 
 
-def _spawn(module: str, argv: Sequence[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", module, *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=_child_env())
+def _spawn(module: str, argv: Sequence[str], local_rank: int | None = None) -> subprocess.Popen:
+    # `python -m` in the launcher's working directory puts it on the child's path: user modules
+    # there (`--model mypkg.job:model`) import in every process as they do in this one.
+    return subprocess.Popen([sys.executable, "-m", module, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=child_env(local_rank))
 
 
 def _wait_ready(name: str, popen: subprocess.Popen, out: IO[str]) -> Proc:
@@ -101,8 +107,9 @@ def start_servers(num: int, mode: str, num_workers: int, *, staleness: int = 0, 
     return procs
 
 
-def start_worker(name: str, argv: Sequence[str], out: IO[str] = sys.stdout, module: str = "ps.cli.worker") -> Proc:
-    popen = _spawn(module, argv)
+def start_worker(name: str, argv: Sequence[str], out: IO[str] = sys.stdout, module: str = "ps.cli.worker",
+                 local_rank: int | None = None) -> Proc:
+    popen = _spawn(module, argv, local_rank)
     threading.Thread(target=_forward, args=(name, popen.stdout, out), daemon=True).start()
     return Proc(name, popen)
 
@@ -189,8 +196,10 @@ def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
     if args.prefetch and args.mode == "sync":
         raise InvalidArgument("--prefetch needs --mode async or ssp: in sync mode the next step's weights exist only "
                               "once every worker has pushed this step")
-    servers = start_servers(int(args.servers), args.mode, int(args.workers) * int(args.tp), staleness=int(args.staleness),
-                            worker_timeout=float(args.worker_timeout), host=args.host, out=out)
+    check_job(args.model, args.data, args.device)  # a bad job is refused before any process starts
+    servers = start_servers(int(args.servers), args.mode, workers_at_servers(int(args.workers), int(args.tp)),
+                            staleness=int(args.staleness), worker_timeout=float(args.worker_timeout), host=args.host,
+                            out=out)
     workers: list[Proc] = []
     try:
         addresses = ",".join(p.address for p in servers)
@@ -198,7 +207,7 @@ def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
         for r in range(int(args.workers)):
             workers.append(start_worker(f"worker-{r}", ["--servers", addresses, "--rank", str(r),
                                                         "--num-workers", str(args.workers), "--no-progress",
-                                                        *training_argv(args)], out))
+                                                        *training_argv(args)], out, local_rank=r))
         error = supervise(workers, servers, float(args.timeout))
         if error:
             out.write(f"ps-launch: {error}; stopping the cluster\n")

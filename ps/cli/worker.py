@@ -9,8 +9,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ps.cli.common import (add_auth_flags, add_flag, add_tls_flags, add_training_flags, auth_token_from_args, cluster_env,
-                           optimizer_from_args, run_main, setup_logging)
+from ps.cli.common import (add_auth_flags, add_flag, add_tls_flags, add_training_flags, auth_token_from_args,
+                           check_device, cluster_env, optimizer_from_args, run_main, setup_logging)
 from ps.config import WorkerConfig
 from ps.data import Datasets, load_data
 from ps.errors import InvalidArgument
@@ -47,6 +47,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     rank = int(args.rank)
+    check_device(args.device)
     return WorkerConfig(
         servers=tuple(s.strip() for s in args.servers.split(",") if s.strip()),
         worker_id=args.worker_id or f"worker-{rank}", rank=rank, num_workers=int(args.num_workers),

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ps import tls, wire
 from ps.config import ServerConfig, checkpoint_interval, grpc_options
+from ps.errors import PSError
 from ps.server import checkpoint, metrics
 from ps.server.auth import TokenInterceptor
 from ps.server.optim import warm_up
@@ -23,6 +26,37 @@ from ps.server.shard import Shard
 
 log = logging.getLogger("ps.server")
 SERVICE_NAME = wire.SERVICE
+
+
+class BindError(PSError, OSError):
+    """The server's address cannot be bound: in use, or not an address of this machine."""
+
+    code = "UNAVAILABLE"
+
+
+def check_bindable(host: str, port: int) -> None:
+    """Raise BindError, with the reason, when no socket can listen on host:port. Asked before
+    gRPC binds, whose own failure names no reason (and logs a line of its own)."""
+    address = f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise BindError(f"cannot bind {address}: host {host!r} does not resolve ({e.strerror})") from None
+    failures = []
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no obstacle
+            try:
+                probe.bind(sockaddr)
+            except OSError as e:
+                failures.append(e)
+    # gRPC listens on every resolved address it can bind: one in use would split the clients.
+    if any(e.errno == errno.EADDRINUSE for e in failures):
+        raise BindError(f"address in use: {address} (another process listens there)")
+    if failures and len(failures) == len(infos):
+        if failures[0].errno == errno.EADDRNOTAVAIL:
+            raise BindError(f"cannot bind {address}: {host} is not an address of this machine")
+        raise BindError(f"cannot bind {address}: {failures[0].strerror}")
 
 
 class RunningServer:
@@ -66,13 +100,16 @@ class RunningServer:
 
 
 class Checkpointer:
-    """Writes the shard's checkpoints every `checkpoint_every` (seconds or updates), on a thread
-    of its own; a failed write is logged and the previous checkpoint stays."""
+    """Writes the shard's checkpoints on a thread of its own: once as soon as the shard is
+    initialised (a server that dies before its first interval comes back with the initial
+    weights, not empty), then every `checkpoint_every` (seconds or updates); a failed write is
+    logged and the previous checkpoint stays."""
 
     def __init__(self, shard: Shard, stop: threading.Event):
         self.shard, self._stop = shard, stop
         self.seconds, self.steps = checkpoint_interval(shard.cfg.checkpoint_every)
         self._saved_version = shard.version
+        self._saved_init = shard.store.initialized  # restored: its checkpoint is on disk already
         self._lock = threading.Lock()
         threading.Thread(target=self._loop, daemon=True, name="ps-checkpoint").start()
 
@@ -95,6 +132,11 @@ class Checkpointer:
         last = time.monotonic()
         # Checked often when counting updates, so at most about one interval is ever lost.
         while not self._stop.wait(0.1 if self.seconds else 0.01):
+            if not self._saved_init and self.shard.store.initialized:
+                self._saved_init = True  # one try: a failed write is logged and the schedule goes on
+                self.save()
+                last = time.monotonic()
+                continue
             changed = self.shard.version != self._saved_version
             due = (time.monotonic() - last >= self.seconds if self.seconds
                    else self.shard.version - self._saved_version >= self.steps)
@@ -128,9 +170,9 @@ async def _serve(shard: Shard, pool: ThreadPoolExecutor) -> tuple:
         port = (server.add_secure_port(address, tls.server_credentials(scfg.tls_cert, scfg.tls_key, scfg.tls_ca))
                 if scfg.tls_cert else server.add_insecure_port(address))
     except RuntimeError as e:  # grpc.aio raises where the threaded server returned 0
-        raise OSError(f"could not bind {address}: address in use or not an address of this machine") from e
+        raise BindError(f"could not bind {address}: address in use or not an address of this machine") from e
     if port == 0:
-        raise OSError(f"could not bind {address}: address in use or not an address of this machine")
+        raise BindError(f"could not bind {address}: address in use or not an address of this machine")
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -139,6 +181,7 @@ async def _serve(shard: Shard, pool: ThreadPoolExecutor) -> tuple:
 
 def create_server(cfg: ServerConfig) -> RunningServer:
     """Start serving `cfg` and return at once; the caller owns the returned server."""
+    check_bindable(cfg.host, cfg.port)
     warm_up()
     shard = Shard(cfg)
     found = checkpoint.candidates(cfg.checkpoint_dir, cfg.shard_id) if cfg.checkpoint_dir else []

@@ -1,11 +1,12 @@
 """TF_CONFIG cluster specs and auth-token flags, as the CLIs read them."""
 
 import json
+import os
 
 import pytest
 
-from ps.cli import server, worker
-from ps.cli.common import auth_token_from_args, cluster_env
+from ps.cli import compare, launch, server, worker
+from ps.cli.common import auth_token_from_args, cluster_env, workers_at_servers
 from ps.errors import InvalidArgument
 
 CLUSTER = {"ps": ["ps-0.ps:5000", "ps-1.ps:5001"], "chief": ["w-0:1"], "worker": ["w-1:1", "w-2:1"]}
@@ -63,3 +64,80 @@ def test_the_auth_token_comes_from_a_flag_or_a_file(tmp_path):
 def test_bad_auth_token_flags_are_refused(argv, rule):
     with pytest.raises(InvalidArgument, match=rule):
         auth_token_from_args(server.build_parser({}).parse_args(argv))
+
+
+def test_a_server_with_tp_counts_every_rank_of_each_tf_config_worker_as_ps_launch_does():
+    env = {**tf_config("ps", 0), "PS_TP": "2"}
+    cfg = server.config_from_args(server.build_parser(env).parse_args([]))
+    assert cfg.num_workers == 3 * 2 == workers_at_servers(3, 2)
+    assert server.config_from_args(server.build_parser(tf_config("ps", 0)).parse_args(["--tp", "4"])).num_workers == 12
+    # a worker's --num-workers stays the number of data-parallel workers (TF_CONFIG entries)
+    wcfg = worker.config_from_args(worker.build_parser({**tf_config("worker", 0), "PS_TP": "2"}).parse_args(["--steps", "1"]))
+    assert (wcfg.num_workers, wcfg.tp) == (3, 2)
+
+
+def test_ps_launch_tells_its_servers_the_count_a_tf_config_server_derives(monkeypatch):
+    seen = {}
+
+    def fake_start_servers(num, mode, num_workers, **kwargs):
+        seen["num_workers"] = num_workers
+        raise InvalidArgument("stop here")
+
+    monkeypatch.setattr(launch, "start_servers", fake_start_servers)
+    with pytest.raises(InvalidArgument, match="stop here"):
+        launch.run(launch.build_parser({}).parse_args(["--workers", "3", "--tp", "2", "--steps", "1"]))
+    tf_server = server.config_from_args(server.build_parser({**tf_config("ps", 0), "PS_TP": "2"}).parse_args([]))
+    assert seen["num_workers"] == tf_server.num_workers == 6
+
+
+def test_a_tp_below_one_is_refused_by_the_server():
+    with pytest.raises(InvalidArgument, match=r"tp \(0\) must be >= 1"):
+        server.config_from_args(server.build_parser({}).parse_args(["--tp", "0"]))
+
+
+def test_both_token_variables_set_is_refused_naming_the_variables(tmp_path):
+    (tmp_path / "t").write_text("from-file\n")
+    env = {"PS_AUTH_TOKEN": "abc", "PS_AUTH_TOKEN_FILE": str(tmp_path / "t")}
+    with pytest.raises(InvalidArgument) as info:
+        auth_token_from_args(server.build_parser(env).parse_args([]))
+    assert str(info.value).startswith("PS_AUTH_TOKEN and PS_AUTH_TOKEN_FILE are both set; set one")
+    assert auth_token_from_args(server.build_parser({**env, "PS_AUTH_TOKEN_FILE": ""}).parse_args([])) == "abc"
+
+
+def test_a_token_flag_wins_over_the_other_ones_variable(tmp_path):
+    (tmp_path / "t").write_text("from-file\n")
+    given_file = server.build_parser({"PS_AUTH_TOKEN": "abc"}).parse_args(["--auth-token-file", str(tmp_path / "t")])
+    assert auth_token_from_args(given_file) == "from-file"
+    given_token = worker.build_parser({"PS_AUTH_TOKEN_FILE": str(tmp_path / "t")}).parse_args(["--auth-token", "xyz"])
+    assert auth_token_from_args(given_token) == "xyz"
+
+
+def test_compare_faults_have_environment_variables_that_flags_replace(monkeypatch):
+    env = {"PS_STRAGGLER": "3:4, 1:2", "PS_KILL": "0:10"}
+    args = compare.build_parser(env).parse_args([])
+    assert (args.straggler, args.kill) == (["3:4", "1:2"], ["0:10"])
+    args = compare.build_parser(env).parse_args(["--straggler", "2:3", "--straggler", "0:2"])
+    assert (args.straggler, args.kill) == (["2:3", "0:2"], ["0:10"])
+    assert compare.build_parser({}).parse_args([]).straggler == []
+    help_text = " ".join(compare.build_parser({}).format_help().split())
+    assert "[env PS_STRAGGLER, comma-separated" in help_text and "[env PS_KILL, comma-separated" in help_text
+
+
+def test_compare_keeps_its_fault_lists_from_its_workers_environment(monkeypatch):
+    monkeypatch.setenv("PS_STRAGGLER", "1:3")
+    seen = {}
+
+    def fake_run(cfg):
+        seen["stragglers"], seen["env"] = cfg.stragglers, os.environ.get("PS_STRAGGLER")
+        return 0
+
+    monkeypatch.setattr(compare, "run", fake_run)
+    monkeypatch.setattr("signal.signal", lambda *args: None)  # main's SIGTERM handler stays out of pytest
+    assert compare.main(["--workers", "2"]) == 0
+    assert seen == {"stragglers": {1: 3.0}, "env": None}  # a worker would read "1:3" as its --straggler factor
+
+
+def test_ps_launch_gives_each_worker_its_local_rank(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "7")
+    assert launch.child_env(3)["LOCAL_RANK"] == "3"
+    assert launch.child_env()["LOCAL_RANK"] == "7"  # a server's environment is left as it is
