@@ -40,10 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train(cfg: WorkerConfig, master: str) -> float | None:
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.rank)  # a GPU of its own, chosen as the ps workers choose theirs
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(cfg.rank % torch.cuda.device_count())
     dist.init_process_group(backend, init_method=f"tcp://{master}", rank=cfg.rank, world_size=cfg.num_workers,
                             timeout=timedelta(seconds=120))
     try:

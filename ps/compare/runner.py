@@ -113,7 +113,7 @@ def run_ps(spec: RunSpec, cfg: CompareConfig, log: IO[str], progress: Callable[[
         for r in range(cfg.workers):
             workers.append(start_worker(f"worker-{r}", ["--servers", addresses, "--num-workers", str(cfg.workers),
                                                         "--no-progress", "--eval-every", "0", *_argv(cfg, r, log_dir, spec=spec)],
-                                        log))
+                                        log, local_rank=r))
         thread = threading.Thread(target=monitor, daemon=True)
         thread.start()
         result.error = supervise(workers, servers, cfg.timeout, may_die=_may_die(cfg))
@@ -142,7 +142,7 @@ def run_allreduce(spec: RunSpec, cfg: CompareConfig, log: IO[str], progress: Cal
     port = free_port()
     workers = [start_worker(f"worker-{r}", ["--world-size", str(cfg.workers), "--master-port", str(port),
                                             "--eval-every", str(eval_every), *_argv(cfg, r, log_dir, ps=False)],
-                            log, module="ps.baselines.allreduce") for r in range(cfg.workers)]
+                            log, module="ps.baselines.allreduce", local_rank=r) for r in range(cfg.workers)]
     try:
         result.error = supervise(workers, [], cfg.timeout, may_die=_may_die(cfg))
         if result.error is None and cfg.kills:
