@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Build a local base image for the ps Dockerfile where no image can be pulled: a Debian rootfs
-# (debootstrap) with Python 3 and a virtual environment holding torch, imported into Docker.
-# The Dockerfile's default base is a public CUDA PyTorch runtime image; pass this one instead:
-#   deploy/base-image.sh [--wheels DIR] [--tag ps-base:local]
+# (debootstrap) with Python 3 and a virtual environment holding torch at the version the
+# Dockerfile pins (its TORCH_VERSION; the image build keeps that torch), imported into Docker.
+# The Dockerfile's default base is the official Python image; pass this one instead:
+#   deploy/base-image.sh [--wheels DIR] [--tag ps-base:local]      (as root: debootstrap, chroot)
 #   docker build --network host --build-arg BASE_IMAGE=ps-base:local -t ps:local .
-# --wheels DIR: a directory of wheels pip may use (e.g. a local CPU torch wheel).
+# --wheels DIR: a directory of wheels pip may use (e.g. a local CPU torch 2.13.0 wheel); without
+#   it pip downloads torch from the package index.
 # --ca-bundle FILE: CA certificates to trust (default: $PIP_CERT when set), for sites whose
 #   package traffic passes through a proxy with its own CA; the image's pip keeps trusting them.
 set -euo pipefail
@@ -13,7 +15,7 @@ tag=ps-base:local
 wheels=""
 ca_bundle=${PIP_CERT:-}
 suite=bookworm
-torch_spec=${TORCH_SPEC:-torch==2.13.0}
+torch_version=2.13.0  # the Dockerfile's TORCH_VERSION: keep the two equal
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --wheels) wheels=$2; shift 2 ;;
@@ -49,7 +51,7 @@ if [[ -n "$wheels" ]]; then
   find_links=(--find-links /tmp/wheels)
 fi
 chroot "$rootfs" python3 -m venv /opt/venv
-PIP_FIND_LINKS="" chroot "$rootfs" /opt/venv/bin/pip install --no-cache-dir "${find_links[@]}" "$torch_spec"
+PIP_FIND_LINKS="" chroot "$rootfs" /opt/venv/bin/pip install --no-cache-dir "${find_links[@]}" "torch==$torch_version"
 rm -rf "$rootfs/tmp/wheels" "$rootfs/var/cache/apt/archives"/*.deb "$rootfs/var/lib/apt/lists"/*
 tar -C "$rootfs" -c . | docker import \
   --change 'ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \

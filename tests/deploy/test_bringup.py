@@ -11,7 +11,8 @@ import subprocess
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEFAULT_BASE = "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime"
+with open(os.path.join(ROOT, "Dockerfile"), encoding="utf-8") as f:
+    DEFAULT_BASE = re.search(r"^ARG BASE_IMAGE=(\S+)$", f.read(), re.M).group(1)
 
 
 def _ok(argv):
