@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # A real bring-up of the compose cluster: build the image, start 2 servers and 2 workers (CPU
 # override unless --gpu), wait for the workers to finish, check the final test accuracy they
-# report, and tear everything down (containers, network, volume) whatever happened.
+# report, and tear everything down (containers, network, volume) whatever happened. It ends when
+# the workers end: with status 0 when both finished and reached the target, with a worker's own
+# exit code when one failed, 1 otherwise.
 #   deploy/bringup.sh [--base-image IMG] [--gpu] [--target 0.93] [--epochs 20] [--timeout 900]
 #                     [--project NAME] [--image TAG]
 # --base-image: the Dockerfile's BASE_IMAGE (default: the Dockerfile's own default); where no
 #   image can be pulled, build one first with deploy/base-image.sh and pass ps-base:local.
+# COMPOSE_HTTP_TIMEOUT (seconds compose waits for the engine) is raised to 300 unless set: on a
+# slow storage driver (vfs) creating a container can take longer than compose's default 60 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +33,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
+export COMPOSE_HTTP_TIMEOUT=${COMPOSE_HTTP_TIMEOUT:-300}
 start=$(date +%s)
 build_args=()
 [[ -n "$base_image" ]] && build_args=(--build-arg "BASE_IMAGE=$base_image")
@@ -41,7 +46,7 @@ python3 -c 'import secrets; print(secrets.token_hex(32))' > "$secrets/auth_token
 # must be able to read it.
 chmod 755 "$secrets"
 chmod 644 "$secrets/auth_token"
-export PS_IMAGE=$image PS_AUTH_TOKEN_PATH=$secrets/auth_token PS_EPOCHS=$epochs
+export PS_IMAGE=$image PS_AUTH_TOKEN_FILE=$secrets/auth_token PS_EPOCHS=$epochs
 files=(-f deploy/docker-compose.yml)
 workers=(worker-0 worker-1)
 if [[ $gpu == 0 ]]; then
@@ -78,7 +83,7 @@ for w in "${workers[@]}"; do
   if [[ $code != 0 ]]; then
     echo "bringup.sh: $w exited with code $code" >&2
     "${compose[@]}" logs --no-color --tail 50 >&2
-    exit 1
+    exit "$code"
   fi
 done
 
