@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, default_collate
 
 from ps.errors import InvalidArgument
 from ps.plugins import call_with_known, load_object
@@ -108,17 +108,91 @@ def steps_per_epoch(n: int, world: int, batch_size: int) -> int:
     return max(1, math.ceil(math.ceil(n / world) / batch_size))
 
 
+class EpochBatches(Sampler):
+    """Endless batches of indices out of `indices`: a shuffled order per epoch from a generator
+    seeded by `seed`, and when fewer than `batch_size` are left of an epoch, the next epoch's order is
+    appended to them, so every batch is full and the remainder leads the next batch."""
+
+    def __init__(self, indices: list[int], batch_size: int, seed: int) -> None:
+        if batch_size < 1 or not indices:
+            raise InvalidArgument(f"batches need batch_size >= 1 ({batch_size}) and some indices ({len(indices)})")
+        self.indices, self.batch_size, self.seed = list(indices), batch_size, seed
+
+    def __iter__(self) -> Iterator[list[int]]:
+        gen = torch.Generator().manual_seed(self.seed)
+        epoch: list[int] = []
+        at = 0  # epoch[at:] is still to come (a cursor: slicing off each batch would copy the rest)
+        while True:
+            if len(epoch) - at < self.batch_size:
+                order = torch.randperm(len(self.indices), generator=gen).tolist()
+                epoch, at = epoch[at:] + [self.indices[i] for i in order], 0
+            yield epoch[at:at + self.batch_size]
+            at += self.batch_size
+
+
+def collate(samples: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of (input, target) samples, stacked along a new first dimension; a target
+    goes through torch.as_tensor first (a Python int becomes int64, a float the default dtype). In
+    a loader's worker the stack is written straight into shared memory (default_collate's way)."""
+    xs, ys = zip(*samples)
+    return (default_collate([torch.as_tensor(x) for x in xs]),
+            default_collate([torch.as_tensor(y) for y in ys]))
+
+
+class _Batch(Dataset):
+    """`dataset` read a batch at a time: `[indices]` is one (inputs, targets) pair. A TensorDataset
+    of (inputs, targets) is indexed with the whole list (one index_select per tensor: the same values as
+    stacking its samples); any other dataset is read sample by sample and collated."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        plain = type(dataset) is TensorDataset and len(dataset.tensors) == 2  # a subclass may override __getitem__
+        self.tensors = dataset.tensors if plain else None
+
+    def __getitem__(self, take: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tensors is not None:
+            index = torch.tensor(take, dtype=torch.long)
+            return self.tensors[0].index_select(0, index), self.tensors[1].index_select(0, index)
+        return collate([self.dataset[i] for i in take])
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def _pair(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch
+
+
+def loader(dataset: Dataset, indices: list[int], batch_size: int, seed: int, *, workers: int = 0,
+           pin_memory: bool = False, prefetch: int = 4,
+           start_method: str = "spawn") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless shuffled (inputs, targets) batches over `indices` (EpochBatches' order, deterministic
+    per seed), read by a torch DataLoader.
+
+    workers=0 reads in this process, on the caller's thread. workers > 0 reads in that many
+    persistent worker processes, `prefetch` batches ahead each, started with `start_method`
+    ("spawn": safe beside the client's threads; the dataset must pickle and its class import).
+    Starting them costs seconds (each imports torch), so they pay off only when __getitem__ is
+    costly (decoding, augmenting); the built-in in-memory datasets are gathered a batch at a time
+    and need none. The batches do not depend on `workers`.
+
+    pin_memory=True puts batches in page-locked memory for a faster, non-blocking copy to a CUDA
+    device; it is ignored where CUDA is not available. The global torch RNG is left untouched."""
+    if workers < 0:
+        raise InvalidArgument(f"loader workers ({workers}) must be >= 0")
+    extra: dict[str, Any] = {}
+    if workers > 0:
+        extra = dict(persistent_workers=True, prefetch_factor=max(1, prefetch),
+                     multiprocessing_context=start_method)
+    data = DataLoader(_Batch(dataset), sampler=EpochBatches(indices, batch_size, seed), batch_size=None,
+                      collate_fn=_pair, num_workers=workers, pin_memory=pin_memory and torch.cuda.is_available(),
+                      generator=torch.Generator().manual_seed(seed), **extra)
+    return iter(data)
+
+
 def batches(dataset: Dataset, indices: list[int], batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless shuffled batches over `indices`, reshuffled each epoch (deterministic per seed)."""
-    gen = torch.Generator().manual_seed(seed)
-    epoch: list[int] = []
-    while True:
-        if len(epoch) < batch_size:
-            order = torch.randperm(len(indices), generator=gen).tolist()
-            epoch += [indices[i] for i in order]
-        take, epoch = epoch[:batch_size], epoch[batch_size:]
-        xs, ys = zip(*(dataset[i] for i in take))
-        yield torch.stack(xs), torch.stack([torch.as_tensor(t) for t in ys])
+    """`loader` in this process: endless shuffled batches over `indices`, reshuffled each epoch."""
+    return loader(dataset, indices, batch_size, seed)
 
 
 @torch.no_grad()
@@ -131,13 +205,14 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device, los
     model.eval()
     correct = total = tokens = 0
     loss_sum = 0.0
+    read = _Batch(dataset)
     for start in range(0, len(dataset), batch_size):
-        xs, ys = zip(*(dataset[i] for i in range(start, min(start + batch_size, len(dataset)))))
-        out = model(torch.stack(xs).to(device))
-        target = torch.stack([torch.as_tensor(t) for t in ys]).to(device)
+        x, target = read[list(range(start, min(start + batch_size, len(dataset))))]
+        out = model(x.to(device))
+        target = target.to(device)
         correct += int((out.argmax(-1) == target).sum())
-        loss_sum += float(loss_fn(out, target)) * len(xs)
-        total += len(xs)
+        loss_sum += float(loss_fn(out, target)) * len(x)
+        total += len(x)
         tokens += target.numel()
     model.train(was_training)
     return correct / max(1, tokens), loss_sum / max(1, total)
