@@ -172,6 +172,7 @@ class WorkerConfig:
     recompute: bool = False  # activation recomputation (models that support it)
     push_early: bool = False  # push each gradient as backward produces it (overlaps the push with backward)
     prefetch: bool = False    # async/ssp: pull the next step's weights while computing this one
+    loader_workers: int = 0   # DataLoader worker processes preparing batches (0: on the training thread)
     straggler: float = 1.0  # fault injection: this worker's steps take this many times longer
     kill_at: int = -1       # fault injection: SIGKILL this worker when it reaches this step (-1: never)
     auth_token: str = field(default="", repr=False)  # sent with every RPC when the servers require one
@@ -198,6 +199,7 @@ class WorkerConfig:
         compress.parse(self.compress)
         tls.check(self.tls_cert, self.tls_key, self.tls_ca, server=False)
         _check(self.tp >= 1, f"tp ({self.tp}) must be >= 1")
+        _check(self.loader_workers >= 0, f"loader_workers ({self.loader_workers}) must be >= 0")
         _check(self.micro_batches >= 1 and self.batch_size % self.micro_batches == 0,
                f"micro_batches ({self.micro_batches}) must be >= 1 and divide batch_size ({self.batch_size})")
         _check(math.isfinite(self.straggler) and self.straggler >= 1, f"straggler ({self.straggler}) must be >= 1")

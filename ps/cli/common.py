@@ -208,6 +208,9 @@ def add_training_flags(parser: argparse.ArgumentParser, env: Mapping[str, str] |
                  help="push each layer's gradient as soon as backward produces it (overlaps the push with backward)")
         add_flag(parser, "--prefetch", env=env, action="store_true", default=False,
                  help="async/ssp: pull the next step's weights while this step computes (one step staler)")
+        add_flag(parser, "--loader-workers", env=env, default=0, type=int,
+                 help="DataLoader worker processes preparing batches (0: on the training thread; pays for "
+                      "datasets whose samples cost time to read)")
     if worker_outputs:
         add_flag(parser, "--log-dir", env=env, default="", help="directory for JSONL metrics, one file per worker")
         add_flag(parser, "--eval-every", env=env, default=50, type=int, help="test accuracy every N steps (0: never)")

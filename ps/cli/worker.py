@@ -58,7 +58,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         retry_timeout=float(args.retry_timeout),
         straggler=float(args.straggler), kill_at=int(args.kill_at), tp=int(args.tp), compress=args.compress,
         micro_batches=int(args.micro_batches), recompute=bool(args.recompute),
-        push_early=bool(args.push_early), prefetch=bool(args.prefetch), auth_token=auth_token_from_args(args),
+        push_early=bool(args.push_early), prefetch=bool(args.prefetch),
+        loader_workers=int(args.loader_workers), auth_token=auth_token_from_args(args),
         tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
     )
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ps.config import WorkerConfig
-from ps.data import Datasets, accuracy, batches, shard_indices, steps_per_epoch
+from ps.data import Datasets, accuracy, loader, shard_indices, steps_per_epoch
 from ps.errors import InvalidArgument
 from ps.models import model_loss
 from ps.tp.binding import Binding, plain
@@ -268,8 +268,10 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
     start = all_reduce_max(client.setup(binding.init, cfg.optimizer), tp)
     if start == 0:
         _wait_for_everyone(client, cfg, cfg.num_workers * tp.size)
-    stream = batches(data.train, shard_indices(len(data.train), cfg.rank, cfg.num_workers),
-                     cfg.batch_size, cfg.seed * 1_000_003 + cfg.rank)
+    # A DataLoader over this worker's shard (its own sampler: the same batches in every mode),
+    # pinned host batches on CUDA so they are copied to the GPU without a staging copy.
+    stream = loader(data.train, shard_indices(len(data.train), cfg.rank, cfg.num_workers), cfg.batch_size,
+                    cfg.seed * 1_000_003 + cfg.rank, workers=cfg.loader_workers, pin_memory=device.type == "cuda")
     own = {k: binding.params[k] for k in binding.own}
     host = HostGrads(own, device)  # its pinned buffers serve either way of pushing
     early = EarlyPush(client, host) if cfg.push_early else None
@@ -311,7 +313,8 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
             x, y = next(stream)
             if early is not None:
                 early.begin(clock)
-            loss_value = _forward_backward(model, x.to(device), y.to(device), cfg.micro_batches,
+            loss_value = _forward_backward(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                                           cfg.micro_batches,
                                            early.arm if early is not None else None)
             if early is None and not cfg.prefetch:
                 results = _push_pull(client, host.collect(), clock, binding)  # the weights for clock + 1

@@ -102,3 +102,13 @@ def test_running_a_finished_job_again_reports_the_weights_loss_not_nan(tmp_path)
     again = results[1]
     assert again.final_loss == again.final_loss and 0 < again.final_loss < 10  # a number, not nan
     assert again.test_accuracy == results[0].test_accuracy  # the same weights
+
+
+def test_loader_worker_processes_give_the_same_training(tmp_path):
+    """--loader-workers moves batch preparation to DataLoader processes; the batches, and so the
+    weights, are the same."""
+    inline, _, _ = train_once("cpu", tmp_path / "inline", steps=6)
+    spawned, result, _ = train_once("cpu", tmp_path / "spawned", steps=6, loader_workers=2)
+    assert result.steps == 6
+    for name in inline:
+        assert torch.equal(spawned[name], inline[name]), name
