@@ -10,8 +10,8 @@
   refused) goes back into the residual too (`restore`), so nothing is lost.
 
 fp16's largest finite value is 65504: a slice holding a finite gradient entry beyond it travels
-in fp32 instead (the servers take any float dtype per tensor), rather than as inf, which the
-servers would refuse.
+in bf16 instead (fp32's range in the same 2 bytes, so requests keep their size; the servers take
+any float dtype per tensor), rather than as inf, which the servers would refuse.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from ps.errors import InvalidArgument
 
 CASTS = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-WIDE = torch.float32  # what a slice that overflows its cast travels in
+WIDE = torch.bfloat16  # what a slice that overflows fp16 travels in: fp32's range in the same 2 bytes
 RULE = "none, fp16, bf16 or topk:R with 0 < R <= 1"
 
 
@@ -71,7 +71,7 @@ class Compressor:
 
     def to_wire(self, t: torch.Tensor) -> torch.Tensor:
         """A slice (on the CPU) in the dtype it travels in: the cast, unless the cast turns a
-        finite entry into inf (fp16 beyond 65504), then fp32."""
+        finite entry into inf (fp16 beyond 65504), then bf16."""
         want = self.wire_dtype(t.dtype)
         out = t.to(want)
         if want != t.dtype and want == torch.float16 and bool(torch.isinf(out).any()) and bool(torch.isfinite(t).all()):
@@ -99,7 +99,9 @@ class Compressor:
         for key in keys:
             if key in self.sent:
                 idx, values = self.sent.pop(key)
-                self.residual[key].index_add_(0, idx, values)
+                acc = self.residual[key].index_add_(0, idx, values)
+                if not bool(torch.isfinite(acc).all()):  # a refused NaN/Inf gradient: owe nothing of it
+                    acc.zero_()
 
     def settled(self) -> None:
         """The current push is over: what it sent stays sent."""

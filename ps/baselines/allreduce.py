@@ -48,7 +48,9 @@ def train(cfg: WorkerConfig, master: str) -> float | None:
         torch.manual_seed(cfg.seed)
         data = load_data(cfg.data)
         model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        # find_unused_parameters: a parameter without a gradient is not waited for (and not
+        # stepped), as the ps servers treat it
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         opt = torch_optimizer(cfg.optimizer, ddp.parameters())
         steps = total_steps(cfg, len(data.train))
         stream = batches(data.train, shard_indices(len(data.train), cfg.rank, cfg.num_workers), cfg.batch_size,

@@ -50,6 +50,7 @@ from ps.worker.transport import RETRIED, Transport, gather_all
 
 log = logging.getLogger("ps.worker")
 REDO = (*RETRIED, UnknownWorker)  # a part failing so is sent again (see `_settle`)
+TAKEN = (pb.PushResponse.APPLIED, pb.PushResponse.ACCUMULATED, pb.PushResponse.DUPLICATE)
 
 
 class PushStream:
@@ -303,6 +304,8 @@ class PSClient:
             elif isinstance(r, REDO):
                 every.add(job[0])
             elif isinstance(r, PSError):
+                r.taken_shards = {job[0] for (job, _, _), x in zip(sent, results)
+                                  if not isinstance(x, PSError) and x.outcome in TAKEN}
                 raise r
         rejoin = self._m.rejoiner(clock)
 
@@ -334,8 +337,10 @@ class PSClient:
         comp = self._compressor
         try:
             results = push_results(responses())
-        except BaseException:
-            comp.restore(list(comp.sent))
+        except BaseException as e:  # owe again what the shards that did not take it were sent
+            taken = getattr(e, "taken_shards", None)
+            comp.restore(list(comp.sent) if taken is None else
+                         [s.key for job in jobs if job[0] not in taken for s in job[2]])
             comp.settled()
             raise
         if comp.sparse:
@@ -380,11 +385,22 @@ class PSClient:
             resp = await self._t.call(shard, "PushPull", req, rejoin=rejoin, waits=True)
             if isinstance(resp, wire.Malformed):
                 raise InvalidArgument(f"server {self.servers[shard]} sent a {resp.reason}")
+            if resp.push.outcome in TAKEN:
+                taken.add(shard)
             if resp.push.outcome != pb.PushResponse.EVICTED:
                 pulled.absorb(shard, resp.pull)
             return shard, resp.push
 
-        results = self._outcomes(jobs, lambda: self._t.run(gather_all([one(job) for job in jobs])))
+        taken: set[int] = set()
+
+        def responses():
+            try:
+                return self._t.run(gather_all([one(job) for job in jobs]))
+            except PSError as e:
+                e.taken_shards = taken
+                raise
+
+        results = self._outcomes(jobs, responses)
         if any(r["outcome"] == "EVICTED" for r in results):
             return results, {}
         return results, self._installed(pulled)

@@ -68,6 +68,10 @@ class Codec:
 
     def dtypes(self, grads: Mapping[str, torch.Tensor | None]) -> dict[str, torch.dtype]:
         """The dtype each gradient travels from (the parameter's own for one that has none)."""
+        unknown = [n for n in grads if n not in self.plan.specs]
+        if unknown:
+            raise InvalidArgument(f"gradient {unknown[0]!r} names no parameter of the plan "
+                                  f"(expected one of {sorted(self.plan.specs)[:5]})")
         return {n: g.dtype if g is not None else getattr(torch, self.plan.specs[n].dtype) for n, g in grads.items()}
 
     def layout(self, dtypes: Mapping[str, torch.dtype]) -> list[Job]:

@@ -281,6 +281,7 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
     straggler = Straggler(cfg.straggler)
     ahead, ahead_clock = None, -1  # weights being prefetched, and their clock
     evicted = False  # the last push came back EVICTED
+    stepped = False  # this process ran at least one step
     try:
         if cfg.prefetch and client.mode == "sync":
             raise InvalidArgument("prefetch needs async or ssp mode: in sync mode the next step's weights exist "
@@ -316,6 +317,7 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
             loss_value = _forward_backward(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
                                            cfg.micro_batches,
                                            early.arm if early is not None else None)
+            stepped = True
             if early is None and not cfg.prefetch:
                 results = _push_pull(client, host.collect(), clock, binding)  # the weights for clock + 1
             else:
@@ -341,11 +343,13 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
             ahead = None
         if pulled != steps:  # the weights after the last step are not in place yet
             _pull(client, steps, binding)
-        if math.isnan(loss_value):  # no step was left to run (the job had finished): the weights' loss
+        if not stepped:  # no step was left to run (the job had finished): the weights' loss
             log.info("%s: the servers are past step %d already; nothing left to train", cfg.worker_id, steps)
+            model.eval()
             with torch.no_grad():
                 x, y = next(stream)
                 loss_value = float(model_loss(model, model(x.to(device)), y.to(device)))
+            model.train()
         acc = accuracy(model, data.test, device) if data.test is not None else None
         result = TrainResult(steps, loss_value, acc, time.monotonic() - t0)
         metrics.write({"worker": cfg.worker_id, "final": True, "step": steps, "time": result.wall_time,

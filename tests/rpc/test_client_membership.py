@@ -122,7 +122,7 @@ def test_compressed_pushes_carry_fewer_bytes_and_apply_in_fp32(servers, compress
         c.close()
 
 
-def test_an_fp16_slice_beyond_its_range_travels_in_fp32_instead_of_as_inf(servers):
+def test_an_fp16_slice_beyond_its_range_travels_in_bf16_instead_of_as_inf(servers):
     (srv,) = servers(mode="async")
     c = PSClient([srv.address], "a", compress="fp16", partition_bytes=1024)
     try:
@@ -131,8 +131,10 @@ def test_an_fp16_slice_beyond_its_range_travels_in_fp32_instead_of_as_inf(server
         grad[3] = 1e5  # finite, above fp16's 65504
         before = srv.shard.stats()["bytes_pushed"]
         assert c.push({"w": grad}, 0)[0]["outcome"] == "APPLIED"
-        assert srv.shard.stats()["bytes_pushed"] - before == 256 * 4 + 256 * 2  # only that slice in fp32
-        assert torch.equal(c.pull(1)["w"], -grad)
+        assert srv.shard.stats()["bytes_pushed"] - before == 512 * 2  # that slice in bf16: the same size
+        want = grad.clone()
+        want[:256] = grad[:256].to(torch.bfloat16).float()
+        assert torch.equal(c.pull(1)["w"], -want)
     finally:
         c.close()
 
@@ -154,6 +156,39 @@ def test_topk_values_a_shard_did_not_take_are_owed_again(servers):
     finally:
         a.close()
         b.close()
+
+
+def test_topk_owes_again_only_what_the_shards_that_refused_a_push_were_sent(servers):
+    """One shard takes its part, the other refuses it (NaN): the taken part is not owed again (it
+    would be applied twice), and the refused NaN is not kept (it would poison every later push)."""
+    s0, s1 = servers(2, mode="async")
+    c = PSClient([s0.address, s1.address], "a", compress="topk:1.0")
+    try:
+        c.setup({"a": torch.zeros(4), "b": torch.zeros(4)}, SGD1)
+        bad = torch.ones(4)
+        bad[1] = float("nan")
+        for push in (c.push, lambda g, k: c.push_pull(g, k)):
+            with pytest.raises(Exception, match="NaN"):
+                push({"a": torch.ones(4), "b": bad}, 0)
+            assert torch.equal(c._compressor.residual["a#0"], torch.zeros(4)), "a taken part is owed again"
+            assert torch.isfinite(c._compressor.residual["b#0"]).all()
+        assert {r["outcome"] for r in c.push({"a": torch.zeros(4), "b": torch.ones(4)}, 1)} == {"APPLIED"}
+    finally:
+        c.close()
+
+
+def test_an_unknown_gradient_name_is_refused_clearly(servers):
+    from ps.errors import InvalidArgument
+
+    (srv,) = servers(mode="async")
+    c = PSClient([srv.address], "a")
+    try:
+        c.setup({"w": torch.zeros(4)}, SGD1)
+        for grad in (torch.ones(4), None):
+            with pytest.raises(InvalidArgument, match="'nope' names no parameter of the plan"):
+                c.push({"w": torch.ones(4), "nope": grad}, 0)
+    finally:
+        c.close()
 
 
 def test_an_unknown_compression_is_refused():
