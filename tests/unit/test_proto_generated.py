@@ -21,8 +21,68 @@ def test_committed_generated_code_matches_the_proto(tmp_path):
         assert fresh == committed, f"ps/proto/{name} is stale: regenerate it (see proto/ps/proto/ps.proto)"
 
 
-def test_generated_modules_import_inside_the_package():
-    from ps.proto import ps_pb2, ps_pb2_grpc
+class _Recorder:
+    """Stands in for a channel and a server: records what the generated code registers."""
 
-    assert ps_pb2_grpc.ParameterServerStub is not None
-    assert ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name == "ps.ParameterServer"
+    def __init__(self):
+        self.methods, self.handlers = {}, {}
+
+    def unary_unary(self, path, request_serializer=None, response_deserializer=None, **_):
+        self.methods[path] = (request_serializer, response_deserializer)
+        return path
+
+    def add_generic_rpc_handlers(self, handlers):
+        self.generic = handlers
+
+    def add_registered_method_handlers(self, service, handlers):
+        self.handlers[service] = handlers
+
+
+def _service():
+    from ps.proto import ps_pb2
+
+    service = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"]
+    return service, [(m.name, getattr(ps_pb2, m.input_type.name), getattr(ps_pb2, m.output_type.name))
+                     for m in service.methods]
+
+
+def test_every_rpc_of_the_service_has_a_stub_and_a_servicer_method_with_its_own_message_types():
+    from ps.proto import ps_pb2_grpc  # imports inside the package (ps.proto.ps_pb2, not a top-level ps_pb2)
+
+    service, methods = _service()
+    assert service.full_name == "ps.ParameterServer" and methods
+    channel, server = _Recorder(), _Recorder()
+    ps_pb2_grpc.ParameterServerStub(channel)
+    ps_pb2_grpc.add_ParameterServerServicer_to_server(ps_pb2_grpc.ParameterServerServicer(), server)
+    handlers = server.handlers["ps.ParameterServer"]
+    assert set(channel.methods) == {f"/ps.ParameterServer/{name}" for name, _, _ in methods}
+    assert set(handlers) == {name for name, _, _ in methods}
+    for name, request, response in methods:
+        serialize, deserialize = channel.methods[f"/ps.ParameterServer/{name}"]
+        assert (serialize, deserialize) == (request.SerializeToString, response.FromString), name
+        h = handlers[name]
+        assert (h.request_deserializer, h.response_serializer) == (request.FromString, response.SerializeToString)
+        assert h.unary_unary is not None, f"{name} must be unary-unary"
+
+
+def test_the_servers_handler_and_the_wire_stub_serve_every_rpc_of_the_service():
+    import grpc
+
+    from ps import wire
+    from ps.server.servicer import ParameterServerServicer
+
+    _, methods = _service()
+    servicer = ParameterServerServicer.__new__(ParameterServerServicer)  # its methods, not a shard
+    handler = wire.handler(servicer)
+    channel = _Recorder()
+    wire.Stub(channel)
+    for name, request, response in methods:
+        path = f"/ps.ParameterServer/{name}"
+        details = type("Details", (grpc.HandlerCallDetails,), {"method": path, "invocation_metadata": ()})()
+        served = handler.service(details)
+        assert served is not None and served.unary_unary is not None, f"{name} is not served"
+        assert served.unary_unary.__func__ is getattr(ParameterServerServicer, name)  # its own method
+        # Requests the generated stub writes are read by the server's deserializer.
+        read = served.request_deserializer(request().SerializeToString())
+        assert not isinstance(read, wire.Malformed), (name, read)
+        assert path in channel.methods, f"wire.Stub lacks {name}"
