@@ -1,4 +1,5 @@
-"""The committed generated modules are exactly what the .proto produces."""
+"""The committed generated modules are exactly what the .proto produces, and every RPC of the
+service is wired: generated stub and servicer, the server's handler and ps.wire's stub."""
 
 from pathlib import Path
 
