@@ -13,7 +13,11 @@ in Python) into the same structures. Any other client speaking the .proto
 interoperates; the generated stubs work against a ps-server unchanged.
 
 A reader never raises on hostile bytes: it returns `Malformed`, which the servicer answers with
-INVALID_ARGUMENT (a deserializer that raised would give INTERNAL).
+INVALID_ARGUMENT (a deserializer that raised would give INTERNAL). It reads what protobuf's parser
+reads from the same bytes and refuses what it refuses: copies of a singular message field are
+merged, unknown fields (groups too, and known numbers with another wire type) are skipped, tags and
+lengths take at most 5 bytes, nesting at most MAX_DEPTH levels; tests/unit/test_wire.py compares
+the two. Its one refusal of its own is a message of more than _MAX_FIELDS fields.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ _PUSH_GRADS = 5
 _PULL_TENSORS = 1
 _PUSHPULL_PUSH, _PUSHPULL_PULL = 1, 2
 _MAX_FIELDS = 1 << 20  # a message with more fields than this is hostile
+MAX_DEPTH = 100  # protobuf's nesting limit: messages and groups below the outermost message
 
 
 def varint(n: int) -> bytes:
@@ -179,59 +184,93 @@ class PushPullOut:
     pull: PullIn
 
 
-def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+def _read_varint(buf: memoryview, pos: int, end: int, most: int = 10) -> tuple[int, int]:
+    """A varint of at most `most` bytes (protobuf takes 10 for values, 5 for tags and lengths)."""
     value = shift = 0
-    while True:
-        if pos >= end or shift > 63:
-            raise _Bad("truncated or overlong varint")
+    for _ in range(most):
+        if pos >= end:
+            break
         b = buf[pos]
         pos += 1
         value |= (b & 0x7F) << shift
         if not b & 0x80:
             return value, pos
         shift += 7
+    raise _Bad("truncated or overlong varint")
 
 
-def _fields(buf: memoryview, start: int, end: int):
-    """(number, wire type, field start, value start, end) of each field."""
+def _tag(buf: memoryview, pos: int, end: int) -> tuple[int, int, int]:
+    """(field number, wire type, position after the tag); tags are 32-bit, as in protobuf."""
+    tag, pos = _read_varint(buf, pos, end, most=5)
+    if tag >> 32:
+        raise _Bad("tag does not fit in 32 bits")
+    return tag >> 3, tag & 7, pos
+
+
+def _skip_group(buf: memoryview, pos: int, end: int, number: int, depth: int) -> int:
+    """Skip the fields of a group opened by field `number` (a deprecated encoding protobuf still
+    accepts as an unknown field) up to its end tag; returns the position after it. Each group
+    nests one level deeper, under protobuf's limit of MAX_DEPTH levels."""
+    if depth > MAX_DEPTH:
+        raise _Bad(f"nested deeper than {MAX_DEPTH} levels")
+    while pos < end:
+        inner, wire_type, pos = _tag(buf, pos, end)
+        if wire_type == 4:
+            if inner != number:
+                raise _Bad(f"group {number} ended by field {inner}")
+            return pos
+        pos = _skip(buf, pos, end, inner, wire_type, depth)
+    raise _Bad(f"group {number} is not ended")
+
+
+def _skip(buf: memoryview, pos: int, end: int, number: int, wire_type: int, depth: int) -> int:
+    """The position after the value of a field whose tag ends at `pos`."""
+    if wire_type == 0:
+        return _read_varint(buf, pos, end)[1]
+    if wire_type == 1 or wire_type == 5:
+        pos += 8 if wire_type == 1 else 4
+        if pos > end:
+            raise _Bad("truncated fixed-width field")
+        return pos
+    if wire_type == _LEN:
+        length, pos = _read_varint(buf, pos, end, most=5)
+        if length > end - pos:
+            raise _Bad(f"field {number} declares {length} bytes but {end - pos} remain")
+        return pos + length
+    if wire_type == 3:
+        return _skip_group(buf, pos, end, number, depth + 1)
+    raise _Bad(f"unexpected wire type {wire_type}")
+
+
+def _fields(buf: memoryview, start: int, end: int, depth: int):
+    """(number, wire type, field start, value start, end) of each field of a message nested
+    `depth` levels deep; a LEN field's value is its bytes, without the length."""
     pos, n = start, 0
     while pos < end:
         n += 1
         if n > _MAX_FIELDS:
             raise _Bad("too many fields")
         field_start = pos
-        tag, pos = _read_varint(buf, pos, end)
-        number, wire_type = tag >> 3, tag & 7
+        number, wire_type, pos = _tag(buf, pos, end)
         if number == 0:
             raise _Bad("field number 0")
-        if wire_type == 0:
-            value_start = pos
-            _, pos = _read_varint(buf, pos, end)
-            yield number, wire_type, field_start, value_start, pos
-        elif wire_type == 1 or wire_type == 5:
-            value_start = pos
-            pos += 8 if wire_type == 1 else 4
-            if pos > end:
-                raise _Bad("truncated fixed-width field")
-            yield number, wire_type, field_start, value_start, pos
-        elif wire_type == _LEN:
-            length, pos = _read_varint(buf, pos, end)
-            if length > end - pos:
-                raise _Bad(f"field {number} declares {length} bytes but {end - pos} remain")
-            yield number, wire_type, field_start, pos, pos + length
-            pos += length
+        if wire_type == _LEN:  # the common case first: _skip would read the length again
+            length, value_start = _read_varint(buf, pos, end, most=5)
+            if length > end - value_start:
+                raise _Bad(f"field {number} declares {length} bytes but {end - value_start} remain")
+            pos = value_start + length
         else:
-            raise _Bad(f"unsupported wire type {wire_type}")
+            value_start, pos = pos, _skip(buf, pos, end, number, wire_type, depth)
+        yield number, wire_type, field_start, value_start, pos
 
 
-def _split(buf: memoryview, start: int, end: int, wanted: set[int], cls):
+def _split(buf: memoryview, start: int, end: int, wanted: set[int], cls, depth: int):
     """Parse everything but the LEN fields numbered in `wanted` with protobuf (`cls`); return
-    (message, [(number, start, end) of the wanted fields in order])."""
+    (message, [(number, start, end) of the wanted fields in order]). A wanted number with another
+    wire type is an unknown field to protobuf, so it goes to protobuf with the rest."""
     rest, picked, run_start = [], [], start
-    for number, wire_type, field_start, s, e in _fields(buf, start, end):
-        if number in wanted:
-            if wire_type != _LEN:
-                raise _Bad(f"field {number} must be length-delimited")
+    for number, wire_type, field_start, s, e in _fields(buf, start, end, depth):
+        if number in wanted and wire_type == _LEN:
             rest.append(buf[run_start:field_start])  # the other fields since the last wanted one
             picked.append((number, s, e))
             run_start = e
@@ -239,30 +278,35 @@ def _split(buf: memoryview, start: int, end: int, wanted: set[int], cls):
     return cls.FromString(b"".join(rest)), picked
 
 
-def _tensor(buf: memoryview, start: int, end: int) -> WireTensor:
-    header, picked = _split(buf, start, end, {_TENSOR_DATA, _TENSOR_INDICES}, pb.Tensor)
+def _tensor(buf: memoryview, start: int, end: int, depth: int) -> WireTensor:
+    header, picked = _split(buf, start, end, {_TENSOR_DATA, _TENSOR_INDICES}, pb.Tensor, depth)
     payload = {_TENSOR_DATA: buf[0:0], _TENSOR_INDICES: buf[0:0]}
     for number, s, e in picked:  # the last occurrence wins, as in protobuf
         payload[number] = buf[s:e]
     return WireTensor(header.key, header.dtype, tuple(header.shape), payload[_TENSOR_DATA], payload[_TENSOR_INDICES])
 
 
-def _push(buf: memoryview, start: int, end: int) -> PushIn:
-    header, picked = _split(buf, start, end, {_PUSH_GRADS}, pb.PushRequest)
-    return PushIn(header, [_tensor(buf, s, e) for _, s, e in picked])
+def _push(buf: memoryview, start: int, end: int, depth: int = 0) -> PushIn:
+    header, picked = _split(buf, start, end, {_PUSH_GRADS}, pb.PushRequest, depth)
+    return PushIn(header, [_tensor(buf, s, e, depth + 1) for _, s, e in picked])
 
 
-def _pull(buf: memoryview, start: int, end: int) -> PullIn:
-    header, picked = _split(buf, start, end, {_PULL_TENSORS}, pb.PullResponse)
-    return PullIn(header, [_tensor(buf, s, e) for _, s, e in picked])
+def _pull(buf: memoryview, start: int, end: int, depth: int = 0) -> PullIn:
+    header, picked = _split(buf, start, end, {_PULL_TENSORS}, pb.PullResponse, depth)
+    return PullIn(header, [_tensor(buf, s, e, depth + 1) for _, s, e in picked])
 
 
-def _nested(buf: memoryview, start: int, end: int, number: int, cls, read):
-    """A message whose field `number` is read with `read` (the last occurrence wins; an absent
-    one reads as empty) and the rest with protobuf."""
-    header, picked = _split(buf, start, end, {number}, cls)
-    s, e = picked[-1][1:] if picked else (0, 0)
-    return header, read(buf, s, e)
+def _nested(buf: memoryview, start: int, end: int, number: int, cls, read, depth: int):
+    """A message whose (singular) message field `number` is read with `read` and the rest with
+    protobuf. An absent field reads as empty. Several occurrences are merged, as protobuf does:
+    the field reads as the concatenation of their bytes (later scalars win, repeated fields
+    append); its payloads are then views of that copy."""
+    header, picked = _split(buf, start, end, {number}, cls, depth)
+    if len(picked) > 1:
+        joined = memoryview(b"".join(buf[s:e] for _, s, e in picked))
+        return header, read(joined, 0, len(joined), depth + 1)
+    s, e = picked[0][1:] if picked else (0, 0)
+    return header, read(buf, s, e, depth + 1)
 
 
 def _reader(read, small=None):
@@ -314,12 +358,12 @@ def _small_push_pull_response(data: bytes) -> PushPullOut:
 
 
 def _push_pull_request(buf: memoryview, start: int, end: int) -> PushPullIn:
-    header, push = _nested(buf, start, end, _PUSHPULL_PUSH, pb.PushPullRequest, _push)
+    header, push = _nested(buf, start, end, _PUSHPULL_PUSH, pb.PushPullRequest, _push, 0)
     return PushPullIn(push, list(header.pull_keys))
 
 
 def _push_pull_response(buf: memoryview, start: int, end: int) -> PushPullOut:
-    header, pull = _nested(buf, start, end, _PUSHPULL_PULL, pb.PushPullResponse, _pull)
+    header, pull = _nested(buf, start, end, _PUSHPULL_PULL, pb.PushPullResponse, _pull, 0)
     return PushPullOut(header.push, pull)
 
 
