@@ -1,6 +1,7 @@
 """Load: 32 concurrent clients against 2 async servers, each pushing known gradients (with
-retries of the same clock). The final values are exactly the sum of everything pushed once, and
-the servers' memory stays bounded: a second identical round grows neither server's RSS."""
+retries of the same clock), in identical rounds. The final values are exactly the sum of everything
+pushed once, and the servers' memory stays bounded: after the first round, three more grow neither
+server's RSS by more than the allocator's noise."""
 
 import io
 import threading
@@ -14,6 +15,14 @@ from ps.worker.client import PSClient
 from tests.conftest import run_in_threads
 
 CLIENTS, PUSHES, SIZE = 32, 40, 20_000
+ROUNDS = 4
+# RSS after a round is not the same to the byte from one identical round to the next: it moves by
+# up to about 2 MiB either way, and creeps by about 0.5 MiB a round over twelve rounds (allocator
+# arenas and gRPC's buffer pools; tracemalloc shows no growth of the server's Python objects), so
+# "no higher" cannot be asserted to the byte. A round sends each server 1440 pushes carrying about
+# 55 MiB of gradients: keeping any payload would grow RSS by tens of MiB a round; 8 MiB over three
+# rounds is under 2 KiB kept per request.
+TOLERANCE_MIB = 8
 
 
 def rss_mib(pid: int) -> float:
@@ -21,13 +30,13 @@ def rss_mib(pid: int) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
-def test_32_concurrent_clients_sum_exactly_and_server_memory_stays_bounded():
+def test_32_concurrent_clients_sum_exactly_and_server_memory_does_not_grow_after_the_first_round():
     servers = start_servers(2, "async", CLIENTS, out=io.StringIO())
     addresses = [s.address for s in servers]
     init = {"w": torch.zeros(SIZE), "b": torch.zeros(3)}
     rss = []
     try:
-        for round_ in range(2):
+        for round_ in range(ROUNDS):
             start = threading.Barrier(CLIENTS)
 
             def client(i: int, round_=round_) -> None:
@@ -49,10 +58,10 @@ def test_32_concurrent_clients_sum_exactly_and_server_memory_stays_bounded():
             stats = obs.stats()
     finally:
         stop_all(servers)
-    expected = -2.0 * PUSHES * sum(range(1, CLIENTS + 1))  # two rounds, lr 1: minus every gradient once
+    expected = -float(ROUNDS * PUSHES * sum(range(1, CLIENTS + 1)))  # lr 1: minus every gradient once
     assert torch.equal(final["w"], torch.full((SIZE,), expected))
     assert torch.equal(final["b"], torch.full((3,), expected))
-    assert sum(s["pushes"] for s in stats) == 2 * 2 * CLIENTS * PUSHES and sum(s["rejected"] for s in stats) == 0
-    for first, second in zip(*rss):
-        assert second < first + 32, f"server RSS grew from {first:.0f} to {second:.0f} MiB over an identical round"
-    print(f"load: {CLIENTS} clients x {PUSHES} pushes x 2 rounds; server RSS MiB after each round {rss}")
+    assert sum(s["pushes"] for s in stats) == ROUNDS * 2 * CLIENTS * PUSHES and sum(s["rejected"] for s in stats) == 0
+    for k, after in enumerate(zip(*rss)):  # the first round warms the server up: measure from there
+        assert max(after[1:]) <= after[0] + TOLERANCE_MIB, f"server {k} RSS (MiB) after each round: {after}"
+    print(f"load: {CLIENTS} clients x {PUSHES} pushes x {ROUNDS} rounds; server RSS MiB after each round {rss}")
