@@ -8,7 +8,7 @@ from ps.config import MAX_MESSAGE_BYTES, OptimizerConfig
 from ps.errors import InvalidArgument, PlanMismatch, UnknownKey
 from ps.proto import ps_pb2 as pb
 from ps.proto import ps_pb2_grpc
-from ps.serde import optimizer_to_proto, tensor_to_proto
+from ps.serde import optimizer_to_proto, plan_to_proto, tensor_to_proto
 from ps.server.servicer import ERROR_CLASS_KEY
 from ps.worker.client import PSClient
 
@@ -142,3 +142,104 @@ def test_observers_need_the_plan_to_read(server):
     with pytest.raises(grpc.RpcError) as info:
         stub.Pull(pb.PullRequest(worker_id="", plan_fingerprint="bad", keys=["w#0"]), timeout=10)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def refused(call, request):
+    """The status code name and the server's error class of a call that must fail."""
+    with pytest.raises(grpc.RpcError) as info:
+        call(request, timeout=10)
+    return info.value.code().name, dict(info.value.trailing_metadata()).get(ERROR_CLASS_KEY)
+
+
+def register(client, stub, worker_id) -> int:
+    """Register `worker_id`; the clock the shard puts it at (its first push's)."""
+    request = pb.RegisterRequest(worker_id=worker_id, plan_fingerprint=client.plan.fingerprint)
+    return stub.Register(request, timeout=10).clock
+
+
+def test_a_push_pull_whose_pull_names_an_unknown_key_is_refused_before_its_push_is_applied(server):
+    client, stub = server
+    clock = register(client, stub, "pushpull")
+    push = push_request(client, [grad(), grad("b#0", torch.ones(2))], worker_id="pushpull", clock=clock)
+    before, version, rejected = snapshot(client), client.stats()[0]["version"], client.stats()[0]["rejected"]
+    bad = pb.PushPullRequest(push=push, pull_keys=["w#0", "nope#0"])
+    assert refused(stub.PushPull, bad) == ("NOT_FOUND", UnknownKey.__name__)
+    after = snapshot(client)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert client.stats()[0]["version"] == version and client.stats()[0]["rejected"] == rejected + 1
+    # The push was not taken: sent again, it is applied (a push already taken would be a DUPLICATE).
+    answer = stub.PushPull(pb.PushPullRequest(push=push, pull_keys=["w#0"]), timeout=10)
+    assert answer.push.outcome == pb.PushResponse.APPLIED and answer.push.version == version + 1
+    assert torch.equal(snapshot(client)["w"], before["w"] - 1)
+
+
+@pytest.mark.parametrize("mode", ["async", "ssp"])
+def test_clocks_past_the_servers_bound_are_refused_and_the_shard_keeps_answering(mode):
+    from tests.conftest import running_cluster
+
+    extra = {"staleness": 2} if mode == "ssp" else {}
+    with running_cluster(1, mode, num_workers=1, **extra) as addresses, \
+            PSClient(addresses, "good", partition_bytes=4096) as client, \
+            grpc.insecure_channel(addresses[0]) as channel:
+        stub = ps_pb2_grpc.ParameterServerStub(channel)
+        client.setup({"w": torch.arange(10.0)}, OptimizerConfig("sgd", lr=1.0))
+        before = snapshot(client)
+        for clock in ((1 << 63) - 1, 1 << 62):  # int64's largest, and the server's bound
+            push = push_request(client, [grad()], clock=clock)
+            assert refused(stub.Push, push) == ("INVALID_ARGUMENT", InvalidArgument.__name__), clock
+            assert refused(stub.PushPull, pb.PushPullRequest(push=push, pull_keys=["w#0"])) == (
+                "INVALID_ARGUMENT", InvalidArgument.__name__), clock
+            for field in ("clock", "seen_version"):
+                request = pb.RegisterRequest(worker_id="good", plan_fingerprint=client.plan.fingerprint, **{field: clock})
+                assert refused(stub.Register, request) == ("INVALID_ARGUMENT", InvalidArgument.__name__), field
+        # A PushPull just below the bound is refused as well: its pull, at clock + 1, is past it.
+        assert refused(stub.PushPull, pb.PushPullRequest(push=push_request(client, [grad()], clock=(1 << 62) - 1),
+                                                         pull_keys=["w#0"]))[0] == "INVALID_ARGUMENT"
+        stats = client.stats()[0]  # Stats, Register and Pull keep working
+        assert stats["clocks"]["good"] < 1 << 62 and stats["version"] == 0 and stats["pushes"] == 0
+        register(client, stub, "good")
+        after = snapshot(client)
+        assert all(torch.equal(before[n], after[n]) for n in before)
+        assert client.push({"w": torch.ones(10)}, 0)[0]["outcome"] == "APPLIED"
+        assert torch.equal(client.pull(1)["w"], before["w"] - 1)
+
+
+def _init(client, tensors, part=0, num_parts=1):
+    return pb.InitRequest(worker_id="good", plan_fingerprint=client.plan.fingerprint, plan=plan_to_proto(client.plan),
+                          optimizer=optimizer_to_proto(OptimizerConfig("sgd", lr=1.0)), tensors=tensors, part=part,
+                          num_parts=num_parts)
+
+
+INIT_CASES = {
+    "a part beyond its part count": dict(part=5, num_parts=2),
+    "a negative part": dict(part=-1, num_parts=2),
+    "more parts than slices": dict(part=0, num_parts=3),
+    "NaN values": dict(nan=True),
+    "an infinite value": dict(inf=True),
+}
+
+
+@pytest.mark.parametrize("case", list(INIT_CASES))
+def test_a_bad_init_on_an_initialised_shard_is_refused_and_changes_nothing(server, case):
+    client, stub = server
+    how = dict(INIT_CASES[case])
+    w = torch.arange(10.0)
+    if how.pop("nan", False):
+        w[3] = float("nan")
+    if how.pop("inf", False):
+        w[0] = float("inf")
+    request = _init(client, [tensor_to_proto("w#0", w), tensor_to_proto("b#0", torch.ones(2))], **how)
+    before, stats = snapshot(client), client.stats()[0]
+    assert refused(stub.Init, request) == ("INVALID_ARGUMENT", InvalidArgument.__name__)
+    after, now = snapshot(client), client.stats()[0]
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert now["version"] == stats["version"] and now["rejected"] == stats["rejected"] + 1
+
+
+def test_a_good_init_on_an_initialised_shard_is_answered_not_applied_and_changes_nothing(server):
+    client, stub = server
+    before = snapshot(client)
+    request = _init(client, [tensor_to_proto("w#0", torch.zeros(10)), tensor_to_proto("b#0", torch.zeros(2))])
+    assert stub.Init(request, timeout=10).applied is False  # the check above is not of a shard refusing everything
+    after = snapshot(client)
+    assert all(torch.equal(before[n], after[n]) for n in before)
