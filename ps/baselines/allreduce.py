@@ -3,7 +3,8 @@ each training on the same data shard and batch stream a ps-worker of that rank w
 
     python -m ps.baselines.allreduce --rank 0 --world-size 4 --master-port 29500 --epochs 5 ...
 
-Rank 0 evaluates every --eval-every steps and logs JSONL like a ps-worker (plus test_loss).
+Rank 0 evaluates every --eval-every steps and logs JSONL like a ps-worker (plus test_loss), and
+with --log-dir writes the final weights there (final-weights.safetensors, by parameter name).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 from ps.cli.common import add_flag, add_training_flags, optimizer_from_args, run_main, setup_logging
 from ps.config import WorkerConfig
@@ -25,6 +27,9 @@ from ps.data import batches, evaluate, load_data, shard_indices
 from ps.models import build_model, model_loss
 from ps.server.optim import torch_optimizer
 from ps.worker.trainer import JsonlLog, Straggler, resolve_device, total_steps
+
+
+FINAL_WEIGHTS = "final-weights.safetensors"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +83,9 @@ def train(cfg: WorkerConfig, master: str) -> float | None:
                 record["time"] = time.monotonic() - t0
             log.write(record)
         log.close()
+        if cfg.rank == 0 and cfg.log_dir:  # for ps-compare to set beside a parameter-server run's weights
+            save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters()},
+                      os.path.join(cfg.log_dir, FINAL_WEIGHTS))
         return acc
     finally:
         dist.destroy_process_group()

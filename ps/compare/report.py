@@ -9,6 +9,8 @@ import json
 import os
 from typing import Sequence
 
+from safetensors.torch import load_file
+
 from ps.compare.runner import RunResult
 from ps.compare.spec import CompareConfig
 
@@ -16,7 +18,7 @@ COLUMNS = [
     ("config", "config"), ("status", "status"), ("time_to_target", "time to target (s)"),
     ("steps_to_target", "steps to target"), ("final_accuracy", "final accuracy"), ("final_loss", "final loss"),
     ("mean_staleness", "mean staleness"), ("max_staleness", "max staleness"), ("updates_per_s", "updates/s"),
-    ("mb_moved", "MB moved"), ("train_time", "train time (s)"),
+    ("mb_moved", "MB moved"), ("train_time", "train time (s)"), ("weights_vs_allreduce", "max weight diff from allreduce"),
 ]
 
 
@@ -42,13 +44,34 @@ def summarize(result: RunResult, cfg: CompareConfig) -> dict:
         "updates_per_s": result.updates / result.train_time if result.train_time else None,
         "mb_moved": result.bytes_moved / 1e6,
         "train_time": result.train_time,
+        "weights_vs_allreduce": None,
     }
+
+
+def weight_gap(a: str, b: str) -> float:
+    """The largest absolute difference between two runs' final weights (every parameter)."""
+    wa, wb = load_file(a), load_file(b)
+    if wa.keys() != wb.keys() or any(wa[n].shape != wb[n].shape for n in wa):
+        raise ValueError(f"{a} and {b} hold different parameters")
+    return max(float((wa[n].double() - wb[n].double()).abs().max()) for n in wa)
+
+
+def compare_weights(results: Sequence[RunResult], rows: Sequence[dict]) -> None:
+    """Fill each row's largest weight difference from the all-reduce run's final weights."""
+    base = next((r.weights for r in results if r.spec.mode == "allreduce" and r.weights), None)
+    if base is None:
+        return
+    for result, row in zip(results, rows):
+        if result.weights:
+            row["weights_vs_allreduce"] = weight_gap(result.weights, base)
 
 
 def _fmt(value) -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
+        if value and abs(value) < 1e-3:  # weight differences: tiny, and 0 exactly when they are equal
+            return f"{value:.1e}"
         return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
     return str(value)
 
@@ -103,11 +126,13 @@ def write(results: Sequence[RunResult], cfg: CompareConfig) -> list[dict]:
     """Write every output file into cfg.out; returns the summary rows."""
     os.makedirs(cfg.out, exist_ok=True)
     rows = [summarize(r, cfg) for r in results]
+    compare_weights(results, rows)
     with open(os.path.join(cfg.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"config": dataclasses.asdict(cfg), "summary": rows,
                    "runs": [{"config": r.spec.label, "error": r.error, "curve": r.curve,
                              "train_time": r.train_time, "updates": r.updates, "bytes_moved": r.bytes_moved,
-                             "staleness_histogram": {str(k): v for k, v in sorted(r.staleness.items())}}
+                             "staleness_histogram": {str(k): v for k, v in sorted(r.staleness.items())},
+                             "final_weights": os.path.relpath(r.weights, cfg.out) if r.weights else None}
                             for r in results]}, f, indent=1)
     with open(os.path.join(cfg.out, "curves.csv"), "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -121,6 +146,9 @@ def write(results: Sequence[RunResult], cfg: CompareConfig) -> list[dict]:
                 "Time is wall-clock seconds from the moment all workers have joined. Steps are gradient pushes "
                 "per worker (sync: global steps). Parameter-server curves are the servers' weights evaluated "
                 "every interval by an observer; the all-reduce curve is evaluated by its rank 0. "
-                "MB moved counts gradient and weight bytes on the wire (all-reduce: ring estimate).\n\n"
+                "MB moved counts gradient and weight bytes on the wire (all-reduce: ring estimate). "
+                "Max weight diff from allreduce is the largest absolute difference of any final weight from the "
+                "all-reduce run's "
+                "(0: the same weights to the bit).\n\n"
                 "![convergence](convergence.png)\n")
     return rows

@@ -3,7 +3,8 @@
 Parameter-server runs are sampled from outside: an observer reads the servers' weights every
 `eval_interval` seconds and evaluates them (test accuracy and loss), so every mode is measured the
 same way. The all-reduce baseline is evaluated by its rank 0 every few steps. Time 0 is when all
-workers have joined (parameter server) or passed the start barrier (all-reduce)."""
+workers have joined (parameter server) or passed the start barrier (all-reduce). Each run's final
+weights are saved in its log directory, for the report to compare runs weight by weight."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import IO, Callable
 
+from safetensors.torch import save_file
+
+from ps.baselines.allreduce import FINAL_WEIGHTS
 from ps.compare.spec import CompareConfig, RunSpec
 from ps.cli.launch import Observer, Proc, start_servers, start_worker, stop_all, supervise
 from ps.data import load_data, steps_per_epoch
@@ -34,6 +38,7 @@ class RunResult:
     updates: int = 0
     bytes_moved: int = 0
     staleness: dict[int, int] = field(default_factory=dict)
+    weights: str | None = None  # the final weights (safetensors, by parameter name)
 
 
 def _argv(cfg: CompareConfig, rank: int, log_dir: str, ps: bool = True, spec: RunSpec | None = None) -> list[str]:
@@ -125,6 +130,8 @@ def run_ps(spec: RunSpec, cfg: CompareConfig, log: IO[str], progress: Callable[[
             result.updates = stats[0]["version"]
             result.bytes_moved = sum(s["bytes_pushed"] + s["bytes_pulled"] for s in stats) - observer_bytes
             result.staleness = dict(sum((Counter(s["staleness_histogram"]) for s in stats), Counter()))
+            result.weights = os.path.join(log_dir, FINAL_WEIGHTS)
+            save_file({n: t.contiguous() for n, t in observer.weights().items()}, result.weights)
         elif result.error is None:
             result.error = "training never started"
     finally:
@@ -164,6 +171,8 @@ def run_allreduce(spec: RunSpec, cfg: CompareConfig, log: IO[str], progress: Cal
         model_bytes = _model_bytes(cfg)
         result.bytes_moved = int(2 * (cfg.workers - 1) * model_bytes * result.updates)
         result.staleness = {0: result.updates}
+    weights = os.path.join(log_dir, FINAL_WEIGHTS)
+    result.weights = weights if result.error is None and os.path.exists(weights) else None
     return result
 
 
