@@ -25,19 +25,13 @@ def env_name(flag: str) -> str:
     return "PS_" + flag.lstrip("-").upper().replace("-", "_")
 
 
-def workers_at_servers(workers: int, tp: int) -> int:
-    """How many workers the servers count for `workers` data-parallel workers of `tp` ranks each:
-    every tensor-parallel rank registers and pushes as a worker of its own."""
-    return workers * tp
-
-
 def cluster_env(environ: Mapping[str, str]) -> dict[str, str]:
     """`environ`, plus PS_* defaults read from a TF_CONFIG-style cluster spec in TF_CONFIG:
     {"cluster": {"ps": [host:port, ...], "chief": [...], "worker": [...]},
      "task": {"type": "ps" | "chief" | "worker", "index": i}}.
     Each chief or worker entry is one data-parallel worker (a tensor-parallel group of --tp ranks
-    is one entry): PS_NUM_WORKERS counts entries, for servers as for workers, and a server given
-    --tp counts each entry's ranks (see `workers_at_servers`), as ps-launch does.
+    is one entry, and one worker at the servers): PS_NUM_WORKERS counts entries, for servers as
+    for workers.
     PS_* variables set explicitly win over the spec; flags win over both."""
     raw = environ.get("TF_CONFIG", "")
     if not raw.strip():

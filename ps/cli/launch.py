@@ -13,7 +13,7 @@ from typing import IO, Mapping, Sequence
 
 import torch
 
-from ps.cli.common import add_flag, add_training_flags, check_job, run_main, workers_at_servers
+from ps.cli.common import add_flag, add_training_flags, check_job, run_main
 from ps.cli.server import READY_PREFIX
 from ps.config import MODES
 from ps.data import evaluate, load_data
@@ -197,7 +197,7 @@ def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
         raise InvalidArgument("--prefetch needs --mode async or ssp: in sync mode the next step's weights exist only "
                               "once every worker has pushed this step")
     check_job(args.model, args.data, args.device)  # a bad job is refused before any process starts
-    servers = start_servers(int(args.servers), args.mode, workers_at_servers(int(args.workers), int(args.tp)),
+    servers = start_servers(int(args.servers), args.mode, int(args.workers),
                             staleness=int(args.staleness), worker_timeout=float(args.worker_timeout), host=args.host,
                             out=out)
     workers: list[Proc] = []

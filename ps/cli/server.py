@@ -12,9 +12,8 @@ import threading
 from typing import Mapping, Sequence
 
 from ps.cli.common import (add_auth_flags, add_flag, add_tls_flags, auth_token_from_args, cluster_env, run_main,
-                           setup_logging, workers_at_servers)
+                           setup_logging)
 from ps.config import MODES, ServerConfig
-from ps.errors import InvalidArgument
 from ps.server.app import create_server
 
 log = logging.getLogger("ps.server")
@@ -33,9 +32,6 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add_flag(p, "--staleness", env=env, default=0, type=int, help="ssp bound s: a worker at clock c waits for c - s")
     add_flag(p, "--num-workers", env=env, default=1, type=int,
              help="data-parallel workers expected at start (sync and ssp wait for them before the first step)")
-    add_flag(p, "--tp", env=env, default=1, type=int,
-             help="tensor-parallel ranks per worker: each rank counts as a worker, so --num-workers N --tp K "
-                  "expects N x K")
     add_flag(p, "--worker-timeout", env=env, default=30.0, type=float, help="seconds of silence before eviction")
     add_flag(p, "--staleness-lr", env=env, action="store_true", default=False,
              help="scale the learning rate by 1 / (1 + staleness) (async, ssp)")
@@ -67,11 +63,9 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    if int(args.tp) < 1:
-        raise InvalidArgument(f"tp ({args.tp}) must be >= 1")
     return ServerConfig(
         host=args.host, port=int(args.port), shard_id=int(args.shard_id), num_shards=int(args.num_shards),
-        mode=args.mode, staleness=int(args.staleness), num_workers=workers_at_servers(int(args.num_workers), int(args.tp)),
+        mode=args.mode, staleness=int(args.staleness), num_workers=int(args.num_workers),
         worker_timeout=float(args.worker_timeout), staleness_lr=bool(args.staleness_lr),
         backup_workers=int(args.backup_workers), threads=int(args.threads),
         progress_timeout=float(args.progress_timeout), max_inflight_bytes=int(args.max_inflight_bytes), auth_token=auth_token_from_args(args),

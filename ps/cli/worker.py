@@ -107,9 +107,9 @@ def build(cfg: WorkerConfig, tp: TPGroup) -> tuple[torch.nn.Module, Datasets, Bi
 def run_rank(cfg: WorkerConfig, tp: TPGroup) -> TrainResult:
     """Train as one rank of a (possibly single-rank) tensor-parallel group."""
     model, data, binding = build(cfg, tp)
-    worker_id = cfg.worker_id if tp.size == 1 else f"{cfg.worker_id}-tp{tp.rank}"
     progress = Progress(cfg)
-    with PSClient(cfg.servers, worker_id, partition_bytes=cfg.partition_bytes,
+    # The group's ranks push as one worker (one clock, one version per step), each its own keys.
+    with PSClient(cfg.servers, cfg.worker_id, member=(tp.rank, tp.size), partition_bytes=cfg.partition_bytes,
                   connect_timeout=cfg.connect_timeout, retry_timeout=cfg.retry_timeout, compress=cfg.compress,
                   auth_token=cfg.auth_token, tls_ca=cfg.tls_ca, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key) as client:
         try:

@@ -96,7 +96,7 @@ class RegisterResponse(_message.Message):
     def __init__(self, initialized: _Optional[bool] = ..., clock: _Optional[int] = ..., version: _Optional[int] = ..., mode: _Optional[str] = ..., staleness: _Optional[int] = ..., num_workers: _Optional[int] = ..., worker_timeout: _Optional[float] = ..., shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., backup_workers: _Optional[int] = ...) -> None: ...
 
 class InitRequest(_message.Message):
-    __slots__ = ("worker_id", "plan_fingerprint", "plan", "optimizer", "tensors", "part", "num_parts")
+    __slots__ = ("worker_id", "plan_fingerprint", "plan", "optimizer", "tensors", "part", "num_parts", "version")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,7 @@ class InitRequest(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     PART_FIELD_NUMBER: _ClassVar[int]
     NUM_PARTS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     plan_fingerprint: str
     plan: PlanSpec
@@ -111,7 +112,8 @@ class InitRequest(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
     part: int
     num_parts: int
-    def __init__(self, worker_id: _Optional[str] = ..., plan_fingerprint: _Optional[str] = ..., plan: _Optional[_Union[PlanSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., part: _Optional[int] = ..., num_parts: _Optional[int] = ...) -> None: ...
+    version: int
+    def __init__(self, worker_id: _Optional[str] = ..., plan_fingerprint: _Optional[str] = ..., plan: _Optional[_Union[PlanSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., part: _Optional[int] = ..., num_parts: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class InitResponse(_message.Message):
     __slots__ = ("applied",)
@@ -142,7 +144,7 @@ class PullResponse(_message.Message):
     def __init__(self, tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., version: _Optional[int] = ..., min_clock: _Optional[int] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("worker_id", "plan_fingerprint", "clock", "base_version", "grads", "part", "num_parts", "no_grad")
+    __slots__ = ("worker_id", "plan_fingerprint", "clock", "base_version", "grads", "part", "num_parts", "no_grad", "member", "members")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +153,8 @@ class PushRequest(_message.Message):
     PART_FIELD_NUMBER: _ClassVar[int]
     NUM_PARTS_FIELD_NUMBER: _ClassVar[int]
     NO_GRAD_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     plan_fingerprint: str
     clock: int
@@ -159,7 +163,9 @@ class PushRequest(_message.Message):
     part: int
     num_parts: int
     no_grad: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, worker_id: _Optional[str] = ..., plan_fingerprint: _Optional[str] = ..., clock: _Optional[int] = ..., base_version: _Optional[int] = ..., grads: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., part: _Optional[int] = ..., num_parts: _Optional[int] = ..., no_grad: _Optional[_Iterable[str]] = ...) -> None: ...
+    member: int
+    members: int
+    def __init__(self, worker_id: _Optional[str] = ..., plan_fingerprint: _Optional[str] = ..., clock: _Optional[int] = ..., base_version: _Optional[int] = ..., grads: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., part: _Optional[int] = ..., num_parts: _Optional[int] = ..., no_grad: _Optional[_Iterable[str]] = ..., member: _Optional[int] = ..., members: _Optional[int] = ...) -> None: ...
 
 class PushResponse(_message.Message):
     __slots__ = ("outcome", "version", "staleness")
@@ -216,7 +222,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("shard_id", "mode", "version", "clocks", "staleness_histogram", "active_workers", "pushes", "pulls", "rejected", "evictions", "dropped", "duplicates", "initialized", "num_keys", "num_elements", "bytes_pushed", "bytes_pulled", "backup_workers", "lost_updates", "checkpoints", "stalled_evictions", "refused_evicted", "overloaded")
+    __slots__ = ("shard_id", "mode", "version", "clocks", "staleness_histogram", "active_workers", "pushes", "pulls", "rejected", "evictions", "dropped", "duplicates", "initialized", "num_keys", "num_elements", "bytes_pushed", "bytes_pulled", "backup_workers", "lost_updates", "checkpoints", "stalled_evictions", "refused_evicted", "overloaded", "reinitialized")
     class ClocksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +260,7 @@ class StatsResponse(_message.Message):
     STALLED_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     REFUSED_EVICTED_FIELD_NUMBER: _ClassVar[int]
     OVERLOADED_FIELD_NUMBER: _ClassVar[int]
+    REINITIALIZED_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     mode: str
     version: int
@@ -277,4 +284,5 @@ class StatsResponse(_message.Message):
     stalled_evictions: int
     refused_evicted: int
     overloaded: int
-    def __init__(self, shard_id: _Optional[int] = ..., mode: _Optional[str] = ..., version: _Optional[int] = ..., clocks: _Optional[_Mapping[str, int]] = ..., staleness_histogram: _Optional[_Mapping[int, int]] = ..., active_workers: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., dropped: _Optional[int] = ..., duplicates: _Optional[int] = ..., initialized: _Optional[bool] = ..., num_keys: _Optional[int] = ..., num_elements: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., bytes_pulled: _Optional[int] = ..., backup_workers: _Optional[int] = ..., lost_updates: _Optional[int] = ..., checkpoints: _Optional[int] = ..., stalled_evictions: _Optional[int] = ..., refused_evicted: _Optional[int] = ..., overloaded: _Optional[int] = ...) -> None: ...
+    reinitialized: int
+    def __init__(self, shard_id: _Optional[int] = ..., mode: _Optional[str] = ..., version: _Optional[int] = ..., clocks: _Optional[_Mapping[str, int]] = ..., staleness_histogram: _Optional[_Mapping[int, int]] = ..., active_workers: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., dropped: _Optional[int] = ..., duplicates: _Optional[int] = ..., initialized: _Optional[bool] = ..., num_keys: _Optional[int] = ..., num_elements: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., bytes_pulled: _Optional[int] = ..., backup_workers: _Optional[int] = ..., lost_updates: _Optional[int] = ..., checkpoints: _Optional[int] = ..., stalled_evictions: _Optional[int] = ..., refused_evicted: _Optional[int] = ..., overloaded: _Optional[int] = ..., reinitialized: _Optional[int] = ...) -> None: ...

@@ -22,7 +22,8 @@ COUNTERS = {  # counter key -> (metric name without ps_ and _total, help)
     "overloaded": ("overloaded_requests", "requests refused RESOURCE_EXHAUSTED at the bound on in-flight bytes"),
     "dropped": ("dropped_pushes", "sync pushes too late for their step"),
     "duplicates": ("duplicate_pushes", "retried pushes ignored"),
-    "lost_updates": ("lost_updates", "updates a restore from checkpoint did not have"),
+    "lost_updates": ("lost_updates", "updates a restart lost (a checkpoint did not have them, or none was there)"),
+    "reinitialized": ("reinitializations", "times a worker re-initialised this shard from its weights after it restarted empty"),
     "checkpoints": ("checkpoints", "checkpoints written"),
     "unauthenticated": ("unauthenticated_requests", "calls refused for a missing or wrong auth token"),
 }

@@ -134,8 +134,9 @@ class ParameterServerServicer:
         except InvalidArgument as e:
             self.shard.reject(e)
 
-    async def _wait(self, worker_id: str, clock: int) -> None:
-        """Until a worker at `clock` may read: a future per round, resolved by the shard."""
+    async def _until(self, ask):
+        """Await `ask(wake)`: it answers (not None) or registers `wake`, which the shard calls
+        (once, from any thread) when its state moves; then ask again. No thread is held."""
         loop = asyncio.get_running_loop()
         while True:
             ready = loop.create_future()
@@ -143,13 +144,18 @@ class ParameterServerServicer:
             def wake(ready=ready) -> None:
                 loop.call_soon_threadsafe(lambda: ready.done() or ready.set_result(None))
 
-            if self.shard.ready_or_wait(worker_id, clock, wake):
-                return
+            answer = ask(wake)
+            if answer is not None:
+                return answer
             try:
                 await ready
             except asyncio.CancelledError:  # the client went away or its deadline passed
                 self.shard.forget(wake)
                 raise
+
+    async def _wait(self, worker_id: str, clock: int) -> None:
+        """Until a worker at `clock` may read."""
+        await self._until(lambda wake: self.shard.ready_or_wait(worker_id, clock, wake) or None)
 
     async def _pull(self, worker_id: str, fingerprint: str, clock: int, keys: list[str]) -> wire.Frame:
         self.shard.check_pull(worker_id, fingerprint, clock, keys)
@@ -158,21 +164,24 @@ class ParameterServerServicer:
         async with self.admission.hold(nbytes):
             return await self._run(nbytes // 4, self.shard.read, keys, _encode_pull)
 
-    def _push_now(self, request: wire.PushIn) -> pb.PushResponse:
+    def _push_now(self, request: wire.PushIn):
         h = request.header
-        result = self.shard.push(
+        return self.shard.push(
             h.worker_id, h.plan_fingerprint, h.clock, h.base_version,
             self._decode(request.grads, self.shard.store.slice_lengths, writable=False), h.part, h.num_parts,
-            _payload_bytes(request.grads), no_grad=h.no_grad,
-        )
-        return pb.PushResponse(
-            outcome=pb.PushResponse.Outcome.Value(result.outcome), version=result.version, staleness=result.staleness
+            _payload_bytes(request.grads), no_grad=h.no_grad, member=h.member, members=h.members,
         )
 
     async def _push(self, request: wire.PushIn) -> pb.PushResponse:
         nbytes = _payload_bytes(request.grads)
         async with self.admission.hold(nbytes):
-            return await self._run(nbytes // 4, self._push_now, request)
+            result = await self._run(nbytes // 4, self._push_now, request)
+        if result.wait:  # a group member's last part: answer the push's outcome, once decided
+            h = request.header
+            result = await self._until(lambda wake: self.shard.push_outcome_or_wait(h.worker_id, h.clock, wake))
+        return pb.PushResponse(
+            outcome=pb.PushResponse.Outcome.Value(result.outcome), version=result.version, staleness=result.staleness
+        )
 
     @_rpc
     async def Register(self, request, context):
@@ -197,7 +206,7 @@ class ParameterServerServicer:
         return self.shard.init(
             request.worker_id, plan, request.plan_fingerprint, optimizer,
             self._decode(request.tensors, [s.length for s in plan.slices_for(self.shard.cfg.shard_id)], writable=False),
-            request.part, request.num_parts,
+            request.part, request.num_parts, request.version,
         )
 
     @_rpc

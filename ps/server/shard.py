@@ -39,6 +39,7 @@ log = logging.getLogger("ps.server")
 
 MAX_CLOCK = (1 << 62)  # clocks and versions stay far below int64's limit
 MAX_DEPARTED = 1 << 16  # departed workers remembered (oldest forgotten first)
+MAX_MEMBERS = 1 << 10  # processes that may push one push together (a tensor-parallel group's ranks)
 APPLY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)  # seconds
 
 
@@ -49,6 +50,7 @@ class _Worker:
     progress_at: float         # when its clock last moved (or it joined)
     ready_at: float = 0.0      # when a pull of its was last let through (it could compute from then)
     busy: set[int] = field(default_factory=set)  # clocks whose push is being applied now
+    last: tuple[int, "PushResult"] | None = None  # the clock and outcome of its last push taken here
 
 
 @dataclass
@@ -60,14 +62,24 @@ class _Departed:
 
 @dataclass
 class _Pending:
-    """Parts of one multi-request upload (a push or an init) not yet complete."""
+    """Parts of one multi-request upload (a push or an init) not yet complete. A push's parts are
+    keyed (member, part): the members of a group (a tensor-parallel group's ranks, pushing as one
+    worker) each send parts of their own, and `counts` holds how many each member sends."""
 
     clock: int
     num_parts: int
     base_version: int = 0
     at: float = 0.0
     nbytes: int = 0
-    parts: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    parts: dict = field(default_factory=dict)
+    members: int = 1
+    counts: dict[int, int] = field(default_factory=dict)
+
+    def member_done(self, member: int) -> bool:
+        return sum(1 for m, _ in self.parts if m == member) == self.counts.get(member, -1)
+
+    def complete(self) -> bool:
+        return len(self.counts) == self.members and len(self.parts) == sum(self.counts.values())
 
     def merged(self, what: str) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -84,6 +96,7 @@ class PushResult:
     outcome: str  # BUFFERED | APPLIED | ACCUMULATED | DUPLICATE | DROPPED | EVICTED
     version: int
     staleness: int = 0
+    wait: bool = False  # a group member sent all its parts: its outcome is the push's (`push_outcome_or_wait`)
 
 
 def _nbytes(values: dict[str, torch.Tensor | None]) -> int:
@@ -125,6 +138,10 @@ class Shard:
         self._awaiting: set[str] = set()  # of those, the ones active then and not registered again yet
         self._awaiting_deadline = 0.0
         self._stopped = False
+        # A shard that restarted empty and was initialised again from a worker's weights: every
+        # worker registering catches it up (`_catch_up`), as after a restore.
+        self._recovered = False
+        self._max_seen = 0  # the highest version a registering worker had read, before init
 
     # -- helpers (state lock held) ----------------------------------------------------------
     def _view(self) -> View:
@@ -194,6 +211,7 @@ class Shard:
                 self._wake()
                 continue
             if (self.policy.name == "sync" and self._step_pushes == 0 and self._inflight == 0 and view.quorum
+                    and self.store.initialized
                     and view.clocks and all(c > view.version for c in view.clocks)):
                 # Every active worker is past this step, yet none of its gradients is here: they were
                 # lost with a server restart. Waiting would wait forever; the step is skipped instead.
@@ -285,8 +303,10 @@ class Shard:
             while self._frozen:  # a catch-up must not be skipped (nor change state a snapshot copies)
                 self._lock.wait(0.05)
             self._check_plan(fingerprint)
-            if worker_id in self._restored_workers:
+            if worker_id in self._restored_workers or self._recovered:
                 self._catch_up(seen_version)
+            if not self.store.initialized:
+                self._max_seen = max(self._max_seen, seen_version)
             self._awaiting.discard(worker_id)
             w = self._workers.get(worker_id)
             if w is None:
@@ -308,10 +328,11 @@ class Shard:
             return {"initialized": self.store.initialized, "clock": w.clock, "version": self.version}
 
     def init(self, worker_id: str, plan: Plan, fingerprint: str, optimizer: OptimizerConfig,
-             tensors: Sequence[tuple[str, torch.Tensor]], part: int, num_parts: int) -> bool:
+             tensors: Sequence[tuple[str, torch.Tensor]], part: int, num_parts: int, version: int = 0) -> bool:
         """One part of the initial values. Validated outside the state lock (on an initialised
         shard too: bad input is refused, not ignored); the slices are built outside it too, and
-        the first complete init wins."""
+        the first complete init wins. `version` > 0: a worker re-initialises a shard that
+        restarted empty from weights it holds at that version (see `_build`)."""
         self._touch(worker_id if worker_id in self._workers else "")
         with self._refusing():
             if plan.fingerprint != fingerprint:
@@ -321,6 +342,7 @@ class Shard:
             self._check_plan(fingerprint)
             expected = {s.key: s.length for s in plan.slices_for(self.cfg.shard_id)}
             _check_part(part, num_parts, len(expected))
+            _check_clock("version", version)
             values = _validate_slices(tensors, expected)
         with self._lock:
             self._worker(worker_id)
@@ -331,6 +353,7 @@ class Shard:
                 self._drop_pending(self._pending_init, worker_id)
                 pending = self._pending_init[worker_id] = _Pending(0, num_parts)
             self._hold(pending, part, values)
+            pending.base_version = max(pending.base_version, version)
             if len(pending.parts) < num_parts:
                 return False
             self._drop_pending(self._pending_init, worker_id)
@@ -371,8 +394,24 @@ class Shard:
                 self._drop_pending(self._pending_init, other)
             self.plan, self.optimizer_cfg = plan, optimizer
             log.info("shard %d: initialised %d slices (plan %s)", self.cfg.shard_id, len(merged), fingerprint)
+            if pending.base_version > 0 or self._max_seen > 0:
+                self._reinitialized(worker_id, pending.base_version)
             self._wake()
             return True
+
+    def _reinitialized(self, worker_id: str, version: int) -> None:
+        """(state lock held) This shard restarted empty and a worker sent the weights it holds, at
+        `version`: the shard takes the highest version any worker has read (sync: the step the
+        workers are at), counts the updates past the sender's as lost (they and the optimizer's
+        state died with the shard), and catches up the workers that register later."""
+        self.version = max(version, self._max_seen)
+        lost = self._max_seen - version if self._max_seen > version else 0
+        log.warning("shard %d: restarted empty; worker %s initialised it again from its weights at version %d "
+                    "(taking version %d; %d updates and the optimizer's state lost)", self.cfg.shard_id, worker_id,
+                    version, self.version, lost)
+        self.counters["reinitialized"] += 1
+        self.counters["lost_updates"] += lost
+        self._recovered = True
 
     def _hold(self, pending: _Pending, part: int, values: dict[str, torch.Tensor]) -> None:
         old = pending.parts.get(part)
@@ -444,16 +483,25 @@ class Shard:
 
     def push(self, worker_id: str, fingerprint: str, clock: int, base_version: int,
              grads: Sequence[tuple[str, torch.Tensor]], part: int, num_parts: int,
-             wire_bytes: int | None = None, no_grad: Sequence[str] = ()) -> PushResult:
+             wire_bytes: int | None = None, no_grad: Sequence[str] = (), member: int = 0,
+             members: int = 0) -> PushResult:
         """Validate (no lock), reserve, apply or accumulate (slice locks), commit.
         wire_bytes: what the gradients took on the wire (sparse ones less than dense), for stats.
         no_grad: keys this push covers without a gradient (never stepped by it; in sync mode
-        they count as this worker's zero in the step's average)."""
+        they count as this worker's zero in the step's average).
+        member, members: this part comes from member `member` of `members` processes that push
+        as one worker (a tensor-parallel group; 0 or 1: a worker alone), each with `num_parts`
+        parts of its own; the push is complete when every member's parts are in. A member's
+        last part answers `wait`: its outcome is the push's (`push_outcome_or_wait`)."""
         self._touch(worker_id if worker_id in self._workers else "")
+        members = max(members, 1)
         with self._refusing():
             self._check_request(fingerprint, clock)
             _check_clock("base_version", base_version)
             _check_part(part, num_parts, len(self.store.params))
+            if not 1 <= members <= MAX_MEMBERS or not 0 <= member < members:
+                raise InvalidArgument(f"member ({member}) of members ({members}) must satisfy "
+                                      f"0 <= member < members <= {MAX_MEMBERS}")
             values = self.store.validate(grads, no_grad=no_grad)
         with self._lock:
             while self._frozen:  # a snapshot is copying the slices (large shards: on a pool thread)
@@ -463,30 +511,34 @@ class Shard:
             base_version = min(base_version, self.version)
             if self.policy.on_push(clock, self._view()) is Verdict.AHEAD:
                 self._reject(StepConflict(f"push for sync step {clock} but the shard is at step {self.version}"))
-            if clock < w.taken or clock in w.busy:
+            if clock < w.taken or clock in w.busy:  # a retry; a group's other members may wait for the outcome
                 self.counters["duplicates"] += 1
-                return PushResult("DUPLICATE", self.version)
+                return PushResult("DUPLICATE", self.version, wait=members > 1 and clock in w.busy)
             if clock < w.clock:  # never taken: the worker was placed past it when it came back
                 self.counters["refused_evicted"] += 1
                 return PushResult("EVICTED", self.version)
             pending = self._pending_push.get(worker_id)
             if pending is not None and pending.clock == clock:
-                if part in pending.parts:
+                if pending.members != members:
+                    self._reject(InvalidArgument(f"members ({members}) differs from earlier parts' ({pending.members})"))
+                if pending.counts.get(member, num_parts) != num_parts:
+                    self._reject(InvalidArgument(f"num_parts ({num_parts}) differs from earlier parts "
+                                                 f"({pending.counts[member]})"))
+                if (member, part) in pending.parts:
                     self.counters["duplicates"] += 1
-                    return PushResult("DUPLICATE", self.version)
-                if pending.num_parts != num_parts:
-                    self._reject(InvalidArgument(f"num_parts ({num_parts}) differs from earlier parts ({pending.num_parts})"))
+                    return PushResult("DUPLICATE", self.version, wait=members > 1 and pending.member_done(member))
             elif pending is not None and pending.clock > clock:
                 self.counters["dropped"] += 1
                 return PushResult("DROPPED", self.version)
             else:
                 self._drop_pending(self._pending_push, worker_id)
-                pending = self._pending_push[worker_id] = _Pending(clock, num_parts, base_version)
-            self._hold(pending, part, values)
+                pending = self._pending_push[worker_id] = _Pending(clock, num_parts, base_version, members=members)
+            pending.counts[member] = num_parts
+            self._hold(pending, (member, part), values)
             pending.base_version = min(pending.base_version, base_version)
             self.counters["bytes_pushed"] += _nbytes(dict(grads)) if wire_bytes is None else wire_bytes
-            if len(pending.parts) < num_parts:
-                return PushResult("BUFFERED", self.version)
+            if not pending.complete():
+                return PushResult("BUFFERED", self.version, wait=members > 1 and pending.member_done(member))
             self._drop_pending(self._pending_push, worker_id)
             try:
                 merged = pending.merged("gradient")
@@ -497,14 +549,41 @@ class Shard:
                 self._mark_taken(worker_id, w, clock)
                 self.counters["dropped"] += 1
                 self._maybe_complete_step()
-                return PushResult("DROPPED", self.version)
+                return self._decided(w, clock, PushResult("DROPPED", self.version), members > 1)
             staleness = self.version - pending.base_version
             w.busy.add(clock)
             self._inflight += 1
-        return self._apply(worker_id, w, clock, verdict, staleness, merged)
+        return self._apply(worker_id, w, clock, verdict, staleness, merged, members > 1)
+
+    def _decided(self, w: _Worker, clock: int, result: PushResult, group: bool) -> PushResult:
+        """(state lock held) A push was taken: remember its outcome; a group's other members
+        waiting for it (`push_outcome_or_wait`) are woken."""
+        w.last = (clock, result)
+        if group:
+            self._wake()
+        return result
+
+    def push_outcome_or_wait(self, worker_id: str, clock: int, wake: Callable[[], None]) -> PushResult | None:
+        """For a group member that sent all its parts of the push for `clock`: the push's outcome
+        once every member's parts are in and it was taken (or why it never will be). Until
+        then None, with `wake` registered as in `ready_or_wait`."""
+        with self._lock:
+            if self._stopped:
+                raise Unavailable(f"shard {self.cfg.shard_id} is stopping")
+            w = self._workers.get(worker_id)
+            if w is None:  # evicted (or left) meanwhile: it registers again and pulls fresh weights
+                return PushResult("EVICTED", self.version)
+            if clock < w.taken:
+                return w.last[1] if w.last is not None and w.last[0] == clock else PushResult("DUPLICATE", self.version)
+            pending = self._pending_push.get(worker_id)
+            if clock not in w.busy and (pending is None or pending.clock != clock):
+                # Never to be complete: the worker was placed past it, or a later push replaced it.
+                return PushResult("EVICTED" if clock < w.clock else "DROPPED", self.version)
+            self._waiters.append(wake)
+            return None
 
     def _apply(self, worker_id: str, w: _Worker, clock: int, verdict: Verdict, staleness: int,
-               grads: dict[str, torch.Tensor | None]) -> PushResult:
+               grads: dict[str, torch.Tensor | None], group: bool = False) -> PushResult:
         """The reserved push's tensor work, outside the state lock, then its commit. A push with
         no gradient at all here (a TP rank's, or keys without gradients) only moves the clock."""
         stepped = any(g is not None for g in grads.values())
@@ -520,6 +599,8 @@ class Shard:
                 w.busy.discard(clock)
                 self._maybe_complete_step()  # it may have been the one push a ready step waited for
                 self._lock.notify_all()
+                if group:
+                    self._wake()
             raise
         with self._lock:  # the clock is marked taken before it stops being busy: no retry slips in
             self._inflight -= 1
@@ -530,13 +611,14 @@ class Shard:
                 self._step_pushes += 1
                 before = self.version
                 self._maybe_complete_step()
-                return PushResult("APPLIED" if self.version > before else "ACCUMULATED", self.version)
+                return self._decided(w, clock, PushResult("APPLIED" if self.version > before else "ACCUMULATED",
+                                                          self.version), group)
             if stepped:
                 self.version += 1
                 self.staleness_hist[staleness] += 1
             self._wake_if_floor_moved()
             self._lock.notify_all()
-            return PushResult("APPLIED", self.version, staleness if stepped else 0)
+            return self._decided(w, clock, PushResult("APPLIED", self.version, staleness if stepped else 0), group)
 
     def heartbeat(self, worker_id: str) -> None:
         """Renew the lease; needs no lock, so it is never held up."""
@@ -702,7 +784,8 @@ class Shard:
 
 
 STAT_COUNTERS = ("pushes", "pulls", "rejected", "evictions", "stalled_evictions", "dropped", "duplicates",
-                 "refused_evicted", "overloaded", "bytes_pushed", "bytes_pulled", "lost_updates", "checkpoints")
+                 "refused_evicted", "overloaded", "bytes_pushed", "bytes_pulled", "lost_updates", "checkpoints",
+                 "reinitialized")
 
 
 def _check_clock(name: str, value: int) -> None:

@@ -23,12 +23,20 @@ ps.worker.transport); the methods here hand them over and wait. Tensors passed t
 read before it returns; the caller must not modify them until then. One client serves one worker; its methods may be called from one
 thread at a time, except that a `prefetch` runs in the background and a `push_stream` may be
 fed from another thread (e.g. autograd's) while the caller pushes or pulls.
+
+Several processes can act as one worker (the ranks of a tensor-parallel group, each holding
+keys of its own): each makes a client with the same `worker_id` and `member=(rank, size)`. Their
+pushes for a clock are then parts of one push, applied once every member's parts are in, so the
+servers count one clock, one version and one staleness per group; each member's push returns
+the group push's outcome. Any member may register, pull and send heartbeats; only one should
+`leave`, once all are done.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import threading
 import uuid
@@ -39,7 +47,7 @@ import torch
 from ps import wire
 from ps.compress import Compressor
 from ps.config import DEFAULT_PARTITION_BYTES, OptimizerConfig
-from ps.errors import InvalidArgument, Overloaded, PSError, UnknownWorker
+from ps.errors import InvalidArgument, NotInitialized, Overloaded, PSError, UnknownWorker
 from ps.proto import ps_pb2 as pb
 from ps.serde import optimizer_to_proto, plan_to_proto, stats_from_proto, tensor_to_proto
 from ps.server.auth import bearer
@@ -49,7 +57,7 @@ from ps.worker.membership import Membership
 from ps.worker.transport import RETRIED, Transport, gather_all
 
 log = logging.getLogger("ps.worker")
-REDO = (*RETRIED, UnknownWorker)  # a part failing so is sent again (see `_settle`)
+REDO = (*RETRIED, UnknownWorker, NotInitialized)  # a part failing so is sent again (see `_settle`)
 TAKEN = (pb.PushResponse.APPLIED, pb.PushResponse.ACCUMULATED, pb.PushResponse.DUPLICATE)
 
 
@@ -134,9 +142,12 @@ class PSClient:
                  partition_bytes: int = DEFAULT_PARTITION_BYTES, connect_timeout: float = 60.0,
                  retry_timeout: float = 60.0, rpc_timeout: float = 120.0, heartbeat: bool = True,
                  compress: str = "none", auth_token: str = "", tls_ca: str = "", tls_cert: str = "",
-                 tls_key: str = ""):
+                 tls_key: str = "", member: tuple[int, int] = (0, 1)):
         if not servers:
             raise PSError("servers must name at least one host:port")
+        if not 0 <= member[0] < member[1]:
+            raise InvalidArgument(f"member ({member[0]}) must be in [0, members={member[1]})")
+        self.member = member
         self._compressor = Compressor(compress)  # validates the spec
         self.servers = list(servers)
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
@@ -147,6 +158,7 @@ class PSClient:
                             tls_key=tls_key)
         self._m = Membership(self._t, self.worker_id, heartbeat)
         self._codec: Codec | None = None
+        self._optimizer: OptimizerConfig | None = None
         try:
             self._t.run(self._t.wait_connected(connect_timeout))
         except BaseException:
@@ -185,7 +197,7 @@ class PSClient:
         """Compute the plan for these parameters without joining (enough for observer pulls)."""
         plan = make_plan(list(specs), len(self.servers), self.partition_bytes)
         self._m.plan = plan
-        self._codec = Codec(plan, len(self.servers), self.partition_bytes, self._compressor)
+        self._codec = Codec(plan, len(self.servers), self.partition_bytes, self._compressor, self.member)
         return plan
 
     def register(self, specs: Sequence[ParamSpec]) -> int:
@@ -206,20 +218,46 @@ class PSClient:
         """Send initial values and the optimizer; idempotent. True if this call set the values
         (False: the servers already held values, which win; pull to get them)."""
         assert self.plan is not None, "register first"
+        self._optimizer = optimizer
+        return self._t.run(self._send_init(tensors, range(len(self.servers)), self._m.rejoiner(0)))
+
+    async def _send_init(self, tensors: Mapping[str, torch.Tensor], shards, rejoin, versions=None) -> bool:
+        """Init requests for these shards' slices (`versions`: per shard, the version the values hold)."""
         plan = self.plan
-        flat = plan.split({n: t.detach().to("cpu", torch.float32) for n, t in tensors.items()})
-        spec, opt = plan_to_proto(plan), optimizer_to_proto(optimizer)
-        rejoin = self._m.rejoiner(0)
+        names = {s.name for k in shards for s in plan.slices_for(k)}
+        flat = plan.split({n: tensors[n].detach().to("cpu", torch.float32) for n in names}, sorted(names))
+        spec, opt = plan_to_proto(plan), optimizer_to_proto(self._optimizer)
 
         async def send(shard: int, part: int, batch, num_parts: int) -> bool:
             req = pb.InitRequest(
                 worker_id=self.worker_id, plan_fingerprint=plan.fingerprint, plan=spec, optimizer=opt,
                 tensors=[tensor_to_proto(s.key, flat[s.key]) for s in batch], part=part, num_parts=num_parts,
+                version=versions[shard] if versions else 0,
             )
             return (await self._t.call(shard, "Init", req, rejoin=rejoin)).applied
 
-        jobs = [(k, i, b, len(bs)) for k, bs in enumerate(self._codec.pull_batches) for i, b in enumerate(bs)]
-        return any(self._t.run(gather_all([send(*job) for job in jobs])))
+        jobs = [(k, i, b, len(self._codec.pull_batches[k])) for k in shards
+                for i, b in enumerate(self._codec.pull_batches[k])]
+        return any(await gather_all([send(*job) for job in jobs]))
+
+    def hold(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """The tensors that hold this worker's current weights (e.g. its model's parameters, kept
+        up to date by its pulls). Should a shard restart empty (it had no checkpoint), the
+        client initialises it again from them at the version they hold, instead of failing; the
+        shard counts the updates it lost. A worker holding only some of a shard's parameters (a
+        tensor-parallel rank) cannot, and gets a clear error."""
+        self._m.reinit = functools.partial(self._reinit, dict(weights))
+
+    async def _reinit(self, weights: Mapping[str, torch.Tensor], shard: int) -> None:
+        missing = sorted({s.name for s in self.plan.slices_for(shard)} - set(weights))
+        if missing:
+            raise NotInitialized(
+                f"server {self.servers[shard]} (shard {shard}) restarted empty, and this worker does not hold all its "
+                f"parameters to initialise it again (it lacks {missing[:3]}): restart that server with --restore from "
+                "a checkpoint (--checkpoint-dir)")
+        log.warning("server %s (shard %d) restarted empty: initialising it again from this worker's weights "
+                    "(version %d)", self.servers[shard], shard, self._m.versions[shard])
+        await self._send_init(weights, [shard], None, self._m.versions)
 
     def setup(self, tensors: Mapping[str, torch.Tensor], optimizer: OptimizerConfig) -> int:
         """register + init in one call; returns the clock to start at."""

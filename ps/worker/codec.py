@@ -50,8 +50,10 @@ def push_results(responses: Iterable[tuple[int, pb.PushResponse]]) -> list[dict]
 class Codec:
     """What a push or pull of this plan looks like on the wire; layouts are computed once."""
 
-    def __init__(self, plan: Plan, num_servers: int, partition_bytes: int, compressor: Compressor):
+    def __init__(self, plan: Plan, num_servers: int, partition_bytes: int, compressor: Compressor,
+                 member: tuple[int, int] = (0, 1)):
         self.plan, self.num_servers, self.partition_bytes, self.comp = plan, num_servers, partition_bytes, compressor
+        self.member = member  # (index, count) of the processes that push as one worker
         self.pull_batches = [batches(plan.slices_for(k), partition_bytes) for k in range(num_servers)]
         self._subset_batches: dict[frozenset, list[list[list[Slice]]]] = {}
         self._layouts: dict[tuple, list[Job]] = {}
@@ -103,7 +105,8 @@ class Codec:
         given = [s for s in batch if s.key in flat]
         header = pb.PushRequest(worker_id=worker_id, plan_fingerprint=self.plan.fingerprint, clock=clock,
                                 base_version=base_version, part=part, num_parts=num_parts,
-                                no_grad=[s.key for s in batch if s.key not in flat])
+                                no_grad=[s.key for s in batch if s.key not in flat],
+                                member=self.member[0], members=self.member[1] if self.member[1] > 1 else 0)
         if self.comp.sparse:
             tensors = [sparse_frame(s.key, [s.length], *self.comp.sparsify(s.key, flat[s.key])) for s in given]
         else:

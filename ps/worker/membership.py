@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Awaitable, Callable
 
 from ps.errors import PSError
 from ps.proto import ps_pb2 as pb
@@ -25,6 +26,8 @@ class Membership:
         self.min_clocks: dict[int, int] = {}
         self.clock_floor = 0  # the lowest clock the servers will take from this worker
         self.left = False
+        # reinit(shard): initialise a shard that restarted empty again (set once the worker holds weights)
+        self.reinit: Callable[[int], Awaitable[None]] | None = None
         self._lock: asyncio.Lock | None = None
         self._beat: asyncio.Task | None = None
 
@@ -50,6 +53,8 @@ class Membership:
             for k, r in zip(behind, await gather_all([self._register_one(k, start) for k in behind])):
                 infos[k] = r
             self.info = infos
+            if self.reinit is not None:  # a shard that restarted empty: its values from this worker's
+                await gather_all([self.reinit(k) for k, r in enumerate(infos) if not r.initialized])
             return infos
 
     def rejoiner(self, clock: int):

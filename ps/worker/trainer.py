@@ -34,6 +34,7 @@ class Client(Protocol):
     clock_floor: int
 
     def setup(self, tensors, optimizer) -> int: ...
+    def hold(self, weights) -> None: ...
     def pull(self, clock: int, observer: bool = False, names=None, into=None) -> dict[str, torch.Tensor]: ...
     def push(self, grads, clock: int) -> list[dict]: ...
     def push_pull(self, grads, clock: int, names=None, into=None) -> tuple[list[dict], dict]: ...
@@ -266,8 +267,10 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
     tp = binding.tp
     steps = total_steps(cfg, len(data.train))
     start = all_reduce_max(client.setup(binding.init, cfg.optimizer), tp)
+    # A shard that restarts empty (no checkpoint) is initialised again from these weights.
+    client.hold({k: binding.params[k] for k in binding.own})
     if start == 0:
-        _wait_for_everyone(client, cfg, cfg.num_workers * tp.size)
+        _wait_for_everyone(client, cfg, cfg.num_workers)
     # A DataLoader over this worker's shard (its own sampler: the same batches in every mode),
     # pinned host batches on CUDA so they are copied to the GPU without a staging copy.
     stream = loader(data.train, shard_indices(len(data.train), cfg.rank, cfg.num_workers), cfg.batch_size,
@@ -354,6 +357,7 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
         result = TrainResult(steps, loss_value, acc, time.monotonic() - t0)
         metrics.write({"worker": cfg.worker_id, "final": True, "step": steps, "time": result.wall_time,
                        "loss": loss_value, "test_accuracy": acc})
+        all_reduce_max(0, tp)  # a TP group's ranks are all done with the servers before it leaves
         return result
     finally:
         metrics.close()
@@ -361,7 +365,8 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
             ahead.cancel()
         if early is not None:
             early.close()
-        try:
-            client.leave()
-        except Exception as e:  # noqa: BLE001 - leaving is best effort; the lease expires anyway
-            log.warning("leave failed: %s", e)
+        if tp.rank == 0:  # a TP group is one worker at the servers: it leaves once
+            try:
+                client.leave()
+            except Exception as e:  # noqa: BLE001 - leaving is best effort; the lease expires anyway
+                log.warning("leave failed: %s", e)

@@ -17,7 +17,8 @@ import grpc
 
 from ps import tls, wire
 from ps.config import grpc_options
-from ps.errors import Cancelled, DeadlineExceeded, Overloaded, PSError, Unavailable, UnknownWorker, error_from_wire
+from ps.errors import (Cancelled, DeadlineExceeded, NotInitialized, Overloaded, PSError, Unavailable, UnknownWorker,
+                       error_from_wire)
 from ps.server.servicer import ERROR_CLASS_KEY
 
 log = logging.getLogger("ps.worker")
@@ -145,7 +146,7 @@ class Transport:
         while True:
             try:
                 return await self.attempt(shard, method, request, timeout)
-            except UnknownWorker as err:
+            except (UnknownWorker, NotInitialized) as err:  # NotInitialized: restarted empty (rejoin re-inits)
                 if rejoin is None:
                     raise
                 log.warning("%s: %s; registering again", self.servers[shard], err)

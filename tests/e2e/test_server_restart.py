@@ -64,6 +64,18 @@ def _kill_between_checkpoints(server, workers, ckpt, gap):
         time.sleep(0.1)
 
 
+def _finished(workers, servers, out):
+    """Wait for the workers to succeed; the trained model's accuracy, every shard's stats, the log."""
+    for w in workers:
+        assert w.popen.wait(timeout=240) == 0, out.getvalue()[-3000:]
+    observer = Observer([s.address for s in servers], "mlp", "digits", 0, 4 << 20)
+    try:
+        accuracy, _ = observer.evaluate()
+        return accuracy, observer.client.stats(), out.getvalue()
+    finally:
+        observer.close()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_server_killed_mid_run_restarts_from_its_checkpoint_and_training_completes(tmp_path, mode):
@@ -81,15 +93,7 @@ def test_a_server_killed_mid_run_restarts_from_its_checkpoint_and_training_compl
         time.sleep(1.0)  # the workers meet a dead server and retry
         port = int(servers[0].address.rpartition(":")[2])
         servers[0] = _server(0, 2, mode, ckpt, port=port, restore=True, out=out)
-        for w in workers:
-            assert w.popen.wait(timeout=240) == 0, out.getvalue()[-3000:]
-        observer = Observer([s.address for s in servers], "mlp", "digits", 0, 4 << 20)
-        try:
-            accuracy, _ = observer.evaluate()
-            stats = observer.client.stats()
-        finally:
-            observer.close()
-        log = out.getvalue()
+        accuracy, stats, log = _finished(workers, servers, out)
         assert accuracy >= 0.93, log[-3000:]
         restored = int(re.search(r"shard 0: restored version (\d+)", log).group(1))
         forgotten = killed_at - restored  # updates the shard had applied that its checkpoint lacks
@@ -138,3 +142,40 @@ def test_sigterm_writes_a_final_checkpoint_that_restores_the_same_weights(tmp_pa
             assert c.stats()[0]["version"] == 3
     finally:
         stop_all([server])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_server_that_restarts_empty_is_initialised_again_from_the_workers_weights(mode):
+    """No checkpoint at all: shard 0 is SIGKILLed mid-run and started again empty on its port.
+    The workers, registering again, find it uninitialised and send it the weights they hold (at
+    the version they hold) instead of failing with "call init first"; training completes, and
+    the shard counts the re-initialisation and what it lost."""
+    out = io.StringIO()
+
+    def server(port=0):
+        extra = ["--shard-id", "0", "--num-shards", "2", "--port", str(port)]
+        return start_servers(1, mode, 2, worker_timeout=10.0, extra=extra, out=out)[0]
+
+    servers = [server(), start_servers(1, mode, 2, worker_timeout=10.0, out=out,
+                                       extra=["--shard-id", "1", "--num-shards", "2"])[0]]
+    workers = []
+    try:
+        addresses = ",".join(s.address for s in servers)
+        workers = [start_worker(f"worker-{r}", [
+            "--servers", addresses, "--rank", str(r), "--num-workers", "2", "--epochs", "12", "--no-progress"], out)
+            for r in range(2)]
+        _wait_for(lambda: _version(servers[0].address) >= 20, 90, "trained steps: " + out.getvalue()[-3000:])
+        servers[0].popen.send_signal(signal.SIGKILL)
+        servers[0].popen.wait()
+        time.sleep(1.0)  # the workers meet a dead server and retry
+        servers[0] = server(port=int(servers[0].address.rpartition(":")[2]))
+        accuracy, stats, log = _finished(workers, servers, out)
+        assert "ps-worker: error" not in log, log[-3000:]
+        assert stats[0]["reinitialized"] == 1 and stats[1]["reinitialized"] == 0, stats
+        assert re.search(r"shard 0: restarted empty; worker worker-\d initialised it again", log), log[-3000:]
+        assert accuracy >= 0.9, log[-3000:]
+        if mode == "sync":  # the shard took the step the workers were at: both shards took every step
+            assert stats[0]["version"] == stats[1]["version"], stats
+    finally:
+        stop_all(workers + servers)

@@ -17,18 +17,19 @@ from tests.conftest import running_cluster
 STEPS = 10
 
 
-def train_cluster(tp, extra=()):
-    with running_cluster(2, "sync", num_workers=2 * tp) as addresses:
+def train_cluster(tp, extra=(), mode="sync", groups=2):
+    # a TP group is one worker at the servers (one clock, one push per step): they expect `groups`
+    with running_cluster(2, mode, num_workers=groups) as addresses:
         # group 0 of a TP job is started by torchrun (its ranks join the group torchrun describes);
         # the other spawns its own ranks
         launcher = [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp), "-m"]
-                    if tp > 1 and r == 0 else [sys.executable, "-m"] for r in range(2)]
+                    if tp > 1 and r == 0 else [sys.executable, "-m"] for r in range(groups)]
         procs = [subprocess.Popen(
             [*launcher[r], "ps.cli.worker", "--servers", ",".join(addresses), "--rank", str(r),
-             "--num-workers", "2", "--tp", str(tp), "--model", "gpt-tiny", "--data", "sequences",
+             "--num-workers", str(groups), "--tp", str(tp), "--model", "gpt-tiny", "--data", "sequences",
              "--steps", str(STEPS), "--eval-every", "0", "--no-progress", "--partition-bytes", "16384", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            for r in range(2)]
+            for r in range(groups)]
         for p in procs:
             out, _ = p.communicate(timeout=300)
             assert p.returncode == 0, out
@@ -51,6 +52,18 @@ def test_two_tp2_groups_match_two_plain_workers_after_ten_sync_steps():
         torch.testing.assert_close(tp2[name], plain[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
     initial = initial_weights()
     assert all(not torch.equal(plain[n], initial[n]) for n in plain), "every parameter must have been trained"
+
+
+@pytest.mark.slow
+def test_a_tp_group_in_async_is_one_worker_with_one_push_per_step():
+    """One ps-worker --tp 2 alone in async mode: every step is one push and one version at each
+    shard, and no push is stale (each rank a worker of its own: one rank's gradient would land
+    after the other's update, and a step would count twice)."""
+    _, stats = train_cluster(2, mode="async", groups=1)
+    for s in stats:
+        assert s["version"] == STEPS and s["pushes"] == STEPS, s
+        assert s["staleness_histogram"] == {0: STEPS}, s
+        assert s["clocks"] == {} and s["evictions"] == 0, s
 
 
 def initial_weights():

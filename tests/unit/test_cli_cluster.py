@@ -6,7 +6,7 @@ import os
 import pytest
 
 from ps.cli import compare, launch, server, worker
-from ps.cli.common import auth_token_from_args, cluster_env, workers_at_servers
+from ps.cli.common import auth_token_from_args, cluster_env
 from ps.errors import InvalidArgument
 
 CLUSTER = {"ps": ["ps-0.ps:5000", "ps-1.ps:5001"], "chief": ["w-0:1"], "worker": ["w-1:1", "w-2:1"]}
@@ -66,12 +66,12 @@ def test_bad_auth_token_flags_are_refused(argv, rule):
         auth_token_from_args(server.build_parser({}).parse_args(argv))
 
 
-def test_a_server_with_tp_counts_every_rank_of_each_tf_config_worker_as_ps_launch_does():
-    env = {**tf_config("ps", 0), "PS_TP": "2"}
-    cfg = server.config_from_args(server.build_parser(env).parse_args([]))
-    assert cfg.num_workers == 3 * 2 == workers_at_servers(3, 2)
-    assert server.config_from_args(server.build_parser(tf_config("ps", 0)).parse_args(["--tp", "4"])).num_workers == 12
-    # a worker's --num-workers stays the number of data-parallel workers (TF_CONFIG entries)
+def test_a_tf_config_server_counts_each_worker_entry_once_as_ps_launch_counts_a_tp_group():
+    # A tensor-parallel group pushes as one worker (one clock): the servers count entries, not ranks.
+    cfg = server.config_from_args(server.build_parser({**tf_config("ps", 0), "PS_TP": "2"}).parse_args([]))
+    assert cfg.num_workers == 3
+    with pytest.raises(SystemExit):  # the server has no --tp: it needs none
+        server.build_parser({}).parse_args(["--tp", "2"])
     wcfg = worker.config_from_args(worker.build_parser({**tf_config("worker", 0), "PS_TP": "2"}).parse_args(["--steps", "1"]))
     assert (wcfg.num_workers, wcfg.tp) == (3, 2)
 
@@ -86,13 +86,8 @@ def test_ps_launch_tells_its_servers_the_count_a_tf_config_server_derives(monkey
     monkeypatch.setattr(launch, "start_servers", fake_start_servers)
     with pytest.raises(InvalidArgument, match="stop here"):
         launch.run(launch.build_parser({}).parse_args(["--workers", "3", "--tp", "2", "--steps", "1"]))
-    tf_server = server.config_from_args(server.build_parser({**tf_config("ps", 0), "PS_TP": "2"}).parse_args([]))
-    assert seen["num_workers"] == tf_server.num_workers == 6
-
-
-def test_a_tp_below_one_is_refused_by_the_server():
-    with pytest.raises(InvalidArgument, match=r"tp \(0\) must be >= 1"):
-        server.config_from_args(server.build_parser({}).parse_args(["--tp", "0"]))
+    tf_server = server.config_from_args(server.build_parser(tf_config("ps", 0)).parse_args([]))
+    assert seen["num_workers"] == tf_server.num_workers == 3
 
 
 def test_both_token_variables_set_is_refused_naming_the_variables(tmp_path):

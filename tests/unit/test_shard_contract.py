@@ -395,3 +395,24 @@ def test_a_sync_step_of_keys_without_gradients_is_taken_and_steps_nothing():
     for worker in ("a", "b"):
         shard.push(worker, plan.fingerprint, 0, 0, [], 0, 1, no_grad=["w#0", "u#0"])
     assert shard.version == 1 and torch.equal(weights(shard), torch.zeros(4))
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_shard_restarted_empty_takes_the_highest_version_workers_read_and_counts_the_rest_lost(mode):
+    shard, plan = make_shard(mode, num_workers=2)
+    shard.register("a", plan.fingerprint, clock=5, seen_version=5)
+    shard.register("b", plan.fingerprint, clock=6, seen_version=6)
+    # "a" sends the weights it holds, read at version 5: "b" had read version 6, so one update is lost
+    shard.init("a", plan, plan.fingerprint, SGD1, [("w#0", torch.full((4,), 2.0))], 0, 1, version=5)
+    stats = shard.stats()
+    assert (stats["version"], stats["lost_updates"], stats["reinitialized"]) == (6, 1, 1)
+    assert torch.equal(weights(shard), torch.full((4,), 2.0))
+    # a worker registering later that had read more catches the shard up, as after a restore
+    shard.register("c", plan.fingerprint, clock=8, seen_version=8)
+    assert (shard.stats()["version"], shard.stats()["lost_updates"]) == (8, 3)
+
+
+def test_a_fresh_init_is_not_a_reinitialisation():
+    shard, plan = make_shard("sync")
+    init(shard, plan)
+    assert (shard.stats()["version"], shard.stats()["reinitialized"], shard.stats()["lost_updates"]) == (0, 0, 0)
