@@ -295,10 +295,11 @@ class Shard:
         """Join (or rejoin, or renew); a `clock` above this worker's moves it up (a worker aligning
         itself across shards). A worker that comes back never gets a clock below the one it had,
         so its retried pushes stay duplicates. `seen_version`: see `_catch_up`."""
-        if not worker_id:
-            raise InvalidArgument("worker_id must be a non-empty string")
-        _check_clock("clock", clock)
-        _check_clock("seen_version", seen_version)
+        with self._refusing():
+            if not worker_id:
+                raise InvalidArgument("worker_id must be a non-empty string")
+            _check_clock("clock", clock)
+            _check_clock("seen_version", seen_version)
         with self._lock:
             while self._frozen:  # a catch-up must not be skipped (nor change state a snapshot copies)
                 self._lock.wait(0.05)

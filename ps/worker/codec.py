@@ -153,7 +153,8 @@ class Pulled:
         missing = self.expected - self.received
         if missing:
             raise InvalidArgument(f"the servers' answers lack {len(missing)} slices asked for, e.g. "
-                                  f"{sorted(missing)[:3]}: the weights were not installed")
+                                  f"{sorted(missing)[:3]}: the weights were not installed (tensors given as `into` "
+                                  "that answers decode into directly may hold some of the new values)")
         with torch.no_grad():
             for n, t in self.given.items():
                 if n in self.out and self.out[n] is not t:

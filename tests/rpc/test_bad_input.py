@@ -197,6 +197,7 @@ def test_clocks_past_the_servers_bound_are_refused_and_the_shard_keeps_answering
                                                          pull_keys=["w#0"]))[0] == "INVALID_ARGUMENT"
         stats = client.stats()[0]  # Stats, Register and Pull keep working
         assert stats["clocks"]["good"] < 1 << 62 and stats["version"] == 0 and stats["pushes"] == 0
+        assert stats["rejected"] == 2 * 4 + 1  # every refusal counted, the Register ones too
         register(client, stub, "good")
         after = snapshot(client)
         assert all(torch.equal(before[n], after[n]) for n in before)
