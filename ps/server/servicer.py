@@ -72,8 +72,8 @@ class Admission:
 
     def _full(self, nbytes: int) -> bool:
         # Half-assembled pushes are not counted here: refusing the parts that would complete
-        # them would only keep them longer. They are bounded apart (one per worker, a part per
-        # slice at most, dropped a lease after their worker goes).
+        # them would only keep them longer. They are bounded apart (one per worker, each key in
+        # it once, dropped a lease after their worker goes).
         return self.used > 0 and self.used + nbytes > self.limit
 
     async def _enter(self, nbytes: int) -> None:

@@ -74,6 +74,7 @@ class _Pending:
     parts: dict = field(default_factory=dict)
     members: int = 1
     counts: dict[int, int] = field(default_factory=dict)
+    keys: set[str] = field(default_factory=set)  # the keys the parts held carry (group pushes)
 
     def member_done(self, member: int) -> bool:
         return sum(1 for m, _ in self.parts if m == member) == self.counts.get(member, -1)
@@ -127,21 +128,19 @@ class Shard:
         self._step_pushes = 0  # pushes accumulated into the current sync step
         self._inflight = 0     # reserved pushes being applied or accumulated outside the lock
         self._applying = False  # a sync step's update is being applied outside the lock
-        self._waiters: list[Callable[[], None]] = []
+        self._waiters: list[Callable[[], None]] = []  # pulls waiting for the shard's state to move
+        self._push_waiters: list[Callable[[], None]] = []  # group members waiting for their push's outcome
         self._last_min_clock = 0
         self._initializing = False  # one worker's complete init is building the slices
         self.staleness_hist: Counter[int] = Counter()
         self.counters: Counter[str] = Counter()
         self._apply_counts = [0] * (len(APPLY_BUCKETS) + 1)  # the last one: above every bound
         self._apply_seconds = 0.0
-        self._restored_workers: frozenset[str] = frozenset()  # ids in the checkpoint restored
         self._awaiting: set[str] = set()  # of those, the ones active then and not registered again yet
         self._awaiting_deadline = 0.0
         self._stopped = False
-        # A shard that restarted empty and was initialised again from a worker's weights: every
-        # worker registering catches it up (`_catch_up`), as after a restore.
-        self._recovered = False
         self._max_seen = 0  # the highest version a registering worker had read, before init
+        self._quorum_deadline = 0.0  # a shard initialised again after an empty restart: quorum by then
 
     # -- helpers (state lock held) ----------------------------------------------------------
     def _view(self) -> View:
@@ -153,7 +152,8 @@ class Shard:
 
     def _wake(self) -> None:
         """Run (and forget) every waiting pull's callback: the state they wait on may have moved."""
-        waiters, self._waiters = self._waiters, []
+        waiters, self._waiters = self._waiters + self._push_waiters, []
+        self._push_waiters = []
         for wake in waiters:
             wake()
         self._lock.notify_all()
@@ -304,8 +304,9 @@ class Shard:
             while self._frozen:  # a catch-up must not be skipped (nor change state a snapshot copies)
                 self._lock.wait(0.05)
             self._check_plan(fingerprint)
-            if worker_id in self._restored_workers or self._recovered:
-                self._catch_up(seen_version)
+            # A worker never reads a version above a shard's own unless the shard restarted (from a
+            # checkpoint, or empty) and lost updates: every registration checks.
+            self._catch_up(seen_version)
             if not self.store.initialized:
                 self._max_seen = max(self._max_seen, seen_version)
             self._awaiting.discard(worker_id)
@@ -397,6 +398,7 @@ class Shard:
             log.info("shard %d: initialised %d slices (plan %s)", self.cfg.shard_id, len(merged), fingerprint)
             if pending.base_version > 0 or self._max_seen > 0:
                 self._reinitialized(worker_id, pending.base_version)
+                self._maybe_complete_step()  # sync: every worker may be past the step it took
             self._wake()
             return True
 
@@ -412,7 +414,8 @@ class Shard:
                     version, self.version, lost)
         self.counters["reinitialized"] += 1
         self.counters["lost_updates"] += lost
-        self._recovered = True
+        if not self._quorum:  # the shard had had its quorum: wait one lease for the workers to come back
+            self._quorum_deadline = self._now() + self.cfg.worker_timeout
 
     def _hold(self, pending: _Pending, part: int, values: dict[str, torch.Tensor]) -> None:
         old = pending.parts.get(part)
@@ -420,6 +423,8 @@ class Shard:
             pending.nbytes -= _nbytes(old)
             self.pending_bytes -= _nbytes(old)
         pending.parts[part] = values
+        if pending.members > 1:
+            pending.keys.update(values)
         n = _nbytes(values)
         pending.nbytes += n
         self.pending_bytes += n
@@ -454,8 +459,9 @@ class Shard:
     def forget(self, wake: Callable[[], None]) -> None:
         """Withdraw a callback `ready_or_wait` registered (its pull was abandoned)."""
         with self._lock:
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(wake)
+            for waiting in (self._waiters, self._push_waiters):
+                with contextlib.suppress(ValueError):
+                    waiting.remove(wake)
 
     def read(self, keys: Sequence[str], encode: Callable | None = None):
         """The slices for `keys`: (slices, version, min_clock) with copies of their bytes, or
@@ -534,6 +540,11 @@ class Shard:
             else:
                 self._drop_pending(self._pending_push, worker_id)
                 pending = self._pending_push[worker_id] = _Pending(clock, num_parts, base_version, members=members)
+            if pending.members > 1:  # the same key from two members: refused before it is held
+                twice = next((k for k in values if k in pending.keys), None)
+                if twice is not None:
+                    self._reject(InvalidArgument(f"gradient key {twice!r} was already sent by another part of "
+                                                 "this push (each key once per push)"))
             pending.counts[member] = num_parts
             self._hold(pending, (member, part), values)
             pending.base_version = min(pending.base_version, base_version)
@@ -544,6 +555,7 @@ class Shard:
             try:
                 merged = pending.merged("gradient")
             except InvalidArgument as e:
+                self._wake()  # a group's other members waiting for this push hear it is gone
                 self._reject(e)
             verdict = self.policy.on_push(clock, self._view())
             if verdict is Verdict.LATE or (verdict is Verdict.ACCUMULATE and self._applying):
@@ -571,16 +583,20 @@ class Shard:
         with self._lock:
             if self._stopped:
                 raise Unavailable(f"shard {self.cfg.shard_id} is stopping")
-            w = self._workers.get(worker_id)
-            if w is None:  # evicted (or left) meanwhile: it registers again and pulls fresh weights
-                return PushResult("EVICTED", self.version)
+            # Evicted (or left) meanwhile: the member registers again and sends its parts again (its
+            # half-built push is kept a lease for that), then hears the outcome.
+            w = self._worker(worker_id)
             if clock < w.taken:
                 return w.last[1] if w.last is not None and w.last[0] == clock else PushResult("DUPLICATE", self.version)
             pending = self._pending_push.get(worker_id)
-            if clock not in w.busy and (pending is None or pending.clock != clock):
-                # Never to be complete: the worker was placed past it, or a later push replaced it.
-                return PushResult("EVICTED" if clock < w.clock else "DROPPED", self.version)
-            self._waiters.append(wake)
+            if clock not in w.busy:
+                if pending is not None and pending.clock == clock and clock < w.clock:
+                    # The worker was placed past it (it registered at a later clock): never to be taken.
+                    self._drop_pending(self._pending_push, worker_id)
+                    pending = None
+                if pending is None or pending.clock != clock:  # dropped, refused, or a later push replaced it
+                    return PushResult("EVICTED" if clock < w.clock else "DROPPED", self.version)
+            self._push_waiters.append(wake)
             return None
 
     def _apply(self, worker_id: str, w: _Worker, clock: int, verdict: Verdict, staleness: int,
@@ -640,6 +656,12 @@ class Shard:
         forgets half-assembled pushes of workers that are gone and departed workers long gone."""
         now = self._now()
         with self._lock:
+            if not self._quorum and self._quorum_deadline and now >= self._quorum_deadline:
+                log.warning("shard %d: %d of %d workers came back after the restart; going on with them",
+                            self.cfg.shard_id, len(self._workers), self.cfg.num_workers)
+                self._quorum, self._joined = True, set()
+                self._maybe_complete_step()
+                self._wake()
             if self._awaiting and now >= self._awaiting_deadline:
                 log.warning("shard %d: workers %s did not come back after the restore; going on without them",
                             self.cfg.shard_id, sorted(self._awaiting))
@@ -768,7 +790,6 @@ class Shard:
             self.store.optimizer.load_state(snap.optimizer_state)
             self.store.restore_accumulated(snap.accumulated, snap.accumulated_counts)
             self._step_pushes = snap.step_pushes
-            self._restored_workers = frozenset(snap.clocks)
             self._awaiting = set(snap.active)
             self._awaiting_deadline = self._now() + self.cfg.worker_timeout
             self.plan, self.optimizer_cfg, self.version = snap.plan, snap.optimizer, snap.version

@@ -58,6 +58,7 @@ from ps.worker.transport import RETRIED, Transport, gather_all
 
 log = logging.getLogger("ps.worker")
 REDO = (*RETRIED, UnknownWorker, NotInitialized)  # a part failing so is sent again (see `_settle`)
+REINIT_WAIT = 30.0  # seconds a worker lacking some of a restarted-empty shard's keys waits for another to rebuild it
 TAKEN = (pb.PushResponse.APPLIED, pb.PushResponse.ACCUMULATED, pb.PushResponse.DUPLICATE)
 
 
@@ -219,7 +220,23 @@ class PSClient:
         (False: the servers already held values, which win; pull to get them)."""
         assert self.plan is not None, "register first"
         self._optimizer = optimizer
-        return self._t.run(self._send_init(tensors, range(len(self.servers)), self._m.rejoiner(0)))
+
+        async def go() -> bool:
+            applied = await self._send_init(tensors, range(len(self.servers)), self._m.rejoiner(0))
+            if self.member[1] > 1:  # the members share one init at the shards: return once it is built
+                await gather_all([self._until_initialized(k, self._t.retry_timeout) for k in range(len(self.servers))])
+            return applied
+
+        return self._t.run(go())
+
+    async def _until_initialized(self, shard: int, timeout: float) -> bool:
+        """Wait (polling Stats) until the shard holds parameters; False if it does not within `timeout`."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not (await self._t.call(shard, "Stats", pb.StatsRequest())).initialized:
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     async def _send_init(self, tensors: Mapping[str, torch.Tensor], shards, rejoin, versions=None) -> bool:
         """Init requests for these shards' slices (`versions`: per shard, the version the values hold)."""
@@ -245,16 +262,23 @@ class PSClient:
         up to date by its pulls). Should a shard restart empty (it had no checkpoint), the
         client initialises it again from them at the version they hold, instead of failing; the
         shard counts the updates it lost. A worker holding only some of a shard's parameters (a
-        tensor-parallel rank) cannot, and gets a clear error."""
+        tensor-parallel rank) cannot: it waits up to 30 s for another (its group's rank that holds
+        them) to, then gets a clear error. Call it once the tensors hold pulled weights."""
+        if self._optimizer is None:
+            raise InvalidArgument("hold() needs the optimizer the servers were initialised with: call init (or setup) "
+                                  "first")
         self._m.reinit = functools.partial(self._reinit, dict(weights))
 
     async def _reinit(self, weights: Mapping[str, torch.Tensor], shard: int) -> None:
         missing = sorted({s.name for s in self.plan.slices_for(shard)} - set(weights))
-        if missing:
+        # Another process that holds them (a TP group's other rank) may be initialising it now.
+        if missing and not await self._until_initialized(shard, min(REINIT_WAIT, self._t.retry_timeout)):
             raise NotInitialized(
                 f"server {self.servers[shard]} (shard {shard}) restarted empty, and this worker does not hold all its "
                 f"parameters to initialise it again (it lacks {missing[:3]}): restart that server with --restore from "
                 "a checkpoint (--checkpoint-dir)")
+        if missing:
+            return
         log.warning("server %s (shard %d) restarted empty: initialising it again from this worker's weights "
                     "(version %d)", self.servers[shard], shard, self._m.versions[shard])
         await self._send_init(weights, [shard], None, self._m.versions)

@@ -267,8 +267,6 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
     tp = binding.tp
     steps = total_steps(cfg, len(data.train))
     start = all_reduce_max(client.setup(binding.init, cfg.optimizer), tp)
-    # A shard that restarts empty (no checkpoint) is initialised again from these weights.
-    client.hold({k: binding.params[k] for k in binding.own})
     if start == 0:
         _wait_for_everyone(client, cfg, cfg.num_workers)
     # A DataLoader over this worker's shard (its own sampler: the same batches in every mode),
@@ -291,6 +289,9 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
                                   "only once every worker has pushed this step")
         _pull(client, clock, binding)
         pulled = clock  # the clock whose weights the parameters hold
+        # From now on the parameters hold the servers' weights (at the versions the client read): a
+        # shard that restarts empty (no checkpoint) is initialised again from them.
+        client.hold({k: binding.params[k] for k in binding.own})
         while clock < steps:
             if clock == cfg.kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die as a crashed machine would

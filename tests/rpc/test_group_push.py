@@ -141,3 +141,10 @@ def test_bad_member_fields_are_refused_and_change_nothing(cluster):
             assert stats["version"] == 0 and stats["rejected"] == 3
             with pytest.raises(InvalidArgument, match=r"member \(2\) must be in \[0, members=2\)"):
                 PSClient(addresses, "g0", member=(2, 2))
+
+
+def test_hold_before_init_is_refused_with_what_to_do(cluster):
+    with cluster(1, "async", num_workers=1) as addresses, PSClient(addresses, "w") as c:
+        c.register([ParamSpec("w", (4,))])
+        with pytest.raises(InvalidArgument, match=r"call init \(or setup\) first"):
+            c.hold({"w": torch.zeros(4)})

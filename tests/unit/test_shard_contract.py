@@ -416,3 +416,92 @@ def test_a_fresh_init_is_not_a_reinitialisation():
     shard, plan = make_shard("sync")
     init(shard, plan)
     assert (shard.stats()["version"], shard.stats()["reinitialized"], shard.stats()["lost_updates"]) == (0, 0, 0)
+
+
+def _group_shard(mode, now=None, num_workers=1, **cfg):
+    """A shard of two one-slice keys, "a" (member 0's) and "b" (member 1's), initialised by "g"."""
+    shard = Shard(ServerConfig(mode=mode, num_workers=num_workers, worker_timeout=5.0, **cfg), now=now or time.monotonic)
+    plan = make_plan([ParamSpec("a", (4,)), ParamSpec("b", (4,))], 1, 1 << 20)
+    shard.register("g", plan.fingerprint)
+    shard.init("g", plan, plan.fingerprint, SGD1, [("a#0", torch.zeros(4)), ("b#0", torch.zeros(4))], 0, 1)
+    return shard, plan
+
+
+def _member_push(shard, plan, member, clock=0, key=None):
+    key = key or ("a#0", "b#0")[member]
+    return shard.push("g", plan.fingerprint, clock, 0, [(key, torch.ones(4))], 0, 1, member=member, members=2)
+
+
+def test_a_member_of_an_evicted_group_is_told_to_register_again_and_then_hears_the_outcome():
+    now = FakeTime()
+    shard, plan = _group_shard("async", now)
+    assert _member_push(shard, plan, 0).wait
+    now.t = 10.0
+    shard.evict_expired()  # the group went silent: evicted, its half-built push kept a lease
+    with pytest.raises(UnknownWorker):
+        shard.push_outcome_or_wait("g", 0, lambda: None)
+    shard.register("g", plan.fingerprint)
+    assert _member_push(shard, plan, 0).outcome == "DUPLICATE"  # its part is still held
+    result = _member_push(shard, plan, 1)
+    assert result.outcome == "APPLIED" and result.version == 1
+    assert shard.push_outcome_or_wait("g", 0, lambda: None) == result  # the same outcome for member 0
+
+
+@pytest.mark.parametrize("mode, staleness", [("sync", 0), ("ssp", 2)])
+def test_a_group_waiting_for_its_own_members_is_not_evicted_as_stalled(mode, staleness):
+    now = FakeTime()
+    shard, plan = _group_shard(mode, now, progress_timeout=1.0, staleness=staleness)
+    assert _member_push(shard, plan, 0).wait
+    assert shard.push_outcome_or_wait("g", 0, lambda: None) is None  # waits for member 1
+    now.t = 3.0
+    shard.heartbeat("g")
+    assert shard.evict_expired() == [] and shard.stats()["evictions"] == 0
+
+
+def test_a_member_waiting_for_a_push_its_worker_was_placed_past_is_answered_evicted():
+    shard, plan = _group_shard("async")
+    assert _member_push(shard, plan, 0).wait
+    shard.register("g", plan.fingerprint, clock=3)  # aligned to a later clock by another shard
+    assert _member_push(shard, plan, 1).outcome == "EVICTED"
+    assert shard.push_outcome_or_wait("g", 0, lambda: None).outcome == "EVICTED"
+    assert shard.pending_bytes == 0 and shard.stats()["version"] == 0
+
+
+def test_a_key_sent_by_two_members_is_refused_at_the_repeating_part():
+    shard, plan = _group_shard("async")
+    assert _member_push(shard, plan, 0).wait
+    woken = []
+    assert shard.push_outcome_or_wait("g", 0, lambda: woken.append(1)) is None
+    with pytest.raises(InvalidArgument, match="already sent by another part"):
+        _member_push(shard, plan, 1, key="a#0")
+    assert _member_push(shard, plan, 1).outcome == "APPLIED"  # the push is intact; its right part completes it
+    assert woken and shard.push_outcome_or_wait("g", 0, lambda: None).outcome == "APPLIED"
+    assert torch.equal(weights_of(shard, "a#0"), -torch.ones(4)) and torch.equal(weights_of(shard, "b#0"), -torch.ones(4))
+
+
+def weights_of(shard, key):
+    (_, data), = shard.pull("", shard.plan.fingerprint, 0, [key])[0]
+    return torch.frombuffer(bytearray(data), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["sync", "ssp"])
+def test_a_shard_reinitialised_with_fewer_workers_back_than_its_quorum_goes_on_after_a_lease(mode):
+    now = FakeTime()
+    shard = Shard(ServerConfig(mode=mode, num_workers=2, worker_timeout=5.0), now=now)
+    plan = make_plan([ParamSpec("w", (4,))], 1, 1 << 20)
+    shard.register("a", plan.fingerprint, clock=4, seen_version=4)  # the other worker had finished
+    shard.init("a", plan, plan.fingerprint, SGD1, [("w#0", torch.zeros(4))], 0, 1, version=4)
+    assert not shard.ready_or_wait("a", 4 if mode == "sync" else 7, lambda: None)
+    now.t = 6.0
+    shard.heartbeat("a")
+    shard.evict_expired()
+    assert shard.ready_or_wait("a", 4, lambda: None)
+    assert shard.push("a", plan.fingerprint, 4, 4, [("w#0", torch.ones(4))], 0, 1).outcome == "APPLIED"
+
+
+def test_a_sync_shard_reinitialised_behind_every_worker_skips_the_step_none_will_push():
+    shard = Shard(ServerConfig(mode="sync", num_workers=1, worker_timeout=5.0))
+    plan = make_plan([ParamSpec("w", (4,))], 1, 1 << 20)
+    shard.register("a", plan.fingerprint, clock=4, seen_version=3)  # it pushed step 3, read version 3
+    shard.init("a", plan, plan.fingerprint, SGD1, [("w#0", torch.zeros(4))], 0, 1, version=3)
+    assert shard.stats()["version"] == 4 and shard.ready_or_wait("a", 4, lambda: None)
