@@ -51,6 +51,7 @@ class Transport:
         self._tls = (tls_ca, tls_cert, tls_key)
         self._channels: list[grpc.aio.Channel] = []
         self._stubs: list[wire.Stub] = []
+        self._told = [0.0] * len(self.servers)  # per server: when the user was last told it is awaited
         self.run(self._open())
 
     async def _open(self) -> None:
@@ -141,7 +142,7 @@ class Transport:
         for a call that `waits` (a pull waiting for other workers), again whenever its deadline
         passes, for as long as the server keeps the worker (it evicts stalled peers)."""
         start = time.monotonic()
-        deadline, said = start + self.retry_timeout, start  # said: when the user was last told
+        deadline = start + self.retry_timeout
         delay = 0.05
         while True:
             try:
@@ -160,8 +161,9 @@ class Transport:
                 now = time.monotonic()
                 if not retry or now + delay >= deadline:
                     raise
-                if now - said >= WAITING_NOTICE:  # a server down (restarting?): say so, now and then
-                    said = now
+                # A server down (restarting?): say so now and then, once for all the calls waiting on it.
+                if now - start >= WAITING_NOTICE and now - self._told[shard] >= WAITING_NOTICE:
+                    self._told[shard] = now
                     log.warning("waiting for server %s (%s) for %.0fs; retrying until %.0fs (--retry-timeout): %s",
                                 self.servers[shard], method, now - start, self.retry_timeout, err)
                 await asyncio.sleep(delay)

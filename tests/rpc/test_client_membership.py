@@ -250,3 +250,23 @@ def test_a_worker_says_it_is_waiting_for_a_server_that_is_down(servers, monkeypa
         c.close()
     notices = [r.getMessage() for r in caplog.records if "waiting for server" in r.getMessage()]
     assert notices and srv.address in notices[0] and "--retry-timeout" in notices[0]
+
+
+def test_calls_waiting_on_one_server_that_is_down_share_one_notice_per_interval(servers, monkeypatch, caplog):
+    import logging
+
+    from ps.errors import Unavailable
+    from ps.worker import transport
+
+    monkeypatch.setattr(transport, "WAITING_NOTICE", 0.5)
+    (srv,) = servers(mode="async")
+    c = PSClient([srv.address], "a", retry_timeout=2.5, partition_bytes=512)
+    try:
+        c.setup({"w": torch.zeros(2048)}, SGD1)  # a pull of 16 requests at once
+        srv.stop(grace=0)
+        with caplog.at_level(logging.WARNING, logger="ps.worker"), pytest.raises(Unavailable):
+            c.pull(0)
+    finally:
+        c.close()
+    notices = [r for r in caplog.records if "waiting for server" in r.getMessage()]
+    assert 1 <= len(notices) <= 2.5 / 0.5 + 1, [r.getMessage() for r in notices]  # not one per request
