@@ -260,9 +260,9 @@ def test_calls_waiting_on_one_server_that_is_down_share_one_notice_per_interval(
 
     monkeypatch.setattr(transport, "WAITING_NOTICE", 0.5)
     (srv,) = servers(mode="async")
-    c = PSClient([srv.address], "a", retry_timeout=2.5, partition_bytes=512)
+    c = PSClient([srv.address], "a", retry_timeout=2.5, partition_bytes=1024)
     try:
-        c.setup({"w": torch.zeros(2048)}, SGD1)  # a pull of 16 requests at once
+        c.setup({"w": torch.zeros(4096)}, SGD1)  # a pull of 16 requests at once
         srv.stop(grace=0)
         with caplog.at_level(logging.WARNING, logger="ps.worker"), pytest.raises(Unavailable):
             c.pull(0)
