@@ -136,6 +136,11 @@ class Shard:
         self.counters: Counter[str] = Counter()
         self._apply_counts = [0] * (len(APPLY_BUCKETS) + 1)  # the last one: above every bound
         self._apply_seconds = 0.0
+        self._restored_workers: frozenset[str] = frozenset()  # ids in the checkpoint restored
+        # A shard initialised again after an empty restart, or within a lease of a fresh init (a
+        # restart that nobody told it of): registering workers catch it up (`_catch_up`).
+        self._recovered = False
+        self._fresh_until = 0.0
         self._awaiting: set[str] = set()  # of those, the ones active then and not registered again yet
         self._awaiting_deadline = 0.0
         self._stopped = False
@@ -243,9 +248,9 @@ class Shard:
             self.pending_bytes -= pending.nbytes
 
     def _catch_up(self, seen_version: int) -> None:
-        """A worker the restored checkpoint knew has read version `seen_version` of this shard:
-        above the restored version, it is how the shard learns how many updates it lost. It takes
-        that version (sync: skips those steps) and counts them."""
+        """A worker has read version `seen_version` of this shard, which restarted (from a checkpoint
+        that knew the worker, or empty): above the shard's version, it is how the shard learns how
+        many updates it lost. It takes that version (sync: skips those steps) and counts them."""
         if (seen_version > self.version and self.store.initialized and not self._applying and not self._inflight
                 and not self._frozen):
             lost = seen_version - self.version
@@ -305,8 +310,10 @@ class Shard:
                 self._lock.wait(0.05)
             self._check_plan(fingerprint)
             # A worker never reads a version above a shard's own unless the shard restarted (from a
-            # checkpoint, or empty) and lost updates: every registration checks.
-            self._catch_up(seen_version)
+            # checkpoint, or empty) and lost updates. Only a shard that restarted listens: a stray
+            # client must not move a healthy shard.
+            if worker_id in self._restored_workers or self._recovered or self._now() < self._fresh_until:
+                self._catch_up(seen_version)
             if not self.store.initialized:
                 self._max_seen = max(self._max_seen, seen_version)
             self._awaiting.discard(worker_id)
@@ -399,6 +406,8 @@ class Shard:
             if pending.base_version > 0 or self._max_seen > 0:
                 self._reinitialized(worker_id, pending.base_version)
                 self._maybe_complete_step()  # sync: every worker may be past the step it took
+            else:  # a fresh start, or an empty restart whose workers have not registered yet
+                self._fresh_until = self._now() + self.cfg.worker_timeout
             self._wake()
             return True
 
@@ -414,6 +423,7 @@ class Shard:
                     version, self.version, lost)
         self.counters["reinitialized"] += 1
         self.counters["lost_updates"] += lost
+        self._recovered = True
         if not self._quorum:  # the shard had had its quorum: wait one lease for the workers to come back
             self._quorum_deadline = self._now() + self.cfg.worker_timeout
 
@@ -520,6 +530,8 @@ class Shard:
                 self._reject(StepConflict(f"push for sync step {clock} but the shard is at step {self.version}"))
             if clock < w.taken or clock in w.busy:  # a retry; a group's other members may wait for the outcome
                 self.counters["duplicates"] += 1
+                if members > 1 and w.last is not None and w.last[0] == clock:
+                    return w.last[1]  # a member re-sending after a rejoin hears what the others heard
                 return PushResult("DUPLICATE", self.version, wait=members > 1 and clock in w.busy)
             if clock < w.clock:  # never taken: the worker was placed past it when it came back
                 self.counters["refused_evicted"] += 1
@@ -583,8 +595,14 @@ class Shard:
         with self._lock:
             if self._stopped:
                 raise Unavailable(f"shard {self.cfg.shard_id} is stopping")
-            # Evicted (or left) meanwhile: the member registers again and sends its parts again (its
-            # half-built push is kept a lease for that), then hears the outcome.
+            if worker_id not in self._workers:
+                pending = self._pending_push.get(worker_id)
+                if pending is not None and pending.clock == clock:
+                    # Evicted meanwhile, its half-built push kept a lease: the member registers again,
+                    # sends its parts again, then hears the outcome.
+                    self._worker(worker_id)
+                gone = self._departed.get(worker_id)  # it left (or the push is gone): do not revive it
+                return PushResult("DUPLICATE" if gone is not None and clock < gone.taken else "EVICTED", self.version)
             w = self._worker(worker_id)
             if clock < w.taken:
                 return w.last[1] if w.last is not None and w.last[0] == clock else PushResult("DUPLICATE", self.version)
@@ -792,6 +810,7 @@ class Shard:
             self._step_pushes = snap.step_pushes
             self._awaiting = set(snap.active)
             self._awaiting_deadline = self._now() + self.cfg.worker_timeout
+            self._restored_workers = frozenset(snap.clocks)
             self.plan, self.optimizer_cfg, self.version = snap.plan, snap.optimizer, snap.version
             self._workers.clear()
             self._departed = {wid: _Departed(c, c, self._now()) for wid, c in snap.clocks.items()}

@@ -224,7 +224,11 @@ class PSClient:
         async def go() -> bool:
             applied = await self._send_init(tensors, range(len(self.servers)), self._m.rejoiner(0))
             if self.member[1] > 1:  # the members share one init at the shards: return once it is built
-                await gather_all([self._until_initialized(k, self._t.retry_timeout) for k in range(len(self.servers))])
+                built = await gather_all([self._until_initialized(k, self._t.retry_timeout)
+                                          for k in range(len(self.servers))])
+                if not all(built):
+                    raise NotInitialized(f"servers {[a for a, ok in zip(self.servers, built) if not ok]} were not "
+                                         f"initialised within {self._t.retry_timeout:.0f}s of this member's init")
             return applied
 
         return self._t.run(go())

@@ -505,3 +505,29 @@ def test_a_sync_shard_reinitialised_behind_every_worker_skips_the_step_none_will
     shard.register("a", plan.fingerprint, clock=4, seen_version=3)  # it pushed step 3, read version 3
     shard.init("a", plan, plan.fingerprint, SGD1, [("w#0", torch.zeros(4))], 0, 1, version=3)
     assert shard.stats()["version"] == 4 and shard.ready_or_wait("a", 4, lambda: None)
+
+
+def test_a_stray_client_claiming_a_higher_version_does_not_move_a_healthy_shard():
+    now = FakeTime()
+    shard, plan = make_shard("sync", num_workers=1, now=now)
+    init(shard, plan)
+    now.t = 10.0  # past the lease after init in which a restart nobody told the shard of is caught up
+    shard.push("a", plan.fingerprint, 0, 0, [("w#0", torch.ones(4))], 0, 1)
+    shard.register("stray", plan.fingerprint, seen_version=1000)
+    assert (shard.stats()["version"], shard.stats()["lost_updates"]) == (1, 0)
+
+
+def test_a_fresh_init_by_a_worker_back_first_is_caught_up_by_the_others_within_a_lease():
+    now = FakeTime()
+    shard, plan = make_shard("sync", num_workers=2, now=now)
+    init(shard, plan)  # a restarted worker, back first with the initial weights, at version 0
+    shard.register("b", plan.fingerprint, clock=7, seen_version=7)
+    assert (shard.stats()["version"], shard.stats()["lost_updates"]) == (7, 7)
+
+
+def test_a_member_of_a_group_that_left_is_answered_evicted_and_does_not_revive_it():
+    shard, plan = _group_shard("async")
+    assert _member_push(shard, plan, 0).wait
+    shard.leave("g")
+    assert shard.push_outcome_or_wait("g", 0, lambda: None).outcome == "EVICTED"
+    assert shard.stats()["clocks"] == {}
