@@ -22,6 +22,7 @@ the two. Its one refusal of its own is a message of more than _MAX_FIELDS fields
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 
 import grpc
@@ -399,20 +400,96 @@ class Stub:
     Frame; Pull and PushPull answer PullIn / PushPullOut (tensor payloads as memoryviews)."""
 
     def __init__(self, channel):
-        for name, request_cls, response_cls in _methods():
-            reader = _FAST[name][1] if name in _FAST else response_cls.FromString
+        for name, _, _ in _methods():
             setattr(self, name, channel.unary_unary(f"/{SERVICE}/{name}", request_serializer=serialize,
-                                                    response_deserializer=reader))
+                                                    response_deserializer=response_reader(name)))
+        self.Stream = channel.stream_stream(f"/{SERVICE}/{STREAM_METHOD}")  # raw bytes both ways
+
+
+def request_reader(name: str):
+    """The server's reader of method `name`'s request (bytes in; a message, or Malformed)."""
+    return _FAST[name][0] if name in _FAST else _protobuf_reader(_REQUEST[name])
+
+
+def response_reader(name: str):
+    """The client's reader of method `name`'s answer."""
+    if name in _FAST:
+        return _FAST[name][1]
+    cls = _RESPONSE[name]
+    return lambda data: cls.FromString(bytes(data))
+
+
+_REQUEST = {name: req for name, req, _ in _methods()}
+_RESPONSE = {name: resp for name, _, resp in _methods()}
 
 
 def handler(servicer) -> grpc.GenericRpcHandler:
     """The service's handler for a gRPC server: Push and PushPull requests arrive as PushIn /
-    PushPullIn (or Malformed); every method may answer a Frame or a protobuf message."""
+    PushPullIn (or Malformed); every method may answer a Frame or a protobuf message. Beside the
+    unary methods, `Stream` carries any of them multiplexed on one bidirectional stream of raw
+    bytes (see the stream framing below)."""
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, name),
-            request_deserializer=_FAST[name][0] if name in _FAST else _protobuf_reader(request_cls),
-            response_serializer=serialize)
-        for name, request_cls, _ in _methods()
+            getattr(servicer, name), request_deserializer=request_reader(name), response_serializer=serialize)
+        for name, _, _ in _methods()
     }
+    handlers[STREAM_METHOD] = grpc.stream_stream_rpc_method_handler(servicer.Stream)  # raw bytes both ways
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
+# -- the stream path -------------------------------------------------------------------------------
+# One bidirectional gRPC stream per worker and shard (method `Stream`, raw bytes, no protobuf
+# around the frames) carries the unary methods' own messages, so one call's setup (HTTP/2
+# headers, metadata, the auth check) serves every request and answers need no new stream.
+#   request: u8 method code (0: cancel request `id`), u32 id, then the method's request bytes
+#   answer:  u32 id, u8 status (0: OK, then the method's answer bytes; else the gRPC status code's
+#            value, then UTF-8 "ErrorClass\0details")
+# Requests are served concurrently; answers come back as they complete, tagged by id.
+
+STREAM_METHOD = "Stream"
+CANCEL = 0
+STREAM_CODES = {name: i + 1 for i, (name, _, _) in enumerate(_methods())}
+STREAM_NAMES = {code: name for name, code in STREAM_CODES.items()}
+_STATUS = {s.value[0]: s for s in grpc.StatusCode}
+_REQ_HEAD = struct.Struct("<BI")
+_ANS_HEAD = struct.Struct("<IB")
+
+
+def stream_request(name: str, rid: int, message) -> Frame:
+    head = _REQ_HEAD.pack(STREAM_CODES[name] if name else CANCEL, rid)
+    if message is None:
+        return Frame.of(head)
+    if isinstance(message, Frame):
+        return Frame(chunks=[head, *message.chunks], size=len(head) + message.size)
+    return Frame.of(head, message.SerializeToString())
+
+
+def read_stream_request(data: bytes) -> tuple[int, int, memoryview]:
+    """(method code, id, request bytes) of a stream request; ValueError if it is not one."""
+    if len(data) < _REQ_HEAD.size:
+        raise ValueError(f"a stream request of {len(data)} bytes is shorter than its {_REQ_HEAD.size}-byte header")
+    code, rid = _REQ_HEAD.unpack_from(data)
+    if code != CANCEL and code not in STREAM_NAMES:
+        raise ValueError(f"stream request {rid} names method code {code}, which is none of {sorted(STREAM_NAMES)}")
+    return code, rid, memoryview(data)[_REQ_HEAD.size:]
+
+
+def stream_answer(rid: int, message) -> bytes:
+    return Frame.of(_ANS_HEAD.pack(rid, 0), *(message.chunks if isinstance(message, Frame)
+                                                else [message.SerializeToString()])).tobytes()
+
+
+def stream_error(rid: int, code: grpc.StatusCode, error_class: str, details: str) -> bytes:
+    return _ANS_HEAD.pack(rid, code.value[0]) + f"{error_class}\0{details}".encode()
+
+
+def read_stream_answer(data: bytes) -> tuple[int, grpc.StatusCode | None, memoryview]:
+    """(id, None and the answer bytes | the status code and "ErrorClass\0details")."""
+    rid, status = _ANS_HEAD.unpack_from(data)
+    body = memoryview(data)[_ANS_HEAD.size:]
+    return rid, (None if status == 0 else _STATUS.get(status, grpc.StatusCode.UNKNOWN)), body
+
+
+def read_body(reader, body: memoryview):
+    """A method's reader on part of a stream message (small messages as bytes, for protobuf)."""
+    return reader(body.tobytes() if len(body) <= SMALL else body)

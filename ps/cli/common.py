@@ -192,6 +192,9 @@ def add_training_flags(parser: argparse.ArgumentParser, env: Mapping[str, str] |
     add_flag(parser, "--seed", env=env, default=0, type=int, help="seed of model init and data order")
     if ps_only:
         add_compress_flag(parser, env)
+        add_flag(parser, "--transport", env=env, default="auto", choices=("auto", "unary", "stream"),
+                 help="how tensors travel to the servers: stream (every call multiplexed on one gRPC stream "
+                      "per server), unary (one gRPC call each), auto (the fastest the server offers)")
         add_flag(parser, "--tp", env=env, default=1, type=int,
                  help="tensor-parallel ranks per worker (NCCL on CUDA, gloo on CPU; torchrun's env is joined)")
         add_flag(parser, "--micro-batches", env=env, default=1, type=int,

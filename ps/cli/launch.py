@@ -26,7 +26,7 @@ from ps.worker.client import PSClient
 
 _TRAINING_FLAGS = ("model", "data", "batch_size", "steps", "epochs", "optimizer", "lr", "momentum", "weight_decay",
                    "beta1", "beta2", "eps", "device", "seed", "eval_every", "partition_bytes", "tp", "micro_batches",
-                   "compress", "loader_workers")
+                   "compress", "loader_workers", "transport")
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:

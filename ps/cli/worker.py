@@ -56,7 +56,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         log_dir=args.log_dir, eval_every=int(args.eval_every), partition_bytes=int(args.partition_bytes),
         progress=not args.no_progress, connect_timeout=float(args.connect_timeout),
         retry_timeout=float(args.retry_timeout),
-        straggler=float(args.straggler), kill_at=int(args.kill_at), tp=int(args.tp), compress=args.compress,
+        straggler=float(args.straggler), kill_at=int(args.kill_at), tp=int(args.tp), compress=args.compress, transport=args.transport,
         micro_batches=int(args.micro_batches), recompute=bool(args.recompute),
         push_early=bool(args.push_early), prefetch=bool(args.prefetch),
         loader_workers=int(args.loader_workers), auth_token=auth_token_from_args(args),
@@ -110,7 +110,7 @@ def run_rank(cfg: WorkerConfig, tp: TPGroup) -> TrainResult:
     progress = Progress(cfg)
     # The group's ranks push as one worker (one clock, one version per step), each its own keys.
     with PSClient(cfg.servers, cfg.worker_id, member=(tp.rank, tp.size), partition_bytes=cfg.partition_bytes,
-                  connect_timeout=cfg.connect_timeout, retry_timeout=cfg.retry_timeout, compress=cfg.compress,
+                  connect_timeout=cfg.connect_timeout, retry_timeout=cfg.retry_timeout, compress=cfg.compress, transport=cfg.transport,
                   auth_token=cfg.auth_token, tls_ca=cfg.tls_ca, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key) as client:
         try:
             result = train(cfg, client, model, data, on_step=progress, binding=binding)

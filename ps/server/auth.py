@@ -16,8 +16,16 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
+DENIED = "missing or wrong auth token (send 'authorization: Bearer <token>')"
+
+
 async def _deny(request, context):
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong auth token (send 'authorization: Bearer <token>')")
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
+
+
+async def _deny_stream(requests, context):
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
+    yield b""  # never reached: makes this an async generator, as a streaming handler must be
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):
@@ -27,6 +35,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str, on_refuse=lambda: None):
         self._expected = f"Bearer {token}".encode()
         self._denied = grpc.unary_unary_rpc_method_handler(_deny)  # raw bytes in, nothing decoded
+        self._denied_stream = grpc.stream_stream_rpc_method_handler(_deny_stream)
         self._on_refuse = on_refuse
 
     async def intercept_service(self, continuation, details):
@@ -37,4 +46,4 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(details)
         self._on_refuse()
         log.warning("refused %s: missing or wrong auth token", details.method)
-        return self._denied
+        return self._denied_stream if details.method.endswith("/Stream") else self._denied

@@ -35,9 +35,7 @@ def _rpc(method):
     @functools.wraps(method)
     async def wrapper(self, request, context):
         try:
-            if isinstance(request, wire.Malformed):
-                self.shard.reject(InvalidArgument(request.reason))
-            return await method(self, request, context)
+            return await self._serve(method, request, context)
         except PSError as e:
             context.set_trailing_metadata(((ERROR_CLASS_KEY, type(e).__name__),))
             await context.abort(getattr(grpc.StatusCode, e.code), str(e))
@@ -112,6 +110,71 @@ class ParameterServerServicer:
     def __init__(self, shard: Shard, pool: Executor, max_inflight_bytes: int):
         self.shard, self.pool = shard, pool
         self.admission = Admission(shard, max_inflight_bytes)
+
+    async def _serve(self, method, request, context):
+        if isinstance(request, wire.Malformed):
+            self.shard.reject(InvalidArgument(request.reason))
+        return await method(self, request, context)
+
+    async def Stream(self, requests, context):
+        """Every method on one bidirectional stream of raw bytes (see `ps.wire`, the stream path):
+        requests are served concurrently, each as its unary method would be, and answered by id
+        as they complete. A malformed frame is answered INVALID_ARGUMENT (by id when it has one)
+        and changes nothing; the stream itself goes on."""
+        answers: asyncio.Queue = asyncio.Queue()
+        tasks: dict[int, asyncio.Task] = {}
+
+        async def serve(rid: int, name: str, body: memoryview) -> None:
+            try:
+                request = wire.read_body(wire.request_reader(name), body)
+                answer = wire.stream_answer(rid, await self._serve(getattr(type(self), name).__wrapped__, request,
+                                                                   context))
+            except PSError as e:
+                answer = wire.stream_error(rid, getattr(grpc.StatusCode, e.code), type(e).__name__, str(e))
+            except asyncio.CancelledError:
+                return
+            except Exception as e:  # a bug: keep serving, say so
+                log.exception("internal error in %s (stream)", name)
+                answer = wire.stream_error(rid, grpc.StatusCode.INTERNAL, "", f"{type(e).__name__}: {e}")
+            finally:
+                tasks.pop(rid, None)
+            answers.put_nowait(answer)
+
+        async def read() -> None:
+            try:
+                async for data in requests:
+                    try:
+                        code, rid, body = wire.read_stream_request(data)
+                    except ValueError as e:
+                        with contextlib.suppress(PSError):
+                            self.shard.reject(InvalidArgument(str(e)))
+                        rid = int.from_bytes(bytes(data[1:5]), "little") if len(data) >= 5 else 0
+                        answers.put_nowait(wire.stream_error(rid, grpc.StatusCode.INVALID_ARGUMENT,
+                                                             InvalidArgument.__name__, str(e)))
+                        continue
+                    if code == wire.CANCEL:
+                        task = tasks.pop(rid, None)
+                        if task is not None:
+                            task.cancel()
+                    elif rid in tasks:
+                        answers.put_nowait(wire.stream_error(rid, grpc.StatusCode.INVALID_ARGUMENT,
+                                                             InvalidArgument.__name__,
+                                                             f"stream request id {rid} is already in use"))
+                    else:
+                        tasks[rid] = asyncio.ensure_future(serve(rid, wire.STREAM_NAMES[code], body))
+                if tasks:  # the client is done sending: answer what it asked, then end
+                    await asyncio.gather(*tasks.values(), return_exceptions=True)
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+        finally:
+            reader.cancel()
+            for task in list(tasks.values()):
+                task.cancel()
 
     async def _run(self, elements: int, fn, *args):
         """fn(*args) on the loop when the shard and the request are small, else on the pool."""
@@ -191,7 +254,7 @@ class ParameterServerServicer:
         return pb.RegisterResponse(
             **out, mode=cfg.mode, staleness=cfg.staleness, num_workers=cfg.num_workers,
             worker_timeout=cfg.worker_timeout, shard_id=cfg.shard_id, num_shards=cfg.num_shards,
-            backup_workers=cfg.backup_workers,
+            backup_workers=cfg.backup_workers, transports=["unary", "stream"],
         )
 
     def _init_now(self, request) -> bool:

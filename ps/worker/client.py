@@ -143,7 +143,7 @@ class PSClient:
                  partition_bytes: int = DEFAULT_PARTITION_BYTES, connect_timeout: float = 60.0,
                  retry_timeout: float = 60.0, rpc_timeout: float = 120.0, heartbeat: bool = True,
                  compress: str = "none", auth_token: str = "", tls_ca: str = "", tls_cert: str = "",
-                 tls_key: str = "", member: tuple[int, int] = (0, 1)):
+                 tls_key: str = "", member: tuple[int, int] = (0, 1), transport: str = "auto"):
         if not servers:
             raise PSError("servers must name at least one host:port")
         if not 0 <= member[0] < member[1]:
@@ -156,7 +156,7 @@ class PSClient:
         self.rpc_timeout = rpc_timeout
         self._t = Transport(self.servers, metadata=bearer(auth_token) if auth_token else None,
                             retry_timeout=retry_timeout, rpc_timeout=rpc_timeout, tls_ca=tls_ca, tls_cert=tls_cert,
-                            tls_key=tls_key)
+                            tls_key=tls_key, transport=transport)
         self._m = Membership(self._t, self.worker_id, heartbeat)
         self._codec: Codec | None = None
         self._optimizer: OptimizerConfig | None = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import threading
 import time
@@ -17,8 +18,8 @@ import grpc
 
 from ps import tls, wire
 from ps.config import grpc_options
-from ps.errors import (Cancelled, DeadlineExceeded, NotInitialized, Overloaded, PSError, Unavailable, UnknownWorker,
-                       error_from_wire)
+from ps.errors import (Cancelled, DeadlineExceeded, InvalidArgument, NotInitialized, Overloaded, PSError, Unavailable,
+                       UnknownWorker, error_from_wire)
 from ps.server.servicer import ERROR_CLASS_KEY
 
 log = logging.getLogger("ps.worker")
@@ -31,10 +32,98 @@ DEFAULT = object()  # "use the transport's rpc_timeout"
 RETRIED = (Unavailable, Overloaded, Cancelled)
 
 
+TRANSPORTS = ("auto", "unary", "stream")
+
+
 def mapped(e: grpc.RpcError) -> PSError:
     """The PSError a failed call stands for (the class the server raised, or its status code's)."""
     meta = dict(e.trailing_metadata() or ())
     return error_from_wire(e.code().name, meta.get(ERROR_CLASS_KEY), e.details() or "")
+
+
+class _Open:
+    """One open `Stream` call and the requests waiting for their answers on it."""
+
+    def __init__(self, call):
+        self.call = call
+        self.pending: dict[int, asyncio.Future] = {}
+
+
+class Mux:
+    """One shard's stream path: every request on one bidirectional stream, tagged by id, answers
+    matched back as they come (see ps.wire). A broken stream fails its waiting requests with the
+    status it ended with (UNAVAILABLE while a server restarts: retried like any call); the next
+    request opens a new one."""
+
+    def __init__(self, stub: wire.Stub, server: str, metadata):
+        self._stub, self.server, self.metadata = stub, server, metadata
+        self._open: _Open | None = None
+        self._ids = itertools.count(1)
+        self._writing = asyncio.Lock()
+
+    def _stream(self) -> _Open:
+        if self._open is None:
+            self._open = _Open(self._stub.Stream(metadata=self.metadata))
+            asyncio.ensure_future(self._read(self._open))
+        return self._open
+
+    async def _read(self, s: _Open) -> None:
+        error: PSError = Unavailable(f"server {self.server} ended the stream")
+        try:
+            while (data := await s.call.read()) is not grpc.aio.EOF:
+                rid, status, body = wire.read_stream_answer(data)
+                fut = s.pending.pop(rid, None)
+                if fut is not None and not fut.done():
+                    fut.set_result((status, body))
+        except grpc.RpcError as e:
+            error = mapped(e)
+        except asyncio.CancelledError:
+            error = Unavailable("the client is closing")
+            raise
+        finally:
+            if self._open is s:
+                self._open = None
+            for fut in s.pending.values():
+                if not fut.done():
+                    fut.set_exception(error)
+            s.pending.clear()
+
+    async def _send(self, s: _Open, data: bytes) -> None:
+        try:
+            async with self._writing:
+                await s.call.write(data)
+        except grpc.RpcError as e:
+            raise mapped(e) from e
+        except (asyncio.InvalidStateError, grpc.aio.UsageError) as e:  # the call had already ended
+            raise Unavailable(f"server {self.server}: the stream ended ({e})") from e
+
+    async def request(self, method: str, message, timeout: float | None):
+        s = self._stream()
+        rid = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        s.pending[rid] = fut
+        try:
+            await self._send(s, wire.stream_request(method, rid, message).tobytes())
+            status, body = await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except asyncio.TimeoutError:
+            self._cancel(s, rid)
+            raise DeadlineExceeded(f"server {self.server}: {method} took longer than {timeout:.0f}s") from None
+        except asyncio.CancelledError:
+            self._cancel(s, rid)
+            raise
+        except PSError:
+            s.pending.pop(rid, None)
+            raise
+        if status is None:
+            return wire.read_body(wire.response_reader(method), body)
+        error_class, _, details = bytes(body).decode("utf-8", "replace").partition("\0")
+        raise error_from_wire(status.name, error_class or None, details)
+
+    def _cancel(self, s: _Open, rid: int) -> None:
+        """Withdraw a request the caller no longer waits for (the server stops serving it)."""
+        if s.pending.pop(rid, None) is not None and self._open is s:
+            task = asyncio.ensure_future(self._send(s, wire.stream_request("", rid, None).tobytes()))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # best effort
 
 
 class Transport:
@@ -42,8 +131,13 @@ class Transport:
     any other thread; everything else runs on the loop."""
 
     def __init__(self, servers: Sequence[str], *, metadata=None, retry_timeout: float = 60.0,
-                 rpc_timeout: float = 120.0, tls_ca: str = "", tls_cert: str = "", tls_key: str = ""):
+                 rpc_timeout: float = 120.0, tls_ca: str = "", tls_cert: str = "", tls_key: str = "",
+                 transport: str = "auto"):
+        if transport not in TRANSPORTS:
+            raise InvalidArgument(f"transport ({transport!r}) must be one of {', '.join(TRANSPORTS)}")
+        self.transport = transport
         self.servers = list(servers)
+        self._mux: list[Mux | None] = [None] * len(self.servers)
         self.metadata, self.retry_timeout, self.rpc_timeout = metadata, retry_timeout, rpc_timeout
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="ps-client-loop")
@@ -127,9 +221,28 @@ class Transport:
 
         await asyncio.gather(*(one(k) for k in range(len(self.servers))))
 
+    def negotiate(self, shard: int, offered: Sequence[str]) -> None:
+        """After Register: the path this shard's calls take, from what it offers and `transport`
+        (auto: the fastest both support). Register itself always goes unary."""
+        if self.transport == "stream" and "stream" not in offered:
+            raise InvalidArgument(f"transport 'stream' was asked for but server {self.servers[shard]} offers only "
+                                  f"{list(offered) or ['unary']}")
+        stream = self.transport in ("auto", "stream") and "stream" in offered
+        if stream and self._mux[shard] is None:
+            self._mux[shard] = Mux(self._stubs[shard], self.servers[shard], self.metadata)
+        elif not stream:
+            self._mux[shard] = None
+
+    def path(self, shard: int) -> str:
+        """The transport this shard's calls take now."""
+        return "stream" if self._mux[shard] is not None else "unary"
+
     async def attempt(self, shard: int, method: str, request, timeout: float | None | object = DEFAULT):
         """One try, errors mapped to PSError."""
         t = self.rpc_timeout if timeout is DEFAULT else timeout
+        mux = self._mux[shard]
+        if mux is not None and method != "Register":
+            return await mux.request(method, request, t)
         try:
             return await getattr(self._stubs[shard], method)(request, timeout=t, metadata=self.metadata)
         except grpc.RpcError as e:

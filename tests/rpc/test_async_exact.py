@@ -2,6 +2,7 @@
 
 import threading
 
+import pytest
 import torch
 
 from ps.config import OptimizerConfig
@@ -12,14 +13,15 @@ from tests.conftest import run_in_threads
 CLIENTS, PUSHES, SIZE = 8, 100, 5000
 
 
-def test_eight_concurrent_clients_pushing_known_gradients_sum_exactly(cluster):
+@pytest.mark.parametrize("transport", ["stream", "unary"])
+def test_eight_concurrent_clients_pushing_known_gradients_sum_exactly(cluster, transport):
     with cluster(2, "async", num_workers=CLIENTS) as addresses:
         init = {"w": torch.zeros(SIZE), "b": torch.zeros(3)}
         outcomes: list[list[str]] = [[] for _ in range(CLIENTS)]
         start = threading.Barrier(CLIENTS)
 
         def client(i: int) -> None:
-            with PSClient(addresses, f"c{i}", partition_bytes=4096) as c:
+            with PSClient(addresses, f"c{i}", partition_bytes=4096, transport=transport) as c:
                 c.setup(init, OptimizerConfig("sgd", lr=1.0))
                 grads = {"w": torch.full((SIZE,), float(i + 1)), "b": torch.full((3,), float(i + 1))}
                 start.wait()

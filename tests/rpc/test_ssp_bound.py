@@ -18,13 +18,13 @@ from tests.conftest import run_in_threads
 WORKERS, STEPS = 4, 30
 
 
-def run_ssp(addresses, staleness):
+def run_ssp(addresses, staleness, transport="auto"):
     observations: list[tuple[int, int, list[float], int]] = []
     lock = threading.Lock()
 
     def worker(j: int) -> None:
         rng = random.Random(j)
-        with PSClient(addresses, f"w{j}") as c:
+        with PSClient(addresses, f"w{j}", transport=transport) as c:
             c.setup({"w": torch.zeros(WORKERS)}, OptimizerConfig("sgd", lr=1.0))
             grad = torch.zeros(WORKERS)
             grad[j] = -1.0
@@ -42,10 +42,11 @@ def run_ssp(addresses, staleness):
     return observations
 
 
-@pytest.mark.parametrize("staleness", [0, 1, 3])
-def test_no_pull_returns_weights_staler_than_the_bound(cluster, staleness):
+@pytest.mark.parametrize("staleness, transport", [(0, "unary"), (1, "stream"), (3, "stream")],
+                         ids=["0-unary", "1-stream", "3-stream"])
+def test_no_pull_returns_weights_staler_than_the_bound(cluster, staleness, transport):
     with cluster(2, "ssp", num_workers=WORKERS, staleness=staleness) as addresses:
-        observations = run_ssp(addresses, staleness)
+        observations = run_ssp(addresses, staleness, transport)
     for j, clock, w, min_clock in observations:
         assert min_clock >= clock - staleness
         assert min(w) >= clock - staleness, f"worker {j} at clock {clock} saw {w}"

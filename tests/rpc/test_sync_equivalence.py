@@ -34,10 +34,10 @@ def local_reference(model, x, y, opt_cfg):
     return {n: p.detach() for n, p in model.named_parameters()}
 
 
-def ps_worker(addresses, rank, model, x, y, opt_cfg):
+def ps_worker(addresses, rank, model, x, y, opt_cfg, transport):
     model = copy.deepcopy(model)
     params = dict(model.named_parameters())
-    with PSClient(addresses, f"w{rank}", partition_bytes=4096) as client:
+    with PSClient(addresses, f"w{rank}", partition_bytes=4096, transport=transport) as client:
         clock = client.setup(params, opt_cfg)
         for step in range(clock, STEPS):
             weights = client.pull(step)
@@ -51,16 +51,16 @@ def ps_worker(addresses, rank, model, x, y, opt_cfg):
         client.leave()
 
 
-@pytest.mark.parametrize("opt_cfg", [
-    OptimizerConfig("sgd", lr=0.1, weight_decay=1e-3),
-    OptimizerConfig("momentum", lr=0.05, momentum=0.9),
-    OptimizerConfig("adam", lr=1e-3, weight_decay=1e-4),
-], ids=lambda c: c.name)
-def test_two_workers_on_half_batches_match_one_process_on_the_whole_batch(cluster, opt_cfg):
+@pytest.mark.parametrize("opt_cfg, transport", [  # each transport (see test_stream) meets the oracle
+    (OptimizerConfig("sgd", lr=0.1, weight_decay=1e-3), "unary"),
+    (OptimizerConfig("momentum", lr=0.05, momentum=0.9), "stream"),
+    (OptimizerConfig("adam", lr=1e-3, weight_decay=1e-4), "stream"),
+], ids=["sgd-unary", "momentum-stream", "adam-stream"])
+def test_two_workers_on_half_batches_match_one_process_on_the_whole_batch(cluster, opt_cfg, transport):
     model, x, y = model_and_data()
     expected = local_reference(model, x, y, opt_cfg)
     with cluster(2, "sync", num_workers=2) as addresses:
-        run_in_threads(lambda r: ps_worker(addresses, r, model, x, y, opt_cfg), 2)
+        run_in_threads(lambda r: ps_worker(addresses, r, model, x, y, opt_cfg, transport), 2)
         with PSClient(addresses, partition_bytes=4096, heartbeat=False) as observer:
             observer.attach(specs_from_module(model))
             final = observer.pull(0, observer=True)

@@ -1,0 +1,121 @@
+"""The stream path (every method multiplexed on one bidirectional gRPC stream of raw bytes):
+negotiated at Register, same answers and error codes as unary calls, garbage refused with a
+specific status while the stream goes on, auth checked when the stream opens."""
+
+import asyncio
+
+import grpc
+import pytest
+import torch
+
+from ps import wire
+from ps.config import OptimizerConfig, ServerConfig
+from ps.errors import InvalidArgument, UnknownKey
+from ps.proto import ps_pb2 as pb
+from ps.server.app import create_server
+from ps.server.auth import bearer
+from ps.worker.client import PSClient
+from ps.worker.transport import Transport
+
+SGD1 = OptimizerConfig("sgd", lr=1.0)
+
+
+@pytest.fixture
+def server():
+    srv = create_server(ServerConfig(mode="async", auth_token="tok"))
+    yield srv
+    srv.stop(grace=0)
+
+
+def test_auto_takes_the_stream_a_server_offers_and_unary_stays_unary(server):
+    for transport, path in (("auto", "stream"), ("stream", "stream"), ("unary", "unary")):
+        with PSClient([server.address], f"w-{transport}", auth_token="tok", transport=transport) as c:
+            clock = c.setup({"w": torch.zeros(4)}, SGD1)
+            assert c._t.path(0) == path
+            assert c.push({"w": torch.ones(4)}, clock)[0]["outcome"] == "APPLIED"
+            with pytest.raises(UnknownKey):  # the same error class and message on both paths
+                c._t.run(c._t.call(0, "Pull", pb.PullRequest(worker_id=c.worker_id, plan_fingerprint=c.plan.fingerprint,
+                                                             clock=1, keys=["nope#0"])))
+
+
+def test_a_server_without_the_stream_is_refused_when_stream_is_asked_for_and_auto_falls_back():
+    t = Transport(["127.0.0.1:1"], transport="stream")
+    try:
+        with pytest.raises(InvalidArgument, match="offers only"):
+            t.negotiate(0, ["unary"])
+    finally:
+        t.close()
+    t = Transport(["127.0.0.1:1"], transport="auto")
+    try:
+        t.negotiate(0, [])
+        assert t.path(0) == "unary"
+    finally:
+        t.close()
+    with pytest.raises(InvalidArgument, match="transport"):
+        Transport(["127.0.0.1:1"], transport="tcp")
+
+
+async def _exchange(address, frames, metadata=bearer("tok")):
+    """Send raw frames on a Stream call; the answers (id, status, body) in order of arrival."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = wire.Stub(channel).Stream(metadata=metadata)
+        for f in frames:
+            await call.write(f)
+        await call.done_writing()
+        out = []
+        while (data := await call.read()) is not grpc.aio.EOF:
+            rid, status, body = wire.read_stream_answer(data)
+            out.append((rid, status, bytes(body)))
+        return out
+
+
+def test_garbage_on_the_stream_gets_invalid_argument_changes_nothing_and_the_stream_goes_on(server):
+    with PSClient([server.address], "good", auth_token="tok") as c:
+        c.setup({"w": torch.arange(4.0)}, SGD1)
+        version = c.stats()[0]["version"]
+        stats = wire.stream_request("Stats", 9, pb.StatsRequest()).tobytes()
+        bad_push = wire._REQ_HEAD.pack(wire.STREAM_CODES["Push"], 5) + b"\xff\xff\xff\xff garbage"
+        answers = asyncio.run(_exchange(server.address, [b"\x01", b"\x63\x07\x00\x00\x00", bad_push, stats]))
+        by_id = {rid: (status, body) for rid, status, body in answers}
+        assert by_id[0][0] == grpc.StatusCode.INVALID_ARGUMENT and b"shorter than" in by_id[0][1]
+        assert by_id[7][0] == grpc.StatusCode.INVALID_ARGUMENT and b"method code 99" in by_id[7][1]
+        assert by_id[5][0] == grpc.StatusCode.INVALID_ARGUMENT and by_id[5][1].startswith(b"InvalidArgument\0")
+        assert by_id[9][0] is None and pb.StatsResponse.FromString(by_id[9][1]).rejected == 3
+        assert c.stats()[0]["version"] == version
+        assert torch.equal(c.pull(0, observer=True)["w"], torch.arange(4.0))
+
+
+def test_a_stream_without_the_token_is_refused_unauthenticated(server):
+    stats = wire.stream_request("Stats", 1, pb.StatsRequest()).tobytes()
+    for metadata in (None, bearer("wrong")):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            asyncio.run(_exchange(server.address, [stats], metadata=metadata))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_cancelled_request_is_withdrawn_from_the_server(server):
+    """A pull waiting on the stream (ssp, for a step nobody pushes) that the client abandons ends
+    at the server too: no waiting pull is left behind."""
+    srv = create_server(ServerConfig(mode="ssp", staleness=0, num_workers=2))
+    try:
+        with PSClient([srv.address], "a") as a, PSClient([srv.address], "b") as b:
+            for c in (a, b):
+                c.setup({"w": torch.zeros(4)}, SGD1)
+            a.push({"w": torch.ones(4)}, 0)
+            ahead = a.prefetch(2)  # waits for b, which never pushes step 0 here
+            deadline = asyncio.run(_until(lambda: srv.shard.metrics()["waiting_pulls"] == 1))
+            assert deadline
+            ahead.cancel()
+            assert asyncio.run(_until(lambda: srv.shard.metrics()["waiting_pulls"] == 0))
+    finally:
+        srv.stop(grace=0)
+
+
+async def _until(predicate, timeout=5.0):
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        if loop.time() > end:
+            return False
+        await asyncio.sleep(0.02)
+    return True
