@@ -1,5 +1,5 @@
 """Transport: one push plus one pull of a model through 2 real ps-server processes (1 worker;
-the default stream path, and unary calls for comparison),
+the default unary calls, and the stream path for comparison),
 (and, for the small model, the combined push_pull call),
 against a gloo all-reduce of the same tensor between 2 processes, raw TCP moving the same bytes
 (there and back), and the ceiling of gRPC Python itself (2 echo servers of raw bytes, same slices,
@@ -37,7 +37,7 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def bench_ps(nbytes: int, rounds: int, compress: str = "none", combined: bool = False,
-             transport: str = "auto") -> list[float]:
+             transport: str = "unary") -> list[float]:
     procs = start_servers(2, "async", 1, out=io.StringIO())
     try:
         n = nbytes // 4
@@ -211,25 +211,25 @@ def main() -> None:
     args = p.parse_args()
     big = int(args.mib * (1 << 20)) // 16 * 16
     ps_big, ar, tcp = bench_ps(big, args.rounds), bench_allreduce(big, args.rounds), bench_tcp(big, args.rounds)
-    ps_big_unary = bench_ps(big, args.rounds, transport="unary")
+    ps_big_stream = bench_ps(big, args.rounds, transport="stream")
     ps_bf16 = bench_ps(big, args.rounds, compress="bf16")
     ps_topk = bench_ps(big, args.rounds, compress="topk:0.01")
     ceiling = bench_grpc_ceiling(big, args.rounds)
     ps_small = bench_ps(1024, max(args.rounds, 200))
     ps_small_combined = bench_ps(1024, max(args.rounds, 200), combined=True)
-    ps_small_unary = bench_ps(1024, max(args.rounds, 200), combined=True, transport="unary")
+    ps_small_stream = bench_ps(1024, max(args.rounds, 200), combined=True, transport="stream")
     small_floor = bench_grpc_small_floor(1024, max(args.rounds, 200))
     rtt = bench_health_rtt(max(args.rounds, 200))
     gb = lambda seconds: 2 * big / seconds / 1e9  # noqa: E731 - bytes there and back
     print(f"model {big / (1 << 20):.0f} MiB fp32, 1 worker, 2 servers, {args.rounds} rounds")
     print(f"{'':30} {'p50 ms':>9} {'p99 ms':>9}")
-    for name, xs in (("ps push+pull (stream)", ps_big), ("ps push+pull (unary)", ps_big_unary),
+    for name, xs in (("ps push+pull (unary)", ps_big), ("ps push+pull (stream)", ps_big_stream),
                      ("ps push+pull, bf16 push", ps_bf16),
                      ("ps push+pull, topk:0.01 push", ps_topk), ("gloo all-reduce (2 procs)", ar),
                      ("raw TCP there and back", tcp), ("gRPC raw-bytes echo (ceiling)", ceiling)):
         print(f"{name:30} {statistics.median(xs) * 1e3:9.1f} {pct(xs, 0.99) * 1e3:9.1f}")
     print(f"push+pull / all-reduce = {statistics.median(ps_big) / statistics.median(ar):.2f} (goal <= 1.5; "
-          f"unary {statistics.median(ps_big_unary) / statistics.median(ar):.2f})")
+          f"stream {statistics.median(ps_big_stream) / statistics.median(ar):.2f})")
     print(f"ps bandwidth {gb(statistics.median(ps_big)):.2f} GB/s = "
           f"{statistics.median(tcp) / statistics.median(ps_big) * 100:.0f}% of raw TCP's {gb(statistics.median(tcp)):.2f} GB/s "
           "(goal >= 60%)")
@@ -239,8 +239,8 @@ def main() -> None:
     print(f"1 KiB model push+pull: p50 {statistics.median(ps_small) * 1e3:.3f} ms, p99 {pct(ps_small, 0.99) * 1e3:.3f} ms "
           "(goal p50 < 1 ms)")
     print(f"1 KiB model push_pull (one round trip): p50 {statistics.median(ps_small_combined) * 1e3:.3f} ms, "
-          f"p99 {pct(ps_small_combined, 0.99) * 1e3:.3f} ms (goal p50 < 1 ms); unary p50 "
-          f"{statistics.median(ps_small_unary) * 1e3:.3f} ms")
+          f"p99 {pct(ps_small_combined, 0.99) * 1e3:.3f} ms (goal p50 < 1 ms); stream p50 "
+          f"{statistics.median(ps_small_stream) * 1e3:.3f} ms")
     print(f"gRPC floor for it (1 KiB echoed by 2 servers at once): p50 {statistics.median(small_floor) * 1e3:.3f} ms, "
           f"p99 {pct(small_floor, 0.99) * 1e3:.3f} ms")
     print(f"bare gRPC round trip (health check): p50 {statistics.median(rtt) * 1e3:.3f} ms, "

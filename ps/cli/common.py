@@ -192,9 +192,10 @@ def add_training_flags(parser: argparse.ArgumentParser, env: Mapping[str, str] |
     add_flag(parser, "--seed", env=env, default=0, type=int, help="seed of model init and data order")
     if ps_only:
         add_compress_flag(parser, env)
-        add_flag(parser, "--transport", env=env, default="auto", choices=("auto", "unary", "stream"),
-                 help="how tensors travel to the servers: stream (every call multiplexed on one gRPC stream "
-                      "per server), unary (one gRPC call each), auto (the fastest the server offers)")
+        add_flag(parser, "--transport", env=env, default="unary", choices=("auto", "unary", "stream"),
+                 help="how calls travel to the servers: unary (one gRPC call each), stream (every call "
+                      "multiplexed on one gRPC stream per server; new, faster for small models), auto (the "
+                      "fastest the server offers: stream)")
         add_flag(parser, "--tp", env=env, default=1, type=int,
                  help="tensor-parallel ranks per worker (NCCL on CUDA, gloo on CPU; torchrun's env is joined)")
         add_flag(parser, "--micro-batches", env=env, default=1, type=int,

@@ -110,6 +110,15 @@ class ParameterServerServicer:
     def __init__(self, shard: Shard, pool: Executor, max_inflight_bytes: int):
         self.shard, self.pool = shard, pool
         self.admission = Admission(shard, max_inflight_bytes)
+        self._streams: set[asyncio.Queue] = set()  # the answer queues of open streams
+        self._loop: asyncio.AbstractEventLoop | None = None
+        shard.on_stop(self._end_streams)
+
+    def _end_streams(self) -> None:
+        """The server stops: end every open stream (its client sees it end, and retries elsewhere or
+        after the restart), so a stop does not wait out its grace period for idle streams."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(lambda: [q.put_nowait(None) for q in list(self._streams)])
 
     async def _serve(self, method, request, context):
         if isinstance(request, wire.Malformed):
@@ -123,6 +132,10 @@ class ParameterServerServicer:
         and changes nothing; the stream itself goes on."""
         answers: asyncio.Queue = asyncio.Queue()
         tasks: dict[int, asyncio.Task] = {}
+        self._loop = asyncio.get_running_loop()
+        if self.shard.stopped:
+            return
+        self._streams.add(answers)
 
         async def serve(rid: int, name: str, body: memoryview) -> None:
             try:
@@ -172,6 +185,7 @@ class ParameterServerServicer:
             while (answer := await answers.get()) is not None:
                 yield answer
         finally:
+            self._streams.discard(answers)
             reader.cancel()
             for task in list(tasks.values()):
                 task.cancel()

@@ -144,6 +144,7 @@ class Shard:
         self._awaiting: set[str] = set()  # of those, the ones active then and not registered again yet
         self._awaiting_deadline = 0.0
         self._stopped = False
+        self._on_stop: list[Callable[[], None]] = []
         self._max_seen = 0  # the highest version a registering worker had read, before init
         self._quorum_deadline = 0.0  # a shard initialised again after an empty restart: quorum by then
 
@@ -735,10 +736,20 @@ class Shard:
         with self._lock:
             self.counters[counter] += n
 
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def on_stop(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (from the stopping thread) when the shard stops."""
+        self._on_stop.append(callback)
+
     def stop(self) -> None:
         with self._lock:
             self._stopped = True
             self._wake()
+        for callback in self._on_stop:
+            callback()
 
     def stats(self) -> dict:
         with self._lock:

@@ -143,7 +143,7 @@ class PSClient:
                  partition_bytes: int = DEFAULT_PARTITION_BYTES, connect_timeout: float = 60.0,
                  retry_timeout: float = 60.0, rpc_timeout: float = 120.0, heartbeat: bool = True,
                  compress: str = "none", auth_token: str = "", tls_ca: str = "", tls_cert: str = "",
-                 tls_key: str = "", member: tuple[int, int] = (0, 1), transport: str = "auto"):
+                 tls_key: str = "", member: tuple[int, int] = (0, 1), transport: str = "unary"):
         if not servers:
             raise PSError("servers must name at least one host:port")
         if not 0 <= member[0] < member[1]:

@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
+import struct
 import threading
 import time
 from typing import Awaitable, Callable, Coroutine, Sequence, TypeVar
@@ -17,9 +18,9 @@ from typing import Awaitable, Callable, Coroutine, Sequence, TypeVar
 import grpc
 
 from ps import tls, wire
-from ps.config import grpc_options
-from ps.errors import (Cancelled, DeadlineExceeded, InvalidArgument, NotInitialized, Overloaded, PSError, Unavailable,
-                       UnknownWorker, error_from_wire)
+from ps.config import MAX_MESSAGE_BYTES, grpc_options
+from ps.errors import (Cancelled, DeadlineExceeded, InvalidArgument, NotInitialized, Overloaded, PSError,
+                       ResourceExhausted, Unauthenticated, Unavailable, UnknownWorker, error_from_wire)
 from ps.server.servicer import ERROR_CLASS_KEY
 
 log = logging.getLogger("ps.worker")
@@ -41,6 +42,12 @@ def mapped(e: grpc.RpcError) -> PSError:
     return error_from_wire(e.code().name, meta.get(ERROR_CLASS_KEY), e.details() or "")
 
 
+def _retrieve(task: asyncio.Future) -> None:
+    """A background task's outcome is read (its error, if any, was handled where it mattered)."""
+    if not task.cancelled():
+        task.exception()
+
+
 class _Open:
     """One open `Stream` call and the requests waiting for their answers on it."""
 
@@ -58,7 +65,7 @@ class Mux:
     def __init__(self, stub: wire.Stub, server: str, metadata):
         self._stub, self.server, self.metadata = stub, server, metadata
         self._open: _Open | None = None
-        self._ids = itertools.count(1)
+        self._ids = itertools.cycle(range(1, 1 << 32))  # the header's u32
         self._writing = asyncio.Lock()
 
     def _stream(self) -> _Open:
@@ -76,7 +83,14 @@ class Mux:
                 if fut is not None and not fut.done():
                     fut.set_result((status, body))
         except grpc.RpcError as e:
+            # The stream's own status concerns the connection, not one request (each request's
+            # error comes back in its answer): retried, as a call to a server that went away is,
+            # unless the stream was refused for a missing token.
             error = mapped(e)
+            if not isinstance(error, Unauthenticated):
+                error = Unavailable(f"server {self.server}: the stream broke ({type(error).__name__}: {error})")
+        except struct.error as e:
+            error = Unavailable(f"server {self.server} sent a malformed stream answer ({e})")
         except asyncio.CancelledError:
             error = Unavailable("the client is closing")
             raise
@@ -98,12 +112,19 @@ class Mux:
             raise Unavailable(f"server {self.server}: the stream ended ({e})") from e
 
     async def request(self, method: str, message, timeout: float | None):
-        s = self._stream()
         rid = next(self._ids)
+        frame = wire.stream_request(method, rid, message)
+        if frame.size > MAX_MESSAGE_BYTES:  # refused here, as unary refuses it: the stream is not broken
+            raise ResourceExhausted(f"a {method} request of {frame.size} bytes is larger than the message limit "
+                                    f"({MAX_MESSAGE_BYTES})")
+        s = self._stream()
         fut = asyncio.get_running_loop().create_future()
         s.pending[rid] = fut
         try:
-            await self._send(s, wire.stream_request(method, rid, message).tobytes())
+            # The write goes on if this caller is cancelled: cancelling a write cancels the whole call.
+            write = asyncio.ensure_future(self._send(s, frame.tobytes()))
+            write.add_done_callback(_retrieve)
+            await asyncio.shield(write)
             status, body = await asyncio.wait_for(asyncio.shield(fut), timeout)
         except asyncio.TimeoutError:
             self._cancel(s, rid)
@@ -114,6 +135,11 @@ class Mux:
         except PSError:
             s.pending.pop(rid, None)
             raise
+        finally:
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # retrieved (it may hold the error the stream broke with)
+            else:
+                fut.cancel()
         if status is None:
             return wire.read_body(wire.response_reader(method), body)
         error_class, _, details = bytes(body).decode("utf-8", "replace").partition("\0")
@@ -123,7 +149,7 @@ class Mux:
         """Withdraw a request the caller no longer waits for (the server stops serving it)."""
         if s.pending.pop(rid, None) is not None and self._open is s:
             task = asyncio.ensure_future(self._send(s, wire.stream_request("", rid, None).tobytes()))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # best effort
+            task.add_done_callback(_retrieve)  # best effort
 
 
 class Transport:
@@ -132,7 +158,7 @@ class Transport:
 
     def __init__(self, servers: Sequence[str], *, metadata=None, retry_timeout: float = 60.0,
                  rpc_timeout: float = 120.0, tls_ca: str = "", tls_cert: str = "", tls_key: str = "",
-                 transport: str = "auto"):
+                 transport: str = "unary"):
         if transport not in TRANSPORTS:
             raise InvalidArgument(f"transport ({transport!r}) must be one of {', '.join(TRANSPORTS)}")
         self.transport = transport

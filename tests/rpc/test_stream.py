@@ -98,7 +98,7 @@ def test_a_cancelled_request_is_withdrawn_from_the_server(server):
     at the server too: no waiting pull is left behind."""
     srv = create_server(ServerConfig(mode="ssp", staleness=0, num_workers=2))
     try:
-        with PSClient([srv.address], "a") as a, PSClient([srv.address], "b") as b:
+        with PSClient([srv.address], "a", transport="stream") as a, PSClient([srv.address], "b") as b:
             for c in (a, b):
                 c.setup({"w": torch.zeros(4)}, SGD1)
             a.push({"w": torch.ones(4)}, 0)
@@ -119,3 +119,36 @@ async def _until(predicate, timeout=5.0):
             return False
         await asyncio.sleep(0.02)
     return True
+
+
+def test_a_server_with_an_idle_stream_stops_at_once_and_the_client_retries_after_its_restart():
+    import time
+
+    srv = create_server(ServerConfig(mode="async"))
+    port = srv.port
+    with PSClient([srv.address], "w", retry_timeout=20, transport="stream") as c:
+        clock = c.setup({"w": torch.zeros(4)}, SGD1)
+        assert c._t.path(0) == "stream"
+        t = time.monotonic()
+        srv.stop(grace=2.0)
+        assert time.monotonic() - t < 1.5  # the stream does not hold the stop for its grace period
+        srv = create_server(ServerConfig(mode="async", port=port))  # back on its port, empty
+        try:
+            # the next call opens a new stream (re-registering: the restarted server is empty)
+            c.hold({"w": torch.zeros(4)})
+            assert c.push({"w": torch.ones(4)}, clock)[0]["outcome"] == "APPLIED"
+        finally:
+            srv.stop(grace=0)
+
+
+def test_a_request_over_the_message_limit_fails_alone_and_the_stream_goes_on(server):
+    from ps.config import MAX_MESSAGE_BYTES
+    from ps.errors import ResourceExhausted
+
+    with PSClient([server.address], "w", auth_token="tok", transport="stream") as c:
+        c.setup({"w": torch.zeros(4)}, SGD1)
+        huge = pb.StatsRequest()
+        big = wire.Frame.of(b"\0" * (MAX_MESSAGE_BYTES + 1))
+        with pytest.raises(ResourceExhausted, match="larger than the message limit"):
+            c._t.run(c._t.attempt(0, "Stats", big))
+        assert c._t.run(c._t.attempt(0, "Stats", huge)).initialized

@@ -32,6 +32,10 @@ class _Recorder:
         self.methods[path] = (request_serializer, response_deserializer)
         return path
 
+    def stream_stream(self, path, request_serializer=None, response_deserializer=None, **_):
+        self.methods[path] = (request_serializer, response_deserializer)
+        return path
+
     def add_generic_rpc_handlers(self, handlers):
         self.generic = handlers
 
@@ -87,3 +91,10 @@ def test_the_servers_handler_and_the_wire_stub_serve_every_rpc_of_the_service():
         read = served.request_deserializer(request().SerializeToString())
         assert not isinstance(read, wire.Malformed), (name, read)
         assert path in channel.methods, f"wire.Stub lacks {name}"
+    # Beside them, the stream path: raw bytes both ways, served by the servicer's Stream.
+    details = type("Details", (grpc.HandlerCallDetails,), {"method": "/ps.ParameterServer/Stream",
+                                                          "invocation_metadata": ()})()
+    served = handler.service(details)
+    assert served.stream_stream.__func__ is ParameterServerServicer.Stream
+    assert served.request_deserializer is None and served.response_serializer is None
+    assert channel.methods["/ps.ParameterServer/Stream"] == (None, None)
