@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import struct
@@ -124,7 +125,13 @@ class Mux:
             # The write goes on if this caller is cancelled: cancelling a write cancels the whole call.
             write = asyncio.ensure_future(self._send(s, frame.tobytes()))
             write.add_done_callback(_retrieve)
-            await asyncio.shield(write)
+            try:
+                await asyncio.shield(write)
+            except PSError as e:  # the stream ended: the status it ended with tells why (read side)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(fut), 1.0)
+                raise (fut.exception() if fut.done() and not fut.cancelled() and fut.exception() else
+                       Unavailable(f"server {self.server}: the stream broke ({type(e).__name__}: {e})")) from None
             status, body = await asyncio.wait_for(asyncio.shield(fut), timeout)
         except asyncio.TimeoutError:
             self._cancel(s, rid)
@@ -144,6 +151,15 @@ class Mux:
             return wire.read_body(wire.response_reader(method), body)
         error_class, _, details = bytes(body).decode("utf-8", "replace").partition("\0")
         raise error_from_wire(status.name, error_class or None, details)
+
+    async def close(self) -> None:
+        """End the open stream and wait until gRPC has finished with it (its completion events
+        must not arrive after the client's event loop is closed)."""
+        s, self._open = self._open, None
+        if s is not None:
+            s.call.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(s.call.code(), 2.0)
 
     def _cancel(self, s: _Open, rid: int) -> None:
         """Withdraw a request the caller no longer waits for (the server stops serving it)."""
@@ -229,6 +245,7 @@ class Transport:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await gather_all([m.close() for m in self._mux if m is not None])
             for ch in self._channels:
                 await ch.close()
 
