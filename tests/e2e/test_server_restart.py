@@ -163,7 +163,7 @@ def test_a_server_that_restarts_empty_is_initialised_again_from_the_workers_weig
     try:
         addresses = ",".join(s.address for s in servers)
         workers = [start_worker(f"worker-{r}", [
-            "--servers", addresses, "--rank", str(r), "--num-workers", "2", "--epochs", "6", "--no-progress"], out)
+            "--servers", addresses, "--rank", str(r), "--num-workers", "2", "--epochs", "12", "--no-progress"], out)
             for r in range(2)]
         _wait_for(lambda: _version(servers[0].address) >= 15, 90, "trained steps: " + out.getvalue()[-3000:])
         servers[0].popen.send_signal(signal.SIGKILL)
