@@ -74,7 +74,7 @@ class _Pending:
     parts: dict = field(default_factory=dict)
     members: int = 1
     counts: dict[int, int] = field(default_factory=dict)
-    keys: set[str] = field(default_factory=set)  # the keys the parts held carry (group pushes)
+    keys: set[str] = field(default_factory=set)  # the keys the held parts carry (pushes: each once)
 
     def member_done(self, member: int) -> bool:
         return sum(1 for m, _ in self.parts if m == member) == self.counts.get(member, -1)
@@ -434,8 +434,7 @@ class Shard:
             pending.nbytes -= _nbytes(old)
             self.pending_bytes -= _nbytes(old)
         pending.parts[part] = values
-        if pending.members > 1:
-            pending.keys.update(values)
+        pending.keys.update(values)
         n = _nbytes(values)
         pending.nbytes += n
         self.pending_bytes += n
@@ -553,11 +552,11 @@ class Shard:
             else:
                 self._drop_pending(self._pending_push, worker_id)
                 pending = self._pending_push[worker_id] = _Pending(clock, num_parts, base_version, members=members)
-            if pending.members > 1:  # the same key from two members: refused before it is held
-                twice = next((k for k in values if k in pending.keys), None)
-                if twice is not None:
-                    self._reject(InvalidArgument(f"gradient key {twice!r} was already sent by another part of "
-                                                 "this push (each key once per push)"))
+            # The same key in two parts (of one worker, or of two members): refused before it is held.
+            twice = next((k for k in values if k in pending.keys), None)
+            if twice is not None:
+                self._reject(InvalidArgument(f"gradient key {twice!r} was already sent by another part of "
+                                             "this push (each key once per push)"))
             pending.counts[member] = num_parts
             self._hold(pending, (member, part), values)
             pending.base_version = min(pending.base_version, base_version)
@@ -585,8 +584,10 @@ class Shard:
         """(state lock held) A push was taken: remember its outcome; a group's other members
         waiting for it (`push_outcome_or_wait`) are woken."""
         w.last = (clock, result)
-        if group:
-            self._wake()
+        if group:  # only the members waiting for it: pulls wait on other state
+            waiters, self._push_waiters = self._push_waiters, []
+            for wake in waiters:
+                wake()
         return result
 
     def push_outcome_or_wait(self, worker_id: str, clock: int, wake: Callable[[], None]) -> PushResult | None:

@@ -36,8 +36,8 @@ def _server(pki, mutual):
                                       tls_ca=pki["ca"] if mutual else ""))
 
 
-def _train_one_step(address, **tls):
-    with PSClient([address], "w", connect_timeout=2, retry_timeout=1, **tls) as c:
+def _train_one_step(address, transport="unary", **tls):
+    with PSClient([address], "w", connect_timeout=2, retry_timeout=1, transport=transport, **tls) as c:
         c.setup({"w": torch.zeros(3)}, SGD)
         c.push({"w": torch.ones(3)}, 0)
         return c.pull(1)["w"]
@@ -47,11 +47,14 @@ def test_tls_serves_a_client_that_trusts_the_ca_and_nobody_in_plaintext_or_with_
     srv = _server(pki, mutual=False)
     try:
         assert torch.equal(_train_one_step(srv.address, tls_ca=pki["ca"]), -torch.ones(3))
+        with PSClient([srv.address], "s", transport="stream", tls_ca=pki["ca"]) as c:  # the stream path too
+            clock = c.setup({"w": torch.zeros(3)}, SGD)
+            assert c._t.path(0) == "stream" and c.push({"w": torch.ones(3)}, clock)[0]["outcome"] == "APPLIED"
         for bad in ({}, {"tls_ca": pki["other_ca"]}):
             with pytest.raises(PSError):
                 _train_one_step(srv.address, **bad)
         assert check(srv.address, ca=pki["ca"]) == "SERVING"
-        assert srv.shard.stats()["pushes"] == 1
+        assert srv.shard.stats()["pushes"] == 2
     finally:
         srv.stop(grace=0)
 
