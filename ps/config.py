@@ -115,6 +115,7 @@ class ServerConfig:
     tls_cert: str = ""             # PEM paths: cert + key serve TLS; + ca: clients must present a cert (mTLS)
     tls_key: str = ""
     tls_ca: str = ""
+    shm: bool = True               # offer shared memory to workers on this host (ps.shm)
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, f"port ({self.port}) must be in [0, 65535]")

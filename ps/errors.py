@@ -49,6 +49,13 @@ class StepConflict(PSError):
     code = "FAILED_PRECONDITION"
 
 
+class ShmUnavailable(PSError):
+    """Shared memory cannot be used between this worker and server (not the same host or
+    /dev/shm, no room in it, or the server does not offer it): the stream path carries the bytes."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class Unauthenticated(PSError):
     """Missing or wrong credentials."""
 
@@ -95,6 +102,7 @@ ERROR_CLASSES: dict[str, type[PSError]] = {
         NotInitialized,
         UnknownWorker,
         StepConflict,
+        ShmUnavailable,
         Unauthenticated,
         Unavailable,
         DeadlineExceeded,

@@ -445,18 +445,45 @@ def handler(servicer) -> grpc.GenericRpcHandler:
 #   answer:  u32 id, u8 status (0: OK, then the method's answer bytes; else the gRPC status code's
 #            value, then UTF-8 "ErrorClass\0details")
 # Requests are served concurrently; answers come back as they complete, tagged by id.
+# With a shared-memory segment (transport "shm", see ps.shm), set up by a SEGMENT request:
+#   SEGMENT request: u16 name length, the segment's name, the worker's 16-byte nonce, worker id;
+#            answered OK with the server's nonce
+#   a method code | SHM: then u64 request offset, u64 request length (0: the request bytes follow
+#            here, inline), u64 answer offset, u64 answer capacity (0: none reserved)
+#   answer status SHM: the answer lies at the reserved offset; then its u64 length
 
 STREAM_METHOD = "Stream"
 CANCEL = 0
+SEGMENT = 0x7F
+SHM = 0x80
 STREAM_CODES = {name: i + 1 for i, (name, _, _) in enumerate(_methods())}
 STREAM_NAMES = {code: name for name, code in STREAM_CODES.items()}
 _STATUS = {s.value[0]: s for s in grpc.StatusCode}
 _REQ_HEAD = struct.Struct("<BI")
 _ANS_HEAD = struct.Struct("<IB")
+_SHM_DESC = struct.Struct("<QQQQ")
+_SHM_LEN = struct.Struct("<Q")
+IN_SHM = "shm"  # read_stream_answer's status for an answer written into the reserved area
 
 
-def stream_request(name: str, rid: int, message) -> Frame:
-    head = _REQ_HEAD.pack(STREAM_CODES[name] if name else CANCEL, rid)
+@dataclass(frozen=True)
+class StreamRequest:
+    code: int  # a method's code, CANCEL or SEGMENT
+    rid: int
+    body: memoryview  # the request bytes sent inline (or the SEGMENT offer)
+    shm: tuple[int, int, int, int] | None = None  # (request offset, length, answer offset, capacity)
+
+
+def stream_request(name: str, rid: int, message, shm: tuple[int, int, int, int] | None = None) -> Frame:
+    """A stream request for method `name` ("": cancel `rid`); with `shm`, its descriptor, and
+    `message` inline only when the descriptor's request length is 0."""
+    code = STREAM_CODES[name] if name else CANCEL
+    if shm is not None:
+        head = _REQ_HEAD.pack(code | SHM, rid) + _SHM_DESC.pack(*shm)
+        if shm[1]:
+            return Frame.of(head)
+    else:
+        head = _REQ_HEAD.pack(code, rid)
     if message is None:
         return Frame.of(head)
     if isinstance(message, Frame):
@@ -464,14 +491,43 @@ def stream_request(name: str, rid: int, message) -> Frame:
     return Frame.of(head, message.SerializeToString())
 
 
-def read_stream_request(data: bytes) -> tuple[int, int, memoryview]:
-    """(method code, id, request bytes) of a stream request; ValueError if it is not one."""
+def segment_offer(rid: int, name: str, nonce: bytes, worker_id: str) -> bytes:
+    n = name.encode()
+    return _REQ_HEAD.pack(SEGMENT, rid) + struct.pack("<H", len(n)) + n + bytes(nonce) + worker_id.encode()
+
+
+def read_segment_offer(body: memoryview) -> tuple[str, bytes, str]:
+    """(name, nonce, worker id) of a SEGMENT request's body; ValueError if it is not one."""
+    if len(body) < 2:
+        raise ValueError("a segment offer is shorter than its 2-byte name length")
+    (n,) = struct.unpack_from("<H", body)
+    if len(body) < 2 + n + 16:
+        raise ValueError(f"a segment offer of {len(body)} bytes cannot hold a {n}-byte name and a 16-byte nonce")
+    raw = bytes(body)
+    return raw[2:2 + n].decode("ascii", "replace"), raw[2 + n:2 + n + 16], raw[2 + n + 16:].decode("utf-8", "replace")
+
+
+def read_stream_request(data: bytes) -> StreamRequest:
+    """A stream request's parts; ValueError if it is not one."""
     if len(data) < _REQ_HEAD.size:
         raise ValueError(f"a stream request of {len(data)} bytes is shorter than its {_REQ_HEAD.size}-byte header")
-    code, rid = _REQ_HEAD.unpack_from(data)
-    if code != CANCEL and code not in STREAM_NAMES:
-        raise ValueError(f"stream request {rid} names method code {code}, which is none of {sorted(STREAM_NAMES)}")
-    return code, rid, memoryview(data)[_REQ_HEAD.size:]
+    raw, rid = _REQ_HEAD.unpack_from(data)
+    code, body = raw & ~SHM, memoryview(data)[_REQ_HEAD.size:]
+    if raw == SEGMENT:
+        return StreamRequest(SEGMENT, rid, body)
+    if code not in STREAM_NAMES and raw != CANCEL:
+        raise ValueError(f"stream request {rid} names method code {raw}, which is none of {sorted(STREAM_NAMES)} "
+                         f"(with or without the shared-memory flag {SHM}), {CANCEL} (cancel) or {SEGMENT} (segment)")
+    if not raw & SHM:
+        return StreamRequest(code, rid, body)
+    if len(body) < _SHM_DESC.size:
+        raise ValueError(f"stream request {rid} has the shared-memory flag but {len(body)} bytes, not the "
+                         f"{_SHM_DESC.size}-byte descriptor")
+    desc = _SHM_DESC.unpack_from(body)
+    if desc[1] and len(body) > _SHM_DESC.size:
+        raise ValueError(f"stream request {rid} places its request in shared memory and also sends "
+                         f"{len(body) - _SHM_DESC.size} bytes inline")
+    return StreamRequest(code, rid, body[_SHM_DESC.size:], desc)
 
 
 def stream_answer(rid: int, message) -> bytes:
@@ -479,15 +535,31 @@ def stream_answer(rid: int, message) -> bytes:
                                                 else [message.SerializeToString()])).tobytes()
 
 
+def stream_shm_answer(rid: int, nbytes: int) -> bytes:
+    return _ANS_HEAD.pack(rid, SHM) + _SHM_LEN.pack(nbytes)
+
+
 def stream_error(rid: int, code: grpc.StatusCode, error_class: str, details: str) -> bytes:
     return _ANS_HEAD.pack(rid, code.value[0]) + f"{error_class}\0{details}".encode()
 
 
-def read_stream_answer(data: bytes) -> tuple[int, grpc.StatusCode | None, memoryview]:
-    """(id, None and the answer bytes | the status code and "ErrorClass\0details")."""
+def read_stream_answer(data: bytes) -> tuple[int, grpc.StatusCode | str | None, memoryview]:
+    """(id, None and the answer bytes | IN_SHM and its u64 length | the status code and
+    "ErrorClass\0details")."""
     rid, status = _ANS_HEAD.unpack_from(data)
     body = memoryview(data)[_ANS_HEAD.size:]
+    if status == SHM:
+        return rid, IN_SHM, body
     return rid, (None if status == 0 else _STATUS.get(status, grpc.StatusCode.UNKNOWN)), body
+
+
+def shm_answer_length(body: memoryview) -> int:
+    return _SHM_LEN.unpack_from(body)[0]
+
+
+def message_bytes(message) -> Frame:
+    """A message as a Frame (its chunks written once, wherever it goes)."""
+    return message if isinstance(message, Frame) else Frame.of(message.SerializeToString())
 
 
 def read_body(reader, body: memoryview):

@@ -60,6 +60,20 @@ def cluster():
     return running_cluster
 
 
+@pytest.fixture
+def transport_for(monkeypatch):
+    """transport_for(name) -> name, for clients of a test run on each path. For "shm" every request
+    and answer goes through the segment, however small (the tests' models are)."""
+    from ps import shm
+
+    def use(transport: str) -> str:
+        if transport == "shm":
+            monkeypatch.setattr(shm, "MIN_BYTES", 1)
+        return transport
+
+    return use
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -46,6 +46,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add_flag(p, "--threads", env=env, default=8, type=int,
              help="threads for the tensor work of large requests (decoding, the optimizer, pull encoding); "
                   "waiting requests hold none")
+    add_flag(p, "--no-shm", env=env, action="store_true", default=False,
+             help="do not offer shared memory to workers on this host (they use the stream path)")
     add_auth_flags(p, env)
     add_tls_flags(p, env, server=True)
     add_flag(p, "--checkpoint-dir", env=env, default="", help="write checkpoints here (safetensors + JSON)")
@@ -71,7 +73,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         progress_timeout=float(args.progress_timeout), max_inflight_bytes=int(args.max_inflight_bytes), auth_token=auth_token_from_args(args),
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, restore=bool(args.restore),
         restore_if_present=bool(args.restore_if_present), metrics_port=int(args.metrics_port),
-        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, shm=not args.no_shm,
     )
 
 

@@ -72,7 +72,7 @@ class RegisterRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., plan_fingerprint: _Optional[str] = ..., clock: _Optional[int] = ..., seen_version: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("initialized", "clock", "version", "mode", "staleness", "num_workers", "worker_timeout", "shard_id", "num_shards", "backup_workers", "transports")
+    __slots__ = ("initialized", "clock", "version", "mode", "staleness", "num_workers", "worker_timeout", "shard_id", "num_shards", "backup_workers", "transports", "host")
     INITIALIZED_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class RegisterResponse(_message.Message):
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     BACKUP_WORKERS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
     initialized: bool
     clock: int
     version: int
@@ -95,7 +96,8 @@ class RegisterResponse(_message.Message):
     num_shards: int
     backup_workers: int
     transports: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, initialized: _Optional[bool] = ..., clock: _Optional[int] = ..., version: _Optional[int] = ..., mode: _Optional[str] = ..., staleness: _Optional[int] = ..., num_workers: _Optional[int] = ..., worker_timeout: _Optional[float] = ..., shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., backup_workers: _Optional[int] = ..., transports: _Optional[_Iterable[str]] = ...) -> None: ...
+    host: str
+    def __init__(self, initialized: _Optional[bool] = ..., clock: _Optional[int] = ..., version: _Optional[int] = ..., mode: _Optional[str] = ..., staleness: _Optional[int] = ..., num_workers: _Optional[int] = ..., worker_timeout: _Optional[float] = ..., shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., backup_workers: _Optional[int] = ..., transports: _Optional[_Iterable[str]] = ..., host: _Optional[str] = ...) -> None: ...
 
 class InitRequest(_message.Message):
     __slots__ = ("worker_id", "plan_fingerprint", "plan", "optimizer", "tensors", "part", "num_parts", "version")
@@ -224,7 +226,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("shard_id", "mode", "version", "clocks", "staleness_histogram", "active_workers", "pushes", "pulls", "rejected", "evictions", "dropped", "duplicates", "initialized", "num_keys", "num_elements", "bytes_pushed", "bytes_pulled", "backup_workers", "lost_updates", "checkpoints", "stalled_evictions", "refused_evicted", "overloaded", "reinitialized")
+    __slots__ = ("shard_id", "mode", "version", "clocks", "staleness_histogram", "active_workers", "pushes", "pulls", "rejected", "evictions", "dropped", "duplicates", "initialized", "num_keys", "num_elements", "bytes_pushed", "bytes_pulled", "backup_workers", "lost_updates", "checkpoints", "stalled_evictions", "refused_evicted", "overloaded", "reinitialized", "shm_segments", "shm_bytes")
     class ClocksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -263,6 +265,8 @@ class StatsResponse(_message.Message):
     REFUSED_EVICTED_FIELD_NUMBER: _ClassVar[int]
     OVERLOADED_FIELD_NUMBER: _ClassVar[int]
     REINITIALIZED_FIELD_NUMBER: _ClassVar[int]
+    SHM_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    SHM_BYTES_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     mode: str
     version: int
@@ -287,4 +291,6 @@ class StatsResponse(_message.Message):
     refused_evicted: int
     overloaded: int
     reinitialized: int
-    def __init__(self, shard_id: _Optional[int] = ..., mode: _Optional[str] = ..., version: _Optional[int] = ..., clocks: _Optional[_Mapping[str, int]] = ..., staleness_histogram: _Optional[_Mapping[int, int]] = ..., active_workers: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., dropped: _Optional[int] = ..., duplicates: _Optional[int] = ..., initialized: _Optional[bool] = ..., num_keys: _Optional[int] = ..., num_elements: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., bytes_pulled: _Optional[int] = ..., backup_workers: _Optional[int] = ..., lost_updates: _Optional[int] = ..., checkpoints: _Optional[int] = ..., stalled_evictions: _Optional[int] = ..., refused_evicted: _Optional[int] = ..., overloaded: _Optional[int] = ..., reinitialized: _Optional[int] = ...) -> None: ...
+    shm_segments: int
+    shm_bytes: int
+    def __init__(self, shard_id: _Optional[int] = ..., mode: _Optional[str] = ..., version: _Optional[int] = ..., clocks: _Optional[_Mapping[str, int]] = ..., staleness_histogram: _Optional[_Mapping[int, int]] = ..., active_workers: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., dropped: _Optional[int] = ..., duplicates: _Optional[int] = ..., initialized: _Optional[bool] = ..., num_keys: _Optional[int] = ..., num_elements: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., bytes_pulled: _Optional[int] = ..., backup_workers: _Optional[int] = ..., lost_updates: _Optional[int] = ..., checkpoints: _Optional[int] = ..., stalled_evictions: _Optional[int] = ..., refused_evicted: _Optional[int] = ..., overloaded: _Optional[int] = ..., reinitialized: _Optional[int] = ..., shm_segments: _Optional[int] = ..., shm_bytes: _Optional[int] = ...) -> None: ...

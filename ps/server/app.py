@@ -161,7 +161,7 @@ async def _serve(shard: Shard, pool: ThreadPoolExecutor) -> tuple:
     interceptors = (TokenInterceptor(scfg.auth_token, refused),) if scfg.auth_token else ()
     # so_reuseport off: a second server on a port in use must fail, not share the port.
     server = grpc.aio.server(options=grpc_options() + [("grpc.so_reuseport", 0)], interceptors=interceptors)
-    server.add_generic_rpc_handlers((wire.handler(ParameterServerServicer(shard, pool, scfg.max_inflight_bytes)),))
+    server.add_generic_rpc_handlers((wire.handler(ParameterServerServicer(shard, pool, scfg.max_inflight_bytes, scfg.shm)),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import dataclasses
 import functools
 import logging
 import math
@@ -17,8 +19,8 @@ from concurrent.futures import Executor
 
 import grpc
 
-from ps import wire
-from ps.errors import InvalidArgument, Overloaded, PlanMismatch, PSError
+from ps import shm, wire
+from ps.errors import InvalidArgument, Overloaded, PlanMismatch, PSError, ShmUnavailable
 from ps.proto import ps_pb2 as pb
 from ps.serde import optimizer_from_proto, plan_from_proto, stats_to_proto, tensor_from_proto
 from ps.server.shard import Shard
@@ -27,6 +29,7 @@ log = logging.getLogger("ps.server")
 ERROR_CLASS_KEY = "ps-error-class"
 INLINE_ELEMENTS = 1 << 18  # shards (or requests) up to this many fp32 elements are served on the loop
 ADMISSION_WAIT = 2.0  # seconds a request waits for room before it is refused RESOURCE_EXHAUSTED
+SHM_INLINE_COPY = 1 << 20  # shared-memory copies up to this many bytes are made on the loop, larger on the pool
 
 
 def _rpc(method):
@@ -98,52 +101,138 @@ def _payload_bytes(tensors) -> int:
     return sum(t.data.nbytes + t.indices.nbytes for t in tensors)
 
 
-def _encode_pull(slices, version: int, min_clock: int) -> wire.Frame:
-    """A PullResponse from read-only views of the live slices (called with their locks held: one copy)."""
+# A Pull served on a stream with a segment: (segment, offset, capacity) of the area its answer
+# may be written into (the task serving it sets it; `_pull` encodes straight into it).
+_ANSWER_AREA: contextvars.ContextVar = contextvars.ContextVar("ps_answer_area", default=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _InArea:
+    """An answer written into the request's answer area (its size)."""
+
+    nbytes: int
+
+
+def _encode_pull(slices, version: int, min_clock: int, area=None):
+    """A PullResponse from read-only views of the live slices (called with their locks held: one
+    copy, into the answer area when there is one it fits in)."""
     tensors = [wire.tensor_frame(key, "float32", [len(data) // 4], data) for key, data in slices]
-    return wire.Frame.of(wire.pull_response_frame(version, min_clock, tensors).tobytes())
+    frame = wire.pull_response_frame(version, min_clock, tensors)
+    if area is not None and frame.size <= area[2]:
+        area[0].write(area[1], frame.chunks)
+        return _InArea(frame.size)
+    return wire.Frame.of(frame.tobytes())
+
+
+class _Stream:
+    """One open Stream call: its answer queue, and the shared-memory segment its worker offered."""
+
+    def __init__(self):
+        self.answers: asyncio.Queue = asyncio.Queue()
+        self.seg: shm.Segment | None = None
+        self.worker = ""
+
+    def end(self) -> None:
+        self.answers.put_nowait(None)
 
 
 class ParameterServerServicer:
-    """Serves the ParameterServer service of ps.proto (registered through `wire.handler`)."""
+    """Serves the ParameterServer service of ps.proto (registered through `wire.handler`).
+    `shm`: offer shared memory to workers on this host (see ps.shm)."""
 
-    def __init__(self, shard: Shard, pool: Executor, max_inflight_bytes: int):
+    def __init__(self, shard: Shard, pool: Executor, max_inflight_bytes: int, shm_enabled: bool = True):
         self.shard, self.pool = shard, pool
         self.admission = Admission(shard, max_inflight_bytes)
-        self._streams: set[asyncio.Queue] = set()  # the answer queues of open streams
+        self._streams: set[_Stream] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.host = shm.host_identity() if shm_enabled else ""
+        self.shm_bytes = 0
         shard.on_stop(self._end_streams)
+        shard.on_depart(self._worker_gone)
 
     def _end_streams(self) -> None:
         """The server stops: end every open stream (its client sees it end, and retries elsewhere or
         after the restart), so a stop does not wait out its grace period for idle streams."""
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(lambda: [q.put_nowait(None) for q in list(self._streams)])
+            self._loop.call_soon_threadsafe(lambda: [st.end() for st in list(self._streams)])
+
+    def _worker_gone(self, worker_id: str) -> None:
+        """A worker left or was evicted (any thread): its streams with a segment end, which unmaps
+        the segment here (a worker that comes back opens a new stream and offers a new one)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(
+                lambda: [st.end() for st in list(self._streams) if st.seg is not None and st.worker == worker_id])
 
     async def _serve(self, method, request, context):
         if isinstance(request, wire.Malformed):
             self.shard.reject(InvalidArgument(request.reason))
         return await method(self, request, context)
 
+    async def _copy(self, nbytes: int, fn, *args):
+        """A shared-memory copy: on the loop when small, else on the pool (numpy leaves the GIL)."""
+        if nbytes <= SHM_INLINE_COPY:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
+
+    def _offer(self, st: _Stream, body: memoryview) -> bytes:
+        """A worker offers its segment for this stream: map it if the probe holds (ps.shm)."""
+        try:
+            name, nonce, worker_id = wire.read_segment_offer(body)
+        except ValueError as e:
+            self.shard.reject(InvalidArgument(str(e)))
+        if not self.host:
+            raise ShmUnavailable("this server does not offer shared memory (--no-shm, or no /dev/shm)")
+        if st.seg is not None:
+            raise InvalidArgument(f"this stream already has segment {st.seg.name}")
+        self.shard.heartbeat(worker_id)  # UnknownWorker unless registered
+        st.seg, st.worker = shm.Segment.attach(name, nonce), worker_id
+        log.info("shard %d: worker %s moves tensors through shared memory (%d bytes)", self.shard.cfg.shard_id,
+                 worker_id, st.seg.size)
+        return st.seg.server_nonce
+
     async def Stream(self, requests, context):
         """Every method on one bidirectional stream of raw bytes (see `ps.wire`, the stream path):
         requests are served concurrently, each as its unary method would be, and answered by id
         as they complete. A malformed frame is answered INVALID_ARGUMENT (by id when it has one)
-        and changes nothing; the stream itself goes on."""
-        answers: asyncio.Queue = asyncio.Queue()
+        and changes nothing; the stream itself goes on. With a segment (transport "shm"), request
+        and answer bytes may lie in it instead of in the frames."""
+        st = _Stream()
+        answers = st.answers
         tasks: dict[int, asyncio.Task] = {}
         self._loop = asyncio.get_running_loop()
         if self.shard.stopped:
             return
-        self._streams.add(answers)
+        self._streams.add(st)
 
-        async def serve(rid: int, name: str, body: memoryview) -> None:
+        def error(rid: int, e: PSError) -> bytes:
+            return wire.stream_error(rid, getattr(grpc.StatusCode, e.code), type(e).__name__, str(e))
+
+        async def serve(rid: int, name: str, body, desc) -> None:
             try:
+                if desc is not None and desc[1]:
+                    # A push is read in place: the worker keeps the area until the push is decided
+                    # (it holds areas of parts answered BUFFERED). Anything else (an init's parts
+                    # are held too) is copied out first.
+                    body = (st.seg.view(desc[0], desc[1]) if name == "Push" else
+                            memoryview(await self._copy(desc[1], st.seg.read, desc[0], desc[1])))
+                    self.shm_bytes += desc[1]
+                if name == "Pull" and desc is not None and desc[3]:
+                    _ANSWER_AREA.set((st.seg, desc[2], desc[3]))
                 request = wire.read_body(wire.request_reader(name), body)
-                answer = wire.stream_answer(rid, await self._serve(getattr(type(self), name).__wrapped__, request,
-                                                                   context))
+                del body
+                out = await self._serve(getattr(type(self), name).__wrapped__, request, context)
+                del request
+                if isinstance(out, _InArea):
+                    self.shm_bytes += out.nbytes
+                    answer = wire.stream_shm_answer(rid, out.nbytes)
+                elif desc is not None and desc[3] and (out := wire.message_bytes(out)).size <= desc[3] and st.seg:
+                    await self._copy(out.size, st.seg.write, desc[2], out.chunks)
+                    self.shm_bytes += out.size
+                    answer = wire.stream_shm_answer(rid, out.size)
+                else:
+                    answer = wire.stream_answer(rid, out)
             except PSError as e:
-                answer = wire.stream_error(rid, getattr(grpc.StatusCode, e.code), type(e).__name__, str(e))
+                answer = error(rid, e)
             except asyncio.CancelledError:
                 return
             except Exception as e:  # a bug: keep serving, say so
@@ -153,28 +242,45 @@ class ParameterServerServicer:
                 tasks.pop(rid, None)
             answers.put_nowait(answer)
 
+        def refuse(rid: int, e: InvalidArgument) -> None:
+            with contextlib.suppress(PSError):
+                self.shard.reject(e)
+            answers.put_nowait(error(rid, e))
+
         async def read() -> None:
             try:
                 async for data in requests:
                     try:
-                        code, rid, body = wire.read_stream_request(data)
+                        req = wire.read_stream_request(data)
                     except ValueError as e:
-                        with contextlib.suppress(PSError):
-                            self.shard.reject(InvalidArgument(str(e)))
-                        rid = int.from_bytes(bytes(data[1:5]), "little") if len(data) >= 5 else 0
-                        answers.put_nowait(wire.stream_error(rid, grpc.StatusCode.INVALID_ARGUMENT,
-                                                             InvalidArgument.__name__, str(e)))
+                        refuse(int.from_bytes(bytes(data[1:5]), "little") if len(data) >= 5 else 0,
+                               InvalidArgument(str(e)))
                         continue
-                    if code == wire.CANCEL:
+                    rid = req.rid
+                    if req.code == wire.CANCEL:
                         task = tasks.pop(rid, None)
                         if task is not None:
                             task.cancel()
                     elif rid in tasks:
-                        answers.put_nowait(wire.stream_error(rid, grpc.StatusCode.INVALID_ARGUMENT,
-                                                             InvalidArgument.__name__,
-                                                             f"stream request id {rid} is already in use"))
+                        refuse(rid, InvalidArgument(f"stream request id {rid} is already in use"))
+                    elif req.code == wire.SEGMENT:
+                        try:
+                            answers.put_nowait(wire.stream_answer(rid, wire.Frame.of(self._offer(st, req.body))))
+                        except PSError as e:
+                            answers.put_nowait(error(rid, e))
+                    elif req.shm is not None and st.seg is None:
+                        refuse(rid, InvalidArgument(f"stream request {rid} places bytes in shared memory, but this "
+                                                    "stream has no segment"))
                     else:
-                        tasks[rid] = asyncio.ensure_future(serve(rid, wire.STREAM_NAMES[code], body))
+                        try:
+                            if req.shm is not None and req.shm[1]:
+                                st.seg.check(req.shm[0], req.shm[1], "the request")
+                            if req.shm is not None and req.shm[3]:
+                                st.seg.check(req.shm[2], req.shm[3], "the answer area")
+                        except InvalidArgument as e:
+                            refuse(rid, e)
+                            continue
+                        tasks[rid] = asyncio.ensure_future(serve(rid, wire.STREAM_NAMES[req.code], req.body, req.shm))
                 if tasks:  # the client is done sending: answer what it asked, then end
                     await asyncio.gather(*tasks.values(), return_exceptions=True)
             finally:
@@ -185,10 +291,16 @@ class ParameterServerServicer:
             while (answer := await answers.get()) is not None:
                 yield answer
         finally:
-            self._streams.discard(answers)
+            self._streams.discard(st)
             reader.cancel()
             for task in list(tasks.values()):
                 task.cancel()
+            # Copies on the pool may still run: unmap once they are done (ps.shm.Segment.close
+            # leaves a mapping still in use to its last user).
+            if st.seg is not None:
+                seg, st.seg = st.seg, None
+                await asyncio.gather(*tasks.values(), return_exceptions=True)
+                seg.close()
 
     async def _run(self, elements: int, fn, *args):
         """fn(*args) on the loop when the shard and the request are small, else on the pool."""
@@ -238,8 +350,10 @@ class ParameterServerServicer:
         self.shard.check_pull(worker_id, fingerprint, clock, keys)
         await self._wait(worker_id, clock)
         nbytes = 4 * sum(self.shard.store.params[k].numel() for k in keys)
+        area = _ANSWER_AREA.get()
+        encode = _encode_pull if area is None else functools.partial(_encode_pull, area=area)
         async with self.admission.hold(nbytes):
-            return await self._run(nbytes // 4, self.shard.read, keys, _encode_pull)
+            return await self._run(nbytes // 4, self.shard.read, keys, encode)
 
     def _push_now(self, request: wire.PushIn):
         h = request.header
@@ -268,7 +382,8 @@ class ParameterServerServicer:
         return pb.RegisterResponse(
             **out, mode=cfg.mode, staleness=cfg.staleness, num_workers=cfg.num_workers,
             worker_timeout=cfg.worker_timeout, shard_id=cfg.shard_id, num_shards=cfg.num_shards,
-            backup_workers=cfg.backup_workers, transports=["unary", "stream"],
+            backup_workers=cfg.backup_workers, transports=["unary", "stream", *(["shm"] if self.host else [])],
+            host=self.host,
         )
 
     def _init_now(self, request) -> bool:
@@ -325,4 +440,5 @@ class ParameterServerServicer:
 
     @_rpc
     async def Stats(self, request, context):
-        return stats_to_proto(self.shard.stats())
+        return stats_to_proto({**self.shard.stats(), "shm_segments": sum(1 for st in self._streams if st.seg),
+                               "shm_bytes": self.shm_bytes})

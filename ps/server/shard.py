@@ -145,6 +145,7 @@ class Shard:
         self._awaiting_deadline = 0.0
         self._stopped = False
         self._on_stop: list[Callable[[], None]] = []
+        self._on_depart: list[Callable[[str], None]] = []
         self._max_seen = 0  # the highest version a registering worker had read, before init
         self._quorum_deadline = 0.0  # a shard initialised again after an empty restart: quorum by then
 
@@ -242,6 +243,9 @@ class Shard:
         self._drop_pending(self._pending_init, worker_id)
         self._maybe_complete_step()
         self._wake()
+        if w is not None:
+            for callback in self._on_depart:
+                callback(worker_id)
 
     def _drop_pending(self, table: dict[str, _Pending], worker_id: str) -> None:
         pending = table.pop(worker_id, None)
@@ -744,6 +748,11 @@ class Shard:
     def on_stop(self, callback: Callable[[], None]) -> None:
         """Call `callback` (from the stopping thread) when the shard stops."""
         self._on_stop.append(callback)
+
+    def on_depart(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(worker_id)` when a worker leaves or is evicted (state lock held: it must
+        only hand the news on)."""
+        self._on_depart.append(callback)
 
     def stop(self) -> None:
         with self._lock:

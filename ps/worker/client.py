@@ -52,7 +52,7 @@ from ps.proto import ps_pb2 as pb
 from ps.serde import optimizer_to_proto, plan_to_proto, stats_from_proto, tensor_to_proto
 from ps.server.auth import bearer
 from ps.sharding import ParamSpec, Plan, dtype_name, make_plan
-from ps.worker.codec import Codec, Job, Pulled, push_results
+from ps.worker.codec import Codec, Job, Pulled, answer_bytes, push_results
 from ps.worker.membership import Membership
 from ps.worker.transport import RETRIED, Transport, gather_all
 
@@ -157,6 +157,7 @@ class PSClient:
         self._t = Transport(self.servers, metadata=bearer(auth_token) if auth_token else None,
                             retry_timeout=retry_timeout, rpc_timeout=rpc_timeout, tls_ca=tls_ca, tls_cert=tls_cert,
                             tls_key=tls_key, transport=transport)
+        self._t.worker_id = self.worker_id
         self._m = Membership(self._t, self.worker_id, heartbeat)
         self._codec: Codec | None = None
         self._optimizer: OptimizerConfig | None = None
@@ -184,6 +185,10 @@ class PSClient:
     def last_min_clocks(self) -> dict[int, int]:
         return self._m.min_clocks
 
+    def paths(self) -> list[str]:
+        """Per shard, the path its tensors take now: "unary", "stream" or "shm" (see --transport)."""
+        return [self._t.path(k) for k in range(len(self.servers))]
+
     @property
     def info(self) -> list[pb.RegisterResponse]:
         return self._m.info
@@ -199,6 +204,7 @@ class PSClient:
         plan = make_plan(list(specs), len(self.servers), self.partition_bytes)
         self._m.plan = plan
         self._codec = Codec(plan, len(self.servers), self.partition_bytes, self._compressor, self.member)
+        self._t.shm_regions = [(self._codec.shard_bytes(k), self._codec.shard_bytes(k)) for k in range(len(self.servers))]
         return plan
 
     def register(self, specs: Sequence[ParamSpec]) -> int:
@@ -338,7 +344,8 @@ class PSClient:
         async def fetch(shard: int, batch) -> None:
             req = pb.PullRequest(worker_id=worker, plan_fingerprint=self.plan.fingerprint, clock=clock,
                                  keys=[s.key for s in batch])
-            pulled.absorb(shard, await self._t.call(shard, "Pull", req, rejoin=rejoin, waits=not observer))
+            pulled.absorb(shard, await self._t.call(shard, "Pull", req, rejoin=rejoin, waits=not observer,
+                                                    answer_bytes=answer_bytes(batch)))
 
         await gather_all([fetch(k, b) for k, bs in enumerate(self._codec.batches_for(names)) for b in bs])
         return pulled
@@ -448,7 +455,8 @@ class PSClient:
             shard = job[0]
             req = wire.push_pull_request_frame(self._push_request(clock, job, flat),
                                                [s.key for s in pull_batches[shard][0]])
-            resp = await self._t.call(shard, "PushPull", req, rejoin=rejoin, waits=True)
+            resp = await self._t.call(shard, "PushPull", req, rejoin=rejoin, waits=True,
+                                      answer_bytes=answer_bytes(pull_batches[shard][0]))
             if isinstance(resp, wire.Malformed):
                 raise InvalidArgument(f"server {self.servers[shard]} sent a {resp.reason}")
             if resp.push.outcome in TAKEN:

@@ -32,6 +32,11 @@ def batches(slices: Sequence[Slice], limit: int, nbytes: Callable[[Slice], int] 
     return out
 
 
+def answer_bytes(batch: Sequence[Slice]) -> int:
+    """About how many bytes a pull answer for these slices takes (fp32 payloads, framing)."""
+    return 64 + sum(4 * s.length + 32 + len(s.key) for s in batch)
+
+
 # Which part's outcome stands for a shard's push: what happened to the push outranks a part
 # answered DUPLICATE (parts re-sent after the one that completed it) or BUFFERED.
 _RANK = {"BUFFERED": 0, "DUPLICATE": 1, "DROPPED": 2, "ACCUMULATED": 2, "APPLIED": 2, "EVICTED": 3}
@@ -57,6 +62,12 @@ class Codec:
         self.pull_batches = [batches(plan.slices_for(k), partition_bytes) for k in range(num_servers)]
         self._subset_batches: dict[frozenset, list[list[list[Slice]]]] = {}
         self._layouts: dict[tuple, list[Job]] = {}
+
+    def shard_bytes(self, shard: int) -> int:
+        """What the largest push or pull of every slice of `shard` takes on the wire (fp32, framing):
+        the size of each of a shared-memory segment's two regions."""
+        slices = self.plan.slices_for(shard)
+        return sum(answer_bytes(b) + 4096 for b in self.pull_batches[shard]) + 32 * len(slices) + (1 << 16)
 
     def batches_for(self, names: Sequence[str] | None) -> list[list[list[Slice]]]:
         """Per shard, the pull requests for these parameters (all when None)."""

@@ -18,10 +18,12 @@ from typing import Awaitable, Callable, Coroutine, Sequence, TypeVar
 
 import grpc
 
-from ps import tls, wire
+from ps import shm, tls, wire
 from ps.config import MAX_MESSAGE_BYTES, grpc_options
 from ps.errors import (Cancelled, DeadlineExceeded, InvalidArgument, NotInitialized, Overloaded, PSError,
-                       ResourceExhausted, Unauthenticated, Unavailable, UnknownWorker, error_from_wire)
+                       ResourceExhausted, ShmUnavailable, Unauthenticated, Unavailable, UnknownWorker,
+                       error_from_wire)
+from ps.proto import ps_pb2 as pb
 from ps.server.servicer import ERROR_CLASS_KEY
 
 log = logging.getLogger("ps.worker")
@@ -34,7 +36,11 @@ DEFAULT = object()  # "use the transport's rpc_timeout"
 RETRIED = (Unavailable, Overloaded, Cancelled)
 
 
-TRANSPORTS = ("auto", "unary", "stream")
+TRANSPORTS = ("auto", "unary", "stream", "shm")
+# A push so answered is decided: the server no longer holds any of its parts.
+DECIDED = (pb.PushResponse.APPLIED, pb.PushResponse.ACCUMULATED, pb.PushResponse.DROPPED, pb.PushResponse.EVICTED)
+SHM_INLINE_COPY = 1 << 20  # shared-memory writes up to this many bytes are made on the loop, larger on a thread
+OFFER_TIMEOUT = 30.0  # seconds a server has to map an offered segment
 
 
 def mapped(e: grpc.RpcError) -> PSError:
@@ -50,11 +56,24 @@ def _retrieve(task: asyncio.Future) -> None:
 
 
 class _Open:
-    """One open `Stream` call and the requests waiting for their answers on it."""
+    """One open `Stream` call, the requests waiting for their answers on it, and its segment
+    (transport "shm": the areas of its requests and answers; see ps.shm)."""
 
     def __init__(self, call):
         self.call = call
         self.pending: dict[int, asyncio.Future] = {}
+        self.ready: asyncio.Future | None = None  # the segment offer, while it is being made
+        self.seg: shm.Segment | None = None
+        self.requests: shm.Areas | None = None
+        self.answers: shm.Areas | None = None
+        # Areas of push parts answered BUFFERED: the server holds views of them until the push is
+        # decided (ps.server.servicer serves pushes from the segment without copying them out).
+        self.held: list[int] = []
+
+    def close_segment(self) -> None:
+        seg, self.seg = self.seg, None
+        if seg is not None:
+            seg.close()
 
 
 class Mux:
@@ -68,12 +87,74 @@ class Mux:
         self._open: _Open | None = None
         self._ids = itertools.cycle(range(1, 1 << 32))  # the header's u32
         self._writing = asyncio.Lock()
+        # Shared memory: (worker id, request region bytes, answer region bytes) to offer a segment
+        # of on each new stream; None: none (no co-located server, or it failed for good).
+        self.shm: tuple[str, int, int] | None = None
+        self.shm_note = ""  # why shared memory is not used, once it failed
 
-    def _stream(self) -> _Open:
+    async def _stream(self) -> _Open:
         if self._open is None:
-            self._open = _Open(self._stub.Stream(metadata=self.metadata))
-            asyncio.ensure_future(self._read(self._open))
-        return self._open
+            s = self._open = _Open(self._stub.Stream(metadata=self.metadata))
+            asyncio.ensure_future(self._read(s))
+            if self.shm is not None:
+                s.ready = asyncio.ensure_future(self._offer(s, *self.shm))
+        s = self._open
+        if s.ready is not None and not s.ready.done():
+            await asyncio.shield(s.ready)
+        return s
+
+    async def _offer(self, s: _Open, worker_id: str, request_bytes: int, answer_bytes: int) -> None:
+        """Offer the new stream a segment (ps.shm); on any failure the stream goes on without."""
+        loop = asyncio.get_running_loop()
+        try:
+            seg = await loop.run_in_executor(None, shm.Segment.create, shm.HEADER + request_bytes + answer_bytes)
+        except ShmUnavailable as e:
+            self._no_shm(e, lasting=True)
+            return
+        rid = next(self._ids)
+        fut = loop.create_future()
+        s.pending[rid] = fut
+        try:
+            await self._send(s, wire.segment_offer(rid, seg.name, seg.worker_nonce, worker_id))
+            status, body = await asyncio.wait_for(asyncio.shield(fut), OFFER_TIMEOUT)
+            if status is not None:
+                error_class, _, details = bytes(body).decode("utf-8", "replace").partition("\0")
+                raise error_from_wire(status.name, error_class or None, details)
+            if bytes(body) != seg.server_nonce:
+                raise ShmUnavailable(f"server {self.server} mapped a segment, but this worker does not see its nonce "
+                                     "there: the two do not share memory")
+        except (PSError, asyncio.TimeoutError) as e:
+            s.pending.pop(rid, None)
+            seg.close()
+            # Not shared (another host) or not offered: for good. Else (the stream broke, the
+            # worker is not registered yet): the next stream offers again.
+            self._no_shm(e, lasting=isinstance(e, (ShmUnavailable, InvalidArgument)))
+            return
+        finally:
+            seg.unlink()
+            if fut.done() and not fut.cancelled():
+                fut.exception()
+        if self._open is not s:  # the stream ended meanwhile
+            seg.close()
+            return
+        s.seg, s.requests = seg, shm.Areas(shm.HEADER, shm.HEADER + request_bytes)
+        s.answers = shm.Areas(shm.HEADER + request_bytes, seg.size)
+        self.shm_note = ""
+        log.info("server %s: tensors go through shared memory (%d bytes)", self.server, seg.size)
+
+    def _no_shm(self, e: BaseException, lasting: bool) -> None:
+        note = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        if lasting:
+            self.shm = None
+        if note != self.shm_note:
+            log.warning("server %s: shared memory is not used%s (%s); the stream path carries the tensors",
+                        self.server, "" if lasting else " on this stream", note)
+        self.shm_note = note
+
+    @property
+    def in_shm(self) -> bool:
+        """Whether the open stream moves large requests and answers through shared memory."""
+        return self._open is not None and self._open.seg is not None
 
     async def _read(self, s: _Open) -> None:
         error: PSError = Unavailable(f"server {self.server} ended the stream")
@@ -102,6 +183,7 @@ class Mux:
                 if not fut.done():
                     fut.set_exception(error)
             s.pending.clear()
+            s.close_segment()
 
     async def _send(self, s: _Open, data: bytes) -> None:
         try:
@@ -112,15 +194,48 @@ class Mux:
         except (asyncio.InvalidStateError, grpc.aio.UsageError) as e:  # the call had already ended
             raise Unavailable(f"server {self.server}: the stream ended ({e})") from e
 
-    async def request(self, method: str, message, timeout: float | None):
+    async def _place(self, s: _Open, body: wire.Frame, answer_bytes: int):
+        """Areas of the stream's segment for a request's bytes (large ones) and its answer (large
+        ones expected): (descriptor or None, [(areas, offset) taken])."""
+        if s.seg is None:
+            return None, []
+        seg, taken = s.seg, []
+        r = s.requests.take(body.size) if body.size >= shm.MIN_BYTES else None
+        if r is not None:
+            taken.append((s.requests, r))
+        a = s.answers.take(answer_bytes) if answer_bytes >= shm.MIN_BYTES else None
+        if a is not None:
+            taken.append((s.answers, a))
+        if not taken:
+            return None, []
+        if r is not None:
+            try:
+                if body.size <= SHM_INLINE_COPY:
+                    seg.write(r, body.chunks)
+                else:
+                    await asyncio.get_running_loop().run_in_executor(None, seg.write, r, body.chunks)
+            except BaseException:
+                for areas, offset in taken:
+                    areas.abandon(offset)
+                raise
+        return (r or 0, body.size if r is not None else 0, a or 0, answer_bytes if a is not None else 0), taken
+
+    async def request(self, method: str, message, timeout: float | None, answer_bytes: int = 0):
+        """One request; `answer_bytes`: about how large its answer will be (a pull's), so that a
+        large one can be placed in shared memory. An answer read from shared memory holds views
+        of it that stay valid until the caller next awaits: read it at once."""
         rid = next(self._ids)
-        frame = wire.stream_request(method, rid, message)
-        if frame.size > MAX_MESSAGE_BYTES:  # refused here, as unary refuses it: the stream is not broken
-            raise ResourceExhausted(f"a {method} request of {frame.size} bytes is larger than the message limit "
+        body = wire.message_bytes(message)
+        if body.size + 5 > MAX_MESSAGE_BYTES:  # refused here, as unary refuses it: the stream is not broken
+            raise ResourceExhausted(f"a {method} request of {body.size + 5} bytes is larger than the message limit "
                                     f"({MAX_MESSAGE_BYTES})")
-        s = self._stream()
+        s = await self._stream()
+        desc, taken = await self._place(s, body, answer_bytes)
+        seg = s.seg
+        frame = wire.stream_request(method, rid, body, desc)
         fut = asyncio.get_running_loop().create_future()
         s.pending[rid] = fut
+        answered = False
         try:
             # The write goes on if this caller is cancelled: cancelling a write cancels the whole call.
             write = asyncio.ensure_future(self._send(s, frame.tobytes()))
@@ -132,7 +247,8 @@ class Mux:
                     await asyncio.wait_for(asyncio.shield(fut), 1.0)
                 raise (fut.exception() if fut.done() and not fut.cancelled() and fut.exception() else
                        Unavailable(f"server {self.server}: the stream broke ({type(e).__name__}: {e})")) from None
-            status, body = await asyncio.wait_for(asyncio.shield(fut), timeout)
+            status, answer = await asyncio.wait_for(asyncio.shield(fut), timeout)
+            answered = True
         except asyncio.TimeoutError:
             self._cancel(s, rid)
             raise DeadlineExceeded(f"server {self.server}: {method} took longer than {timeout:.0f}s") from None
@@ -147,10 +263,37 @@ class Mux:
                 fut.exception()  # retrieved (it may hold the error the stream broke with)
             else:
                 fut.cancel()
-        if status is None:
-            return wire.read_body(wire.response_reader(method), body)
-        error_class, _, details = bytes(body).decode("utf-8", "replace").partition("\0")
-        raise error_from_wire(status.name, error_class or None, details)
+            if not answered:  # the server may still write there, or read it: never used again
+                for areas, offset in taken:
+                    areas.abandon(offset)
+        if status is wire.IN_SHM:
+            n = wire.shm_answer_length(answer)
+            if desc is None or not desc[3] or n > desc[3] or seg is None or seg.bytes is None:
+                self._give_back(s, taken)
+                raise Unavailable(f"server {self.server} answered {method} in shared memory it was not given")
+            out = wire.read_body(wire.response_reader(method), seg.view(desc[2], n))
+        elif status is None:
+            out = wire.read_body(wire.response_reader(method), answer)
+        else:
+            self._give_back(s, taken)
+            error_class, _, details = bytes(answer).decode("utf-8", "replace").partition("\0")
+            raise error_from_wire(status.name, error_class or None, details)
+        if method == "Push" and taken and isinstance(out, pb.PushResponse):
+            if out.outcome == pb.PushResponse.BUFFERED:  # the server holds the part: so does this area
+                s.held += [offset for areas, offset in taken if areas is s.requests]
+                taken = [(areas, offset) for areas, offset in taken if areas is not s.requests]
+            elif out.outcome in DECIDED:  # the push is applied (or dropped): its held parts are free
+                taken = taken + [(s.requests, offset) for offset in s.held]
+                s.held = []
+        self._give_back(s, taken)
+        return out
+
+    @staticmethod
+    def _give_back(s: _Open, taken) -> None:
+        """Areas answered for are free again (views of an answer stay valid until the caller's next await)."""
+        if s.seg is not None:
+            for areas, offset in taken:
+                areas.give_back(offset)
 
     async def close(self) -> None:
         """End the open stream and wait until gRPC has finished with it (its completion events
@@ -188,6 +331,10 @@ class Transport:
         self._channels: list[grpc.aio.Channel] = []
         self._stubs: list[wire.Stub] = []
         self._told = [0.0] * len(self.servers)  # per server: when the user was last told it is awaited
+        # For shared memory (set by the client once it knows its plan): the worker id its segments
+        # are bound to, and per shard the bytes of its request and answer regions.
+        self.worker_id = ""
+        self.shm_regions: list[tuple[int, int]] | None = None
         self.run(self._open())
 
     async def _open(self) -> None:
@@ -264,35 +411,53 @@ class Transport:
 
         await asyncio.gather(*(one(k) for k in range(len(self.servers))))
 
-    def negotiate(self, shard: int, offered: Sequence[str]) -> None:
+    def negotiate(self, shard: int, offered: Sequence[str], host: str = "") -> None:
         """After Register: the path this shard's calls take, from what it offers and `transport`
-        (auto: the fastest both support). Register itself always goes unary."""
-        if self.transport == "stream" and "stream" not in offered:
-            raise InvalidArgument(f"transport 'stream' was asked for but server {self.servers[shard]} offers only "
+        (auto: the fastest both support: shm when the server runs on this host, then stream).
+        Register itself always goes unary."""
+        server = self.servers[shard]
+        if self.transport in ("stream", "shm") and "stream" not in offered:
+            raise InvalidArgument(f"transport {self.transport!r} was asked for but server {server} offers only "
                                   f"{list(offered) or ['unary']}")
-        stream = self.transport in ("auto", "stream") and "stream" in offered
+        local = "shm" in offered and bool(host) and host == shm.host_identity()
+        if self.transport == "shm" and not local:
+            raise InvalidArgument(
+                f"transport 'shm' was asked for but server {server} "
+                + ("does not offer it (--no-shm, or no /dev/shm there)" if "shm" not in offered else
+                   "is not on this host (another machine, network namespace, /dev/shm or user): use auto or stream"))
+        stream = self.transport in ("auto", "stream", "shm") and "stream" in offered
         if stream and self._mux[shard] is None:
-            self._mux[shard] = Mux(self._stubs[shard], self.servers[shard], self.metadata)
+            self._mux[shard] = Mux(self._stubs[shard], server, self.metadata)
         elif not stream:
             self._mux[shard] = None
+        mux = self._mux[shard]
+        if mux is not None:
+            want = local and self.transport in ("auto", "shm") and self.shm_regions is not None
+            if not want:
+                mux.shm = None
+            elif mux.shm is None and not mux.shm_note:  # a lasting failure is not tried again
+                mux.shm = (self.worker_id, *self.shm_regions[shard])
 
     def path(self, shard: int) -> str:
-        """The transport this shard's calls take now."""
-        return "stream" if self._mux[shard] is not None else "unary"
+        """The transport this shard's calls take now (shm: once a stream has mapped a segment)."""
+        mux = self._mux[shard]
+        return "unary" if mux is None else "shm" if mux.in_shm else "stream"
 
-    async def attempt(self, shard: int, method: str, request, timeout: float | None | object = DEFAULT):
-        """One try, errors mapped to PSError."""
+    async def attempt(self, shard: int, method: str, request, timeout: float | None | object = DEFAULT,
+                      answer_bytes: int = 0):
+        """One try, errors mapped to PSError (`answer_bytes`: see Mux.request)."""
         t = self.rpc_timeout if timeout is DEFAULT else timeout
         mux = self._mux[shard]
         if mux is not None and method != "Register":
-            return await mux.request(method, request, t)
+            return await mux.request(method, request, t, answer_bytes)
         try:
             return await getattr(self._stubs[shard], method)(request, timeout=t, metadata=self.metadata)
         except grpc.RpcError as e:
             raise mapped(e) from e
 
     async def call(self, shard: int, method: str, request, timeout: float | None | object = DEFAULT, *,
-                   retry: bool = True, rejoin: Callable[[], Awaitable[None]] | None = None, waits: bool = False):
+                   retry: bool = True, rejoin: Callable[[], Awaitable[None]] | None = None, waits: bool = False,
+                   answer_bytes: int = 0):
         """One call with retries: while the server is unavailable or overloaded (backoff, up to
         retry_timeout); after `rejoin()` once if the server no longer knows this worker; and,
         for a call that `waits` (a pull waiting for other workers), again whenever its deadline
@@ -302,7 +467,7 @@ class Transport:
         delay = 0.05
         while True:
             try:
-                return await self.attempt(shard, method, request, timeout)
+                return await self.attempt(shard, method, request, timeout, answer_bytes)
             except (UnknownWorker, NotInitialized) as err:  # NotInitialized: restarted empty (rejoin re-inits)
                 if rejoin is None:
                     raise

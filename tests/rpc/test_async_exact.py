@@ -13,8 +13,9 @@ from tests.conftest import run_in_threads
 CLIENTS, PUSHES, SIZE = 8, 100, 5000
 
 
-@pytest.mark.parametrize("transport", ["stream", "unary"])
-def test_eight_concurrent_clients_pushing_known_gradients_sum_exactly(cluster, transport):
+@pytest.mark.parametrize("transport", ["stream", "unary", "shm"])
+def test_eight_concurrent_clients_pushing_known_gradients_sum_exactly(cluster, transport_for, transport):
+    transport_for(transport)
     with cluster(2, "async", num_workers=CLIENTS) as addresses:
         init = {"w": torch.zeros(SIZE), "b": torch.zeros(3)}
         outcomes: list[list[str]] = [[] for _ in range(CLIENTS)]
@@ -23,6 +24,7 @@ def test_eight_concurrent_clients_pushing_known_gradients_sum_exactly(cluster, t
         def client(i: int) -> None:
             with PSClient(addresses, f"c{i}", partition_bytes=4096, transport=transport) as c:
                 c.setup(init, OptimizerConfig("sgd", lr=1.0))
+                assert c.paths() == [transport] * len(addresses)
                 grads = {"w": torch.full((SIZE,), float(i + 1)), "b": torch.full((3,), float(i + 1))}
                 start.wait()
                 for clock in range(PUSHES):
@@ -45,3 +47,4 @@ def test_eight_concurrent_clients_pushing_known_gradients_sum_exactly(cluster, t
         assert per_client.count("DUPLICATE") == 2 * 10  # 10 retries, one answer per shard each
     assert sum(s["pushes"] for s in stats) == 2 * CLIENTS * PUSHES
     assert sum(s["rejected"] for s in stats) == 0
+    assert all((s["shm_bytes"] > 0) == (transport == "shm") for s in stats)

@@ -2,9 +2,11 @@
 (random bytes to every method; pushes with wrong shapes and dtypes, huge declared sizes, unknown
 and duplicate keys, negative clocks and versions, NaN/Inf, sparse positions out of range, plan
 mismatches; hostile registrations and inits). The server never crashes, every answer carries a
-specific status code (never INTERNAL or UNKNOWN), and the parameters are unchanged afterwards."""
+specific status code (never INTERNAL or UNKNOWN), and the parameters are unchanged afterwards.
+The same requests go on the stream path too, inline and through shared memory."""
 
 import math
+import queue
 import struct
 
 import grpc
@@ -13,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ps import shm, wire
 from ps.config import OptimizerConfig
 from ps.proto import ps_pb2 as pb
 from ps.worker.client import PSClient
@@ -150,3 +153,60 @@ def test_ten_thousand_hostile_requests_get_specific_codes_and_change_nothing(tar
     assert calls["Stats"](pb.StatsRequest().SerializeToString(), timeout=10)  # still serving
     print(f"fuzz: {COUNT['requests']} requests, codes {dict(sorted(COUNT['codes'].items()))}")
     assert not math.isnan(good.pull(0, observer=True)["w"].sum().item())
+
+
+STREAM_EXAMPLES = 250  # x 8 = 2,000 requests, half of them through shared memory
+
+
+def test_hostile_requests_on_the_stream_and_through_shared_memory_get_specific_codes_and_change_nothing(target):
+    """The same hostile requests on the other paths: inline on a stream, and placed in a segment
+    (ps.shm) with answer areas. Every answer is a specific code; no hostile push is taken."""
+    good, _ = target
+    fp = good.plan.fingerprint
+    seg = shm.Segment.create(4 << 20)
+    frames: queue.Queue = queue.Queue()
+    channel = grpc.insecure_channel(good.servers[0], options=[("grpc.max_send_message_length", 1 << 28)])
+    answers = channel.stream_stream("/ps.ParameterServer/Stream")(iter(frames.get, None))
+    counts = {"requests": 0, "shm": 0, "codes": {}}
+    try:
+        frames.put(wire.segment_offer(1, seg.name, seg.worker_nonce, "good"))
+        assert wire.read_stream_answer(next(answers))[1] is None  # mapped
+        rids = iter(range(2, 1 << 31))
+
+        @settings(max_examples=STREAM_EXAMPLES, deadline=None, derandomize=True,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @given(st.lists(request(fp), min_size=BATCH, max_size=BATCH))
+        def fuzz(batch):
+            for method, payload in batch:
+                rid = next(rids)
+                counts["requests"] += 1
+                in_shm = rid % 2 == 0 and len(payload) <= 2 << 20
+                if in_shm:
+                    seg.write(shm.HEADER, [payload])
+                    frames.put(wire.stream_request(method, rid, None, shm=(shm.HEADER, len(payload), 3 << 20, 1 << 20))
+                               .tobytes() if payload else
+                               wire.stream_request(method, rid, pb.StatsRequest(), shm=(0, 0, 3 << 20, 1 << 20))
+                               .tobytes())
+                    counts["shm"] += 1
+                else:
+                    frames.put(wire.stream_request(method, rid, wire.Frame.of(payload)).tobytes())
+                got, status, body = wire.read_stream_answer(next(answers))
+                assert got == rid
+                code = "OK" if status is None or status == wire.IN_SHM else status.name
+                assert code in SPECIFIC | {"OK"}, f"{method}: {code} {bytes(body)[:200]!r} for {payload[:80]!r}"
+                counts["codes"][code] = counts["codes"].get(code, 0) + 1
+                if method in ("Push", "PushPull"):
+                    assert code != "OK", f"a hostile {method} was accepted on the stream"
+
+        fuzz()
+        assert counts["requests"] >= 2_000 and counts["shm"] >= 900
+        frames.put(wire.stream_request("Stats", 1, pb.StatsRequest()).tobytes())
+        _, status, body = wire.read_stream_answer(next(answers))
+        assert status is None and pb.StatsResponse.FromString(bytes(body)).shm_segments == 1  # still serving
+        print(f"stream fuzz: {counts['requests']} requests ({counts['shm']} in shared memory), codes "
+              f"{dict(sorted(counts['codes'].items()))}")
+    finally:
+        frames.put(None)
+        channel.close()
+        seg.unlink()
+        seg.close()

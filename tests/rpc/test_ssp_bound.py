@@ -26,6 +26,7 @@ def run_ssp(addresses, staleness, transport="auto"):
         rng = random.Random(j)
         with PSClient(addresses, f"w{j}", transport=transport) as c:
             c.setup({"w": torch.zeros(WORKERS)}, OptimizerConfig("sgd", lr=1.0))
+            assert transport == "auto" or c.paths() == [transport] * len(addresses)
             grad = torch.zeros(WORKERS)
             grad[j] = -1.0
             for clock in range(STEPS):
@@ -42,9 +43,10 @@ def run_ssp(addresses, staleness, transport="auto"):
     return observations
 
 
-@pytest.mark.parametrize("staleness, transport", [(0, "unary"), (1, "stream"), (3, "stream")],
-                         ids=["0-unary", "1-stream", "3-stream"])
-def test_no_pull_returns_weights_staler_than_the_bound(cluster, staleness, transport):
+@pytest.mark.parametrize("staleness, transport", [(0, "unary"), (1, "stream"), (3, "shm")],
+                         ids=["0-unary", "1-stream", "3-shm"])
+def test_no_pull_returns_weights_staler_than_the_bound(cluster, transport_for, staleness, transport):
+    transport_for(transport)
     with cluster(2, "ssp", num_workers=WORKERS, staleness=staleness) as addresses:
         observations = run_ssp(addresses, staleness, transport)
     for j, clock, w, min_clock in observations:

@@ -27,8 +27,8 @@ def server():
     srv.stop(grace=0)
 
 
-def test_auto_takes_the_stream_a_server_offers_and_unary_stays_unary(server):
-    for transport, path in (("auto", "stream"), ("stream", "stream"), ("unary", "unary")):
+def test_auto_takes_the_fastest_path_a_server_offers_and_unary_stays_unary(server):
+    for transport, path in (("auto", "shm"), ("stream", "stream"), ("unary", "unary")):  # shm: on this host
         with PSClient([server.address], f"w-{transport}", auth_token="tok", transport=transport) as c:
             clock = c.setup({"w": torch.zeros(4)}, SGD1)
             assert c._t.path(0) == path

@@ -39,6 +39,7 @@ def ps_worker(addresses, rank, model, x, y, opt_cfg, transport):
     params = dict(model.named_parameters())
     with PSClient(addresses, f"w{rank}", partition_bytes=4096, transport=transport) as client:
         clock = client.setup(params, opt_cfg)
+        assert client.paths() == [transport] * len(addresses)
         for step in range(clock, STEPS):
             weights = client.pull(step)
             with torch.no_grad():
@@ -54,9 +55,10 @@ def ps_worker(addresses, rank, model, x, y, opt_cfg, transport):
 @pytest.mark.parametrize("opt_cfg, transport", [  # each transport (see test_stream) meets the oracle
     (OptimizerConfig("sgd", lr=0.1, weight_decay=1e-3), "unary"),
     (OptimizerConfig("momentum", lr=0.05, momentum=0.9), "stream"),
-    (OptimizerConfig("adam", lr=1e-3, weight_decay=1e-4), "stream"),
-], ids=["sgd-unary", "momentum-stream", "adam-stream"])
-def test_two_workers_on_half_batches_match_one_process_on_the_whole_batch(cluster, opt_cfg, transport):
+    (OptimizerConfig("adam", lr=1e-3, weight_decay=1e-4), "shm"),
+], ids=["sgd-unary", "momentum-stream", "adam-shm"])
+def test_two_workers_on_half_batches_match_one_process_on_the_whole_batch(cluster, transport_for, opt_cfg, transport):
+    transport_for(transport)
     model, x, y = model_and_data()
     expected = local_reference(model, x, y, opt_cfg)
     with cluster(2, "sync", num_workers=2) as addresses:
@@ -66,6 +68,7 @@ def test_two_workers_on_half_batches_match_one_process_on_the_whole_batch(cluste
             final = observer.pull(0, observer=True)
             stats = observer.stats()
     assert all(s["version"] == STEPS for s in stats)
+    assert all((s["shm_bytes"] > 0) == (transport == "shm") for s in stats)
     assert sum(s["num_keys"] for s in stats) > 4, "the test must exercise split tensors"
     for name, want in expected.items():
         torch.testing.assert_close(final[name], want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -43,18 +43,20 @@ def _train_one_step(address, transport="unary", **tls):
         return c.pull(1)["w"]
 
 
-def test_tls_serves_a_client_that_trusts_the_ca_and_nobody_in_plaintext_or_with_another_ca(pki):
+def test_tls_serves_a_client_that_trusts_the_ca_and_nobody_in_plaintext_or_with_another_ca(pki, transport_for):
     srv = _server(pki, mutual=False)
     try:
         assert torch.equal(_train_one_step(srv.address, tls_ca=pki["ca"]), -torch.ones(3))
-        with PSClient([srv.address], "s", transport="stream", tls_ca=pki["ca"]) as c:  # the stream path too
-            clock = c.setup({"w": torch.zeros(3)}, SGD)
-            assert c._t.path(0) == "stream" and c.push({"w": torch.ones(3)}, clock)[0]["outcome"] == "APPLIED"
+        for path in ("stream", "shm"):  # the other paths too (shm: its offer goes on the TLS stream)
+            with PSClient([srv.address], path, transport=transport_for(path), tls_ca=pki["ca"]) as c:
+                clock = c.setup({"w": torch.zeros(3)}, SGD)
+                assert c._t.path(0) == path
+                assert c.push({"w": torch.ones(3)}, clock)[0]["outcome"] == "APPLIED"
         for bad in ({}, {"tls_ca": pki["other_ca"]}):
             with pytest.raises(PSError):
                 _train_one_step(srv.address, **bad)
         assert check(srv.address, ca=pki["ca"]) == "SERVING"
-        assert srv.shard.stats()["pushes"] == 2
+        assert srv.shard.stats()["pushes"] == 3  # one per path that trusts the CA
     finally:
         srv.stop(grace=0)
 

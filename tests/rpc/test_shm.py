@@ -1,0 +1,233 @@
+"""The shared-memory path (transport "shm"): chosen when worker and server share a host, never
+across network namespaces; the same answers and error codes as the other paths; garbage in
+offers and descriptors refused with a specific status, changing nothing; segments unlinked at
+once and unmapped when their worker leaves or dies."""
+
+import asyncio
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import grpc
+import pytest
+import torch
+
+from ps import shm, wire
+from ps.cli.launch import start_servers, stop_all
+from ps.config import OptimizerConfig, ServerConfig
+from ps.errors import InvalidArgument, UnknownKey
+from ps.proto import ps_pb2 as pb
+from ps.server.app import create_server
+from ps.worker.client import PSClient
+from tests.netns import usable, veth_namespace
+
+SGD1 = OptimizerConfig("sgd", lr=1.0)
+N = 1 << 16  # 256 KiB of fp32: above shm.MIN_BYTES, so pushes and pulls take the segment
+
+
+@pytest.fixture
+def server():
+    srv = create_server(ServerConfig(mode="async"))
+    yield srv
+    srv.stop(grace=0)
+
+
+def _ps_files() -> set[str]:
+    return {f for f in os.listdir(shm.SHM_DIR) if shm.NAME.fullmatch(f)}
+
+
+def _until(predicate, timeout=10.0) -> bool:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_auto_takes_shared_memory_on_this_host_with_the_same_answers_and_errors(server):
+    before = _ps_files()
+    with PSClient([server.address], "w", transport="auto") as c:
+        clock = c.setup({"w": torch.zeros(N)}, SGD1)
+        assert c.paths() == ["shm"]
+        assert c.push({"w": torch.ones(N)}, clock)[0]["outcome"] == "APPLIED"
+        assert torch.equal(c.pull(clock + 1)["w"], torch.full((N,), -1.0))
+        stats = c.stats()[0]
+        assert stats["shm_segments"] == 1 and stats["shm_bytes"] >= 2 * 4 * N  # the push and the pull went there
+        assert _ps_files() == before  # the name was unlinked once both sides had mapped it
+        with pytest.raises(UnknownKey, match="nope#0"):  # the same error class and message as unary
+            c._t.run(c._t.call(0, "Pull", pb.PullRequest(worker_id="w", plan_fingerprint=c.plan.fingerprint, clock=1,
+                                                         keys=["nope#0"]), answer_bytes=1 << 20))
+        bad = torch.ones(N)
+        bad[7] = float("nan")
+        with pytest.raises(InvalidArgument, match="NaN"):
+            c.push({"w": bad}, clock + 1)
+        assert c.stats()[0]["version"] == 1 and torch.equal(c.pull(clock + 1)["w"], torch.full((N,), -1.0))
+        c.leave()
+        assert _until(lambda: server.shard.stats()["active_workers"] == 0)
+        # Leaving ends the stream that held the segment: the server no longer maps it.
+        assert _until(lambda: PSClient.stats(c)[0]["shm_segments"] == 0)
+
+
+def test_shm_is_refused_clearly_where_the_server_does_not_offer_it():
+    srv = create_server(ServerConfig(mode="async", shm=False))
+    try:
+        with PSClient([srv.address], "w", transport="shm") as c:
+            with pytest.raises(InvalidArgument, match="does not offer it"):
+                c.setup({"w": torch.zeros(4)}, SGD1)
+        with PSClient([srv.address], "w2", transport="auto") as c:
+            c.setup({"w": torch.zeros(N)}, SGD1)
+            assert c.paths() == ["stream"]
+    finally:
+        srv.stop(grace=0)
+
+
+async def _exchange(address, frames):
+    """Raw frames on one Stream call; {id: (status, body)} of the answers."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = wire.Stub(channel).Stream()
+        for f in frames:
+            await call.write(f.tobytes() if isinstance(f, wire.Frame) else f)
+        await call.done_writing()
+        out = {}
+        while (data := await call.read()) is not grpc.aio.EOF:
+            rid, status, body = wire.read_stream_answer(data)
+            out[rid] = (status, bytes(body))
+        return out
+
+
+def _status(answer):
+    status, body = answer
+    return status, body.split(b"\0")[0].decode()
+
+
+def test_bad_offers_and_descriptors_get_specific_codes_and_change_nothing(server):
+    with PSClient([server.address], "good", transport="unary") as c:
+        c.setup({"w": torch.arange(8.0)}, SGD1)
+        fp = c.plan.fingerprint
+        seg = shm.Segment.create(1 << 20)
+        try:
+            offers = asyncio.run(_exchange(server.address, [
+                wire.segment_offer(1, "../../etc/passwd", bytes(16), "good"),
+                wire.segment_offer(2, seg.name, b"x" * 16, "good"),  # not the nonce in the segment
+                wire.segment_offer(3, seg.name, seg.worker_nonce, "stranger"),  # not registered
+                wire._REQ_HEAD.pack(wire.SEGMENT, 4) + b"\x05",  # truncated
+                wire.stream_request("Stats", 5, pb.StatsRequest(), shm=(64, 0, 128, 4096)),  # no segment here
+            ]))
+            assert _status(offers[1]) == (grpc.StatusCode.INVALID_ARGUMENT, "InvalidArgument")
+            assert _status(offers[2]) == (grpc.StatusCode.FAILED_PRECONDITION, "ShmUnavailable")
+            assert _status(offers[3]) == (grpc.StatusCode.FAILED_PRECONDITION, "UnknownWorker")
+            assert _status(offers[4]) == (grpc.StatusCode.INVALID_ARGUMENT, "InvalidArgument")
+            assert _status(offers[5]) == (grpc.StatusCode.INVALID_ARGUMENT, "InvalidArgument")
+            assert b"no segment" in offers[5][1]
+
+            garbage = b"\xff" * 64
+            seg.write(4096, [garbage])
+            grad = torch.ones(8)
+            push = wire.push_frame(pb.PushRequest(worker_id="good", plan_fingerprint=fp, clock=0, part=0, num_parts=1),
+                                   [wire.tensor_frame("w#0", "float32", [8], grad.numpy())])
+            seg.write(8192, push.chunks)
+            answers = asyncio.run(_exchange(server.address, [
+                wire.segment_offer(1, seg.name, seg.worker_nonce, "good"),
+                wire.segment_offer(2, seg.name, seg.worker_nonce, "good"),  # a second one on the stream
+                wire.stream_request("Push", 3, None, shm=(seg.size - 8, 64, 0, 0)),  # past the end
+                wire.stream_request("Push", 4, None, shm=(0, 64, 0, 0)),  # over the header
+                wire.stream_request("Push", 5, None, shm=(4096, 64, 0, 0)),  # garbage bytes there
+                wire.stream_request("Stats", 6, pb.StatsRequest(), shm=(0, 0, 1 << 19, 1 << 19)),
+                wire.stream_request("Stats", 7, pb.StatsRequest(), shm=(0, 0, 1 << 19, 1 << 30)),  # area too large
+            ]))
+            assert answers[1] == (None, bytes(seg.server_nonce))
+            for rid in (2, 3, 4, 5, 7):
+                assert _status(answers[rid]) == (grpc.StatusCode.INVALID_ARGUMENT, "InvalidArgument"), rid
+            status, body = answers[6]  # the answer was written into the area given
+            assert status == wire.IN_SHM
+            stats = pb.StatsResponse.FromString(bytes(seg.view(1 << 19, wire.shm_answer_length(memoryview(body)))))
+            assert stats.shm_segments == 1 and stats.version == 0
+            assert c.stats()[0]["version"] == 0  # nothing applied
+            assert torch.equal(c.pull(0, observer=True)["w"], torch.arange(8.0))
+            assert _until(lambda: c.stats()[0]["shm_segments"] == 0)  # that stream ended
+
+            # Its name went with the first offer: offered again, it is not found. A new segment
+            # carries the good push, applied once.
+            again = asyncio.run(_exchange(server.address, [wire.segment_offer(1, seg.name, seg.worker_nonce, "good")]))
+            assert _status(again[1]) == (grpc.StatusCode.FAILED_PRECONDITION, "ShmUnavailable")
+            fresh = shm.Segment.create(1 << 20)
+            fresh.write(8192, push.chunks)
+            answers = asyncio.run(_exchange(server.address, [
+                wire.segment_offer(1, fresh.name, fresh.worker_nonce, "good"),
+                wire.stream_request("Push", 2, None, shm=(8192, push.size, 0, 0)),
+            ]))
+            fresh.close()
+            assert pb.PushResponse.FromString(answers[2][1]).outcome == pb.PushResponse.APPLIED
+            assert torch.equal(c.pull(1)["w"], torch.arange(8.0) - 1)
+        finally:
+            seg.unlink()
+            seg.close()
+
+
+_VICTIM = textwrap.dedent("""
+    import sys, time, torch
+    from ps.config import OptimizerConfig
+    from ps.worker.client import PSClient
+    c = PSClient([sys.argv[1]], sys.argv[2], transport=sys.argv[3])
+    clock = c.setup({"w": torch.zeros(1 << 16)}, OptimizerConfig("sgd", lr=1.0))
+    c.push({"w": torch.ones(1 << 16)}, clock)
+    print(",".join(c.paths()), flush=True)
+    if sys.argv[4] == "stay":
+        time.sleep(600)
+""")
+
+
+def _mapped(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/maps") as f:
+        return [line for line in f if f"{shm.SHM_DIR}/ps-" in line]
+
+
+def test_a_killed_workers_segment_is_reclaimed():
+    procs = start_servers(1, "async", 1, out=io.StringIO())
+    before = _ps_files()
+    victim = subprocess.Popen([sys.executable, "-c", _VICTIM, procs[0].address, "victim", "shm", "stay"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert victim.stdout.readline().strip() == "shm"
+        server_pid = procs[0].popen.pid
+        assert len(_mapped(server_pid)) == 1  # mapped by the server, its name already gone
+        assert _ps_files() == before
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+        assert _until(lambda: not _mapped(server_pid)), _mapped(server_pid)
+        with PSClient([procs[0].address], "observer", heartbeat=False) as obs:
+            assert obs.stats()[0]["shm_segments"] == 0
+        assert _ps_files() == before
+    finally:
+        victim.kill()
+        stop_all(procs)
+
+
+HOST_IP, NS_IP = "10.232.0.1", "10.232.0.2"
+
+
+@pytest.mark.skipif(not usable(), reason="needs root and network namespaces")
+def test_a_worker_in_another_network_namespace_never_chooses_shm():
+    with veth_namespace(HOST_IP, NS_IP) as (ns, _):
+        procs = start_servers(1, "async", 2, host=HOST_IP, out=io.StringIO())
+        try:
+            address = procs[0].address
+
+            def run(prefix, worker, transport):
+                return subprocess.run(prefix + [sys.executable, "-c", _VICTIM, address, worker, transport, "go"],
+                                      capture_output=True, text=True, timeout=120)
+
+            elsewhere = run(["ip", "netns", "exec", ns], "far", "auto")
+            assert elsewhere.returncode == 0, elsewhere.stderr
+            assert elsewhere.stdout.strip() == "stream"
+            refused = run(["ip", "netns", "exec", ns], "far2", "shm")
+            assert refused.returncode != 0 and "is not on this host" in refused.stderr
+            here = run([], "near", "auto")  # the same server from its own namespace: shared memory
+            assert here.returncode == 0 and here.stdout.strip() == "shm", here.stderr
+        finally:
+            stop_all(procs)
