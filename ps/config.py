@@ -168,7 +168,7 @@ class WorkerConfig:
     connect_timeout: float = 60.0
     retry_timeout: float = 300.0  # how long calls retry a server that is down (restarting) before failing
     compress: str = "none"  # gradients on the wire: none, fp16, bf16, topk:R (see ps.compress)
-    transport: str = "unary"  # unary, stream, auto (see ps.worker.transport)
+    transport: str = "auto"  # auto, unary, stream, shm (see ps.worker.transport)
     tp: int = 1             # tensor-parallel ranks in this worker's group
     micro_batches: int = 1  # gradient accumulation over this many micro-batches per step
     recompute: bool = False  # activation recomputation (models that support it)
@@ -199,8 +199,8 @@ class WorkerConfig:
         _check(self.retry_timeout > 0, f"retry_timeout ({self.retry_timeout}) must be > 0")
         check_partition_bytes(self.partition_bytes)
         compress.parse(self.compress)
-        _check(self.transport in ("auto", "unary", "stream"),
-               f"transport ({self.transport!r}) must be one of auto, unary, stream")
+        _check(self.transport in ("auto", "unary", "stream", "shm"),
+               f"transport ({self.transport!r}) must be one of auto, unary, stream, shm")
         tls.check(self.tls_cert, self.tls_key, self.tls_ca, server=False)
         _check(self.tp >= 1, f"tp ({self.tp}) must be >= 1")
         _check(self.loader_workers >= 0, f"loader_workers ({self.loader_workers}) must be >= 0")

@@ -16,6 +16,7 @@ import torch
 from ps import compress, data, models
 from ps.config import DEFAULT_PARTITION_BYTES, OPTIMIZERS, OptimizerConfig
 from ps.errors import InvalidArgument, PSError
+from ps.worker.transport import TRANSPORTS
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -192,10 +193,11 @@ def add_training_flags(parser: argparse.ArgumentParser, env: Mapping[str, str] |
     add_flag(parser, "--seed", env=env, default=0, type=int, help="seed of model init and data order")
     if ps_only:
         add_compress_flag(parser, env)
-        add_flag(parser, "--transport", env=env, default="unary", choices=("auto", "unary", "stream"),
-                 help="how calls travel to the servers: unary (one gRPC call each), stream (every call "
-                      "multiplexed on one gRPC stream per server; new, faster for small models), auto (the "
-                      "fastest the server offers: stream)")
+        add_flag(parser, "--transport", env=env, default="auto", choices=TRANSPORTS,
+                 help="how calls travel to the servers: auto (the fastest each server offers: shm when it "
+                      "runs on this host, else stream), unary (one gRPC call each), stream (every call "
+                      "multiplexed on one gRPC stream per server), shm (stream, with tensors through shared "
+                      "memory; refused for a server on another host)")
         add_flag(parser, "--tp", env=env, default=1, type=int,
                  help="tensor-parallel ranks per worker (NCCL on CUDA, gloo on CPU; torchrun's env is joined)")
         add_flag(parser, "--micro-batches", env=env, default=1, type=int,
