@@ -1,5 +1,6 @@
 """Transport: one push plus one pull of a model through 2 real ps-server processes (1 worker;
-the default unary calls, and the stream path for comparison),
+each path: unary calls, the stream, shared memory, and the default (ps-worker's --transport
+auto: shared memory here, the servers being on this host)),
 (and, for the small model, the combined push_pull call),
 against a gloo all-reduce of the same tensor between 2 processes, raw TCP moving the same bytes
 (there and back), and the ceiling of gRPC Python itself (2 echo servers of raw bytes, same slices,
@@ -26,7 +27,7 @@ import torch.distributed as dist
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ps.cli.launch import start_servers, stop_all
-from ps.config import DEFAULT_PARTITION_BYTES, OptimizerConfig, grpc_options
+from ps.config import DEFAULT_PARTITION_BYTES, OptimizerConfig, WorkerConfig, grpc_options
 from ps.tp.groups import free_port
 from ps.worker.client import PSClient
 
@@ -36,8 +37,11 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
+DEFAULT = WorkerConfig().transport  # what ps-worker and ps-launch use
+
+
 def bench_ps(nbytes: int, rounds: int, compress: str = "none", combined: bool = False,
-             transport: str = "unary") -> list[float]:
+             transport: str = DEFAULT) -> list[float]:
     procs = start_servers(2, "async", 1, out=io.StringIO())
     try:
         n = nbytes // 4
@@ -210,41 +214,41 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20)
     args = p.parse_args()
     big = int(args.mib * (1 << 20)) // 16 * 16
-    ps_big, ar, tcp = bench_ps(big, args.rounds), bench_allreduce(big, args.rounds), bench_tcp(big, args.rounds)
-    ps_big_stream = bench_ps(big, args.rounds, transport="stream")
+    paths = {t: bench_ps(big, args.rounds, transport=t) for t in ("unary", "stream", "shm")}
+    ar, tcp = bench_allreduce(big, args.rounds), bench_tcp(big, args.rounds)
+    ps_big = bench_ps(big, args.rounds)  # the default path
     ps_bf16 = bench_ps(big, args.rounds, compress="bf16")
     ps_topk = bench_ps(big, args.rounds, compress="topk:0.01")
     ceiling = bench_grpc_ceiling(big, args.rounds)
-    ps_small = bench_ps(1024, max(args.rounds, 200))
-    ps_small_combined = bench_ps(1024, max(args.rounds, 200), combined=True)
-    ps_small_stream = bench_ps(1024, max(args.rounds, 200), combined=True, transport="stream")
-    small_floor = bench_grpc_small_floor(1024, max(args.rounds, 200))
-    rtt = bench_health_rtt(max(args.rounds, 200))
+    small_rounds = max(args.rounds, 200)
+    ps_small = bench_ps(1024, small_rounds)
+    small = {t: bench_ps(1024, small_rounds, combined=True, transport=t) for t in ("unary", "stream", DEFAULT)}
+    small_floor = bench_grpc_small_floor(1024, small_rounds)
+    rtt = bench_health_rtt(small_rounds)
+    med = statistics.median
     gb = lambda seconds: 2 * big / seconds / 1e9  # noqa: E731 - bytes there and back
-    print(f"model {big / (1 << 20):.0f} MiB fp32, 1 worker, 2 servers, {args.rounds} rounds")
-    print(f"{'':30} {'p50 ms':>9} {'p99 ms':>9}")
-    for name, xs in (("ps push+pull (unary)", ps_big), ("ps push+pull (stream)", ps_big_stream),
-                     ("ps push+pull, bf16 push", ps_bf16),
-                     ("ps push+pull, topk:0.01 push", ps_topk), ("gloo all-reduce (2 procs)", ar),
+    print(f"model {big / (1 << 20):.0f} MiB fp32, 1 worker, 2 servers, {args.rounds} rounds; default path {DEFAULT}")
+    print(f"{'':34} {'p50 ms':>9} {'p99 ms':>9}")
+    for name, xs in ((f"ps push+pull ({DEFAULT}, default)", ps_big),
+                     *((f"ps push+pull ({t})", xs) for t, xs in paths.items()),
+                     (f"ps push+pull, bf16 push ({DEFAULT})", ps_bf16),
+                     (f"ps push+pull, topk:0.01 push ({DEFAULT})", ps_topk), ("gloo all-reduce (2 procs)", ar),
                      ("raw TCP there and back", tcp), ("gRPC raw-bytes echo (ceiling)", ceiling)):
-        print(f"{name:30} {statistics.median(xs) * 1e3:9.1f} {pct(xs, 0.99) * 1e3:9.1f}")
-    print(f"push+pull / all-reduce = {statistics.median(ps_big) / statistics.median(ar):.2f} (goal <= 1.5; "
-          f"stream {statistics.median(ps_big_stream) / statistics.median(ar):.2f})")
-    print(f"ps bandwidth {gb(statistics.median(ps_big)):.2f} GB/s = "
-          f"{statistics.median(tcp) / statistics.median(ps_big) * 100:.0f}% of raw TCP's {gb(statistics.median(tcp)):.2f} GB/s "
-          "(goal >= 60%)")
-    print(f"gRPC ceiling {gb(statistics.median(ceiling)):.2f} GB/s; ps reaches "
-          f"{statistics.median(ceiling) / statistics.median(ps_big) * 100:.0f}% of it; the ceiling itself is "
-          f"{statistics.median(ceiling) / statistics.median(ar):.2f}x the all-reduce")
-    print(f"1 KiB model push+pull: p50 {statistics.median(ps_small) * 1e3:.3f} ms, p99 {pct(ps_small, 0.99) * 1e3:.3f} ms "
-          "(goal p50 < 1 ms)")
-    print(f"1 KiB model push_pull (one round trip): p50 {statistics.median(ps_small_combined) * 1e3:.3f} ms, "
-          f"p99 {pct(ps_small_combined, 0.99) * 1e3:.3f} ms (goal p50 < 1 ms); stream p50 "
-          f"{statistics.median(ps_small_stream) * 1e3:.3f} ms")
-    print(f"gRPC floor for it (1 KiB echoed by 2 servers at once): p50 {statistics.median(small_floor) * 1e3:.3f} ms, "
+        print(f"{name:34} {med(xs) * 1e3:9.1f} {pct(xs, 0.99) * 1e3:9.1f}")
+    print(f"push+pull / all-reduce = {med(ps_big) / med(ar):.2f} (the default path, {DEFAULT})")
+    print(f"  per path: unary {med(paths['unary']) / med(ar):.2f}, stream {med(paths['stream']) / med(ar):.2f} "
+          f"(goal <= 1.5), shm {med(paths['shm']) / med(ar):.2f} (goal <= 0.5)")
+    for t in ("unary", "stream"):
+        print(f"ps bandwidth ({t}) {gb(med(paths[t])):.2f} GB/s = {med(tcp) / med(paths[t]) * 100:.0f}% of raw TCP's "
+              f"{gb(med(tcp)):.2f} GB/s (goal >= 60% for stream)")
+    print(f"gRPC ceiling {gb(med(ceiling)):.2f} GB/s; unary ps reaches {med(ceiling) / med(paths['unary']) * 100:.0f}% "
+          f"of it; the ceiling itself is {med(ceiling) / med(ar):.2f}x the all-reduce")
+    print(f"1 KiB model push+pull ({DEFAULT}): p50 {med(ps_small) * 1e3:.3f} ms, p99 {pct(ps_small, 0.99) * 1e3:.3f} ms")
+    print("1 KiB model push_pull (one round trip), p50 (goal < 1 ms): "
+          + ", ".join(f"{t} {med(xs) * 1e3:.3f} ms" for t, xs in small.items()))
+    print(f"gRPC floor for it (1 KiB echoed by 2 servers at once): p50 {med(small_floor) * 1e3:.3f} ms, "
           f"p99 {pct(small_floor, 0.99) * 1e3:.3f} ms")
-    print(f"bare gRPC round trip (health check): p50 {statistics.median(rtt) * 1e3:.3f} ms, "
-          f"p99 {pct(rtt, 0.99) * 1e3:.3f} ms")
+    print(f"bare gRPC round trip (health check): p50 {med(rtt) * 1e3:.3f} ms, p99 {pct(rtt, 0.99) * 1e3:.3f} ms")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import struct
 
 import numpy as np
 
-from ps.errors import InvalidArgument, ShmUnavailable
+from ps.errors import InvalidArgument, ShmUnavailable, Unavailable
 
 SHM_DIR = "/dev/shm"
 MAGIC = b"PS-SHM\x00\x01"
@@ -178,25 +178,31 @@ class Segment:
             raise InvalidArgument(f"{what} [{offset}, {offset + nbytes}) lies outside the segment's data "
                                   f"[{HEADER}, {self.size})")
 
+    def _mapped(self) -> np.ndarray:
+        b = self.bytes
+        if b is None:
+            raise Unavailable(f"segment {self.name} was unmapped (its stream ended)")
+        return b
+
     def read(self, offset: int, nbytes: int) -> bytearray:
         """A copy of the bytes: what the server serves (and may hold, a push's parts) is its own,
         whatever the worker writes there later."""
         self.check(offset, nbytes, "a request")
         out = bytearray(nbytes)
-        np.copyto(np.frombuffer(out, dtype=np.uint8), self.bytes[offset:offset + nbytes])
+        np.copyto(np.frombuffer(out, dtype=np.uint8), self._mapped()[offset:offset + nbytes])
         return out
 
     def view(self, offset: int, nbytes: int) -> memoryview:
         self.check(offset, nbytes, "an answer")
-        return memoryview(self.bytes[offset:offset + nbytes])
+        return memoryview(self._mapped()[offset:offset + nbytes])
 
     def write(self, offset: int, chunks) -> int:
         """Write the buffers one after another from `offset`; returns the bytes written."""
-        pos = offset
+        b, pos = self._mapped(), offset
         for c in chunks:
             src = np.frombuffer(memoryview(c).cast("B"), dtype=np.uint8)
             self.check(pos, src.nbytes, "a write")
-            self.bytes[pos:pos + src.nbytes] = src
+            b[pos:pos + src.nbytes] = src
             pos += src.nbytes
         return pos - offset
 

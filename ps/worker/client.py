@@ -52,7 +52,7 @@ from ps.proto import ps_pb2 as pb
 from ps.serde import optimizer_to_proto, plan_to_proto, stats_from_proto, tensor_to_proto
 from ps.server.auth import bearer
 from ps.sharding import ParamSpec, Plan, dtype_name, make_plan
-from ps.worker.codec import Codec, Job, Pulled, answer_bytes, push_results
+from ps.worker.codec import Codec, Job, Mirrors, Pulled, answer_bytes, push_results
 from ps.worker.membership import Membership
 from ps.worker.transport import RETRIED, Transport, gather_all
 
@@ -161,6 +161,7 @@ class PSClient:
         self._m = Membership(self._t, self.worker_id, heartbeat)
         self._codec: Codec | None = None
         self._optimizer: OptimizerConfig | None = None
+        self._mirrors = Mirrors()  # pinned host copies for pulls into CUDA tensors
         try:
             self._t.run(self._t.wait_connected(connect_timeout))
         except BaseException:
@@ -306,7 +307,10 @@ class PSClient:
         """Parameters (all, or `names`) as fp32 CPU tensors, once the servers' mode lets a worker
         at `clock` read. `observer=True` reads without waiting or joining (evaluation, monitoring).
         `into` {name: tensor}: write the values there too; contiguous fp32 CPU tensors (e.g. a CPU
-        model's parameters, or pinned buffers) are decoded into directly, with no extra copy."""
+        model's parameters, or pinned buffers) are decoded into directly, with no extra copy, and
+        contiguous fp32 CUDA tensors get each slice as it arrives, through a pinned host mirror
+        the client keeps, copied without blocking (done when this returns). The result holds
+        those tensors themselves."""
         pulled = self._t.run(self._pull(clock, observer, names, into))
         return pulled.finish() if observer else self._installed(pulled)
 
@@ -338,7 +342,7 @@ class PSClient:
                     into: Mapping[str, torch.Tensor] | None, own_clock: int | None = None) -> Pulled:
         assert self._codec is not None, "register (or attach) first"
         worker = "" if observer else self.worker_id
-        pulled = Pulled(self.plan, self.servers, names, into)
+        pulled = Pulled(self.plan, self.servers, names, into, self._mirrors)
         rejoin = None if observer else self._m.rejoiner(clock if own_clock is None else own_clock)
 
         async def fetch(shard: int, batch) -> None:
@@ -449,7 +453,7 @@ class PSClient:
             return results, self.pull(clock + 1, names=names, into=into)
         flat = self._codec.split(grads)
         rejoin = self._m.rejoiner(clock)
-        pulled = Pulled(self.plan, self.servers, names, into)
+        pulled = Pulled(self.plan, self.servers, names, into, self._mirrors)
 
         async def one(job: Job) -> tuple[int, pb.PushResponse]:
             shard = job[0]

@@ -130,15 +130,39 @@ def _decodable(t: torch.Tensor | None, shape: tuple[int, ...]) -> bool:
             and tuple(t.shape) == tuple(shape))
 
 
+class Mirrors:
+    """Pinned host tensors, one per parameter, reused by every pull into CUDA tensors: slices are
+    decoded into them and copied to the device as they arrive (non_blocking)."""
+
+    def __init__(self):
+        self._held: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape) -> torch.Tensor:
+        t = self._held.get(name)
+        if t is None or tuple(t.shape) != tuple(shape):
+            t = self._held[name] = torch.empty(shape, dtype=torch.float32, pin_memory=True)
+        return t
+
+
+def _on_cuda(t: torch.Tensor | None, shape: tuple[int, ...]) -> bool:
+    return (t is not None and t.device.type == "cuda" and t.dtype == torch.float32 and t.is_contiguous()
+            and tuple(t.shape) == tuple(shape))
+
+
 class Pulled:
     """The destination of one pull: tensors to decode into, versions seen per shard. Answers are
-    absorbed on the client's event loop (one at a time)."""
+    absorbed on the client's event loop (one at a time). Fp32 CUDA tensors in `into` (with
+    `mirrors`) get each slice as its answer arrives: decoded into the pinned mirror, copied to
+    the device without waiting; `finish` waits for those copies."""
 
     def __init__(self, plan: Plan, servers: Sequence[str], names: Sequence[str] | None,
-                 into: Mapping[str, torch.Tensor] | None):
+                 into: Mapping[str, torch.Tensor] | None, mirrors: Mirrors | None = None):
         wanted = plan.specs if names is None else {n: plan.specs[n] for n in names}
         self.plan, self.servers, self.given = plan, servers, dict(into or {})
+        self.to_device = ({n for n, spec in wanted.items() if _on_cuda(self.given.get(n), spec.shape)}
+                          if mirrors is not None else set())
         self.out = {n: self.given[n] if _decodable(self.given.get(n), spec.shape)
+                    else mirrors.get(n, spec.shape) if n in self.to_device
                     else torch.empty(spec.shape, dtype=torch.float32) for n, spec in wanted.items()}
         self.expected = {s.key for n in wanted for s in plan.slices_of(n)}
         self.received: set[str] = set()
@@ -154,7 +178,10 @@ class Pulled:
             if s is None or s.name not in self.out or t.key in self.received:
                 raise InvalidArgument(f"server {self.servers[shard]} sent key {t.key!r}, which was not asked for "
                                       "(or sent it twice)")
-            tensor_into(t, self.out[s.name].view(-1)[s.start : s.start + s.length])
+            host = self.out[s.name].view(-1)[s.start : s.start + s.length]
+            tensor_into(t, host)
+            if s.name in self.to_device:
+                self.given[s.name].view(-1)[s.start : s.start + s.length].copy_(host, non_blocking=True)
             self.received.add(t.key)
         self.versions[shard] = min(self.versions.get(shard, resp.header.version), resp.header.version)
         self.min_clocks[shard] = resp.header.min_clock
@@ -167,7 +194,9 @@ class Pulled:
                                   f"{sorted(missing)[:3]}: the weights were not installed (tensors given as `into` "
                                   "that answers decode into directly may hold some of the new values)")
         with torch.no_grad():
+            for device in {self.given[n].device for n in self.to_device}:
+                torch.cuda.current_stream(device).synchronize()  # the mirrors may be written again after this
             for n, t in self.given.items():
-                if n in self.out and self.out[n] is not t:
+                if n in self.out and self.out[n] is not t and n not in self.to_device:
                     t.copy_(self.out[n])
-        return self.out
+        return {n: self.given[n] if n in self.to_device else t for n, t in self.out.items()}

@@ -49,6 +49,13 @@ def mapped(e: grpc.RpcError) -> PSError:
     return error_from_wire(e.code().name, meta.get(ERROR_CLASS_KEY), e.details() or "")
 
 
+def _discard_segment(fut: asyncio.Future) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        seg = fut.result()
+        seg.unlink()
+        seg.close()
+
+
 def _retrieve(task: asyncio.Future) -> None:
     """A background task's outcome is read (its error, if any, was handled where it mattered)."""
     if not task.cancelled():
@@ -106,11 +113,15 @@ class Mux:
     async def _offer(self, s: _Open, worker_id: str, request_bytes: int, answer_bytes: int) -> None:
         """Offer the new stream a segment (ps.shm); on any failure the stream goes on without."""
         loop = asyncio.get_running_loop()
+        creating = loop.run_in_executor(None, shm.Segment.create, shm.HEADER + request_bytes + answer_bytes)
         try:
-            seg = await loop.run_in_executor(None, shm.Segment.create, shm.HEADER + request_bytes + answer_bytes)
+            seg = await asyncio.shield(creating)
         except ShmUnavailable as e:
             self._no_shm(e, lasting=True)
             return
+        except asyncio.CancelledError:  # the client is closing: the segment, once made, goes at once
+            creating.add_done_callback(_discard_segment)
+            raise
         rid = next(self._ids)
         fut = loop.create_future()
         s.pending[rid] = fut
@@ -141,6 +152,13 @@ class Mux:
         s.answers = shm.Areas(shm.HEADER + request_bytes, seg.size)
         self.shm_note = ""
         log.info("server %s: tensors go through shared memory (%d bytes)", self.server, seg.size)
+
+    def reoffer(self) -> None:
+        """After registering again: an open stream without a segment (its offer came while the
+        worker was not registered, e.g. evicted) is offered one again."""
+        s = self._open
+        if self.shm is not None and s is not None and s.seg is None and (s.ready is None or s.ready.done()):
+            s.ready = asyncio.ensure_future(self._offer(s, *self.shm))
 
     def _no_shm(self, e: BaseException, lasting: bool) -> None:
         note = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
@@ -437,6 +455,7 @@ class Transport:
                 mux.shm = None
             elif mux.shm is None and not mux.shm_note:  # a lasting failure is not tried again
                 mux.shm = (self.worker_id, *self.shm_regions[shard])
+            mux.reoffer()
 
     def path(self, shard: int) -> str:
         """The transport this shard's calls take now (shm: once a stream has mapped a segment)."""

@@ -231,3 +231,20 @@ def test_a_worker_in_another_network_namespace_never_chooses_shm():
             assert here.returncode == 0 and here.stdout.strip() == "shm", here.stderr
         finally:
             stop_all(procs)
+
+
+def test_an_evicted_worker_loses_its_segment_and_gets_a_new_one_when_it_registers_again():
+    srv = create_server(ServerConfig(mode="async", worker_timeout=0.5))
+    try:
+        with PSClient([srv.address], "w", transport="shm", heartbeat=False) as c:
+            clock = c.setup({"w": torch.zeros(N)}, SGD1)
+            c.hold({"w": torch.zeros(N)})
+            assert c.paths() == ["shm"]
+            assert _until(lambda: srv.shard.stats()["evictions"] == 1)
+            assert _until(lambda: c.paths() == ["stream"])  # the server ended the stream its segment was on
+            result = c.push({"w": torch.ones(N)}, clock)[0]
+            assert result["outcome"] in ("APPLIED", "EVICTED")
+            c.pull(c.clock_floor)
+            assert c.paths() == ["shm"] and c.stats()[0]["shm_segments"] == 1
+    finally:
+        srv.stop(grace=0)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from ps.config import ServerConfig, WorkerConfig
+from ps.config import OptimizerConfig, ServerConfig, WorkerConfig
 from ps.data import load_data
 from ps.models import build_model
 from ps.server.app import create_server
@@ -60,6 +60,33 @@ def test_gradients_leave_the_gpu_through_pinned_buffers():
     out = HostGrads({"w": p}, torch.device("cuda")).collect()
     assert out["w"].is_pinned() and out["w"].device.type == "cpu"
     assert torch.equal(out["w"], torch.full((3,), 2.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transport", ["unary", "shm"])
+def test_pulls_into_cuda_tensors_land_through_one_pinned_mirror_per_parameter(transport):
+    from ps import shm
+
+    server = create_server(ServerConfig(mode="async"))
+    try:
+        with PSClient([server.address], "g", partition_bytes=1 << 16, transport=transport) as c:
+            init = {"w": torch.arange(1 << 16, dtype=torch.float32).reshape(256, 256), "b": torch.ones(7)}
+            clock = c.setup(init, OptimizerConfig("sgd", lr=1.0))
+            into = {n: torch.zeros_like(t, device="cuda") for n, t in init.items()}
+            out = c.pull(clock, into=into)
+            assert all(out[n] is into[n] for n in init)
+            mirror = c._mirrors.get("w", (256, 256))
+            assert mirror.is_pinned() and c._mirrors.get("w", (256, 256)).data_ptr() == mirror.data_ptr()
+            for n, t in init.items():
+                assert torch.equal(into[n].cpu(), t)
+            c.push({n: torch.ones_like(t) for n, t in init.items()}, clock)
+            c.pull(clock + 1, into=into)
+            assert c._mirrors.get("w", (256, 256)).data_ptr() == mirror.data_ptr()  # reused, not allocated anew
+            for n, t in init.items():
+                assert torch.equal(into[n].cpu(), t - 1)
+            assert c.paths() == [transport] and shm.MIN_BYTES <= 4 << 16
+    finally:
+        server.stop(grace=0)
 
 
 @pytest.mark.gpu
