@@ -37,7 +37,7 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-DEFAULT = WorkerConfig().transport  # what ps-worker and ps-launch use
+DEFAULT = WorkerConfig.transport  # what ps-worker and ps-launch use (the dataclass default)
 
 
 def bench_ps(nbytes: int, rounds: int, compress: str = "none", combined: bool = False,

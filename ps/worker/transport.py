@@ -406,11 +406,13 @@ class Transport:
             return
 
         async def shutdown() -> None:
+            # Streams first, while their readers still run: gRPC finishes with each call before
+            # the loop goes (else its late completion events find the loop closed).
+            await asyncio.gather(*(m.close() for m in self._mux if m is not None), return_exceptions=True)
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await gather_all([m.close() for m in self._mux if m is not None])
             for ch in self._channels:
                 await ch.close()
 
