@@ -1,10 +1,13 @@
 """Shared memory for the stream path when a worker and a server share a host (transport "shm").
 
-The worker creates one segment per stream (a file in /dev/shm, mode 0600, an unguessable name)
-and offers it on the stream; the server maps it only after a probe shows both see each other's
-writes, and both unlink the name at once: from then on no name exists, the memory lives while
-either side maps it and is reclaimed by the kernel when both have unmapped it (a side that dies
-unmaps it by dying; the server unmaps when the stream ends or its worker leaves or is evicted).
+The worker creates one segment per stream: an anonymous memory file (memfd: no name in any file
+system, so nothing can leak in /dev/shm), every page reserved up front, sealed against shrinking
+or growing. It offers the segment on the stream as its own `/proc/PID/fd/N`; the server opens
+that (which only a process of the same user, in the same PID namespace, can), checks the seals,
+maps it, and a probe shows both see each other's writes. The memory lives while either side
+maps it and is reclaimed by the kernel when both have unmapped it: a side that dies unmaps it by
+dying; the server unmaps when the stream ends or its worker leaves or is evicted. The seals mean
+no one can shrink the file under the server's mapping (which would kill it with SIGBUS).
 
     header (64 bytes): magic, the worker's nonce, the server's nonce
     request region:    areas the worker writes requests into (the server copies them out)
@@ -12,33 +15,33 @@ unmaps it by dying; the server unmaps when the stream ends or its worker leaves 
 
 The worker owns both regions' allocation: an area is its request's alone until the request's
 answer has arrived and been read, so nobody ever writes memory somebody else is reading (no torn
-reads). An area whose request ended without an answer (cancelled, timed out, the stream broke)
-is never used again: a server still serving it may write there late.
+reads). An area whose request the worker withdrew (cancelled, timed out) is given back only when
+the server says it is done with it; when the stream breaks, the segment goes with it.
 
-Only processes of the same user on the same host share a segment (0600, checked on both sides);
-shared memory is not a boundary between them.
+Only processes of the same user on the same host share a segment; shared memory is not a
+boundary between them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import mmap
 import os
 import re
 import secrets
 import stat
-import struct
 
 import numpy as np
 
 from ps.errors import InvalidArgument, ShmUnavailable, Unavailable
 
-SHM_DIR = "/dev/shm"
-MAGIC = b"PS-SHM\x00\x01"
+MAGIC = b"PS-SHM\x00\x02"
 HEADER = 64  # magic (8), worker nonce (16), server nonce (16), reserved
 _NONCE = 16
 _WORKER_NONCE, _SERVER_NONCE = 8, 8 + _NONCE
-NAME = re.compile(r"ps-[0-9a-f]{32}")
+NAME = re.compile(r"(\d{1,10}):(\d{1,10})")  # an offered segment: the worker's pid and its fd there
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 ALIGN = 64
 MIN_BYTES = 64 << 10  # requests and answers smaller than this travel on the stream itself
 MAX_SEGMENT = 1 << 40  # what a server maps at most for one stream
@@ -46,18 +49,17 @@ MAX_SEGMENT = 1 << 40  # what a server maps at most for one stream
 
 def host_identity() -> str:
     """What two processes must share to use shared memory: the boot, the network namespace (a
-    worker in another one is on another host as far as ps is concerned, whatever it can see of
-    the file system), the /dev/shm file system, and the user. "" where there is no /dev/shm."""
+    worker in another one is on another host as far as ps is concerned, whatever else it
+    shares), the PID namespace (the server opens the worker's segment through /proc) and the
+    user. "" where there is no /proc to tell."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
         net = os.stat("/proc/self/ns/net").st_ino
-        shm = os.stat(SHM_DIR)
+        pid = os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         return ""
-    if not stat.S_ISDIR(shm.st_mode):
-        return ""
-    return f"boot={boot} net={net} shm={shm.st_dev}:{shm.st_ino} uid={os.geteuid()}"
+    return f"boot={boot} net={net} pid={pid} uid={os.geteuid()}"
 
 
 class Areas:
@@ -99,36 +101,36 @@ class Areas:
 class Segment:
     """A mapped segment: the worker's (`create`) or the server's view of one (`attach`)."""
 
-    def __init__(self, name: str, mm: mmap.mmap):
-        self.name, self.mm, self.size = name, mm, len(mm)
+    def __init__(self, name: str, mm: mmap.mmap, fd: int = -1):
+        self.name, self.mm, self.size, self.fd = name, mm, len(mm), fd
         self.bytes: np.ndarray | None = np.frombuffer(mm, dtype=np.uint8)  # copies through numpy leave the GIL
-
-    @property
-    def path(self) -> str:
-        return os.path.join(SHM_DIR, self.name)
 
     # -- the worker's side -----------------------------------------------------------------------
     @classmethod
     def create(cls, size: int) -> "Segment":
-        """A new segment of `size` bytes, every page reserved now (fallocate: a /dev/shm too small
-        fails here, not with SIGBUS on first touch), holding the magic and a fresh nonce."""
-        name = f"ps-{secrets.token_hex(16)}"
-        path = os.path.join(SHM_DIR, name)
+        """A new segment of `size` bytes, every page reserved now (no memory fails here, not with
+        SIGBUS on first touch), sealed at that size, holding the magic and a fresh nonce. Its fd
+        stays open until `release` (the server opens it through /proc while it is)."""
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        except OSError as e:
-            raise ShmUnavailable(f"cannot create a shared-memory segment in {SHM_DIR}: {e}") from e
+            fd = os.memfd_create("ps-segment", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except (AttributeError, OSError) as e:
+            raise ShmUnavailable(f"cannot create a shared-memory segment: {e}") from e
         try:
+            os.ftruncate(fd, size)
             os.posix_fallocate(fd, 0, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
             mm = mmap.mmap(fd, size)
         except OSError as e:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise ShmUnavailable(f"cannot reserve {size} bytes of shared memory in {SHM_DIR}: {e}") from e
-        finally:
             os.close(fd)
+            raise ShmUnavailable(f"cannot reserve {size} bytes of shared memory: {e}") from e
         mm[:HEADER] = MAGIC + secrets.token_bytes(_NONCE) + bytes(HEADER - len(MAGIC) - _NONCE)
-        return cls(name, mm)
+        return cls(f"{os.getpid()}:{fd}", mm, fd)
+
+    def release(self) -> None:
+        """The worker's fd is no longer needed (the server has opened the segment, or will not)."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     @property
     def worker_nonce(self) -> bytes:
@@ -141,25 +143,38 @@ class Segment:
     # -- the server's side -----------------------------------------------------------------------
     @classmethod
     def attach(cls, name: str, nonce: bytes, max_size: int = MAX_SEGMENT) -> "Segment":
-        """Map the worker's segment `name` after checking it is one (a file of this user's, 0600,
-        of a sane size, holding the magic and the worker's `nonce`: the probe that the two really
-        share it), write this side's nonce into it and unlink its name. InvalidArgument if not."""
-        if not NAME.fullmatch(name):
-            raise InvalidArgument(f"segment name {name!r} must match {NAME.pattern}")
-        path = os.path.join(SHM_DIR, name)
+        """Map the worker's segment `name` ("PID:FD") after checking it is one: a memory file of
+        this user's, sealed against shrinking, of a sane size, every page there, holding the magic
+        and the worker's `nonce` (the probe that the two really share it); then write this side's
+        nonce into it. InvalidArgument for what cannot be a segment, ShmUnavailable for one this
+        server cannot reach (another host, PID namespace or user)."""
+        m = NAME.fullmatch(name)
+        if not m:
+            raise InvalidArgument(f"segment name {name!r} must match {NAME.pattern} (the worker's pid and fd)")
+        path = f"/proc/{int(m[1])}/fd/{int(m[2])}"
         try:
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
-            raise ShmUnavailable(f"segment {name} is not in this server's {SHM_DIR} ({e.strerror}): "
-                                 "the worker is not on this host") from e
+            raise ShmUnavailable(f"segment {name} cannot be opened here ({e.strerror}): the worker is not on this "
+                                 "host, in this PID namespace, or of this user") from e
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-                raise InvalidArgument(f"segment {name} must be a regular file of this server's user with mode 0600 "
-                                      f"(it is mode {stat.filemode(st.st_mode)}, uid {st.st_uid})")
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                raise InvalidArgument(f"segment {name} must be a memory file of this server's user "
+                                      f"(it is {stat.filemode(st.st_mode)}, uid {st.st_uid})")
+            try:
+                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            except OSError as e:
+                raise InvalidArgument(f"segment {name} is not a sealed memory file ({e.strerror})") from e
+            if seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW) != fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW:
+                raise InvalidArgument(f"segment {name} must be sealed against shrinking and growing (seals {seals:#x})")
             if not HEADER < st.st_size <= max_size:
                 raise InvalidArgument(f"segment {name} holds {st.st_size} bytes; a segment must hold more than "
                                       f"{HEADER} and at most {max_size}")
+            try:  # every page there: a hole would be allocated on first touch, and could fail with SIGBUS
+                os.posix_fallocate(fd, 0, st.st_size)
+            except OSError as e:
+                raise ShmUnavailable(f"segment {name}: no memory for its {st.st_size} bytes ({e.strerror})") from e
             mm = mmap.mmap(fd, st.st_size)
         finally:
             os.close(fd)
@@ -169,7 +184,6 @@ class Segment:
             raise ShmUnavailable(f"segment {name} does not hold the nonce the worker sent: it is not shared memory "
                                  "between the two")
         mm[_SERVER_NONCE:_SERVER_NONCE + _NONCE] = secrets.token_bytes(_NONCE)
-        seg.unlink()
         return seg
 
     # -- both ------------------------------------------------------------------------------------
@@ -184,13 +198,11 @@ class Segment:
             raise Unavailable(f"segment {self.name} was unmapped (its stream ended)")
         return b
 
-    def read(self, offset: int, nbytes: int) -> bytearray:
+    def read(self, offset: int, nbytes: int) -> memoryview:
         """A copy of the bytes: what the server serves (and may hold, a push's parts) is its own,
         whatever the worker writes there later."""
         self.check(offset, nbytes, "a request")
-        out = bytearray(nbytes)
-        np.copyto(np.frombuffer(out, dtype=np.uint8), self._mapped()[offset:offset + nbytes])
-        return out
+        return memoryview(self._mapped()[offset:offset + nbytes].copy())
 
     def view(self, offset: int, nbytes: int) -> memoryview:
         self.check(offset, nbytes, "an answer")
@@ -206,15 +218,10 @@ class Segment:
             pos += src.nbytes
         return pos - offset
 
-    def unlink(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
     def close(self) -> None:
         """Unmap (when views of it are still alive, the mapping goes with the last of them)."""
+        self.release()
         self.bytes = None
         with contextlib.suppress(BufferError, ValueError):
             self.mm.close()
 
-
-SEGMENT_OFFER = struct.Struct("<H")  # the name's length; then the name, the worker's nonce, the worker id

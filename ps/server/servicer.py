@@ -172,7 +172,17 @@ class ParameterServerServicer:
         """A shared-memory copy: on the loop when small, else on the pool (numpy leaves the GIL)."""
         if nbytes <= SHM_INLINE_COPY:
             return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
+        return await self._pooled(fn, *args)
+
+    async def _pooled(self, fn, *args):
+        """fn(*args) on the pool. Cancelled, it still waits for fn to end (a thread cannot be
+        stopped): a withdrawn request has ended only once nothing touches its bytes."""
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            await asyncio.wait([fut])
+            raise
 
     def _offer(self, st: _Stream, body: memoryview) -> bytes:
         """A worker offers its segment for this stream: map it if the probe holds (ps.shm)."""
@@ -210,11 +220,9 @@ class ParameterServerServicer:
         async def serve(rid: int, name: str, body, desc) -> None:
             try:
                 if desc is not None and desc[1]:
-                    # A push is read in place: the worker keeps the area until the push is decided
-                    # (it holds areas of parts answered BUFFERED). Anything else (an init's parts
-                    # are held too) is copied out first.
-                    body = (st.seg.view(desc[0], desc[1]) if name == "Push" else
-                            memoryview(await self._copy(desc[1], st.seg.read, desc[0], desc[1])))
+                    # Copied out first: what is checked is what is applied or held (a push's
+                    # parts, an init's), whatever the worker writes there later.
+                    body = await self._copy(desc[1], st.seg.read, desc[0], desc[1])
                     self.shm_bytes += desc[1]
                 if name == "Pull" and desc is not None and desc[3]:
                     _ANSWER_AREA.set((st.seg, desc[2], desc[3]))
@@ -261,6 +269,10 @@ class ParameterServerServicer:
                         task = tasks.pop(rid, None)
                         if task is not None:
                             task.cancel()
+                            # Answered CANCELLED once it has really ended (work on the pool
+                            # included): the worker may then use that request's areas again.
+                            task.add_done_callback(lambda _, rid=rid: answers.put_nowait(wire.stream_error(
+                                rid, grpc.StatusCode.CANCELLED, "Cancelled", "the request was withdrawn")))
                     elif rid in tasks:
                         refuse(rid, InvalidArgument(f"stream request id {rid} is already in use"))
                     elif req.code == wire.SEGMENT:
@@ -306,7 +318,7 @@ class ParameterServerServicer:
         """fn(*args) on the loop when the shard and the request are small, else on the pool."""
         if max(elements, self.shard.store.elements) <= INLINE_ELEMENTS:
             return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
+        return await self._pooled(fn, *args)
 
     def _decode(self, tensors, lengths: list[int], writable: bool = True) -> list:
         """Decode a request's tensors for slices of these `lengths` (the shard's, or for an init

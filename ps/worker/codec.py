@@ -132,16 +132,23 @@ def _decodable(t: torch.Tensor | None, shape: tuple[int, ...]) -> bool:
 
 class Mirrors:
     """Pinned host tensors, one per parameter, reused by every pull into CUDA tensors: slices are
-    decoded into them and copied to the device as they arrive (non_blocking)."""
+    decoded into them and copied to the device as they arrive (non_blocking), on a copy stream
+    of the client's own per device."""
 
     def __init__(self):
         self._held: dict[str, torch.Tensor] = {}
+        self._streams: dict[torch.device, "torch.cuda.Stream"] = {}
 
     def get(self, name: str, shape) -> torch.Tensor:
         t = self._held.get(name)
         if t is None or tuple(t.shape) != tuple(shape):
             t = self._held[name] = torch.empty(shape, dtype=torch.float32, pin_memory=True)
         return t
+
+    def stream(self, device: torch.device) -> "torch.cuda.Stream":
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
 
 
 def _on_cuda(t: torch.Tensor | None, shape: tuple[int, ...]) -> bool:
@@ -161,6 +168,14 @@ class Pulled:
         self.plan, self.servers, self.given = plan, servers, dict(into or {})
         self.to_device = ({n for n, spec in wanted.items() if _on_cuda(self.given.get(n), spec.shape)}
                           if mirrors is not None else set())
+        # One copy stream per device: it first waits for what the caller's stream has queued (its
+        # kernels may still read these tensors), and for the copies of any earlier pull that
+        # failed before finishing (the mirrors are written again now).
+        self.streams = {}
+        for device in {self.given[n].device for n in self.to_device}:
+            stream = self.streams[device] = mirrors.stream(device)
+            stream.synchronize()
+            stream.wait_stream(torch.cuda.current_stream(device))
         self.out = {n: self.given[n] if _decodable(self.given.get(n), spec.shape)
                     else mirrors.get(n, spec.shape) if n in self.to_device
                     else torch.empty(spec.shape, dtype=torch.float32) for n, spec in wanted.items()}
@@ -181,7 +196,9 @@ class Pulled:
             host = self.out[s.name].view(-1)[s.start : s.start + s.length]
             tensor_into(t, host)
             if s.name in self.to_device:
-                self.given[s.name].view(-1)[s.start : s.start + s.length].copy_(host, non_blocking=True)
+                dest = self.given[s.name]
+                with torch.cuda.stream(self.streams[dest.device]):
+                    dest.view(-1)[s.start : s.start + s.length].copy_(host, non_blocking=True)
             self.received.add(t.key)
         self.versions[shard] = min(self.versions.get(shard, resp.header.version), resp.header.version)
         self.min_clocks[shard] = resp.header.min_clock
@@ -194,8 +211,8 @@ class Pulled:
                                   f"{sorted(missing)[:3]}: the weights were not installed (tensors given as `into` "
                                   "that answers decode into directly may hold some of the new values)")
         with torch.no_grad():
-            for device in {self.given[n].device for n in self.to_device}:
-                torch.cuda.current_stream(device).synchronize()  # the mirrors may be written again after this
+            for stream in self.streams.values():
+                stream.synchronize()  # the tensors hold the values, and the mirrors may be written again
             for n, t in self.given.items():
                 if n in self.out and self.out[n] is not t and n not in self.to_device:
                     t.copy_(self.out[n])

@@ -23,7 +23,6 @@ from ps.config import MAX_MESSAGE_BYTES, grpc_options
 from ps.errors import (Cancelled, DeadlineExceeded, InvalidArgument, NotInitialized, Overloaded, PSError,
                        ResourceExhausted, ShmUnavailable, Unauthenticated, Unavailable, UnknownWorker,
                        error_from_wire)
-from ps.proto import ps_pb2 as pb
 from ps.server.servicer import ERROR_CLASS_KEY
 
 log = logging.getLogger("ps.worker")
@@ -37,8 +36,6 @@ RETRIED = (Unavailable, Overloaded, Cancelled)
 
 
 TRANSPORTS = ("auto", "unary", "stream", "shm")
-# A push so answered is decided: the server no longer holds any of its parts.
-DECIDED = (pb.PushResponse.APPLIED, pb.PushResponse.ACCUMULATED, pb.PushResponse.DROPPED, pb.PushResponse.EVICTED)
 SHM_INLINE_COPY = 1 << 20  # shared-memory writes up to this many bytes are made on the loop, larger on a thread
 OFFER_TIMEOUT = 30.0  # seconds a server has to map an offered segment
 
@@ -51,9 +48,7 @@ def mapped(e: grpc.RpcError) -> PSError:
 
 def _discard_segment(fut: asyncio.Future) -> None:
     if not fut.cancelled() and fut.exception() is None:
-        seg = fut.result()
-        seg.unlink()
-        seg.close()
+        fut.result().close()
 
 
 def _retrieve(task: asyncio.Future) -> None:
@@ -73,9 +68,9 @@ class _Open:
         self.seg: shm.Segment | None = None
         self.requests: shm.Areas | None = None
         self.answers: shm.Areas | None = None
-        # Areas of push parts answered BUFFERED: the server holds views of them until the push is
-        # decided (ps.server.servicer serves pushes from the segment without copying them out).
-        self.held: list[int] = []
+        # Areas of requests this worker withdrew (cancelled, timed out), by request id: free again
+        # once the server answers that id (its answer, or CANCELLED once it has really stopped).
+        self.retired: dict[int, list] = {}
 
     def close_segment(self) -> None:
         seg, self.seg = self.seg, None
@@ -139,10 +134,10 @@ class Mux:
             seg.close()
             # Not shared (another host) or not offered: for good. Else (the stream broke, the
             # worker is not registered yet): the next stream offers again.
-            self._no_shm(e, lasting=isinstance(e, (ShmUnavailable, InvalidArgument)))
+            self._no_shm(e, lasting=isinstance(e, ShmUnavailable))
             return
         finally:
-            seg.unlink()
+            seg.release()  # the server has opened it (or never will)
             if fut.done() and not fut.cancelled():
                 fut.exception()
         if self._open is not s:  # the stream ended meanwhile
@@ -182,6 +177,8 @@ class Mux:
                 fut = s.pending.pop(rid, None)
                 if fut is not None and not fut.done():
                     fut.set_result((status, body))
+                elif rid in s.retired:  # a withdrawn request the server is done with
+                    self._give_back(s, s.retired.pop(rid))
         except grpc.RpcError as e:
             # The stream's own status concerns the connection, not one request (each request's
             # error comes back in its answer): retried, as a call to a server that went away is,
@@ -281,9 +278,11 @@ class Mux:
                 fut.exception()  # retrieved (it may hold the error the stream broke with)
             else:
                 fut.cancel()
-            if not answered:  # the server may still write there, or read it: never used again
-                for areas, offset in taken:
-                    areas.abandon(offset)
+            if not answered and taken:
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    self._give_back(s, taken)  # it was answered after all: the server is done with them
+                elif self._open is s and rid not in s.pending:  # withdrawn: free once the server says it is done
+                    s.retired[rid] = taken
         if status is wire.IN_SHM:
             n = wire.shm_answer_length(answer)
             if desc is None or not desc[3] or n > desc[3] or seg is None or seg.bytes is None:
@@ -296,13 +295,6 @@ class Mux:
             self._give_back(s, taken)
             error_class, _, details = bytes(answer).decode("utf-8", "replace").partition("\0")
             raise error_from_wire(status.name, error_class or None, details)
-        if method == "Push" and taken and isinstance(out, pb.PushResponse):
-            if out.outcome == pb.PushResponse.BUFFERED:  # the server holds the part: so does this area
-                s.held += [offset for areas, offset in taken if areas is s.requests]
-                taken = [(areas, offset) for areas, offset in taken if areas is not s.requests]
-            elif out.outcome in DECIDED:  # the push is applied (or dropped): its held parts are free
-                taken = taken + [(s.requests, offset) for offset in s.held]
-                s.held = []
         self._give_back(s, taken)
         return out
 

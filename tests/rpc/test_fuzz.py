@@ -155,12 +155,14 @@ def test_ten_thousand_hostile_requests_get_specific_codes_and_change_nothing(tar
     assert not math.isnan(good.pull(0, observer=True)["w"].sum().item())
 
 
-STREAM_EXAMPLES = 250  # x 8 = 2,000 requests, half of them through shared memory
+STREAM_EXAMPLES = 250  # x (8 + 3) = 2,750 requests: half of the 8 through shared memory, then 2 with
+# descriptors drawn anywhere and a hostile segment offer
 
 
 def test_hostile_requests_on_the_stream_and_through_shared_memory_get_specific_codes_and_change_nothing(target):
     """The same hostile requests on the other paths: inline on a stream, and placed in a segment
-    (ps.shm) with answer areas. Every answer is a specific code; no hostile push is taken."""
+    (ps.shm) with answer areas; and descriptors pointing anywhere, and hostile segment offers.
+    Every answer is a specific code; no hostile push or offer is taken."""
     good, _ = target
     fp = good.plan.fingerprint
     seg = shm.Segment.create(4 << 20)
@@ -175,31 +177,39 @@ def test_hostile_requests_on_the_stream_and_through_shared_memory_get_specific_c
 
         @settings(max_examples=STREAM_EXAMPLES, deadline=None, derandomize=True,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-        @given(st.lists(request(fp), min_size=BATCH, max_size=BATCH))
-        def fuzz(batch):
+        @given(st.lists(request(fp), min_size=BATCH, max_size=BATCH),
+               st.lists(st.tuples(*[st.integers(0, 2**64 - 1)] * 4), min_size=2, max_size=2), st.binary(max_size=80))
+        def fuzz(batch, descriptors, offer):
+            frames_out = []  # (method, rid, frame, payload)
             for method, payload in batch:
                 rid = next(rids)
-                counts["requests"] += 1
-                in_shm = rid % 2 == 0 and len(payload) <= 2 << 20
-                if in_shm:
+                if rid % 2 == 0 and len(payload) <= 2 << 20:
                     seg.write(shm.HEADER, [payload])
-                    frames.put(wire.stream_request(method, rid, None, shm=(shm.HEADER, len(payload), 3 << 20, 1 << 20))
-                               .tobytes() if payload else
-                               wire.stream_request(method, rid, pb.StatsRequest(), shm=(0, 0, 3 << 20, 1 << 20))
-                               .tobytes())
+                    frame = wire.stream_request(method, rid, None if payload else pb.StatsRequest(),
+                                                shm=(shm.HEADER, len(payload), 3 << 20, 1 << 20))
                     counts["shm"] += 1
                 else:
-                    frames.put(wire.stream_request(method, rid, wire.Frame.of(payload)).tobytes())
+                    frame = wire.stream_request(method, rid, wire.Frame.of(payload))
+                frames_out.append((method, rid, frame.tobytes(), payload))
+            for desc, (method, _) in zip(descriptors, batch):  # anywhere, of any size
+                rid = next(rids)
+                frames_out.append((method, rid, wire.stream_request(method, rid, pb.StatsRequest(), shm=desc).tobytes(),
+                                   b"descriptor %r" % (desc,)))
+            rid = next(rids)  # a hostile offer (a second one on this stream, if it parses)
+            frames_out.append(("Segment", rid, wire._REQ_HEAD.pack(wire.SEGMENT, rid) + offer, offer))
+            for method, rid, frame, payload in frames_out:
+                counts["requests"] += 1
+                frames.put(frame)
                 got, status, body = wire.read_stream_answer(next(answers))
                 assert got == rid
                 code = "OK" if status is None or status == wire.IN_SHM else status.name
                 assert code in SPECIFIC | {"OK"}, f"{method}: {code} {bytes(body)[:200]!r} for {payload[:80]!r}"
                 counts["codes"][code] = counts["codes"].get(code, 0) + 1
-                if method in ("Push", "PushPull"):
+                if method in ("Push", "PushPull", "Segment"):
                     assert code != "OK", f"a hostile {method} was accepted on the stream"
 
         fuzz()
-        assert counts["requests"] >= 2_000 and counts["shm"] >= 900
+        assert counts["requests"] >= 2_700 and counts["shm"] >= 900
         frames.put(wire.stream_request("Stats", 1, pb.StatsRequest()).tobytes())
         _, status, body = wire.read_stream_answer(next(answers))
         assert status is None and pb.StatsResponse.FromString(bytes(body)).shm_segments == 1  # still serving
@@ -208,5 +218,4 @@ def test_hostile_requests_on_the_stream_and_through_shared_memory_get_specific_c
     finally:
         frames.put(None)
         channel.close()
-        seg.unlink()
         seg.close()

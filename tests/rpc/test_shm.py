@@ -1,7 +1,7 @@
 """The shared-memory path (transport "shm"): chosen when worker and server share a host, never
 across network namespaces; the same answers and error codes as the other paths; garbage in
-offers and descriptors refused with a specific status, changing nothing; segments unlinked at
-once and unmapped when their worker leaves or dies."""
+offers and descriptors refused with a specific status, changing nothing; segments (memory files,
+no names) unmapped when their worker leaves, is evicted or dies."""
 
 import asyncio
 import io
@@ -36,10 +36,6 @@ def server():
     srv.stop(grace=0)
 
 
-def _ps_files() -> set[str]:
-    return {f for f in os.listdir(shm.SHM_DIR) if shm.NAME.fullmatch(f)}
-
-
 def _until(predicate, timeout=10.0) -> bool:
     end = time.monotonic() + timeout
     while not predicate():
@@ -50,7 +46,6 @@ def _until(predicate, timeout=10.0) -> bool:
 
 
 def test_auto_takes_shared_memory_on_this_host_with_the_same_answers_and_errors(server):
-    before = _ps_files()
     with PSClient([server.address], "w", transport="auto") as c:
         clock = c.setup({"w": torch.zeros(N)}, SGD1)
         assert c.paths() == ["shm"]
@@ -58,7 +53,7 @@ def test_auto_takes_shared_memory_on_this_host_with_the_same_answers_and_errors(
         assert torch.equal(c.pull(clock + 1)["w"], torch.full((N,), -1.0))
         stats = c.stats()[0]
         assert stats["shm_segments"] == 1 and stats["shm_bytes"] >= 2 * 4 * N  # the push and the pull went there
-        assert _ps_files() == before  # the name was unlinked once both sides had mapped it
+        assert c._t._mux[0]._open.seg.fd == -1  # the worker's fd went once the server had opened it
         with pytest.raises(UnknownKey, match="nope#0"):  # the same error class and message as unary
             c._t.run(c._t.call(0, "Pull", pb.PullRequest(worker_id="w", plan_fingerprint=c.plan.fingerprint, clock=1,
                                                          keys=["nope#0"]), answer_bytes=1 << 20))
@@ -151,8 +146,9 @@ def test_bad_offers_and_descriptors_get_specific_codes_and_change_nothing(server
             assert torch.equal(c.pull(0, observer=True)["w"], torch.arange(8.0))
             assert _until(lambda: c.stats()[0]["shm_segments"] == 0)  # that stream ended
 
-            # Its name went with the first offer: offered again, it is not found. A new segment
-            # carries the good push, applied once.
+            # Released by the worker, it cannot be offered again. A new segment carries the good
+            # push, applied once.
+            seg.release()
             again = asyncio.run(_exchange(server.address, [wire.segment_offer(1, seg.name, seg.worker_nonce, "good")]))
             assert _status(again[1]) == (grpc.StatusCode.FAILED_PRECONDITION, "ShmUnavailable")
             fresh = shm.Segment.create(1 << 20)
@@ -165,7 +161,6 @@ def test_bad_offers_and_descriptors_get_specific_codes_and_change_nothing(server
             assert pb.PushResponse.FromString(answers[2][1]).outcome == pb.PushResponse.APPLIED
             assert torch.equal(c.pull(1)["w"], torch.arange(8.0) - 1)
         finally:
-            seg.unlink()
             seg.close()
 
 
@@ -184,25 +179,22 @@ _VICTIM = textwrap.dedent("""
 
 def _mapped(pid: int) -> list[str]:
     with open(f"/proc/{pid}/maps") as f:
-        return [line for line in f if f"{shm.SHM_DIR}/ps-" in line]
+        return [line for line in f if "memfd:ps-segment" in line]
 
 
 def test_a_killed_workers_segment_is_reclaimed():
     procs = start_servers(1, "async", 1, out=io.StringIO())
-    before = _ps_files()
     victim = subprocess.Popen([sys.executable, "-c", _VICTIM, procs[0].address, "victim", "shm", "stay"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert victim.stdout.readline().strip() == "shm"
         server_pid = procs[0].popen.pid
-        assert len(_mapped(server_pid)) == 1  # mapped by the server, its name already gone
-        assert _ps_files() == before
+        assert len(_mapped(server_pid)) == 1  # mapped by the server (no name: a memory file)
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
         assert _until(lambda: not _mapped(server_pid)), _mapped(server_pid)
         with PSClient([procs[0].address], "observer", heartbeat=False) as obs:
             assert obs.stats()[0]["shm_segments"] == 0
-        assert _ps_files() == before
     finally:
         victim.kill()
         stop_all(procs)
@@ -246,5 +238,43 @@ def test_an_evicted_worker_loses_its_segment_and_gets_a_new_one_when_it_register
             assert result["outcome"] in ("APPLIED", "EVICTED")
             c.pull(c.clock_floor)
             assert c.paths() == ["shm"] and c.stats()[0]["shm_segments"] == 1
+    finally:
+        srv.stop(grace=0)
+
+
+def _free(areas) -> int:
+    return sum(e - s for s, e in areas.free)
+
+
+def test_the_areas_of_withdrawn_and_answered_requests_all_come_back():
+    """A cancelled prefetch and a pull that outwaits its deadline (asked again) withdraw requests
+    whose answer areas the server may still write: each comes back once the server says it is
+    done, and later pulls still go through shared memory."""
+    import threading
+
+    srv = create_server(ServerConfig(mode="ssp", staleness=0, num_workers=2))
+    try:
+        with PSClient([srv.address], "a", transport="shm", rpc_timeout=1, partition_bytes=1 << 17) as a, \
+                PSClient([srv.address], "b", transport="unary", partition_bytes=1 << 17) as b:
+            init = {"w": torch.zeros(N), "b": torch.zeros(3)}  # w in 2 parts, b a small part sent inline
+            for c in (a, b):
+                c.setup(init, SGD1)
+            s = a._t._mux[0]._open
+            sizes = (_free(s.requests), _free(s.answers))
+            grads = {n: torch.ones_like(t) for n, t in init.items()}
+            a.push(grads, 0)
+            ahead = a.prefetch(2)  # waits for b's step 0, which is not coming yet
+            assert _until(lambda: srv.shard.metrics()["waiting_pulls"] >= 1)
+            ahead.cancel()
+            late = threading.Timer(2.5, lambda: b.push(grads, 0))
+            late.start()
+            assert torch.equal(a.pull(1)["w"], torch.full((N,), -2.0))  # past its 1 s deadline, asked again
+            late.join()
+            assert a._t._mux[0]._open is s  # the same stream and segment throughout
+            assert _until(lambda: not s.retired and (_free(s.requests), _free(s.answers)) == sizes), \
+                (s.retired, sizes, _free(s.requests), _free(s.answers), s.requests.used, s.answers.used)
+            moved = srv.shard.stats()["pulls"], a.stats()[0]["shm_bytes"]
+            a.pull(1)
+            assert a.stats()[0]["shm_bytes"] - moved[1] >= 4 * N  # this pull went through the segment too
     finally:
         srv.stop(grace=0)

@@ -22,49 +22,51 @@ def test_areas_are_handed_out_apart_merged_when_given_back_and_abandoned_ones_ne
     assert a.take(1) is None
 
 
-def test_a_server_maps_only_a_private_segment_holding_the_workers_nonce():
+def test_a_server_maps_only_a_sealed_memory_file_holding_the_workers_nonce(tmp_path):
     seg = shm.Segment.create(1 << 16)
     try:
-        assert os.stat(seg.path).st_mode & 0o777 == 0o600
+        with pytest.raises(OSError):  # sealed: nobody can shrink it under a mapping
+            os.ftruncate(seg.fd, 10)
         with pytest.raises(ShmUnavailable, match="nonce"):
             shm.Segment.attach(seg.name, b"\0" * 16)
-        os.chmod(seg.path, 0o644)
-        with pytest.raises(InvalidArgument, match="mode 0600"):
-            shm.Segment.attach(seg.name, seg.worker_nonce)
-        os.chmod(seg.path, 0o600)
         with pytest.raises(InvalidArgument, match="at most"):
             shm.Segment.attach(seg.name, seg.worker_nonce, max_size=1 << 10)
         mapped = shm.Segment.attach(seg.name, seg.worker_nonce)
-        assert not os.path.exists(seg.path)  # unlinked once mapped
         assert mapped.server_nonce == seg.server_nonce != bytes(16)  # each sees the other's writes
         mapped.write(4096, [b"abc", memoryview(b"def")])
         assert bytes(seg.view(4096, 6)) == b"abcdef" and seg.read(4096, 3) == b"abc"
         with pytest.raises(InvalidArgument, match="outside"):
             mapped.read(seg.size - 2, 4)
         mapped.close()
+        seg.release()
+        with pytest.raises(ShmUnavailable, match="cannot be opened"):  # its fd is closed: gone from /proc
+            shm.Segment.attach(seg.name, seg.worker_nonce)
     finally:
-        seg.unlink()
         seg.close()
+    unsealed = os.memfd_create("x")
+    plain = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(unsealed, 1 << 16)
+        os.ftruncate(plain, 1 << 16)
+        for fd, rule in ((unsealed, "sealed against shrinking"), (plain, "not a sealed memory file")):
+            with pytest.raises(InvalidArgument, match=rule):
+                shm.Segment.attach(f"{os.getpid()}:{fd}", bytes(16))
+    finally:
+        os.close(unsealed)
+        os.close(plain)
 
 
-@pytest.mark.parametrize("name", ["../etc/passwd", "ps-" + "0" * 31, "ps-" + "g" * 32, "x" * 40])
+@pytest.mark.parametrize("name", ["../etc/passwd", "1:2:3", "/proc/1/fd/2", "x" * 40, "12345678901:1"])
 def test_a_name_that_is_not_a_segments_is_refused_before_anything_is_opened(name):
     with pytest.raises(InvalidArgument, match="must match"):
         shm.Segment.attach(name, bytes(16))
 
 
-def test_a_link_in_place_of_a_segment_is_not_followed(tmp_path):
-    target = tmp_path / "secret"
-    target.write_bytes(b"\0" * 4096)
-    name = "ps-" + "a" * 32
-    os.symlink(target, os.path.join(shm.SHM_DIR, name))
-    try:
-        with pytest.raises(ShmUnavailable):
-            shm.Segment.attach(name, bytes(16))
-    finally:
-        os.unlink(os.path.join(shm.SHM_DIR, name))
+def test_an_offer_of_a_process_that_is_not_there_is_not_shared():
+    with pytest.raises(ShmUnavailable):
+        shm.Segment.attach("999999999:3", bytes(16))
 
 
-def test_the_host_identity_names_the_network_namespace_and_dev_shm():
+def test_the_host_identity_names_the_network_and_pid_namespaces():
     ident = shm.host_identity()
-    assert f"net={os.stat('/proc/self/ns/net').st_ino}" in ident and "shm=" in ident and "uid=" in ident
+    assert f"net={os.stat('/proc/self/ns/net').st_ino}" in ident and "pid=" in ident and "uid=" in ident
