@@ -1,6 +1,6 @@
 """Transport: one push plus one pull of a model through 2 real ps-server processes (1 worker;
-each path: unary calls, the stream, shared memory, and the default (ps-worker's --transport
-auto: shared memory here, the servers being on this host)),
+each path: unary calls, the stream, shared memory, and the default (ps-worker's --transport:
+the stream)),
 (and, for the small model, the combined push_pull call),
 against a gloo all-reduce of the same tensor between 2 processes, raw TCP moving the same bytes
 (there and back), and the ceiling of gRPC Python itself (2 echo servers of raw bytes, same slices,

@@ -50,8 +50,9 @@ class StepConflict(PSError):
 
 
 class ShmUnavailable(PSError):
-    """Shared memory cannot be used between this worker and server (not the same host or
-    /dev/shm, no room in it, or the server does not offer it): the stream path carries the bytes."""
+    """Shared memory cannot be used between this worker and server (not the same host, PID
+    namespace or user, no memory for the segment, or the server does not offer it): the stream
+    path carries the bytes."""
 
     code = "FAILED_PRECONDITION"
 

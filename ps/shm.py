@@ -156,7 +156,8 @@ class Segment:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
             raise ShmUnavailable(f"segment {name} cannot be opened here ({e.strerror}): the worker is not on this "
-                                 "host, in this PID namespace, or of this user") from e
+                                 "host, in this PID namespace or of this user, or its /proc entry is not readable "
+                                 "(a non-dumpable process)") from e
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
@@ -175,7 +176,10 @@ class Segment:
                 os.posix_fallocate(fd, 0, st.st_size)
             except OSError as e:
                 raise ShmUnavailable(f"segment {name}: no memory for its {st.st_size} bytes ({e.strerror})") from e
-            mm = mmap.mmap(fd, st.st_size)
+            try:
+                mm = mmap.mmap(fd, st.st_size)
+            except OSError as e:  # e.g. no address space or map count left, a write-sealed file
+                raise ShmUnavailable(f"segment {name} cannot be mapped here ({e.strerror})") from e
         finally:
             os.close(fd)
         seg = cls(name, mm)

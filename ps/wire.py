@@ -444,7 +444,8 @@ def handler(servicer) -> grpc.GenericRpcHandler:
 #   request: u8 method code (0: cancel request `id`), u32 id, then the method's request bytes
 #   answer:  u32 id, u8 status (0: OK, then the method's answer bytes; else the gRPC status code's
 #            value, then UTF-8 "ErrorClass\0details")
-# Requests are served concurrently; answers come back as they complete, tagged by id.
+# Requests are served concurrently; answers come back as they complete, tagged by id. A request
+# cancelled while the server was serving it is answered CANCELLED once its work has ended.
 # With a shared-memory segment (transport "shm", see ps.shm), set up by a SEGMENT request:
 #   SEGMENT request: u16 name length, the segment's name, the worker's 16-byte nonce, worker id;
 #            answered OK with the server's nonce

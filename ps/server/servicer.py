@@ -20,7 +20,7 @@ from concurrent.futures import Executor
 import grpc
 
 from ps import shm, wire
-from ps.errors import InvalidArgument, Overloaded, PlanMismatch, PSError, ShmUnavailable
+from ps.errors import InvalidArgument, Overloaded, PlanMismatch, PSError, ShmUnavailable, Unavailable
 from ps.proto import ps_pb2 as pb
 from ps.serde import optimizer_from_proto, plan_from_proto, stats_to_proto, tensor_from_proto
 from ps.server.shard import Shard
@@ -131,6 +131,7 @@ class _Stream:
         self.answers: asyncio.Queue = asyncio.Queue()
         self.seg: shm.Segment | None = None
         self.worker = ""
+        self.offering = asyncio.Lock()  # offers on one stream are taken one at a time
 
     def end(self) -> None:
         self.answers.put_nowait(None)
@@ -177,28 +178,49 @@ class ParameterServerServicer:
     async def _pooled(self, fn, *args):
         """fn(*args) on the pool. Cancelled, it still waits for fn to end (a thread cannot be
         stopped): a withdrawn request has ended only once nothing touches its bytes."""
-        fut = asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
+        job = self.pool.submit(functools.partial(fn, *args))
+        fut = asyncio.wrap_future(job)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
+            job.cancel()  # dropped if it has not started; else it runs to its end, awaited here
             await asyncio.wait([fut])
+            if not fut.cancelled():
+                fut.exception()
             raise
 
-    def _offer(self, st: _Stream, body: memoryview) -> bytes:
-        """A worker offers its segment for this stream: map it if the probe holds (ps.shm)."""
+    async def _offer(self, st: _Stream, rid: int, body: memoryview) -> bytes:
+        """A worker offers its segment for this stream: map it (on the pool: reserving its pages
+        takes time) if the probe holds (ps.shm); the answer to the offer."""
+        try:
+            async with st.offering:
+                return await self._map(st, rid, body)
+        except PSError as e:
+            return wire.stream_error(rid, getattr(grpc.StatusCode, e.code), type(e).__name__, str(e))
+        except Exception as e:  # a bug: answer it, keep serving
+            log.exception("internal error mapping a segment")
+            return wire.stream_error(rid, grpc.StatusCode.INTERNAL, "", f"{type(e).__name__}: {e}")
+
+    async def _map(self, st: _Stream, rid: int, body: memoryview) -> bytes:
+        """(one offer at a time per stream) Check the offer, map the segment, answer the nonce."""
         try:
             name, nonce, worker_id = wire.read_segment_offer(body)
         except ValueError as e:
             self.shard.reject(InvalidArgument(str(e)))
         if not self.host:
-            raise ShmUnavailable("this server does not offer shared memory (--no-shm, or no /dev/shm)")
+            raise ShmUnavailable("this server does not offer shared memory (--no-shm, or no /proc to tell "
+                                 "where it runs)")
         if st.seg is not None:
             raise InvalidArgument(f"this stream already has segment {st.seg.name}")
-        self.shard.heartbeat(worker_id)  # UnknownWorker unless registered
-        st.seg, st.worker = shm.Segment.attach(name, nonce), worker_id
+        self.shard.check_registered(worker_id)
+        seg = await self._pooled(shm.Segment.attach, name, nonce)
+        if self.shard.stopped or st not in self._streams:  # the stream ended meanwhile
+            seg.close()
+            raise Unavailable("the stream ended while its segment was being mapped")
+        st.seg, st.worker = seg, worker_id
         log.info("shard %d: worker %s moves tensors through shared memory (%d bytes)", self.shard.cfg.shard_id,
-                 worker_id, st.seg.size)
-        return st.seg.server_nonce
+                 worker_id, seg.size)
+        return wire.stream_answer(rid, wire.Frame.of(seg.server_nonce))
 
     async def Stream(self, requests, context):
         """Every method on one bidirectional stream of raw bytes (see `ps.wire`, the stream path):
@@ -219,6 +241,20 @@ class ParameterServerServicer:
 
         async def serve(rid: int, name: str, body, desc) -> None:
             try:
+                if desc is not None:
+                    if st.seg is None:  # an offer still being mapped comes first
+                        async with st.offering:
+                            pass
+                    try:
+                        if st.seg is None:
+                            raise InvalidArgument(f"stream request {rid} places bytes in shared memory, but this "
+                                                  "stream has no segment")
+                        if desc[1]:
+                            st.seg.check(desc[0], desc[1], "the request")
+                        if desc[3]:
+                            st.seg.check(desc[2], desc[3], "the answer area")
+                    except InvalidArgument as e:
+                        self.shard.reject(e)
                 if desc is not None and desc[1]:
                     # Copied out first: what is checked is what is applied or held (a push's
                     # parts, an init's), whatever the worker writes there later.
@@ -276,25 +312,21 @@ class ParameterServerServicer:
                     elif rid in tasks:
                         refuse(rid, InvalidArgument(f"stream request id {rid} is already in use"))
                     elif req.code == wire.SEGMENT:
-                        try:
-                            answers.put_nowait(wire.stream_answer(rid, wire.Frame.of(self._offer(st, req.body))))
-                        except PSError as e:
-                            answers.put_nowait(error(rid, e))
-                    elif req.shm is not None and st.seg is None:
-                        refuse(rid, InvalidArgument(f"stream request {rid} places bytes in shared memory, but this "
-                                                    "stream has no segment"))
-                    else:
-                        try:
-                            if req.shm is not None and req.shm[1]:
-                                st.seg.check(req.shm[0], req.shm[1], "the request")
-                            if req.shm is not None and req.shm[3]:
-                                st.seg.check(req.shm[2], req.shm[3], "the answer area")
-                        except InvalidArgument as e:
-                            refuse(rid, e)
-                            continue
+                        async def offer(rid=rid, body=req.body) -> None:
+                            try:
+                                answers.put_nowait(await self._offer(st, rid, body))
+                            finally:
+                                tasks.pop(rid, None)
+
+                        tasks[rid] = asyncio.ensure_future(offer())
+                    else:  # (a request in shared memory is checked against the segment when served)
                         tasks[rid] = asyncio.ensure_future(serve(rid, wire.STREAM_NAMES[req.code], req.body, req.shm))
                 if tasks:  # the client is done sending: answer what it asked, then end
                     await asyncio.gather(*tasks.values(), return_exceptions=True)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug (each request's errors are answered by id): say so, end the stream
+                log.exception("internal error reading a stream")
             finally:
                 answers.put_nowait(None)
 

@@ -661,6 +661,11 @@ class Shard:
             self._lock.notify_all()
             return self._decided(w, clock, PushResult("APPLIED", self.version, staleness if stepped else 0), group)
 
+    def check_registered(self, worker_id: str) -> None:
+        """UnknownWorker unless `worker_id` is registered (nothing changes: no lease is renewed)."""
+        if worker_id not in self._workers:
+            raise UnknownWorker(f"worker {worker_id!r} is not registered (left or evicted): register again")
+
     def heartbeat(self, worker_id: str) -> None:
         """Renew the lease; needs no lock, so it is never held up."""
         if worker_id not in self._workers:

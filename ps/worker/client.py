@@ -311,7 +311,7 @@ class PSClient:
         contiguous fp32 CUDA tensors get each slice as it arrives, through a pinned host mirror
         the client keeps, copied without blocking (done when this returns). The result holds
         those tensors themselves."""
-        pulled = self._t.run(self._pull(clock, observer, names, into))
+        pulled = self._t.run(self._pull(clock, observer, names, into, streams=self._mirrors.prepare(into)))
         return pulled.finish() if observer else self._installed(pulled)
 
     def pull_async(self, clock: int, observer: bool = False, names: Sequence[str] | None = None
@@ -339,10 +339,11 @@ class PSClient:
         return out
 
     async def _pull(self, clock: int, observer: bool, names: Sequence[str] | None,
-                    into: Mapping[str, torch.Tensor] | None, own_clock: int | None = None) -> Pulled:
+                    into: Mapping[str, torch.Tensor] | None, own_clock: int | None = None,
+                    streams: dict | None = None) -> Pulled:
         assert self._codec is not None, "register (or attach) first"
         worker = "" if observer else self.worker_id
-        pulled = Pulled(self.plan, self.servers, names, into, self._mirrors)
+        pulled = Pulled(self.plan, self.servers, names, into, self._mirrors, streams)
         rejoin = None if observer else self._m.rejoiner(clock if own_clock is None else own_clock)
 
         async def fetch(shard: int, batch) -> None:
@@ -453,7 +454,7 @@ class PSClient:
             return results, self.pull(clock + 1, names=names, into=into)
         flat = self._codec.split(grads)
         rejoin = self._m.rejoiner(clock)
-        pulled = Pulled(self.plan, self.servers, names, into, self._mirrors)
+        pulled = Pulled(self.plan, self.servers, names, into, self._mirrors, self._mirrors.prepare(into))
 
         async def one(job: Job) -> tuple[int, pb.PushResponse]:
             shard = job[0]

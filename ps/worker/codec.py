@@ -150,6 +150,19 @@ class Mirrors:
             self._streams[device] = torch.cuda.Stream(device)
         return self._streams[device]
 
+    def prepare(self, into: Mapping[str, torch.Tensor] | None) -> dict:
+        """On the caller's thread, before a pull into `into`: per CUDA device, the copy stream,
+        once it has finished any earlier pull's copies (the mirrors are written again) and made
+        to wait for what the caller's current stream has queued (its kernels may still read
+        those tensors)."""
+        ready = {}
+        for device in {t.device for t in (into or {}).values() if t.device.type == "cuda"}:
+            stream = self.stream(device)
+            stream.synchronize()
+            stream.wait_stream(torch.cuda.current_stream(device))
+            ready[device] = stream
+        return ready
+
 
 def _on_cuda(t: torch.Tensor | None, shape: tuple[int, ...]) -> bool:
     return (t is not None and t.device.type == "cuda" and t.dtype == torch.float32 and t.is_contiguous()
@@ -163,19 +176,13 @@ class Pulled:
     the device without waiting; `finish` waits for those copies."""
 
     def __init__(self, plan: Plan, servers: Sequence[str], names: Sequence[str] | None,
-                 into: Mapping[str, torch.Tensor] | None, mirrors: Mirrors | None = None):
+                 into: Mapping[str, torch.Tensor] | None, mirrors: Mirrors | None = None, streams: dict | None = None):
         wanted = plan.specs if names is None else {n: plan.specs[n] for n in names}
         self.plan, self.servers, self.given = plan, servers, dict(into or {})
-        self.to_device = ({n for n, spec in wanted.items() if _on_cuda(self.given.get(n), spec.shape)}
-                          if mirrors is not None else set())
-        # One copy stream per device: it first waits for what the caller's stream has queued (its
-        # kernels may still read these tensors), and for the copies of any earlier pull that
-        # failed before finishing (the mirrors are written again now).
-        self.streams = {}
-        for device in {self.given[n].device for n in self.to_device}:
-            stream = self.streams[device] = mirrors.stream(device)
-            stream.synchronize()
-            stream.wait_stream(torch.cuda.current_stream(device))
+        # `streams`: Mirrors.prepare(into), made on the caller's thread (CUDA's current stream is per thread).
+        self.streams = streams or {}
+        self.to_device = ({n for n, spec in wanted.items() if _on_cuda(self.given.get(n), spec.shape)
+                           and self.given[n].device in self.streams} if mirrors is not None else set())
         self.out = {n: self.given[n] if _decodable(self.given.get(n), spec.shape)
                     else mirrors.get(n, spec.shape) if n in self.to_device
                     else torch.empty(spec.shape, dtype=torch.float32) for n, spec in wanted.items()}
@@ -196,7 +203,7 @@ class Pulled:
             host = self.out[s.name].view(-1)[s.start : s.start + s.length]
             tensor_into(t, host)
             if s.name in self.to_device:
-                dest = self.given[s.name]
+                dest = self.given[s.name].detach()  # a model's parameter itself may be given
                 with torch.cuda.stream(self.streams[dest.device]):
                     dest.view(-1)[s.start : s.start + s.length].copy_(host, non_blocking=True)
             self.received.add(t.key)

@@ -46,11 +46,6 @@ def mapped(e: grpc.RpcError) -> PSError:
     return error_from_wire(e.code().name, meta.get(ERROR_CLASS_KEY), e.details() or "")
 
 
-def _discard_segment(fut: asyncio.Future) -> None:
-    if not fut.cancelled() and fut.exception() is None:
-        fut.result().close()
-
-
 def _retrieve(task: asyncio.Future) -> None:
     """A background task's outcome is read (its error, if any, was handled where it mattered)."""
     if not task.cancelled():
@@ -114,8 +109,10 @@ class Mux:
         except ShmUnavailable as e:
             self._no_shm(e, lasting=True)
             return
-        except asyncio.CancelledError:  # the client is closing: the segment, once made, goes at once
-            creating.add_done_callback(_discard_segment)
+        except asyncio.CancelledError:  # the client is closing: the segment goes once it is made
+            await asyncio.wait([creating])
+            if not creating.cancelled() and creating.exception() is None:
+                creating.result().close()
             raise
         rid = next(self._ids)
         fut = loop.create_future()
@@ -227,11 +224,15 @@ class Mux:
             try:
                 if body.size <= SHM_INLINE_COPY:
                     seg.write(r, body.chunks)
-                else:
-                    await asyncio.get_running_loop().run_in_executor(None, seg.write, r, body.chunks)
+                else:  # on a thread; a cancelled caller waits for it to end, then gives the areas back
+                    write = asyncio.get_running_loop().run_in_executor(None, seg.write, r, body.chunks)
+                    try:
+                        await asyncio.shield(write)
+                    except asyncio.CancelledError:
+                        await asyncio.wait([write])
+                        raise
             except BaseException:
-                for areas, offset in taken:
-                    areas.abandon(offset)
+                self._give_back(s, taken)
                 raise
         return (r or 0, body.size if r is not None else 0, a or 0, answer_bytes if a is not None else 0), taken
 
@@ -435,8 +436,8 @@ class Transport:
         if self.transport == "shm" and not local:
             raise InvalidArgument(
                 f"transport 'shm' was asked for but server {server} "
-                + ("does not offer it (--no-shm, or no /dev/shm there)" if "shm" not in offered else
-                   "is not on this host (another machine, network namespace, /dev/shm or user): use auto or stream"))
+                + ("does not offer it (--no-shm)" if "shm" not in offered else
+                   "is not on this host (another machine, network or PID namespace, or user): use auto or stream"))
         stream = self.transport in ("auto", "stream", "shm") and "stream" in offered
         if stream and self._mux[shard] is None:
             self._mux[shard] = Mux(self._stubs[shard], server, self.metadata)

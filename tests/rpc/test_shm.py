@@ -278,3 +278,93 @@ def test_the_areas_of_withdrawn_and_answered_requests_all_come_back():
             assert a.stats()[0]["shm_bytes"] - moved[1] >= 4 * N  # this pull went through the segment too
     finally:
         srv.stop(grace=0)
+
+
+class _Raw:
+    """One Stream call driven a frame at a time: ask(frame) -> (status, body)."""
+
+    def __init__(self, address):
+        import queue
+
+        self.frames = queue.Queue()
+        self.channel = grpc.insecure_channel(address)
+        self.answers = self.channel.stream_stream("/ps.ParameterServer/Stream")(iter(self.frames.get, None))
+
+    def send(self, frame) -> None:
+        self.frames.put(frame.tobytes() if isinstance(frame, wire.Frame) else frame)
+
+    def read(self):
+        rid, status, body = wire.read_stream_answer(next(self.answers))
+        return rid, status, bytes(body)
+
+    def ask(self, frame):
+        self.send(frame)
+        return self.read()[1:]
+
+    def close(self) -> None:
+        self.frames.put(None)
+        self.channel.close()
+
+
+def test_a_push_part_rewritten_in_the_segment_after_it_was_taken_changes_nothing(server):
+    """The server copies a request out of the segment before checking it: a held part (the first
+    of two) rewritten with NaN afterwards is not what gets applied."""
+    n = 8192  # 32 KiB parts: above wire.SMALL, so nothing copies them on the way
+    with PSClient([server.address], "good", transport="unary") as c:
+        c.setup({"w": torch.zeros(n), "v": torch.zeros(n)}, SGD1)
+        fp = c.plan.fingerprint
+        keys = sorted(s.key for s in c.plan.slices_for(0))
+
+        def part(i, values):
+            header = pb.PushRequest(worker_id="good", plan_fingerprint=fp, clock=0, part=i, num_parts=2)
+            return wire.push_frame(header, [wire.tensor_frame(keys[i], "float32", [n], values.numpy())])
+
+        seg = shm.Segment.create(1 << 20)
+        raw = _Raw(server.address)
+        try:
+            assert raw.ask(wire.segment_offer(1, seg.name, seg.worker_nonce, "good"))[0] is None
+            first, second = part(0, torch.ones(n)), part(1, torch.ones(n))
+            seg.write(4096, first.chunks)
+            status, body = raw.ask(wire.stream_request("Push", 2, None, shm=(4096, first.size, 0, 0)))
+            assert pb.PushResponse.FromString(body).outcome == pb.PushResponse.BUFFERED
+            seg.write(4096, part(0, torch.full((n,), float("nan"))).chunks)  # after the server took it
+            seg.write(65536, second.chunks)
+            status, body = raw.ask(wire.stream_request("Push", 3, None, shm=(65536, second.size, 0, 0)))
+            assert pb.PushResponse.FromString(body).outcome == pb.PushResponse.APPLIED
+        finally:
+            raw.close()
+            seg.close()
+        final = c.pull(1)
+        assert torch.equal(final["w"], torch.full((n,), -1.0)) and torch.equal(final["v"], torch.full((n,), -1.0))
+
+
+def test_a_withdrawn_pull_is_answered_cancelled_only_once_its_answer_area_is_no_longer_written(server, monkeypatch):
+    n = 300_000  # above the servicer's INLINE_ELEMENTS: the pull is encoded on the thread pool
+    with PSClient([server.address], "good", transport="unary") as c:
+        c.setup({"w": torch.zeros(n)}, SGD1)
+        fp, keys = c.plan.fingerprint, [s.key for s in c.plan.slices_for(0)]
+        seg = shm.Segment.create(8 << 20)
+        written = []
+        slow_write = shm.Segment.write
+
+        def write(self, offset, chunks):
+            time.sleep(0.5)
+            out = slow_write(self, offset, chunks)
+            written.append(time.monotonic())
+            return out
+
+        raw = _Raw(server.address)
+        try:
+            assert raw.ask(wire.segment_offer(1, seg.name, seg.worker_nonce, "good"))[0] is None
+            monkeypatch.setattr(shm.Segment, "write", write)
+            pull = pb.PullRequest(worker_id="good", plan_fingerprint=fp, clock=0, keys=keys)
+            raw.send(wire.stream_request("Pull", 2, pull, shm=(0, 0, 4096, 4 << 20)))
+            time.sleep(0.2)  # the server is writing the answer into the area now
+            raw.send(wire.stream_request("", 2, None))  # withdrawn
+            rid, status, _ = raw.read()
+            answered = time.monotonic()
+            assert rid == 2 and status == grpc.StatusCode.CANCELLED
+            assert written and answered >= written[0]  # not before the write into the area had ended
+        finally:
+            raw.close()
+            seg.close()
