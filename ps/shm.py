@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import mmap
 import os
 import re
@@ -44,9 +45,11 @@ NAME = re.compile(r"(\d{1,10}):(\d{1,10})")  # an offered segment: the worker's 
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 ALIGN = 64
 MIN_BYTES = 64 << 10  # requests and answers smaller than this travel on the stream itself
+INLINE_COPY = 1 << 20  # copies into or out of a segment up to this many bytes stay on the event loop
 MAX_SEGMENT = 1 << 40  # what a server maps at most for one stream
 
 
+@functools.cache
 def host_identity() -> str:
     """What two processes must share to use shared memory: the boot, the network namespace (a
     worker in another one is on another host as far as ps is concerned, whatever else it
@@ -92,10 +95,6 @@ class Areas:
             else:
                 merged.append((s, e))
         self.free = merged
-
-    def abandon(self, offset: int) -> None:
-        """The area's request ended without an answer: it is never handed out again."""
-        self.used.pop(offset, None)
 
 
 class Segment:

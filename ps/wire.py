@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import grpc
 from google.protobuf.message import DecodeError
 
+from ps.errors import PSError, error_from_wire
 from ps.proto import ps_pb2 as pb
 
 _LEN = 2  # wire type of length-delimited fields
@@ -532,8 +533,7 @@ def read_stream_request(data: bytes) -> StreamRequest:
 
 
 def stream_answer(rid: int, message) -> bytes:
-    return Frame.of(_ANS_HEAD.pack(rid, 0), *(message.chunks if isinstance(message, Frame)
-                                                else [message.SerializeToString()])).tobytes()
+    return Frame.of(_ANS_HEAD.pack(rid, 0), *message_bytes(message).chunks).tobytes()
 
 
 def stream_shm_answer(rid: int, nbytes: int) -> bytes:
@@ -542,6 +542,20 @@ def stream_shm_answer(rid: int, nbytes: int) -> bytes:
 
 def stream_error(rid: int, code: grpc.StatusCode, error_class: str, details: str) -> bytes:
     return _ANS_HEAD.pack(rid, code.value[0]) + f"{error_class}\0{details}".encode()
+
+
+def stream_failure(rid: int, e: BaseException) -> bytes:
+    """The answer to a request that failed with `e`: its status and class for a PSError, else
+    INTERNAL (a bug)."""
+    if isinstance(e, PSError):
+        return stream_error(rid, getattr(grpc.StatusCode, e.code), type(e).__name__, str(e))
+    return stream_error(rid, grpc.StatusCode.INTERNAL, "", f"{type(e).__name__}: {e}")
+
+
+def read_stream_failure(status: grpc.StatusCode, body) -> PSError:
+    """The PSError a failed stream answer (status, "ErrorClass\0details") stands for."""
+    error_class, _, details = bytes(body).decode("utf-8", "replace").partition("\0")
+    return error_from_wire(status.name, error_class or None, details)
 
 
 def read_stream_answer(data: bytes) -> tuple[int, grpc.StatusCode | str | None, memoryview]:

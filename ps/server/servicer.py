@@ -29,7 +29,6 @@ log = logging.getLogger("ps.server")
 ERROR_CLASS_KEY = "ps-error-class"
 INLINE_ELEMENTS = 1 << 18  # shards (or requests) up to this many fp32 elements are served on the loop
 ADMISSION_WAIT = 2.0  # seconds a request waits for room before it is refused RESOURCE_EXHAUSTED
-SHM_INLINE_COPY = 1 << 20  # shared-memory copies up to this many bytes are made on the loop, larger on the pool
 
 
 def _rpc(method):
@@ -171,7 +170,7 @@ class ParameterServerServicer:
 
     async def _copy(self, nbytes: int, fn, *args):
         """A shared-memory copy: on the loop when small, else on the pool (numpy leaves the GIL)."""
-        if nbytes <= SHM_INLINE_COPY:
+        if nbytes <= shm.INLINE_COPY:
             return fn(*args)
         return await self._pooled(fn, *args)
 
@@ -196,10 +195,10 @@ class ParameterServerServicer:
             async with st.offering:
                 return await self._map(st, rid, body)
         except PSError as e:
-            return wire.stream_error(rid, getattr(grpc.StatusCode, e.code), type(e).__name__, str(e))
+            return wire.stream_failure(rid, e)
         except Exception as e:  # a bug: answer it, keep serving
             log.exception("internal error mapping a segment")
-            return wire.stream_error(rid, grpc.StatusCode.INTERNAL, "", f"{type(e).__name__}: {e}")
+            return wire.stream_failure(rid, e)
 
     async def _map(self, st: _Stream, rid: int, body: memoryview) -> bytes:
         """(one offer at a time per stream) Check the offer, map the segment, answer the nonce."""
@@ -235,9 +234,6 @@ class ParameterServerServicer:
         if self.shard.stopped:
             return
         self._streams.add(st)
-
-        def error(rid: int, e: PSError) -> bytes:
-            return wire.stream_error(rid, getattr(grpc.StatusCode, e.code), type(e).__name__, str(e))
 
         async def serve(rid: int, name: str, body, desc) -> None:
             try:
@@ -276,12 +272,12 @@ class ParameterServerServicer:
                 else:
                     answer = wire.stream_answer(rid, out)
             except PSError as e:
-                answer = error(rid, e)
+                answer = wire.stream_failure(rid, e)
             except asyncio.CancelledError:
                 return
             except Exception as e:  # a bug: keep serving, say so
                 log.exception("internal error in %s (stream)", name)
-                answer = wire.stream_error(rid, grpc.StatusCode.INTERNAL, "", f"{type(e).__name__}: {e}")
+                answer = wire.stream_failure(rid, e)
             finally:
                 tasks.pop(rid, None)
             answers.put_nowait(answer)
@@ -289,7 +285,7 @@ class ParameterServerServicer:
         def refuse(rid: int, e: InvalidArgument) -> None:
             with contextlib.suppress(PSError):
                 self.shard.reject(e)
-            answers.put_nowait(error(rid, e))
+            answers.put_nowait(wire.stream_failure(rid, e))
 
         async def read() -> None:
             try:

@@ -192,11 +192,9 @@ class Shard:
             self._seen[worker_id] = self._now()
 
     def _worker(self, worker_id: str) -> _Worker:
-        w = self._workers.get(worker_id)
-        if w is None:
-            raise UnknownWorker(f"worker {worker_id!r} is not registered (left or evicted): register again")
+        self.check_registered(worker_id)
         self._touch(worker_id)
-        return w
+        return self._workers[worker_id]
 
     def _maybe_complete_step(self) -> None:
         """Complete the sync step if the policy says so. The update is applied outside the state
@@ -668,8 +666,7 @@ class Shard:
 
     def heartbeat(self, worker_id: str) -> None:
         """Renew the lease; needs no lock, so it is never held up."""
-        if worker_id not in self._workers:
-            raise UnknownWorker(f"worker {worker_id!r} is not registered (left or evicted): register again")
+        self.check_registered(worker_id)
         self._touch(worker_id)
 
     def leave(self, worker_id: str) -> None:

@@ -205,7 +205,7 @@ class PSClient:
         plan = make_plan(list(specs), len(self.servers), self.partition_bytes)
         self._m.plan = plan
         self._codec = Codec(plan, len(self.servers), self.partition_bytes, self._compressor, self.member)
-        self._t.shm_regions = [(self._codec.shard_bytes(k), self._codec.shard_bytes(k)) for k in range(len(self.servers))]
+        self._t.shm_regions = [self._codec.shard_bytes(k) for k in range(len(self.servers))]
         return plan
 
     def register(self, specs: Sequence[ParamSpec]) -> int:

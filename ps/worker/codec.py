@@ -66,8 +66,7 @@ class Codec:
     def shard_bytes(self, shard: int) -> int:
         """What the largest push or pull of every slice of `shard` takes on the wire (fp32, framing):
         the size of each of a shared-memory segment's two regions."""
-        slices = self.plan.slices_for(shard)
-        return sum(answer_bytes(b) + 4096 for b in self.pull_batches[shard]) + 32 * len(slices) + (1 << 16)
+        return sum(answer_bytes(b) + 4096 for b in self.pull_batches[shard]) + (1 << 16)
 
     def batches_for(self, names: Sequence[str] | None) -> list[list[list[Slice]]]:
         """Per shard, the pull requests for these parameters (all when None)."""
@@ -181,8 +180,8 @@ class Pulled:
         self.plan, self.servers, self.given = plan, servers, dict(into or {})
         # `streams`: Mirrors.prepare(into), made on the caller's thread (CUDA's current stream is per thread).
         self.streams = streams or {}
-        self.to_device = ({n for n, spec in wanted.items() if _on_cuda(self.given.get(n), spec.shape)
-                           and self.given[n].device in self.streams} if mirrors is not None else set())
+        self.to_device = {n for n, spec in wanted.items() if _on_cuda(self.given.get(n), spec.shape)
+                          and self.given[n].device in self.streams}
         self.out = {n: self.given[n] if _decodable(self.given.get(n), spec.shape)
                     else mirrors.get(n, spec.shape) if n in self.to_device
                     else torch.empty(spec.shape, dtype=torch.float32) for n, spec in wanted.items()}

@@ -36,7 +36,6 @@ RETRIED = (Unavailable, Overloaded, Cancelled)
 
 
 TRANSPORTS = ("auto", "unary", "stream", "shm")
-SHM_INLINE_COPY = 1 << 20  # shared-memory writes up to this many bytes are made on the loop, larger on a thread
 OFFER_TIMEOUT = 30.0  # seconds a server has to map an offered segment
 
 
@@ -84,9 +83,9 @@ class Mux:
         self._open: _Open | None = None
         self._ids = itertools.cycle(range(1, 1 << 32))  # the header's u32
         self._writing = asyncio.Lock()
-        # Shared memory: (worker id, request region bytes, answer region bytes) to offer a segment
-        # of on each new stream; None: none (no co-located server, or it failed for good).
-        self.shm: tuple[str, int, int] | None = None
+        # Shared memory: (worker id, bytes of each of the request and answer regions) to offer a
+        # segment of on each new stream; None: none (no co-located server, or it failed for good).
+        self.shm: tuple[str, int] | None = None
         self.shm_note = ""  # why shared memory is not used, once it failed
 
     async def _stream(self) -> _Open:
@@ -100,10 +99,10 @@ class Mux:
             await asyncio.shield(s.ready)
         return s
 
-    async def _offer(self, s: _Open, worker_id: str, request_bytes: int, answer_bytes: int) -> None:
+    async def _offer(self, s: _Open, worker_id: str, region_bytes: int) -> None:
         """Offer the new stream a segment (ps.shm); on any failure the stream goes on without."""
         loop = asyncio.get_running_loop()
-        creating = loop.run_in_executor(None, shm.Segment.create, shm.HEADER + request_bytes + answer_bytes)
+        creating = loop.run_in_executor(None, shm.Segment.create, shm.HEADER + 2 * region_bytes)
         try:
             seg = await asyncio.shield(creating)
         except ShmUnavailable as e:
@@ -121,8 +120,7 @@ class Mux:
             await self._send(s, wire.segment_offer(rid, seg.name, seg.worker_nonce, worker_id))
             status, body = await asyncio.wait_for(asyncio.shield(fut), OFFER_TIMEOUT)
             if status is not None:
-                error_class, _, details = bytes(body).decode("utf-8", "replace").partition("\0")
-                raise error_from_wire(status.name, error_class or None, details)
+                raise wire.read_stream_failure(status, body)
             if bytes(body) != seg.server_nonce:
                 raise ShmUnavailable(f"server {self.server} mapped a segment, but this worker does not see its nonce "
                                      "there: the two do not share memory")
@@ -140,8 +138,8 @@ class Mux:
         if self._open is not s:  # the stream ended meanwhile
             seg.close()
             return
-        s.seg, s.requests = seg, shm.Areas(shm.HEADER, shm.HEADER + request_bytes)
-        s.answers = shm.Areas(shm.HEADER + request_bytes, seg.size)
+        s.seg, s.requests = seg, shm.Areas(shm.HEADER, shm.HEADER + region_bytes)
+        s.answers = shm.Areas(shm.HEADER + region_bytes, seg.size)
         self.shm_note = ""
         log.info("server %s: tensors go through shared memory (%d bytes)", self.server, seg.size)
 
@@ -222,7 +220,7 @@ class Mux:
             return None, []
         if r is not None:
             try:
-                if body.size <= SHM_INLINE_COPY:
+                if body.size <= shm.INLINE_COPY:
                     seg.write(r, body.chunks)
                 else:  # on a thread; a cancelled caller waits for it to end, then gives the areas back
                     write = asyncio.get_running_loop().run_in_executor(None, seg.write, r, body.chunks)
@@ -294,8 +292,7 @@ class Mux:
             out = wire.read_body(wire.response_reader(method), answer)
         else:
             self._give_back(s, taken)
-            error_class, _, details = bytes(answer).decode("utf-8", "replace").partition("\0")
-            raise error_from_wire(status.name, error_class or None, details)
+            raise wire.read_stream_failure(status, answer)
         self._give_back(s, taken)
         return out
 
@@ -343,9 +340,9 @@ class Transport:
         self._stubs: list[wire.Stub] = []
         self._told = [0.0] * len(self.servers)  # per server: when the user was last told it is awaited
         # For shared memory (set by the client once it knows its plan): the worker id its segments
-        # are bound to, and per shard the bytes of its request and answer regions.
+        # are bound to, and per shard the bytes of each of a segment's two regions.
         self.worker_id = ""
-        self.shm_regions: list[tuple[int, int]] | None = None
+        self.shm_regions: list[int] | None = None
         self.run(self._open())
 
     async def _open(self) -> None:
@@ -449,7 +446,7 @@ class Transport:
             if not want:
                 mux.shm = None
             elif mux.shm is None and not mux.shm_note:  # a lasting failure is not tried again
-                mux.shm = (self.worker_id, *self.shm_regions[shard])
+                mux.shm = (self.worker_id, self.shm_regions[shard])
             mux.reoffer()
 
     def path(self, shard: int) -> str:

@@ -8,7 +8,7 @@ from ps import shm
 from ps.errors import InvalidArgument, ShmUnavailable
 
 
-def test_areas_are_handed_out_apart_merged_when_given_back_and_abandoned_ones_never_return():
+def test_areas_are_handed_out_apart_merged_when_given_back_and_kept_ones_never_return():
     a = shm.Areas(64, 64 + 10 * shm.ALIGN)
     x, y, z = a.take(1), a.take(shm.ALIGN + 1), a.take(3 * shm.ALIGN)
     assert (x, y, z) == (64, 64 + shm.ALIGN, 64 + 3 * shm.ALIGN)
@@ -16,7 +16,7 @@ def test_areas_are_handed_out_apart_merged_when_given_back_and_abandoned_ones_ne
     a.give_back(x)
     a.give_back(y)
     assert a.free[0] == (64, 64 + 3 * shm.ALIGN)  # merged
-    a.abandon(z)
+    # z is kept (its request was withdrawn and the server has not answered yet)
     assert a.take(4 * shm.ALIGN) == 64 + 6 * shm.ALIGN  # z's area is not among the free ones
     assert a.take(3 * shm.ALIGN) == 64
     assert a.take(1) is None
