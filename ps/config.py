@@ -168,7 +168,7 @@ class WorkerConfig:
     connect_timeout: float = 60.0
     retry_timeout: float = 300.0  # how long calls retry a server that is down (restarting) before failing
     compress: str = "none"  # gradients on the wire: none, fp16, bf16, topk:R (see ps.compress)
-    transport: str = "stream"  # stream, unary, shm, auto (see ps.worker.transport)
+    transport: str = "auto"  # auto, stream, unary, shm (see ps.worker.transport)
     tp: int = 1             # tensor-parallel ranks in this worker's group
     micro_batches: int = 1  # gradient accumulation over this many micro-batches per step
     recompute: bool = False  # activation recomputation (models that support it)

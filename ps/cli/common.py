@@ -193,11 +193,11 @@ def add_training_flags(parser: argparse.ArgumentParser, env: Mapping[str, str] |
     add_flag(parser, "--seed", env=env, default=0, type=int, help="seed of model init and data order")
     if ps_only:
         add_compress_flag(parser, env)
-        add_flag(parser, "--transport", env=env, default="stream", choices=TRANSPORTS,
-                 help="how calls travel to the servers: stream (every call multiplexed on one gRPC stream per "
+        add_flag(parser, "--transport", env=env, default="auto", choices=TRANSPORTS,
+                 help="how calls travel to the servers: auto (the fastest each server offers: shm when it "
+                      "runs on this host, else stream), stream (every call multiplexed on one gRPC stream per "
                       "server), unary (one gRPC call each), shm (the stream, with large tensors through shared "
-                      "memory; refused for a server on another host; not yet the default), auto (the fastest "
-                      "each server offers: shm when it runs on this host, else stream)")
+                      "memory; refused for a server on another host)")
         add_flag(parser, "--tp", env=env, default=1, type=int,
                  help="tensor-parallel ranks per worker (NCCL on CUDA, gloo on CPU; torchrun's env is joined)")
         add_flag(parser, "--micro-batches", env=env, default=1, type=int,

@@ -58,6 +58,7 @@ from ps.worker.transport import RETRIED, Transport, gather_all
 
 log = logging.getLogger("ps.worker")
 REDO = (*RETRIED, UnknownWorker, NotInitialized)  # a part failing so is sent again (see `_settle`)
+REREADS = 2  # times a pull reads the weights again after a shard answered it only after an outage
 REINIT_WAIT = 30.0  # seconds a worker lacking some of a restarted-empty shard's keys waits for another to rebuild it
 TAKEN = (pb.PushResponse.APPLIED, pb.PushResponse.ACCUMULATED, pb.PushResponse.DUPLICATE)
 
@@ -341,19 +342,31 @@ class PSClient:
     async def _pull(self, clock: int, observer: bool, names: Sequence[str] | None,
                     into: Mapping[str, torch.Tensor] | None, own_clock: int | None = None,
                     streams: dict | None = None) -> Pulled:
+        """The weights for `clock`. Should some shard answer only after waiting out an outage (a
+        retry after an error, or registering again), the others' answers may be far older than
+        its by then (in async mode other workers go on pushing there meanwhile): they are read
+        again, so the weights a worker trains on come from about one moment (at most REREADS
+        times; a pull that keeps meeting outages takes what the last reading got)."""
         assert self._codec is not None, "register (or attach) first"
         worker = "" if observer else self.worker_id
-        pulled = Pulled(self.plan, self.servers, names, into, self._mirrors, streams)
         rejoin = None if observer else self._m.rejoiner(clock if own_clock is None else own_clock)
 
-        async def fetch(shard: int, batch) -> None:
+        async def fetch(pulled: Pulled, shard: int, batch) -> None:
             req = pb.PullRequest(worker_id=worker, plan_fingerprint=self.plan.fingerprint, clock=clock,
                                  keys=[s.key for s in batch])
             pulled.absorb(shard, await self._t.call(shard, "Pull", req, rejoin=rejoin, waits=not observer,
                                                     answer_bytes=answer_bytes(batch)))
 
-        await gather_all([fetch(k, b) for k, bs in enumerate(self._codec.batches_for(names)) for b in bs])
-        return pulled
+        for reading in range(REREADS + 1):
+            pulled = Pulled(self.plan, self.servers, names, into, self._mirrors, streams)
+            seen = self._t.recoveries
+            await gather_all([fetch(pulled, k, b) for k, bs in enumerate(self._codec.batches_for(names)) for b in bs])
+            if self._t.recoveries == seen or reading == REREADS:
+                return pulled
+            pulled.drain()
+            log.info("%s: a shard answered the pull for clock %d only after an outage; reading the weights again",
+                     self.worker_id or "observer", clock)
+        raise AssertionError("unreachable")
 
     def _push_request(self, clock: int, job: Job, flat: Mapping[str, torch.Tensor]) -> wire.Frame:
         return self._codec.push_request(self.worker_id, clock, self._m.versions[job[0]], job, flat)
@@ -471,6 +484,7 @@ class PSClient:
             return shard, resp.push
 
         taken: set[int] = set()
+        seen = self._t.recoveries
 
         def responses():
             try:
@@ -482,6 +496,9 @@ class PSClient:
         results = self._outcomes(jobs, responses)
         if any(r["outcome"] == "EVICTED" for r in results):
             return results, {}
+        if self._t.recoveries != seen:  # some shard answered only after an outage: see `_pull`
+            pulled.drain()
+            return results, self.pull(clock + 1, names=names, into=into)
         return results, self._installed(pulled)
 
     def push_stream(self, clock: int, dtypes: Mapping[str, torch.dtype]) -> PushStream:

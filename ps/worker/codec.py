@@ -209,6 +209,12 @@ class Pulled:
         self.versions[shard] = min(self.versions.get(shard, resp.header.version), resp.header.version)
         self.min_clocks[shard] = resp.header.min_clock
 
+    def drain(self) -> None:
+        """Wait for the copies to the device: the tensors hold the values absorbed so far, and the
+        mirrors may be written again (by this pull's finish, or by another pull)."""
+        for stream in self.streams.values():
+            stream.synchronize()
+
     def finish(self) -> dict[str, torch.Tensor]:
         """Check that every slice asked for arrived, copy into `into` where not decoded there."""
         missing = self.expected - self.received
@@ -217,8 +223,7 @@ class Pulled:
                                   f"{sorted(missing)[:3]}: the weights were not installed (tensors given as `into` "
                                   "that answers decode into directly may hold some of the new values)")
         with torch.no_grad():
-            for stream in self.streams.values():
-                stream.synchronize()  # the tensors hold the values, and the mirrors may be written again
+            self.drain()
             for n, t in self.given.items():
                 if n in self.out and self.out[n] is not t and n not in self.to_device:
                     t.copy_(self.out[n])

@@ -339,6 +339,10 @@ class Transport:
         self._channels: list[grpc.aio.Channel] = []
         self._stubs: list[wire.Stub] = []
         self._told = [0.0] * len(self.servers)  # per server: when the user was last told it is awaited
+        # Calls that waited out a server that was unreachable or had forgotten this worker (a
+        # retry after an error, or registering again): answers other servers gave before such a
+        # wait may be old by its end (see PSClient's pulls).
+        self.recoveries = 0
         # For shared memory (set by the client once it knows its plan): the worker id its segments
         # are bound to, and per shard the bytes of each of a segment's two regions.
         self.worker_id = ""
@@ -483,6 +487,7 @@ class Transport:
                 if rejoin is None:
                     raise
                 log.warning("%s: %s; registering again", self.servers[shard], err)
+                self.recoveries += 1
                 await rejoin()
                 rejoin = None
             except DeadlineExceeded:
@@ -498,6 +503,8 @@ class Transport:
                     self._told[shard] = now
                     log.warning("waiting for server %s (%s) for %.0fs; retrying until %.0fs (--retry-timeout): %s",
                                 self.servers[shard], method, now - start, self.retry_timeout, err)
+                if not isinstance(err, Overloaded):  # overload backs off briefly; reading again would add load
+                    self.recoveries += 1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
