@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ps import tls, wire
+from ps import local, tls, wire
 from ps.config import ServerConfig, checkpoint_interval, grpc_options
 from ps.errors import PSError
 from ps.server import checkpoint, metrics
@@ -65,10 +65,12 @@ class RunningServer:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread, server: grpc.aio.Server, port: int,
                  shard: Shard, health_servicer, pool: ThreadPoolExecutor, stop_reaper: threading.Event,
-                 checkpointer: "Checkpointer | None", http, metrics_port: int):
+                 checkpointer: "Checkpointer | None", http, metrics_port: int,
+                 local_server: "local.LocalServer | None" = None):
         self._loop, self._thread, self.server, self.port, self.shard = loop, thread, server, port, shard
         self.health, self._pool, self._stop_reaper = health_servicer, pool, stop_reaper
         self.checkpointer, self.metrics, self.metrics_port = checkpointer, http, metrics_port
+        self.local = local_server
         self._stopped = False
 
     @property
@@ -85,6 +87,8 @@ class RunningServer:
         self._on_loop(self.health.enter_graceful_shutdown())
         self._stop_reaper.set()
         self.shard.stop()
+        if self.local is not None:
+            self._on_loop(self.local.stop())
         self._on_loop(self.server.stop(grace))
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
@@ -161,7 +165,8 @@ async def _serve(shard: Shard, pool: ThreadPoolExecutor) -> tuple:
     interceptors = (TokenInterceptor(scfg.auth_token, refused),) if scfg.auth_token else ()
     # so_reuseport off: a second server on a port in use must fail, not share the port.
     server = grpc.aio.server(options=grpc_options() + [("grpc.so_reuseport", 0)], interceptors=interceptors)
-    server.add_generic_rpc_handlers((wire.handler(ParameterServerServicer(shard, pool, scfg.max_inflight_bytes, scfg.shm)),))
+    servicer = ParameterServerServicer(shard, pool, scfg.max_inflight_bytes, scfg.shm)
+    server.add_generic_rpc_handlers((wire.handler(servicer),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -173,10 +178,24 @@ async def _serve(shard: Shard, pool: ThreadPoolExecutor) -> tuple:
         raise BindError(f"could not bind {address}: address in use or not an address of this machine") from e
     if port == 0:
         raise BindError(f"could not bind {address}: address in use or not an address of this machine")
+    local_server = await _listen_locally(servicer, refused) if servicer.host and local.SUPPORTED else None
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, port, health_servicer
+    return server, port, health_servicer, local_server
+
+
+async def _listen_locally(servicer: ParameterServerServicer, refused) -> "local.LocalServer | None":
+    """The co-located channel (ps.local): its frames are served by the same Stream handler."""
+    local_server = local.LocalServer(lambda requests, sink: servicer.Stream(requests, None, sink), servicer.shard.cfg.auth_token,
+                                     refused)
+    try:
+        await local_server.start()
+    except OSError as e:  # co-located workers then use the gRPC stream (and the segments) instead
+        log.warning("shard %d: no local socket for co-located workers (%s)", servicer.shard.cfg.shard_id, e)
+        return None
+    servicer.local_socket = local_server.name
+    return local_server
 
 
 def create_server(cfg: ServerConfig) -> RunningServer:
@@ -197,7 +216,8 @@ def create_server(cfg: ServerConfig) -> RunningServer:
     thread = threading.Thread(target=loop.run_forever, daemon=True, name=f"ps-server-loop-{cfg.shard_id}")
     thread.start()
     try:
-        server, port, health_servicer = asyncio.run_coroutine_threadsafe(_serve(shard, pool), loop).result()
+        server, port, health_servicer, local_server = asyncio.run_coroutine_threadsafe(_serve(shard, pool),
+                                                                                      loop).result()
     except BaseException:
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
@@ -210,4 +230,4 @@ def create_server(cfg: ServerConfig) -> RunningServer:
     if http is not None:
         log.info("shard %d: Prometheus metrics on http://%s:%d/metrics", cfg.shard_id, cfg.host, metrics_port)
     return RunningServer(loop, thread, server, port, shard, health_servicer, pool, stop, checkpointer, http,
-                         metrics_port)
+                         metrics_port, local_server)

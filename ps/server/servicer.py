@@ -124,10 +124,12 @@ def _encode_pull(slices, version: int, min_clock: int, area=None):
 
 
 class _Stream:
-    """One open Stream call: its answer queue, and the shared-memory segment its worker offered."""
+    """One open Stream call: its answer queue, and the shared-memory segment its worker offered.
+    `answers`: where answers go instead of the queue the generator yields from (ps.local writes
+    each to its socket as it is put; put_nowait(None) ends the stream, get() returns once ended)."""
 
-    def __init__(self):
-        self.answers: asyncio.Queue = asyncio.Queue()
+    def __init__(self, answers=None):
+        self.answers = answers if answers is not None else asyncio.Queue()
         self.seg: shm.Segment | None = None
         self.worker = ""
         self.offering = asyncio.Lock()  # offers on one stream are taken one at a time
@@ -146,6 +148,7 @@ class ParameterServerServicer:
         self._streams: set[_Stream] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.host = shm.host_identity() if shm_enabled else ""
+        self.local_socket = ""  # the co-located channel's socket name (ps.local), once it listens
         self.shm_bytes = 0
         shard.on_stop(self._end_streams)
         shard.on_depart(self._worker_gone)
@@ -221,13 +224,13 @@ class ParameterServerServicer:
                  worker_id, seg.size)
         return wire.stream_answer(rid, wire.Frame.of(seg.server_nonce))
 
-    async def Stream(self, requests, context):
+    async def Stream(self, requests, context, answers=None):
         """Every method on one bidirectional stream of raw bytes (see `ps.wire`, the stream path):
         requests are served concurrently, each as its unary method would be, and answered by id
         as they complete. A malformed frame is answered INVALID_ARGUMENT (by id when it has one)
         and changes nothing; the stream itself goes on. With a segment (transport "shm"), request
         and answer bytes may lie in it instead of in the frames."""
-        st = _Stream()
+        st = _Stream(answers)
         answers = st.answers
         tasks: dict[int, asyncio.Task] = {}
         self._loop = asyncio.get_running_loop()
@@ -423,7 +426,7 @@ class ParameterServerServicer:
             **out, mode=cfg.mode, staleness=cfg.staleness, num_workers=cfg.num_workers,
             worker_timeout=cfg.worker_timeout, shard_id=cfg.shard_id, num_shards=cfg.num_shards,
             backup_workers=cfg.backup_workers, transports=["unary", "stream", *(["shm"] if self.host else [])],
-            host=self.host,
+            host=self.host, local_socket=self.local_socket,
         )
 
     def _init_now(self, request) -> bool:

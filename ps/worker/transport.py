@@ -18,7 +18,7 @@ from typing import Awaitable, Callable, Coroutine, Sequence, TypeVar
 
 import grpc
 
-from ps import shm, tls, wire
+from ps import local, shm, tls, wire
 from ps.config import MAX_MESSAGE_BYTES, grpc_options
 from ps.errors import (Cancelled, DeadlineExceeded, InvalidArgument, NotInitialized, Overloaded, PSError,
                        ResourceExhausted, ShmUnavailable, Unauthenticated, Unavailable, UnknownWorker,
@@ -45,6 +45,12 @@ def mapped(e: grpc.RpcError) -> PSError:
     return error_from_wire(e.code().name, meta.get(ERROR_CLASS_KEY), e.details() or "")
 
 
+def _expire(fut: asyncio.Future) -> None:
+    """A request's deadline passed before its answer came."""
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError())
+
+
 def _retrieve(task: asyncio.Future) -> None:
     """A background task's outcome is read (its error, if any, was handled where it mattered)."""
     if not task.cancelled():
@@ -65,6 +71,7 @@ class _Open:
         # Areas of requests this worker withdrew (cancelled, timed out), by request id: free again
         # once the server answers that id (its answer, or CANCELLED once it has really stopped).
         self.retired: dict[int, list] = {}
+        self.draining = False  # no new requests: it ends once those on it are answered (Mux.leave_grpc)
 
     def close_segment(self) -> None:
         seg, self.seg = self.seg, None
@@ -87,13 +94,20 @@ class Mux:
         # segment of on each new stream; None: none (no co-located server, or it failed for good).
         self.shm: tuple[str, int] | None = None
         self.shm_note = ""  # why shared memory is not used, once it failed
+        # The server's local socket (ps.local) while shared memory is wanted: new streams go over it
+        # instead of gRPC. None: not offered, or connecting failed (until the next Register).
+        self.local: str | None = None
+        self._opening = asyncio.Lock()
 
     async def _stream(self) -> _Open:
         if self._open is None:
-            s = self._open = _Open(self._stub.Stream(metadata=self.metadata))
-            asyncio.ensure_future(self._read(s))
-            if self.shm is not None:
-                s.ready = asyncio.ensure_future(self._offer(s, *self.shm))
+            async with self._opening:  # one new stream at a time (connecting a local one awaits)
+                if self._open is None:
+                    call = await self._connect_local() if self.local is not None else None
+                    s = self._open = _Open(call or self._stub.Stream(metadata=self.metadata))
+                    asyncio.ensure_future(self._read(s))
+                    if self.shm is not None:
+                        s.ready = asyncio.ensure_future(self._offer(s, *self.shm))
         s = self._open
         if s.ready is not None and not s.ready.done():
             await asyncio.shield(s.ready)
@@ -143,6 +157,30 @@ class Mux:
         self.shm_note = ""
         log.info("server %s: tensors go through shared memory (%d bytes)", self.server, seg.size)
 
+    async def _connect_local(self) -> local.LocalCall | None:
+        """A stream over the server's local socket; None (the gRPC stream then) if it cannot be
+        reached: the server went away (a restarted one names a new socket at Register, which the
+        gRPC stream leads to) or does not share this network namespace after all."""
+        authorization = dict(self.metadata or ()).get("authorization", "")
+        try:
+            return await local.LocalCall.connect(self.local, authorization)
+        except (OSError, ValueError, asyncio.TimeoutError, Unavailable) as e:
+            log.info("server %s: local socket not reached (%s); using the gRPC stream", self.server, e)
+            self.local = None
+            return None
+
+    def leave_grpc(self) -> None:
+        """The server names a local socket now (it restarted, say, while this worker was on the
+        gRPC stream): new requests open a stream there; the gRPC one ends once its requests are
+        answered."""
+        s = self._open
+        if self.local is None or s is None or isinstance(s.call, local.LocalCall):
+            return
+        self._open = None
+        s.draining = True
+        if not s.pending:
+            s.call.cancel()
+
     def reoffer(self) -> None:
         """After registering again: an open stream without a segment (its offer came while the
         worker was not registered, e.g. evicted) is offered one again."""
@@ -164,6 +202,11 @@ class Mux:
         """Whether the open stream moves large requests and answers through shared memory."""
         return self._open is not None and self._open.seg is not None
 
+    @property
+    def on_local(self) -> bool:
+        """Whether the open stream goes over the server's local socket (ps.local), not gRPC."""
+        return self._open is not None and isinstance(self._open.call, local.LocalCall)
+
     async def _read(self, s: _Open) -> None:
         error: PSError = Unavailable(f"server {self.server} ended the stream")
         try:
@@ -174,6 +217,9 @@ class Mux:
                     fut.set_result((status, body))
                 elif rid in s.retired:  # a withdrawn request the server is done with
                     self._give_back(s, s.retired.pop(rid))
+                if s.draining and not s.pending:
+                    s.call.cancel()
+                    break
         except grpc.RpcError as e:
             # The stream's own status concerns the connection, not one request (each request's
             # error comes back in its answer): retried, as a call to a server that went away is,
@@ -250,18 +296,24 @@ class Mux:
         fut = asyncio.get_running_loop().create_future()
         s.pending[rid] = fut
         answered = False
+        timer = None
         try:
-            # The write goes on if this caller is cancelled: cancelling a write cancels the whole call.
-            write = asyncio.ensure_future(self._send(s, frame.tobytes()))
-            write.add_done_callback(_retrieve)
             try:
-                await asyncio.shield(write)
+                if isinstance(s.call, local.LocalCall):  # queued at once, in order; a cancelled drain loses nothing
+                    if s.call.write_nowait(frame.tobytes()):
+                        await s.call.drain()
+                else:  # the write goes on if this caller is cancelled: cancelling a write cancels the whole call
+                    write = asyncio.ensure_future(self._send(s, frame.tobytes()))
+                    write.add_done_callback(_retrieve)
+                    await asyncio.shield(write)
             except PSError as e:  # the stream ended: the status it ended with tells why (read side)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(fut), 1.0)
                 raise (fut.exception() if fut.done() and not fut.cancelled() and fut.exception() else
                        Unavailable(f"server {self.server}: the stream broke ({type(e).__name__}: {e})")) from None
-            status, answer = await asyncio.wait_for(asyncio.shield(fut), timeout)
+            if timeout is not None:
+                timer = asyncio.get_running_loop().call_later(timeout, _expire, fut)
+            status, answer = await fut  # (cancelling this caller cancels fut: see below)
             answered = True
         except asyncio.TimeoutError:
             self._cancel(s, rid)
@@ -273,6 +325,8 @@ class Mux:
             s.pending.pop(rid, None)
             raise
         finally:
+            if timer is not None:
+                timer.cancel()
             if fut.done() and not fut.cancelled():
                 fut.exception()  # retrieved (it may hold the error the stream broke with)
             else:
@@ -425,16 +479,17 @@ class Transport:
 
         await asyncio.gather(*(one(k) for k in range(len(self.servers))))
 
-    def negotiate(self, shard: int, offered: Sequence[str], host: str = "") -> None:
+    def negotiate(self, shard: int, offered: Sequence[str], host: str = "", local_socket: str = "") -> None:
         """After Register: the path this shard's calls take, from what it offers and `transport`
-        (auto: the fastest both support: shm when the server runs on this host, then stream).
+        (auto: the fastest both support: shm when the server runs on this host, then stream;
+        with shm, streams go over the server's `local_socket` when it names one).
         Register itself always goes unary."""
         server = self.servers[shard]
         if self.transport in ("stream", "shm") and "stream" not in offered:
             raise InvalidArgument(f"transport {self.transport!r} was asked for but server {server} offers only "
                                   f"{list(offered) or ['unary']}")
-        local = "shm" in offered and bool(host) and host == shm.host_identity()
-        if self.transport == "shm" and not local:
+        co_located = "shm" in offered and bool(host) and host == shm.host_identity()
+        if self.transport == "shm" and not co_located:
             raise InvalidArgument(
                 f"transport 'shm' was asked for but server {server} "
                 + ("does not offer it (--no-shm)" if "shm" not in offered else
@@ -446,15 +501,18 @@ class Transport:
             self._mux[shard] = None
         mux = self._mux[shard]
         if mux is not None:
-            want = local and self.transport in ("auto", "shm") and self.shm_regions is not None
+            want = co_located and self.transport in ("auto", "shm") and self.shm_regions is not None
             if not want:
                 mux.shm = None
             elif mux.shm is None and not mux.shm_note:  # a lasting failure is not tried again
                 mux.shm = (self.worker_id, self.shm_regions[shard])
+            mux.local = local_socket if want and local_socket and local.SUPPORTED else None
+            mux.leave_grpc()
             mux.reoffer()
 
     def path(self, shard: int) -> str:
-        """The transport this shard's calls take now (shm: once a stream has mapped a segment)."""
+        """The transport this shard's calls take now (shm: once a stream has mapped a segment,
+        whether the stream is gRPC's or the local socket's: `Mux.on_local`)."""
         mux = self._mux[shard]
         return "unary" if mux is None else "shm" if mux.in_shm else "stream"
 

@@ -24,6 +24,7 @@ from ps.proto import ps_pb2 as pb
 from ps.server.app import create_server
 from ps.worker.client import PSClient
 from tests.netns import usable, veth_namespace
+from tests.streams import VIAS, exchange
 
 SGD1 = OptimizerConfig("sgd", lr=1.0)
 N = 1 << 16  # 256 KiB of fp32: above shm.MIN_BYTES, so pushes and pulls take the segment
@@ -81,18 +82,9 @@ def test_shm_is_refused_clearly_where_the_server_does_not_offer_it():
         srv.stop(grace=0)
 
 
-async def _exchange(address, frames):
-    """Raw frames on one Stream call; {id: (status, body)} of the answers."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        call = wire.Stub(channel).Stream()
-        for f in frames:
-            await call.write(f.tobytes() if isinstance(f, wire.Frame) else f)
-        await call.done_writing()
-        out = {}
-        while (data := await call.read()) is not grpc.aio.EOF:
-            rid, status, body = wire.read_stream_answer(data)
-            out[rid] = (status, bytes(body))
-        return out
+async def _exchange(server, frames, via="grpc"):
+    """Raw frames on one stream; {id: (status, body)} of the answers."""
+    return {rid: (status, body) for rid, status, body in await exchange(server, frames, via)}
 
 
 def _status(answer):
@@ -100,19 +92,20 @@ def _status(answer):
     return status, body.split(b"\0")[0].decode()
 
 
-def test_bad_offers_and_descriptors_get_specific_codes_and_change_nothing(server):
+@pytest.mark.parametrize("via", VIAS)
+def test_bad_offers_and_descriptors_get_specific_codes_and_change_nothing(server, via):
     with PSClient([server.address], "good", transport="unary") as c:
         c.setup({"w": torch.arange(8.0)}, SGD1)
         fp = c.plan.fingerprint
         seg = shm.Segment.create(1 << 20)
         try:
-            offers = asyncio.run(_exchange(server.address, [
+            offers = asyncio.run(_exchange(server, [
                 wire.segment_offer(1, "../../etc/passwd", bytes(16), "good"),
                 wire.segment_offer(2, seg.name, b"x" * 16, "good"),  # not the nonce in the segment
                 wire.segment_offer(3, seg.name, seg.worker_nonce, "stranger"),  # not registered
                 wire._REQ_HEAD.pack(wire.SEGMENT, 4) + b"\x05",  # truncated
                 wire.stream_request("Stats", 5, pb.StatsRequest(), shm=(64, 0, 128, 4096)),  # no segment here
-            ]))
+            ], via))
             assert _status(offers[1]) == (grpc.StatusCode.INVALID_ARGUMENT, "InvalidArgument")
             assert _status(offers[2]) == (grpc.StatusCode.FAILED_PRECONDITION, "ShmUnavailable")
             assert _status(offers[3]) == (grpc.StatusCode.FAILED_PRECONDITION, "UnknownWorker")
@@ -126,7 +119,7 @@ def test_bad_offers_and_descriptors_get_specific_codes_and_change_nothing(server
             push = wire.push_frame(pb.PushRequest(worker_id="good", plan_fingerprint=fp, clock=0, part=0, num_parts=1),
                                    [wire.tensor_frame("w#0", "float32", [8], grad.numpy())])
             seg.write(8192, push.chunks)
-            answers = asyncio.run(_exchange(server.address, [
+            answers = asyncio.run(_exchange(server, [
                 wire.segment_offer(1, seg.name, seg.worker_nonce, "good"),
                 wire.segment_offer(2, seg.name, seg.worker_nonce, "good"),  # a second one on the stream
                 wire.stream_request("Push", 3, None, shm=(seg.size - 8, 64, 0, 0)),  # past the end
@@ -134,7 +127,7 @@ def test_bad_offers_and_descriptors_get_specific_codes_and_change_nothing(server
                 wire.stream_request("Push", 5, None, shm=(4096, 64, 0, 0)),  # garbage bytes there
                 wire.stream_request("Stats", 6, pb.StatsRequest(), shm=(0, 0, 1 << 19, 1 << 19)),
                 wire.stream_request("Stats", 7, pb.StatsRequest(), shm=(0, 0, 1 << 19, 1 << 30)),  # area too large
-            ]))
+            ], via))
             assert answers[1] == (None, bytes(seg.server_nonce))
             for rid in (2, 3, 4, 5, 7):
                 assert _status(answers[rid]) == (grpc.StatusCode.INVALID_ARGUMENT, "InvalidArgument"), rid
@@ -149,14 +142,14 @@ def test_bad_offers_and_descriptors_get_specific_codes_and_change_nothing(server
             # Released by the worker, it cannot be offered again. A new segment carries the good
             # push, applied once.
             seg.release()
-            again = asyncio.run(_exchange(server.address, [wire.segment_offer(1, seg.name, seg.worker_nonce, "good")]))
+            again = asyncio.run(_exchange(server, [wire.segment_offer(1, seg.name, seg.worker_nonce, "good")], via))
             assert _status(again[1]) == (grpc.StatusCode.FAILED_PRECONDITION, "ShmUnavailable")
             fresh = shm.Segment.create(1 << 20)
             fresh.write(8192, push.chunks)
-            answers = asyncio.run(_exchange(server.address, [
+            answers = asyncio.run(_exchange(server, [
                 wire.segment_offer(1, fresh.name, fresh.worker_nonce, "good"),
                 wire.stream_request("Push", 2, None, shm=(8192, push.size, 0, 0)),
-            ]))
+            ], via))
             fresh.close()
             assert pb.PushResponse.FromString(answers[2][1]).outcome == pb.PushResponse.APPLIED
             assert torch.equal(c.pull(1)["w"], torch.arange(8.0) - 1)

@@ -1,6 +1,7 @@
-"""The stream path (every method multiplexed on one bidirectional gRPC stream of raw bytes):
-negotiated at Register, same answers and error codes as unary calls, garbage refused with a
-specific status while the stream goes on, auth checked when the stream opens."""
+"""The stream path (every method multiplexed on one bidirectional gRPC stream of raw bytes, or
+on the local socket of a co-located server): negotiated at Register, same answers and error
+codes as unary calls, garbage refused with a specific status while the stream goes on, auth
+checked when the stream opens."""
 
 import asyncio
 
@@ -16,6 +17,7 @@ from ps.server.app import create_server
 from ps.server.auth import bearer
 from ps.worker.client import PSClient
 from ps.worker.transport import Transport
+from tests.streams import VIAS, exchange
 
 SGD1 = OptimizerConfig("sgd", lr=1.0)
 
@@ -55,27 +57,14 @@ def test_a_server_without_the_stream_is_refused_when_stream_is_asked_for_and_aut
         Transport(["127.0.0.1:1"], transport="tcp")
 
 
-async def _exchange(address, frames, metadata=bearer("tok")):
-    """Send raw frames on a Stream call; the answers (id, status, body) in order of arrival."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        call = wire.Stub(channel).Stream(metadata=metadata)
-        for f in frames:
-            await call.write(f)
-        await call.done_writing()
-        out = []
-        while (data := await call.read()) is not grpc.aio.EOF:
-            rid, status, body = wire.read_stream_answer(data)
-            out.append((rid, status, bytes(body)))
-        return out
-
-
-def test_garbage_on_the_stream_gets_invalid_argument_changes_nothing_and_the_stream_goes_on(server):
+@pytest.mark.parametrize("via", VIAS)
+def test_garbage_on_the_stream_gets_invalid_argument_changes_nothing_and_the_stream_goes_on(server, via):
     with PSClient([server.address], "good", auth_token="tok") as c:
         c.setup({"w": torch.arange(4.0)}, SGD1)
         version = c.stats()[0]["version"]
         stats = wire.stream_request("Stats", 9, pb.StatsRequest()).tobytes()
         bad_push = wire._REQ_HEAD.pack(wire.STREAM_CODES["Push"], 5) + b"\xff\xff\xff\xff garbage"
-        answers = asyncio.run(_exchange(server.address, [b"\x01", b"\x63\x07\x00\x00\x00", bad_push, stats]))
+        answers = asyncio.run(exchange(server, [b"\x01", b"\x63\x07\x00\x00\x00", bad_push, stats], via, "tok"))
         by_id = {rid: (status, body) for rid, status, body in answers}
         assert by_id[0][0] == grpc.StatusCode.INVALID_ARGUMENT and b"shorter than" in by_id[0][1]
         assert by_id[7][0] == grpc.StatusCode.INVALID_ARGUMENT and b"method code 99" in by_id[7][1]

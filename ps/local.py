@@ -1,0 +1,247 @@
+"""The co-located path's own channel: when a worker and a server share a host (ps.shm's
+identity), the stream path's frames (ps.wire) travel over a Unix socket instead of a gRPC
+stream, each with a 4-byte length in front, while large request and answer bytes lie in the
+shared-memory segment as before. A request then costs a socket write and read on each side
+instead of gRPC's per-message machinery (its completion queue, its poller thread).
+
+The socket lives in Linux's abstract namespace: it belongs to the network namespace the
+server runs in (the host identity includes that namespace, so a worker elsewhere never tries
+it) and leaves no file behind when the server dies. Its name is random, but abstract names are
+listed in /proc/net/unix, so the name is not what keeps others out:
+- the server takes a connection only from a process of its own user (SO_PEERCRED), as the
+  shared-memory segments are only opened by it;
+- the connection's first frame is a hello that carries the same bearer token the gRPC calls
+  carry (`--auth-token`), compared in constant time; a wrong one is answered UNAUTHENTICATED;
+- after the hello, every frame is served by the servicer's `Stream` handler, exactly as frames
+  on the gRPC stream are: the same methods, checks, errors and answers.
+Bytes on this socket never leave the host, so it carries no TLS (nor do the segments).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import secrets
+import socket
+import struct
+import sys
+from typing import AsyncIterator, Callable
+
+import grpc
+
+from ps.config import MAX_MESSAGE_BYTES
+from ps.errors import Unauthenticated, Unavailable
+
+log = logging.getLogger("ps.local")
+LENGTH = struct.Struct("<I")
+HELLO = b"PS-LOCAL\x01"  # a hello: this, then the token's bytes
+WELCOME = b"PS-LOCAL-OK"
+DENIED = b"PS-LOCAL-DENIED"
+MAX_FRAME = MAX_MESSAGE_BYTES + 64  # a frame: the stream header (rid, code, shm descriptor) and the message
+HELLO_TIMEOUT = 10.0  # seconds a new connection has to say hello
+SUPPORTED = sys.platform.startswith("linux")  # abstract Unix sockets are a Linux feature
+
+
+def new_name() -> str:
+    """A fresh abstract socket name (the leading NUL puts it in the abstract namespace)."""
+    return "\0ps-" + secrets.token_hex(16)
+
+
+def check_name(name: str) -> str:
+    """A socket name a server handed out: abstract (leading NUL), short enough for sun_path."""
+    if not name.startswith("\0ps-") or len(name.encode()) > 100:
+        raise ValueError(f"not a ps local socket name: {name!r}")
+    return name
+
+
+async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> bytes | None:
+    """The next frame, or None when the peer closed the connection between frames."""
+    try:
+        head = await reader.readexactly(LENGTH.size)
+    except asyncio.IncompleteReadError as e:
+        if e.partial:
+            raise ConnectionError("the connection ended inside a frame's length") from None
+        return None
+    (n,) = LENGTH.unpack(head)
+    if n > limit:
+        raise ValueError(f"a frame of {n} bytes is larger than the limit ({limit})")
+    try:
+        return await reader.readexactly(n)
+    except asyncio.IncompleteReadError:
+        raise ConnectionError(f"the connection ended inside a frame of {n} bytes") from None
+
+
+def write_frame(writer: asyncio.StreamWriter, data) -> None:
+    n = len(data) if isinstance(data, (bytes, bytearray)) else memoryview(data).nbytes
+    if n <= 1 << 16:  # one write, one syscall
+        writer.write(LENGTH.pack(n) + bytes(data))
+    else:
+        writer.writelines((LENGTH.pack(n), data))
+
+
+def _peer_uid(writer: asyncio.StreamWriter) -> int:
+    sock = writer.get_extra_info("socket")
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+class _Sink:
+    """Where a connection's answers go: written to the socket as each is put, without a turn of
+    the event loop (the worker bounds what it has in flight, and large answers lie in its
+    segment). put_nowait(None) ends it; get() returns None once it has ended."""
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        self._writer, self._ended = writer, asyncio.Event()
+
+    def put_nowait(self, answer) -> None:
+        if answer is None:
+            self._ended.set()
+        elif not self._writer.is_closing():
+            write_frame(self._writer, answer)
+
+    async def get(self) -> None:
+        await self._ended.wait()
+        return None
+
+
+class LocalServer:
+    """A server's listening socket: each connection is one stream (`serve(requests, sink)`: an
+    async generator that serves an async iterator of request frames, putting the answers into
+    `sink`)."""
+
+    def __init__(self, serve: Callable[[AsyncIterator[bytes], _Sink], AsyncIterator[bytes]], token: str = "",
+                 on_refuse: Callable[[], None] = lambda: None):
+        self.name = new_name()
+        self._serve, self._on_refuse = serve, on_refuse
+        self._expected = f"Bearer {token}".encode() if token else None
+        self._server: asyncio.AbstractServer | None = None
+        self._conns: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_unix_server(self._connection, path=self.name, limit=1 << 20)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._conns):
+            task.cancel()
+        await asyncio.gather(*self._conns, return_exceptions=True)
+
+    async def _hello(self, reader, writer) -> bool:
+        if _peer_uid(writer) != os.geteuid():
+            log.warning("refused a local connection from another user")
+            self._on_refuse()
+            return False
+        hello = await asyncio.wait_for(read_frame(reader, 4096), HELLO_TIMEOUT)
+        if hello is None or not hello.startswith(HELLO):
+            log.warning("refused a local connection that did not say hello")
+            return False
+        if self._expected is not None and not hmac.compare_digest(hello[len(HELLO):], self._expected):
+            self._on_refuse()
+            log.warning("refused a local connection: missing or wrong auth token")
+            write_frame(writer, DENIED)
+            await writer.drain()
+            return False
+        write_frame(writer, WELCOME)
+        await writer.drain()
+        return True
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._conns.add(task)
+        answers = None
+        try:
+            if not await self._hello(reader, writer):
+                return
+
+            async def requests() -> AsyncIterator[bytes]:
+                try:
+                    while (frame := await read_frame(reader)) is not None:
+                        yield frame
+                except (ValueError, ConnectionError) as e:  # the framing is lost: end this connection
+                    log.warning("local connection ended: %s", e)
+                    writer.close()
+
+            answers = self._serve(requests(), _Sink(writer))
+            async for _ in answers:  # (the sink writes each answer as it comes)
+                pass
+        except (ConnectionError, asyncio.TimeoutError, OSError, ValueError):
+            pass  # the worker went away (its requests end with the connection)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            if answers is not None:
+                with contextlib.suppress(Exception):
+                    await answers.aclose()
+            writer.close()
+            self._conns.discard(task)
+
+
+class LocalCall:
+    """A worker's connection to a server's local socket, with what ps.worker.transport's stream
+    multiplexer uses of a gRPC stream call: write, read (grpc.aio.EOF at the end), cancel, code."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self._reader, self._writer = reader, writer
+
+    @classmethod
+    async def connect(cls, name: str, authorization: str = "", timeout: float = 10.0) -> "LocalCall":
+        """Connect and say hello (`authorization`: the gRPC calls' header value, "Bearer <token>").
+        Unauthenticated for a refused token; Unavailable or OSError when the socket is not there
+        (the server went away, or runs elsewhere)."""
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(check_name(name), limit=1 << 20),
+                                                timeout)
+        try:
+            write_frame(writer, HELLO + authorization.encode())
+            await writer.drain()
+            answer = await asyncio.wait_for(read_frame(reader, 4096), timeout)
+        except BaseException:
+            writer.close()
+            raise
+        if answer == WELCOME:
+            return cls(reader, writer)
+        writer.close()
+        if answer == DENIED:
+            raise Unauthenticated("the server's local socket refused this worker's auth token")
+        raise Unavailable("the server's local socket did not welcome this worker")
+
+    def write_nowait(self, data) -> bool:
+        """Queue a frame on the socket at once (frames keep their order); True when its buffer
+        is over the high-water mark (await `drain` before more)."""
+        if self._writer.is_closing():
+            raise Unavailable("the local connection is closed")
+        try:
+            write_frame(self._writer, data)
+        except (ConnectionError, OSError) as e:
+            raise Unavailable(f"the local connection broke ({e})") from e
+        transport = self._writer.transport
+        return transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]
+
+    async def drain(self) -> None:
+        """Wait until the socket's buffer is below its low-water mark (cancelling this loses
+        nothing: what was queued stays queued)."""
+        try:
+            await self._writer.drain()
+        except (ConnectionError, OSError) as e:
+            raise Unavailable(f"the local connection broke ({e})") from e
+
+    async def write(self, data) -> None:
+        if self.write_nowait(data):
+            await self.drain()
+
+    async def read(self):
+        try:
+            frame = await read_frame(self._reader)
+        except (ValueError, ConnectionError, OSError):
+            frame = None
+        return grpc.aio.EOF if frame is None else frame
+
+    def cancel(self) -> None:
+        self._writer.close()
+
+    async def code(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._writer.wait_closed()

@@ -1,0 +1,182 @@
+"""The co-located channel (ps.local): a worker on the server's host sends its stream frames over
+the server's abstract Unix socket instead of a gRPC stream. Same answers and errors; the token
+and the user are checked before any frame is served; a broken framing ends the connection and
+changes nothing; a socket that cannot be reached leaves the worker on the gRPC stream, and a
+restarted server's new socket is found at Register."""
+
+import asyncio
+import os
+import socket
+import struct
+
+import grpc
+import pytest
+import torch
+
+from ps import local, wire
+from ps.config import OptimizerConfig, ServerConfig
+from ps.errors import InvalidArgument, Unauthenticated, UnknownKey
+from ps.proto import ps_pb2 as pb
+from ps.server.app import create_server
+from ps.worker.client import PSClient
+
+pytestmark = pytest.mark.skipif(not local.SUPPORTED, reason="abstract Unix sockets are Linux's")
+SGD1 = OptimizerConfig("sgd", lr=1.0)
+N = 1 << 16  # above shm.MIN_BYTES: pushes and pulls take the segment
+
+
+@pytest.fixture
+def server():
+    srv = create_server(ServerConfig(mode="async", auth_token="tok"))
+    yield srv
+    srv.stop(grace=0)
+
+
+def _on_local(client) -> list[bool]:
+    return [m is not None and m.on_local for m in client._t._mux]
+
+
+def test_a_co_located_worker_streams_over_the_local_socket_with_the_same_answers_and_errors(server):
+    assert server.local is not None and server.local.name.startswith("\0ps-")
+    with PSClient([server.address], "w", auth_token="tok", transport="auto") as c:
+        clock = c.setup({"w": torch.zeros(N), "small": torch.zeros(3)}, SGD1)
+        assert c.info[0].local_socket == server.local.name
+        assert c.paths() == ["shm"] and _on_local(c) == [True]
+        assert c.push({"w": torch.ones(N), "small": torch.ones(3)}, clock)[0]["outcome"] == "APPLIED"
+        got = c.pull(clock + 1)
+        assert torch.equal(got["w"], torch.full((N,), -1.0)) and torch.equal(got["small"], torch.full((3,), -1.0))
+        _, pulled = c.push_pull({"w": torch.ones(N), "small": torch.ones(3)}, clock + 1)
+        assert torch.equal(pulled["small"], torch.full((3,), -2.0))
+        assert c.stats()[0]["shm_segments"] == 1
+        with pytest.raises(UnknownKey, match="nope#0"):
+            c._t.run(c._t.call(0, "Pull", pb.PullRequest(worker_id="w", plan_fingerprint=c.plan.fingerprint, clock=1,
+                                                         keys=["nope#0"])))
+        bad = torch.ones(3)
+        bad[1] = float("nan")
+        with pytest.raises(InvalidArgument, match="NaN"):
+            c.push({"w": torch.ones(N), "small": bad}, clock + 2)
+        assert c.stats()[0]["version"] == 2
+        assert torch.equal(c.pull(clock + 2)["small"], torch.full((3,), -2.0))
+
+
+def test_no_local_socket_without_shared_memory():
+    srv = create_server(ServerConfig(mode="async", shm=False))
+    try:
+        assert srv.local is None
+        with PSClient([srv.address], "w", transport="auto") as c:
+            c.setup({"w": torch.zeros(4)}, SGD1)
+            assert c.info[0].local_socket == "" and c.paths() == ["stream"] and _on_local(c) == [False]
+    finally:
+        srv.stop(grace=0)
+
+
+def test_a_missing_or_wrong_token_is_refused_before_any_frame_is_served(server):
+    for authorization in ("", "Bearer wrong", "tok"):
+        with pytest.raises(Unauthenticated, match="auth token"):
+            asyncio.run(local.LocalCall.connect(server.local.name, authorization))
+    assert server.shard.counters["unauthenticated"] == 3
+
+    async def stats_with(authorization):
+        call = await local.LocalCall.connect(server.local.name, authorization)
+        await call.write(wire.stream_request("Stats", 1, pb.StatsRequest()).tobytes())
+        rid, status, body = wire.read_stream_answer(await call.read())
+        call.cancel()
+        return rid, status, pb.StatsResponse.FromString(bytes(body))
+
+    rid, status, stats = asyncio.run(stats_with("Bearer tok"))
+    assert (rid, status) == (1, None) and stats.rejected == 0
+
+
+def _connect_raw(name: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(name)
+    return s
+
+
+def _frame(data: bytes) -> bytes:
+    return struct.pack("<I", len(data)) + data
+
+
+def _read_all(s: socket.socket) -> bytes:
+    out = b""
+    while chunk := s.recv(1 << 16):
+        out += chunk
+    return out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another user")
+def test_a_process_of_another_user_is_refused(server):
+    pid = os.fork()
+    if pid == 0:  # the child: another user, plain sockets only
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            s = _connect_raw(server.local.name)
+            try:
+                s.sendall(_frame(local.HELLO + b"Bearer tok"))
+                answer = _read_all(s)
+            except (BrokenPipeError, ConnectionResetError):  # closed before the hello was read
+                answer = b""
+            code = 0 if answer == b"" else 2  # closed without a welcome
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert server.shard.counters["unauthenticated"] == 1
+
+
+@pytest.mark.parametrize("garbage", [
+    struct.pack("<I", local.MAX_FRAME + 1) + b"x" * 64,  # a length over the limit
+    struct.pack("<I", 1 << 20) + b"short",  # a frame cut off by the end of the connection
+    b"\x01\x02",  # a length cut off
+])
+def test_broken_framing_ends_the_connection_and_changes_nothing(server, garbage):
+    with PSClient([server.address], "w", auth_token="tok") as c:
+        c.setup({"w": torch.arange(4.0)}, SGD1)
+        version = c.stats()[0]["version"]
+        s = _connect_raw(server.local.name)
+        s.sendall(_frame(local.HELLO + b"Bearer tok"))
+        assert s.recv(64) == _frame(local.WELCOME)
+        s.sendall(garbage)
+        s.shutdown(socket.SHUT_WR)
+        assert _read_all(s) == b""  # ended, nothing answered
+        s.close()
+        assert c.stats()[0]["version"] == version
+        assert torch.equal(c.pull(0, observer=True)["w"], torch.arange(4.0))
+        c.push({"w": torch.ones(4)}, 0)  # the server goes on serving
+        assert torch.equal(c.pull(1)["w"], torch.arange(4.0) - 1)
+
+
+def test_a_local_socket_that_cannot_be_reached_leaves_the_worker_on_the_grpc_stream(server):
+    asyncio.run_coroutine_threadsafe(server.local.stop(), server._loop).result()  # no one listens there now
+    with PSClient([server.address], "w", auth_token="tok", transport="auto") as c:
+        clock = c.setup({"w": torch.zeros(N)}, SGD1)
+        assert c.paths() == ["shm"] and _on_local(c) == [False]  # the segment, on the gRPC stream
+        c.push({"w": torch.ones(N)}, clock)
+        assert torch.equal(c.pull(clock + 1)["w"], torch.full((N,), -1.0))
+
+
+def test_a_restarted_server_is_followed_to_its_new_local_socket():
+    first = create_server(ServerConfig(mode="async"))
+    port, old = first.port, first.local.name
+    with PSClient([first.address], "w", transport="auto", retry_timeout=30) as c:
+        clock = c.setup({"w": torch.zeros(N)}, SGD1)
+        weights = c.pull(clock)
+        c.hold(weights)
+        assert _on_local(c) == [True]
+        first.stop(grace=0)
+        second = create_server(ServerConfig(mode="async", port=port))
+        try:
+            assert second.local.name != old
+            # The old socket is gone: the worker falls back to the gRPC stream, is told it is
+            # unknown there, registers again (re-initialising the empty server from the weights
+            # it holds) and takes the new socket from that answer.
+            assert c.push({"w": torch.ones(N)}, clock)[0]["outcome"] in ("APPLIED", "EVICTED")
+            c.pull(clock + 1, into=weights)
+            assert c.info[0].local_socket == second.local.name
+            c.push({"w": torch.ones(N)}, clock + 1)
+            assert _on_local(c) == [True]
+        finally:
+            second.stop(grace=0)
