@@ -121,15 +121,23 @@ class PushStream:
 
 
 class Prefetch:
-    """Weights being pulled in the background (`PSClient.prefetch`)."""
+    """Weights being pulled in the background (`PSClient.prefetch`): the task's result is the
+    Pulled and the client's count of waited-out outages when it ended."""
 
-    def __init__(self, client: "PSClient", task: asyncio.Task):
-        self._client, self._task = client, task
+    def __init__(self, client: "PSClient", task: asyncio.Task, clock: int, names: Sequence[str] | None):
+        self._client, self._task, self._clock, self._names = client, task, clock, names
 
     def install(self, into: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Wait, write the weights into `into` {name: tensor}, and count the versions read as this
-        worker's (the base of its next push)."""
-        pulled: Pulled = self._client._t.result(self._task)
+        worker's (the base of its next push). Weights read before a call of this worker waited
+        out an outage (the push this prefetch overlapped, say) may be far older than the others'
+        pushes since: those are read again instead (see PSClient._pull)."""
+        pulled, seen = self._client._t.result(self._task)
+        if self._client._t.recoveries != seen:
+            pulled.drain()
+            log.info("%s: the prefetched weights for clock %d were read before an outage was waited out; "
+                     "reading them again", self._client.worker_id, self._clock)
+            return self._client.pull(self._clock, names=self._names, into=into)
         pulled.given = dict(into)
         return self._client._installed(pulled)
 
@@ -329,7 +337,11 @@ class PSClient:
         this worker computes the step before). The versions read count only once installed."""
         # Should it have to register again, this worker is still at clock - 1 (its push for that
         # step may not have gone out yet): registering at `clock` would make that push a duplicate.
-        return Prefetch(self, self._t.start(self._pull(clock, False, names, None, own_clock=clock - 1)))
+        async def fetch() -> tuple[Pulled, int]:
+            pulled = await self._pull(clock, False, names, None, own_clock=clock - 1)
+            return pulled, self._t.recoveries
+
+        return Prefetch(self, self._t.start(fetch()), clock, names)
 
     def _installed(self, pulled: Pulled) -> dict[str, torch.Tensor]:
         """A worker's pull is complete: its weights are in place and its versions are this worker's."""

@@ -2,7 +2,8 @@
 others) retries there until the link returns. The weights the other shards sent it at the start
 of that wait are old by then: the worker reads them again before it trains on them, so its next
 push is not stale by everything the other workers pushed meanwhile (in async mode nothing else
-bounds that). Real server processes, on every transport."""
+bounds that). The same holds for weights prefetched in full before a push that met the outage.
+Real server processes, on every transport."""
 
 import threading
 import time
@@ -18,12 +19,19 @@ from tests.proxy import Proxy
 OTHERS = 6  # pushes another worker makes while the link is cut
 
 
+def _wait(predicate, timeout=30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
 def _on_shards(client, names):
     return {n: {s.name: k for k in range(len(client.servers)) for s in client.plan.slices_for(k)}[n] for n in names}
 
 
 @pytest.mark.parametrize("transport", ["unary", "stream", "shm"])
-@pytest.mark.parametrize("how", ["push_pull", "pull"])
+@pytest.mark.parametrize("how", ["push_pull", "pull", "prefetch"])
 def test_weights_read_before_a_cut_link_came_back_are_read_again(cluster, transport_for, monkeypatch, transport,
                                                                  how):
     transport = transport_for(transport)
@@ -47,23 +55,28 @@ def test_weights_read_before_a_cut_link_came_back_are_read_again(cluster, transp
             grads = {n: torch.ones(64) for n in tensors}
             if how == "pull":  # the cut comes between a push and the pull after it
                 late.push(grads, 0)
+            if how == "prefetch":  # the next step's weights, read in full before the push that meets the cut
+                ahead = late.prefetch(1)
+                _wait(lambda: ahead._task.done())
+            pulls = observer.stats()[1]["pulls"]
             proxy.cut()
             done = threading.Event()
 
             def step():
                 if how == "push_pull":
                     late.push_pull(grads, 0, into=into)
-                else:
+                elif how == "pull":
                     late.pull(1, into=into)
+                else:
+                    late.push(grads, 0)
                 done.set()
 
             thread = threading.Thread(target=step)
             thread.start()
-            if how == "push_pull":
-                deadline = time.monotonic() + 30
-                while observer.stats()[1]["version"] < 1:  # shard 1 took the push (and answered)
-                    assert time.monotonic() < deadline
-                    time.sleep(0.02)
+            if how == "pull":
+                _wait(lambda: observer.stats()[1]["pulls"] > pulls)  # shard 1 read the weights
+            else:
+                _wait(lambda: observer.stats()[1]["version"] >= 1)  # shard 1 took the push (and answered)
             time.sleep(0.3)  # shard 1's answer is back
             for clock in range(OTHERS):
                 other.push({n: torch.full((64,), 0.5) for n in tensors}, clock)
@@ -71,6 +84,8 @@ def test_weights_read_before_a_cut_link_came_back_are_read_again(cluster, transp
             proxy.restore()
             thread.join(60)
             assert done.is_set()
+            if how == "prefetch":
+                ahead.install(into)
             # The weights the late worker holds are the servers' weights now, on both shards.
             now = observer.pull(0, observer=True)
             for n in tensors:
