@@ -10,7 +10,8 @@ VIAS = ("grpc", "local")
 
 async def exchange(server, frames, via: str = "grpc", token: str = ""):
     """Send `frames` on one stream of `server` (a RunningServer), then end it: the answers
-    (id, status, body) in the order they came."""
+    (id, status, body) in the order they came. On the local socket, where ending the connection
+    cancels what it asked, every frame must get one answer (they are awaited first)."""
     frames = [f.tobytes() if isinstance(f, wire.Frame) else f for f in frames]
     out = []
     if via == "grpc":
@@ -26,8 +27,7 @@ async def exchange(server, frames, via: str = "grpc", token: str = ""):
         call = await local.LocalCall.connect(server.local.name, f"Bearer {token}" if token else "")
         for f in frames:
             await call.write(f)
-        call._writer.write_eof()  # the worker is done sending, as done_writing says on gRPC
-        while (data := await call.read()) is not grpc.aio.EOF:
+        while len(out) < len(frames) and (data := await call.read()) is not grpc.aio.EOF:
             out.append(wire.read_stream_answer(data))
         call.cancel()
     return [(rid, status, bytes(body)) for rid, status, body in out]

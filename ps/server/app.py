@@ -179,7 +179,12 @@ async def _serve(shard: Shard, pool: ThreadPoolExecutor) -> tuple:
     if port == 0:
         raise BindError(f"could not bind {address}: address in use or not an address of this machine")
     local_server = await _listen_locally(servicer, refused) if servicer.host and local.SUPPORTED else None
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        if local_server is not None:
+            await local_server.stop()
+        raise
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, port, health_servicer, local_server
@@ -194,7 +199,7 @@ async def _listen_locally(servicer: ParameterServerServicer, refused) -> "local.
     except OSError as e:  # co-located workers then use the gRPC stream (and the segments) instead
         log.warning("shard %d: no local socket for co-located workers (%s)", servicer.shard.cfg.shard_id, e)
         return None
-    servicer.local_socket = local_server.name
+    servicer.local = local_server
     return local_server
 
 

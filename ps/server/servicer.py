@@ -148,7 +148,7 @@ class ParameterServerServicer:
         self._streams: set[_Stream] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.host = shm.host_identity() if shm_enabled else ""
-        self.local_socket = ""  # the co-located channel's socket name (ps.local), once it listens
+        self.local = None  # the co-located channel (ps.local.LocalServer), once it listens
         self.shm_bytes = 0
         shard.on_stop(self._end_streams)
         shard.on_depart(self._worker_gone)
@@ -426,8 +426,12 @@ class ParameterServerServicer:
             **out, mode=cfg.mode, staleness=cfg.staleness, num_workers=cfg.num_workers,
             worker_timeout=cfg.worker_timeout, shard_id=cfg.shard_id, num_shards=cfg.num_shards,
             backup_workers=cfg.backup_workers, transports=["unary", "stream", *(["shm"] if self.host else [])],
-            host=self.host, local_socket=self.local_socket,
+            host=self.host, local_socket=self._local_socket(),
         )
+
+    def _local_socket(self) -> str:
+        """The local socket's name for a co-located worker ("" once it no longer listens)."""
+        return self.local.name if self.local is not None and self.local.listening else ""
 
     def _init_now(self, request) -> bool:
         if request.plan.num_shards != self.shard.cfg.num_shards:  # before any work on the plan

@@ -72,6 +72,10 @@ class _Open:
         # once the server answers that id (its answer, or CANCELLED once it has really stopped).
         self.retired: dict[int, list] = {}
         self.draining = False  # no new requests: it ends once those on it are answered (Mux.leave_grpc)
+        self.closed = False  # its reader has ended: nothing more will be answered on it
+        # Requests withdrawn in the very turn their answer was read (a deadline, a cancellation):
+        # the server is done with their areas.
+        self.late: set[int] = set()
 
     def close_segment(self) -> None:
         seg, self.seg = self.seg, None
@@ -209,12 +213,15 @@ class Mux:
 
     async def _read(self, s: _Open) -> None:
         error: PSError = Unavailable(f"server {self.server} ended the stream")
+        closing = False
         try:
             while (data := await s.call.read()) is not grpc.aio.EOF:
                 rid, status, body = wire.read_stream_answer(data)
                 fut = s.pending.pop(rid, None)
                 if fut is not None and not fut.done():
                     fut.set_result((status, body))
+                elif fut is not None:  # withdrawn this turn: its caller gives its areas back
+                    s.late.add(rid)
                 elif rid in s.retired:  # a withdrawn request the server is done with
                     self._give_back(s, s.retired.pop(rid))
                 if s.draining and not s.pending:
@@ -230,11 +237,18 @@ class Mux:
         except struct.error as e:
             error = Unavailable(f"server {self.server} sent a malformed stream answer ({e})")
         except asyncio.CancelledError:
-            error = Unavailable("the client is closing")
+            error, closing = Unavailable("the client is closing"), True
             raise
         finally:
+            s.closed = True
             if self._open is s:
                 self._open = None
+            if isinstance(s.call, local.LocalCall):
+                s.call.cancel()
+                if not closing:
+                    # The server ended it (it stopped, or dropped this worker): the next stream
+                    # goes by gRPC, whose Register names the socket again if there still is one.
+                    self.local = None
             for fut in s.pending.values():
                 if not fut.done():
                     fut.set_exception(error)
@@ -298,6 +312,8 @@ class Mux:
         answered = False
         timer = None
         try:
+            if s.closed:  # it ended while this request was being placed: nothing would answer it
+                raise Unavailable(f"server {self.server}: the stream ended")
             try:
                 if isinstance(s.call, local.LocalCall):  # queued at once, in order; a cancelled drain loses nothing
                     if s.call.write_nowait(frame.tobytes()):
@@ -334,8 +350,11 @@ class Mux:
             if not answered and taken:
                 if fut.done() and not fut.cancelled() and fut.exception() is None:
                     self._give_back(s, taken)  # it was answered after all: the server is done with them
+                elif rid in s.late:  # withdrawn as its answer came: the server is done with them
+                    self._give_back(s, taken)
                 elif self._open is s and rid not in s.pending:  # withdrawn: free once the server says it is done
                     s.retired[rid] = taken
+            s.late.discard(rid)
         if status is wire.IN_SHM:
             n = wire.shm_answer_length(answer)
             if desc is None or not desc[3] or n > desc[3] or seg is None or seg.bytes is None:
@@ -367,8 +386,13 @@ class Mux:
                 await asyncio.wait_for(s.call.code(), 2.0)
 
     def _cancel(self, s: _Open, rid: int) -> None:
-        """Withdraw a request the caller no longer waits for (the server stops serving it)."""
-        if s.pending.pop(rid, None) is not None and self._open is s:
+        """Withdraw a request the caller no longer waits for (the server stops serving it). A
+        draining stream with nothing else pending just ends (which withdraws it too)."""
+        if s.pending.pop(rid, None) is None:
+            return
+        if s.draining and not s.pending:
+            s.call.cancel()
+        elif s.draining or self._open is s:
             task = asyncio.ensure_future(self._send(s, wire.stream_request("", rid, None).tobytes()))
             task.add_done_callback(_retrieve)  # best effort
 

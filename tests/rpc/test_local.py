@@ -8,6 +8,9 @@ import asyncio
 import os
 import socket
 import struct
+import subprocess
+import sys
+import time
 
 import grpc
 import pytest
@@ -15,10 +18,11 @@ import torch
 
 from ps import local, wire
 from ps.config import OptimizerConfig, ServerConfig
-from ps.errors import InvalidArgument, Unauthenticated, UnknownKey
+from ps.errors import InvalidArgument, Unauthenticated, Unavailable, UnknownKey
 from ps.proto import ps_pb2 as pb
 from ps.server.app import create_server
 from ps.worker.client import PSClient
+from ps.worker.transport import Mux
 
 pytestmark = pytest.mark.skipif(not local.SUPPORTED, reason="abstract Unix sockets are Linux's")
 SGD1 = OptimizerConfig("sgd", lr=1.0)
@@ -149,13 +153,47 @@ def test_broken_framing_ends_the_connection_and_changes_nothing(server, garbage)
         assert torch.equal(c.pull(1)["w"], torch.arange(4.0) - 1)
 
 
-def test_a_local_socket_that_cannot_be_reached_leaves_the_worker_on_the_grpc_stream(server):
-    asyncio.run_coroutine_threadsafe(server.local.stop(), server._loop).result()  # no one listens there now
+def test_a_local_socket_that_goes_away_leaves_the_worker_on_the_grpc_stream(server):
     with PSClient([server.address], "w", auth_token="tok", transport="auto") as c:
         clock = c.setup({"w": torch.zeros(N)}, SGD1)
-        assert c.paths() == ["shm"] and _on_local(c) == [False]  # the segment, on the gRPC stream
-        c.push({"w": torch.ones(N)}, clock)
+        assert _on_local(c) == [True]
+        asyncio.run_coroutine_threadsafe(server.local.stop(), server._loop).result()  # its connections too
+        c.push({"w": torch.ones(N)}, clock)  # retried on a new stream, by gRPC, with a new segment
+        assert c.paths() == ["shm"] and _on_local(c) == [False]
         assert torch.equal(c.pull(clock + 1)["w"], torch.full((N,), -1.0))
+        assert c.info[0].local_socket == server.local.name  # (named at Register, before it went)
+        assert c.stats()[0]["version"] == 1
+
+
+_SQUATTER = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind("\\0" + sys.argv[1])
+s.listen(1)
+print("ready", flush=True)
+conn, _ = s.accept()
+conn.settimeout(3)
+try:
+    data = conn.recv(4096)
+except (socket.timeout, OSError):
+    data = b""
+print(repr(data), flush=True)
+"""
+
+
+def test_a_worker_sends_nothing_to_a_process_that_holds_the_servers_socket_name(server):
+    """Abstract names can be bound by anyone once free: the worker checks that the other end is
+    the process the name names (the server's pid) of its own user before it sends its token."""
+    name = local.new_name()  # names this (test) process, bound by another one
+    squatter = subprocess.Popen([sys.executable, "-c", _SQUATTER, name[1:]], stdout=subprocess.PIPE, text=True)
+    try:
+        assert squatter.stdout.readline().strip() == "ready"
+        with pytest.raises(Unavailable, match="held by process"):
+            asyncio.run(local.LocalCall.connect(name, "Bearer tok"))
+        assert squatter.stdout.readline().strip() == "b''"  # it got nothing, the token least of all
+    finally:
+        squatter.kill()
+        squatter.wait()
 
 
 def test_a_restarted_server_is_followed_to_its_new_local_socket():
@@ -180,3 +218,41 @@ def test_a_restarted_server_is_followed_to_its_new_local_socket():
             assert _on_local(c) == [True]
         finally:
             second.stop(grace=0)
+
+
+def test_a_request_placed_while_its_local_connection_closes_is_retried_not_left_waiting(server, monkeypatch):
+    """The connection ends while a push is being copied into the segment: the push finds its
+    stream ended and is retried on a new one (by gRPC now), instead of waiting out its deadline."""
+    ended = []
+    place = Mux._place
+
+    async def place_while_the_server_drops_the_connection(self, s, body, answer_bytes):
+        if not ended:
+            ended.append(asyncio.run_coroutine_threadsafe(server.local.stop(), server._loop))
+            await asyncio.sleep(0.3)  # the reader has seen the end
+        return await place(self, s, body, answer_bytes)
+
+    with PSClient([server.address], "w", auth_token="tok", transport="auto", rpc_timeout=5) as c:
+        clock = c.setup({"w": torch.zeros(N)}, SGD1)
+        assert _on_local(c) == [True]
+        monkeypatch.setattr(Mux, "_place", place_while_the_server_drops_the_connection)
+        assert c.push({"w": torch.ones(N)}, clock)[0]["outcome"] == "APPLIED"  # (not DeadlineExceeded)
+        assert ended and _on_local(c) == [False]
+        assert torch.equal(c.pull(clock + 1)["w"], torch.full((N,), -1.0))
+
+
+def test_connections_that_never_say_hello_are_closed_and_capped(server, monkeypatch):
+    monkeypatch.setattr(local, "HELLO_TIMEOUT", 1.0)
+    monkeypatch.setattr(local, "MAX_GREETING", 2)
+    silent = [_connect_raw(server.local.name) for _ in range(2)]
+    time.sleep(0.2)  # the server has taken them
+    extra = _connect_raw(server.local.name)
+    extra.settimeout(0.5)  # (less than the time to say hello)
+    assert _read_all(extra) == b""  # over the cap: closed at once
+    for s in silent:  # closed once their time to say hello is up
+        assert _read_all(s) == b""
+        s.close()
+    extra.close()
+    with PSClient([server.address], "w", auth_token="tok", transport="auto") as c:  # and serving still
+        c.setup({"w": torch.zeros(4)}, SGD1)
+        assert _on_local(c) == [True]

@@ -167,6 +167,8 @@ _VICTIM = textwrap.dedent("""
     print(",".join(c.paths()), flush=True)
     if sys.argv[4] == "stay":
         time.sleep(600)
+    if sys.argv[4] == "wait":  # a pull that waits for a worker that never pushes (ssp, staleness 0)
+        c.pull(clock + 1)
 """)
 
 
@@ -175,21 +177,26 @@ def _mapped(pid: int) -> list[str]:
         return [line for line in f if "memfd:ps-segment" in line]
 
 
-def test_a_killed_workers_segment_is_reclaimed():
-    procs = start_servers(1, "async", 1, out=io.StringIO())
-    victim = subprocess.Popen([sys.executable, "-c", _VICTIM, procs[0].address, "victim", "shm", "stay"],
+@pytest.mark.parametrize("doing", ["stay", "wait"])
+def test_a_killed_workers_segment_is_reclaimed(doing):
+    """At once, not when the worker's lease runs out (60 s here), even with a pull waiting."""
+    procs = start_servers(1, "ssp", 2, staleness=0, worker_timeout=60, out=io.StringIO())
+    other = PSClient([procs[0].address], "other")  # registered, never pushes: the victim's pull waits for it
+    other.setup({"w": torch.zeros(1 << 16)}, SGD1)
+    victim = subprocess.Popen([sys.executable, "-c", _VICTIM, procs[0].address, "victim", "shm", doing],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert victim.stdout.readline().strip() == "shm"
         server_pid = procs[0].popen.pid
         assert len(_mapped(server_pid)) == 1  # mapped by the server (no name: a memory file)
+        time.sleep(0.3)  # (wait: the pull is out)
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
         assert _until(lambda: not _mapped(server_pid)), _mapped(server_pid)
-        with PSClient([procs[0].address], "observer", heartbeat=False) as obs:
-            assert obs.stats()[0]["shm_segments"] == 0
+        assert other.stats()[0]["shm_segments"] == 0 and other.stats()[0]["active_workers"] == 2  # not evicted
     finally:
         victim.kill()
+        other.close()
         stop_all(procs)
 
 
