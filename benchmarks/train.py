@@ -1,8 +1,9 @@
 """Training throughput: samples per second of a sync-mode run (2 workers, 2 servers) against
 torch DistributedDataParallel over gloo (2 processes) on the same model, data, batches and
-optimizer, measured in the same run. Both are timed the same way, from the workers' own step
-logs: from the moment every worker is ready (after setup and the start barrier) to the end of
-the last step of the slowest worker; start-up and process exit are left out of both.
+optimizer, measured in the same run. Both are timed the same way, from worker 0's own step
+log, each step from the end of the one before, from the moment every worker is ready (after
+setup and the start barrier): start-up and process exit are left out of both, and so are the
+all-reduce baseline's test-set evaluations (steps after which it evaluated are not counted).
 
     python benchmarks/train.py [--model mlp --data digits --epochs 10]
 """
@@ -10,7 +11,6 @@ the last step of the slowest worker; start-up and process exit are left out of b
 from __future__ import annotations
 
 import argparse
-import glob
 import io
 import json
 import os
@@ -20,17 +20,20 @@ from ps.compare.runner import run
 from ps.compare.spec import CompareConfig, RunSpec
 
 
-def step_time(log_dir: str) -> tuple[int, float]:
-    """(steps, seconds) of a run from its workers' step logs: the steps worker 0 logged, and
-    the time of the slowest worker's last step (each worker's clock starts once all are ready)."""
-    steps, seconds = 0, 0.0
-    for path in glob.glob(os.path.join(log_dir, "*.jsonl")):
-        records = [r for r in map(json.loads, open(path, encoding="utf-8")) if "step" in r and not r.get("final")]
-        if records:
-            seconds = max(seconds, records[-1]["time"])
-            if path.endswith("worker-0.jsonl"):
-                steps = len(records)
-    return steps, seconds
+def step_time(log_dir: str) -> tuple[int, int, float]:
+    """(steps run, steps timed, seconds) from worker 0's step log. A step's time runs from the
+    end of the one before (its clock starts once every worker is ready); the steps after which
+    the all-reduce baseline evaluates the test set (rank 0, every few steps, for ps-compare's
+    curves; a ps worker leaves that to the observer) are left out with their time."""
+    with open(os.path.join(log_dir, "worker-0.jsonl"), encoding="utf-8") as f:
+        records = [r for r in map(json.loads, f) if "step" in r and not r.get("final")]
+    timed, seconds, before = 0, 0.0, 0.0
+    for r in records:
+        if "test_accuracy" not in r:
+            timed += 1
+            seconds += r["time"] - before
+        before = r["time"]
+    return len(records), timed, seconds
 
 
 def main() -> None:
@@ -48,11 +51,11 @@ def main() -> None:
         for spec in cfg.runs:
             result = run(spec, cfg, io.StringIO(), lambda point: None)
             assert result.error is None, result.error
-            steps, seconds = step_time(os.path.join(out, "logs", spec.label))
+            steps, timed, seconds = step_time(os.path.join(out, "logs", spec.label))
             assert steps == result.updates, (steps, result.updates)
-            rates[spec.label] = steps * cfg.workers * cfg.batch_size / seconds
-            print(f"{spec.label:10} {steps} steps in {seconds:.2f}s: {rates[spec.label]:8.0f} samples/s "
-                  f"(start to exit: {result.train_time:.2f}s)")
+            rates[spec.label] = timed * cfg.workers * cfg.batch_size / seconds
+            print(f"{spec.label:10} {steps} steps, {timed} timed in {seconds:.2f}s: {rates[spec.label]:8.0f} "
+                  f"samples/s (start to exit: {result.train_time:.2f}s)")
     print(f"{args.model} on {args.data}, 2 workers x batch {args.batch_size}: "
           f"ps sync / DDP = {rates['sync'] / rates['allreduce']:.2f}")
 
