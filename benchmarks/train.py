@@ -1,9 +1,10 @@
 """Training throughput: samples per second of a sync-mode run (2 workers, 2 servers) against
 torch DistributedDataParallel over gloo (2 processes) on the same model, data, batches and
 optimizer, measured in the same run. Both are timed the same way, from worker 0's own step
-log, each step from the end of the one before, from the moment every worker is ready (after
-setup and the start barrier): start-up and process exit are left out of both, and so are the
-all-reduce baseline's test-set evaluations (steps after which it evaluated are not counted).
+log: from the end of the first step (its pull and warm-up left out) to the end of the last.
+Neither run evaluates anything while it trains (no observer samples for ps, no rank-0
+evaluations for DDP: `CompareConfig.curves` off), and start-up and process exit are outside
+the window for both.
 
     python benchmarks/train.py [--model mlp --data digits --epochs 10]
 """
@@ -21,19 +22,12 @@ from ps.compare.spec import CompareConfig, RunSpec
 
 
 def step_time(log_dir: str) -> tuple[int, int, float]:
-    """(steps run, steps timed, seconds) from worker 0's step log. A step's time runs from the
-    end of the one before (its clock starts once every worker is ready); the steps after which
-    the all-reduce baseline evaluates the test set (rank 0, every few steps, for ps-compare's
-    curves; a ps worker leaves that to the observer) are left out with their time."""
+    """(steps run, steps timed, seconds) from worker 0's step log: every step but the first
+    (its pull and warm-up), each from the end of the one before."""
     with open(os.path.join(log_dir, "worker-0.jsonl"), encoding="utf-8") as f:
         records = [r for r in map(json.loads, f) if "step" in r and not r.get("final")]
-    timed, seconds, before = 0, 0.0, 0.0
-    for r in records:
-        if "test_accuracy" not in r:
-            timed += 1
-            seconds += r["time"] - before
-        before = r["time"]
-    return len(records), timed, seconds
+    assert not any("test_accuracy" in r for r in records), "the benchmark runs evaluate nothing while they train"
+    return len(records), len(records) - 1, records[-1]["time"] - records[0]["time"]
 
 
 def main() -> None:
@@ -46,7 +40,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         cfg = CompareConfig(runs=(RunSpec("sync", "sync"), RunSpec("allreduce", "allreduce")), workers=2, servers=2,
                             model=args.model, data=args.data, epochs=args.epochs, batch_size=args.batch_size,
-                            eval_interval=5.0, out=out)
+                            curves=False, out=out)
         rates = {}
         for spec in cfg.runs:
             result = run(spec, cfg, io.StringIO(), lambda point: None)

@@ -190,6 +190,8 @@ class LocalServer:
                     while (frame := await read_frame(reader)) is not None:
                         yield frame
                         await writer.drain()  # answers not read yet: read no more requests meanwhile
+                except (ConnectionResetError, BrokenPipeError) as e:  # the worker went away with data unread
+                    log.debug("local connection ended: %s", e)
                 except (ValueError, ConnectionError) as e:  # the framing is lost: end this connection
                     log.warning("local connection ended: %s", e)
                     writer.close()

@@ -86,6 +86,7 @@ def train(cfg: WorkerConfig, master: str) -> float | None:
         if cfg.rank == 0 and cfg.log_dir:  # for ps-compare to set beside a parameter-server run's weights
             save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters()},
                       os.path.join(cfg.log_dir, FINAL_WEIGHTS))
+        dist.barrier()  # every rank is done with every collective before any tears its group down
         return acc
     finally:
         dist.destroy_process_group()
@@ -111,4 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Leave without running C++ static destructors: after the group is destroyed, torch's
+    # distributed runtime was seen to abort a rank at interpreter exit now and then ("terminate
+    # called without an active exception", SIGABRT) when its work was done and saved.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

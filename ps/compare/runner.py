@@ -104,7 +104,7 @@ def run_ps(spec: RunSpec, cfg: CompareConfig, log: IO[str], progress: Callable[[
             time.sleep(0.02)
         t0[0] = time.monotonic()
         started.set()
-        while not stop.is_set():
+        while cfg.curves and not stop.is_set():
             next_at = time.monotonic() + cfg.eval_interval
             try:
                 sample()
@@ -145,7 +145,7 @@ def run_ps(spec: RunSpec, cfg: CompareConfig, log: IO[str], progress: Callable[[
 def run_allreduce(spec: RunSpec, cfg: CompareConfig, log: IO[str], progress: Callable[[dict], None]) -> RunResult:
     result = RunResult(spec)
     log_dir = _fresh(os.path.join(cfg.out, "logs", spec.label))
-    eval_every = max(1, _steps(cfg) // 40)
+    eval_every = max(1, _steps(cfg) // 40) if cfg.curves else 0
     port = free_port()
     workers = [start_worker(f"worker-{r}", ["--world-size", str(cfg.workers), "--master-port", str(port),
                                             "--eval-every", str(eval_every), *_argv(cfg, r, log_dir, ps=False)],

@@ -93,6 +93,9 @@ class CompareConfig:
     target_accuracy: float | None = None
     target_loss: float | None = None
     eval_interval: float = 0.25
+    # Learning curves sampled during training (the observer's evaluations, all-reduce rank 0's):
+    # False leaves the training's processes alone until the end (throughput benchmarks).
+    curves: bool = True
     worker_timeout: float = 5.0
     timeout: float = 900.0
     partition_bytes: int = DEFAULT_PARTITION_BYTES

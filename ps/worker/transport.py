@@ -99,7 +99,8 @@ class Mux:
         self.shm: tuple[str, int] | None = None
         self.shm_note = ""  # why shared memory is not used, once it failed
         # The server's local socket (ps.local) while shared memory is wanted: new streams go over it
-        # instead of gRPC. None: not offered, or connecting failed (until the next Register).
+        # instead of gRPC. None: not offered, or connecting to it failed (until the next Register,
+        # which a restarted server leads the worker to).
         self.local: str | None = None
         self._opening = asyncio.Lock()
 
@@ -143,7 +144,7 @@ class Mux:
                 raise ShmUnavailable(f"server {self.server} mapped a segment, but this worker does not see its nonce "
                                      "there: the two do not share memory")
         except (PSError, asyncio.TimeoutError) as e:
-            s.pending.pop(rid, None)
+            self._forget(s, rid)
             seg.close()
             # Not shared (another host) or not offered: for good. Else (the stream broke, the
             # worker is not registered yet): the next stream offers again.
@@ -165,12 +166,13 @@ class Mux:
         """A stream over the server's local socket; None (the gRPC stream then) if it cannot be
         reached: the server went away (a restarted one names a new socket at Register, which the
         gRPC stream leads to) or does not share this network namespace after all."""
-        authorization = dict(self.metadata or ()).get("authorization", "")
+        authorization, name = dict(self.metadata or ()).get("authorization", ""), self.local
         try:
-            return await local.LocalCall.connect(self.local, authorization)
+            return await local.LocalCall.connect(name, authorization)
         except (OSError, ValueError, asyncio.TimeoutError, Unavailable) as e:
             log.info("server %s: local socket not reached (%s); using the gRPC stream", self.server, e)
-            self.local = None
+            if self.local == name:  # (a Register may have named a new one meanwhile)
+                self.local = None
             return None
 
     def leave_grpc(self) -> None:
@@ -213,7 +215,6 @@ class Mux:
 
     async def _read(self, s: _Open) -> None:
         error: PSError = Unavailable(f"server {self.server} ended the stream")
-        closing = False
         try:
             while (data := await s.call.read()) is not grpc.aio.EOF:
                 rid, status, body = wire.read_stream_answer(data)
@@ -237,18 +238,14 @@ class Mux:
         except struct.error as e:
             error = Unavailable(f"server {self.server} sent a malformed stream answer ({e})")
         except asyncio.CancelledError:
-            error, closing = Unavailable("the client is closing"), True
+            error = Unavailable("the client is closing")
             raise
         finally:
             s.closed = True
             if self._open is s:
                 self._open = None
             if isinstance(s.call, local.LocalCall):
-                s.call.cancel()
-                if not closing:
-                    # The server ended it (it stopped, or dropped this worker): the next stream
-                    # goes by gRPC, whose Register names the socket again if there still is one.
-                    self.local = None
+                s.call.cancel()  # (the next stream connects again: to a server gone, that fails at once)
             for fut in s.pending.values():
                 if not fut.done():
                     fut.set_exception(error)
@@ -317,7 +314,7 @@ class Mux:
             try:
                 if isinstance(s.call, local.LocalCall):  # queued at once, in order; a cancelled drain loses nothing
                     if s.call.write_nowait(frame.tobytes()):
-                        await s.call.drain()
+                        await asyncio.wait_for(s.call.drain(), timeout)  # (a server that stops reading)
                 else:  # the write goes on if this caller is cancelled: cancelling a write cancels the whole call
                     write = asyncio.ensure_future(self._send(s, frame.tobytes()))
                     write.add_done_callback(_retrieve)
@@ -338,7 +335,7 @@ class Mux:
             self._cancel(s, rid)
             raise
         except PSError:
-            s.pending.pop(rid, None)
+            self._forget(s, rid)
             raise
         finally:
             if timer is not None:
@@ -385,14 +382,19 @@ class Mux:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(s.call.code(), 2.0)
 
-    def _cancel(self, s: _Open, rid: int) -> None:
-        """Withdraw a request the caller no longer waits for (the server stops serving it). A
-        draining stream with nothing else pending just ends (which withdraws it too)."""
+    @staticmethod
+    def _forget(s: _Open, rid: int) -> bool:
+        """Stop waiting for request `rid`'s answer; whether it was awaited. A draining stream
+        left with nothing pending ends (which withdraws what it carried)."""
         if s.pending.pop(rid, None) is None:
-            return
+            return False
         if s.draining and not s.pending:
             s.call.cancel()
-        elif s.draining or self._open is s:
+        return True
+
+    def _cancel(self, s: _Open, rid: int) -> None:
+        """Withdraw a request the caller no longer waits for (the server stops serving it)."""
+        if self._forget(s, rid) and not s.closed and (self._open is s or (s.draining and s.pending)):
             task = asyncio.ensure_future(self._send(s, wire.stream_request("", rid, None).tobytes()))
             task.add_done_callback(_retrieve)  # best effort
 

@@ -8,11 +8,8 @@ import asyncio
 import os
 import socket
 import struct
-import subprocess
-import sys
 import time
 
-import grpc
 import pytest
 import torch
 
@@ -163,37 +160,56 @@ def test_a_local_socket_that_goes_away_leaves_the_worker_on_the_grpc_stream(serv
         assert torch.equal(c.pull(clock + 1)["w"], torch.full((N,), -1.0))
         assert c.info[0].local_socket == server.local.name  # (named at Register, before it went)
         assert c.stats()[0]["version"] == 1
+    with PSClient([server.address], "w2", auth_token="tok", transport="auto") as c2:  # not named once it is gone
+        c2.setup({"w": torch.zeros(N)}, SGD1)
+        assert c2.info[0].local_socket == "" and c2.paths() == ["shm"] and _on_local(c2) == [False]
 
 
-_SQUATTER = """
-import socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.bind("\\0" + sys.argv[1])
-s.listen(1)
-print("ready", flush=True)
-conn, _ = s.accept()
-conn.settimeout(3)
-try:
-    data = conn.recv(4096)
-except (socket.timeout, OSError):
-    data = b""
-print(repr(data), flush=True)
-"""
+def _squat(name: str, uid: int | None = None) -> tuple[int, int]:
+    """Fork a process (of user `uid`, else this one's) that binds `name`, takes one connection
+    and reports what it was sent: (its pid, the fd to read "empty" or "got:..." from), once it
+    listens."""
+    ready, result = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: plain sockets only
+        got = b"?"
+        try:
+            if uid is not None:
+                os.setgid(uid)
+                os.setuid(uid)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(name)
+            s.listen(1)
+            os.write(ready[1], b"r")
+            s.settimeout(10)
+            conn, _ = s.accept()
+            conn.settimeout(3)
+            try:
+                got = conn.recv(4096)
+            except (socket.timeout, OSError):
+                got = b""
+        finally:
+            os.write(result[1], b"empty" if got == b"" else b"got:" + got[:40])
+            os._exit(0)
+    assert os.read(ready[0], 1) == b"r"
+    return pid, result[0]
 
 
-def test_a_worker_sends_nothing_to_a_process_that_holds_the_servers_socket_name(server):
+@pytest.mark.parametrize("user", ["same", "other"])
+def test_a_worker_sends_nothing_to_a_process_that_holds_the_servers_socket_name(user):
     """Abstract names can be bound by anyone once free: the worker checks that the other end is
     the process the name names (the server's pid) of its own user before it sends its token."""
+    if user == "other" and os.geteuid() != 0:
+        pytest.skip("needs root to run a process as another user")
     name = local.new_name()  # names this (test) process, bound by another one
-    squatter = subprocess.Popen([sys.executable, "-c", _SQUATTER, name[1:]], stdout=subprocess.PIPE, text=True)
+    pid, result = _squat(name, 65534 if user == "other" else None)
     try:
-        assert squatter.stdout.readline().strip() == "ready"
-        with pytest.raises(Unavailable, match="held by process"):
+        with pytest.raises(Unavailable, match="held by process %d of user %d" % (pid, 65534 if user == "other"
+                                                                                 else os.geteuid())):
             asyncio.run(local.LocalCall.connect(name, "Bearer tok"))
-        assert squatter.stdout.readline().strip() == "b''"  # it got nothing, the token least of all
+        assert os.read(result, 64) == b"empty"  # it got nothing, the token least of all
     finally:
-        squatter.kill()
-        squatter.wait()
+        os.waitpid(pid, 0)
 
 
 def test_a_restarted_server_is_followed_to_its_new_local_socket():
