@@ -66,11 +66,15 @@ def compare_weights(results: Sequence[RunResult], rows: Sequence[dict]) -> None:
             row["weights_vs_allreduce"] = weight_gap(result.weights, base)
 
 
-def _fmt(value) -> str:
+TINY = ("final_loss", "weights_vs_allreduce")  # columns whose values below 1e-3 still say something
+# (a time or a step count that small is just the first sample: 0.0000)
+
+
+def _fmt(value, key: str = "") -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
-        if value and abs(value) < 1e-3:  # weight differences: tiny, and 0 exactly when they are equal
+        if key in TINY and value and abs(value) < 1e-3:  # a weight gap is 0 exactly when equal
             return f"{value:.1e}"
         return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
     return str(value)
@@ -79,7 +83,7 @@ def _fmt(value) -> str:
 def table(rows: Sequence[dict]) -> str:
     head = "| " + " | ".join(title for _, title in COLUMNS) + " |"
     rule = "|" + "|".join(" --- " for _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(_fmt(r[key]) for key, _ in COLUMNS) + " |" for r in rows]
+    body = ["| " + " | ".join(_fmt(r[key], key) for key, _ in COLUMNS) + " |" for r in rows]
     return "\n".join([head, rule, *body])
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ps.compare.report import compare_weights, summarize, table, weight_gap
+from ps.compare.report import COLUMNS, compare_weights, summarize, table, weight_gap
 from ps.compare.runner import RunResult
 from ps.compare.spec import CompareConfig, RunSpec
 
@@ -47,3 +47,12 @@ def test_each_row_gets_its_gap_from_the_all_reduce_run_and_the_table_shows_it(tm
     without = [summarize(r, cfg) for r in results[:2]]
     compare_weights(results[:2], without)  # no all-reduce run: nothing to compare with
     assert [r["weights_vs_allreduce"] for r in without] == [None, None]
+
+
+def test_a_time_to_target_reached_at_the_first_sample_reads_as_zero_not_in_scientific_notation():
+    row = {key: None for key, _ in COLUMNS}
+    row.update(config="sync", status="ok", time_to_target=3e-5, steps_to_target=0.0, final_loss=2.1e-4,
+               weights_vs_allreduce=2e-7)
+    line = table([row]).splitlines()[2]
+    assert line.startswith("| sync | ok | 0.0000 | 0.0000 |")
+    assert "| 2.1e-04 |" in line and line.endswith("| 2.0e-07 |")
