@@ -41,6 +41,7 @@ import re
 
 import grpc
 
+from ps import wire
 from ps.config import MAX_MESSAGE_BYTES
 from ps.errors import Unauthenticated, Unavailable
 
@@ -88,11 +89,13 @@ async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> by
 
 
 def write_frame(writer: asyncio.StreamWriter, data) -> None:
-    n = len(data) if isinstance(data, (bytes, bytearray)) else memoryview(data).nbytes
-    if n <= 1 << 16:  # one write, one syscall
-        writer.write(LENGTH.pack(n) + bytes(data))
+    """One frame: its length, then `data` (bytes-like, or a wire.Frame's pieces), joined into one
+    write (one copy, one syscall)."""
+    if isinstance(data, wire.Frame):
+        n, chunks = data.size, data.chunks
     else:
-        writer.writelines((LENGTH.pack(n), data))
+        n, chunks = memoryview(data).nbytes, (data,)
+    writer.write(b"".join((LENGTH.pack(n), *chunks)))
 
 
 def _peer(writer: asyncio.StreamWriter) -> tuple[int, int]:
@@ -104,8 +107,8 @@ def _peer(writer: asyncio.StreamWriter) -> tuple[int, int]:
 
 class _Sink:
     """Where a connection's answers go: written to the socket as each is put, without a turn of
-    the event loop (the worker bounds what it has in flight, and large answers lie in its
-    segment). put_nowait(None) ends it; get() returns None once it has ended."""
+    the event loop (the connection reads no more requests while they wait to be read).
+    put_nowait(None) ends it; get() returns None once it has ended."""
 
     def __init__(self, writer: asyncio.StreamWriter):
         self._writer, self._ended = writer, asyncio.Event()

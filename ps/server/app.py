@@ -192,8 +192,8 @@ async def _serve(shard: Shard, pool: ThreadPoolExecutor) -> tuple:
 
 async def _listen_locally(servicer: ParameterServerServicer, refused) -> "local.LocalServer | None":
     """The co-located channel (ps.local): its frames are served by the same Stream handler."""
-    local_server = local.LocalServer(lambda requests, sink: servicer.Stream(requests, None, sink), servicer.shard.cfg.auth_token,
-                                     refused)
+    local_server = local.LocalServer(lambda requests, sink: servicer.Stream(requests, None, sink),
+                                     servicer.shard.cfg.auth_token, refused)
     try:
         await local_server.start()
     except OSError as e:  # co-located workers then use the gRPC stream (and the segments) instead

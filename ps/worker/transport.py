@@ -184,8 +184,7 @@ class Mux:
             return
         self._open = None
         s.draining = True
-        if not s.pending:
-            s.call.cancel()
+        self._ended_if_drained(s)
 
     def reoffer(self) -> None:
         """After registering again: an open stream without a segment (its offer came while the
@@ -225,8 +224,7 @@ class Mux:
                     s.late.add(rid)
                 elif rid in s.retired:  # a withdrawn request the server is done with
                     self._give_back(s, s.retired.pop(rid))
-                if s.draining and not s.pending:
-                    s.call.cancel()
+                if self._ended_if_drained(s):
                     break
         except grpc.RpcError as e:
             # The stream's own status concerns the connection, not one request (each request's
@@ -313,7 +311,7 @@ class Mux:
                 raise Unavailable(f"server {self.server}: the stream ended")
             try:
                 if isinstance(s.call, local.LocalCall):  # queued at once, in order; a cancelled drain loses nothing
-                    if s.call.write_nowait(frame.tobytes()):
+                    if s.call.write_nowait(frame):
                         await asyncio.wait_for(s.call.drain(), timeout)  # (a server that stops reading)
                 else:  # the write goes on if this caller is cancelled: cancelling a write cancels the whole call
                     write = asyncio.ensure_future(self._send(s, frame.tobytes()))
@@ -383,13 +381,18 @@ class Mux:
                 await asyncio.wait_for(s.call.code(), 2.0)
 
     @staticmethod
-    def _forget(s: _Open, rid: int) -> bool:
-        """Stop waiting for request `rid`'s answer; whether it was awaited. A draining stream
-        left with nothing pending ends (which withdraws what it carried)."""
-        if s.pending.pop(rid, None) is None:
-            return False
+    def _ended_if_drained(s: _Open) -> bool:
+        """A draining stream with nothing pending ends (which withdraws what it carried)."""
         if s.draining and not s.pending:
             s.call.cancel()
+            return True
+        return False
+
+    def _forget(self, s: _Open, rid: int) -> bool:
+        """Stop waiting for request `rid`'s answer; whether it was awaited."""
+        if s.pending.pop(rid, None) is None:
+            return False
+        self._ended_if_drained(s)
         return True
 
     def _cancel(self, s: _Open, rid: int) -> None:
