@@ -14,6 +14,7 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PS_HOST=0.0.0.0 \
     PS_PORT=5000 \
+    PS_DATA_PORT=5001 \
     PS_LOG_DIR=/data/logs
 
 # The build context is pyproject.toml, README.md, proto/ and ps/ (see .dockerignore).
@@ -29,7 +30,7 @@ RUN python -m pip install --no-cache-dir "torch==${TORCH_VERSION}" /opt/ps \
     && chown 10001:10001 /data
 USER 10001:10001
 
-EXPOSE 5000
+EXPOSE 5000 5001
 # Servers answer the standard gRPC health check (no token needed); workers disable this check.
 HEALTHCHECK --interval=5s --timeout=5s --start-period=60s --retries=5 \
     CMD ["python", "-m", "ps.cli.probe"]

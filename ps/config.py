@@ -18,6 +18,7 @@ MAX_MESSAGE_BYTES = 64 * MiB
 MESSAGE_HEADROOM_BYTES = 1 * MiB
 
 MODES = ("sync", "async", "ssp")
+TRANSPORTS = ("auto", "unary", "stream", "tcp", "shm")  # how a worker's calls travel (ps.worker.transport)
 OPTIMIZERS = ("sgd", "momentum", "adam")
 
 
@@ -116,6 +117,7 @@ class ServerConfig:
     tls_key: str = ""
     tls_ca: str = ""
     shm: bool = True               # offer shared memory to workers on this host (ps.shm)
+    data_port: int = 0             # the TCP data port for workers elsewhere (ps.tcp): 0 a free one, -1 none
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, f"port ({self.port}) must be in [0, 65535]")
@@ -141,6 +143,9 @@ class ServerConfig:
         checkpoint_interval(self.checkpoint_every)
         tls.check(self.tls_cert, self.tls_key, self.tls_ca, server=True)
         _check(-1 <= self.metrics_port <= 65535, f"metrics_port ({self.metrics_port}) must be -1 (off) or in [0, 65535]")
+        _check(-1 <= self.data_port <= 65535, f"data_port ({self.data_port}) must be -1 (none) or in [0, 65535]")
+        _check(self.data_port <= 0 or self.data_port != self.port,
+               f"data_port ({self.data_port}) must differ from port ({self.port})")
         _check(not (self.restore or self.restore_if_present) or bool(self.checkpoint_dir),
                "restore needs a checkpoint_dir to restore from")
 
@@ -168,7 +173,7 @@ class WorkerConfig:
     connect_timeout: float = 60.0
     retry_timeout: float = 300.0  # how long calls retry a server that is down (restarting) before failing
     compress: str = "none"  # gradients on the wire: none, fp16, bf16, topk:R (see ps.compress)
-    transport: str = "auto"  # auto, stream, unary, shm (see ps.worker.transport)
+    transport: str = "auto"  # auto, unary, stream, tcp, shm (see ps.worker.transport)
     tp: int = 1             # tensor-parallel ranks in this worker's group
     micro_batches: int = 1  # gradient accumulation over this many micro-batches per step
     recompute: bool = False  # activation recomputation (models that support it)
@@ -199,8 +204,7 @@ class WorkerConfig:
         _check(self.retry_timeout > 0, f"retry_timeout ({self.retry_timeout}) must be > 0")
         check_partition_bytes(self.partition_bytes)
         compress.parse(self.compress)
-        _check(self.transport in ("auto", "unary", "stream", "shm"),
-               f"transport ({self.transport!r}) must be one of auto, unary, stream, shm")
+        _check(self.transport in TRANSPORTS, f"transport ({self.transport!r}) must be one of {', '.join(TRANSPORTS)}")
         tls.check(self.tls_cert, self.tls_key, self.tls_ca, server=False)
         _check(self.tp >= 1, f"tp ({self.tp}) must be >= 1")
         _check(self.loader_workers >= 0, f"loader_workers ({self.loader_workers}) must be >= 0")

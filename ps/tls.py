@@ -6,6 +6,8 @@ signed (mutual TLS). Client: a CA verifies the server; cert + key present this c
 
 from __future__ import annotations
 
+import ssl
+
 import grpc
 
 from ps.errors import InvalidArgument
@@ -60,3 +62,29 @@ def aio_channel(address: str, options, ca: str = "", cert: str = "", key: str = 
         check(cert, key, ca, server=False)
         return grpc.aio.insecure_channel(address, options=options)
     return grpc.aio.secure_channel(address, channel_credentials(ca, cert, key), options=options)
+
+
+def server_ssl_context(cert: str, key: str, ca: str = "") -> ssl.SSLContext:
+    """The same credentials for a plain socket (ps.tcp's data port): with a CA, clients must
+    present a certificate it signed."""
+    check(cert, key, ca, server=True)
+    _read(cert, "tls_cert"), _read(key, "tls_key")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    if ca:
+        _read(ca, "tls_ca")
+        ctx.load_verify_locations(cafile=ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def client_ssl_context(ca: str, cert: str = "", key: str = "") -> ssl.SSLContext:
+    """A client's context for a plain socket: verifies the server (its certificate and host
+    name, as gRPC does) against `ca`; presents cert + key when given (mutual TLS)."""
+    check(cert, key, ca, server=False)
+    _read(ca, "tls_ca")
+    ctx = ssl.create_default_context(cafile=ca)
+    if cert:
+        _read(cert, "tls_cert"), _read(key, "tls_key")
+        ctx.load_cert_chain(cert, key)
+    return ctx

@@ -22,6 +22,7 @@ the two. Its one refusal of its own is a message of more than _MAX_FIELDS fields
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 
@@ -59,10 +60,12 @@ def _len_field(number: int, length: int) -> bytes:
 
 @dataclass
 class Frame:
-    """An outgoing message as pieces (bytes or buffers) that are joined once, when sent."""
+    """An outgoing message as pieces (bytes or buffers) that are joined once, when sent (on a
+    socket, sent as they are). `head`: for a split frame (ps.link), the bytes of its head."""
 
     chunks: list = field(default_factory=list)
     size: int = 0
+    head: int = 0
 
     @classmethod
     def of(cls, *chunks) -> Frame:
@@ -453,11 +456,16 @@ def handler(servicer) -> grpc.GenericRpcHandler:
 #   a method code | SHM: then u64 request offset, u64 request length (0: the request bytes follow
 #            here, inline), u64 answer offset, u64 answer capacity (0: none reserved)
 #   answer status SHM: the answer lies at the reserved offset; then its u64 length
+# On a plain socket (ps.link), a Pull may ask for its answer as a split frame (flag RAW), so that
+# the tensors' bytes are received straight into the worker's tensors:
+#   answer status RAW: a PullResponse whose tensors carry key, dtype and shape but no data (the
+#            frame's head); the tensors' bytes follow, in that order (its tail)
 
 STREAM_METHOD = "Stream"
 CANCEL = 0
 SEGMENT = 0x7F
 SHM = 0x80
+RAW = 0x40
 STREAM_CODES = {name: i + 1 for i, (name, _, _) in enumerate(_methods())}
 STREAM_NAMES = {code: name for name, code in STREAM_CODES.items()}
 _STATUS = {s.value[0]: s for s in grpc.StatusCode}
@@ -466,6 +474,8 @@ _ANS_HEAD = struct.Struct("<IB")
 _SHM_DESC = struct.Struct("<QQQQ")
 _SHM_LEN = struct.Struct("<Q")
 IN_SHM = "shm"  # read_stream_answer's status for an answer written into the reserved area
+IN_RAW = "raw"  # read_stream_answer's status for a split answer (its body: the PullResponse's head)
+_RAW_STATUS = 0x81
 
 
 @dataclass(frozen=True)
@@ -474,12 +484,15 @@ class StreamRequest:
     rid: int
     body: memoryview  # the request bytes sent inline (or the SEGMENT offer)
     shm: tuple[int, int, int, int] | None = None  # (request offset, length, answer offset, capacity)
+    raw: bool = False  # a Pull whose answer may come as a split frame
 
 
-def stream_request(name: str, rid: int, message, shm: tuple[int, int, int, int] | None = None) -> Frame:
+def stream_request(name: str, rid: int, message, shm: tuple[int, int, int, int] | None = None,
+                   raw: bool = False) -> Frame:
     """A stream request for method `name` ("": cancel `rid`); with `shm`, its descriptor, and
-    `message` inline only when the descriptor's request length is 0."""
-    code = STREAM_CODES[name] if name else CANCEL
+    `message` inline only when the descriptor's request length is 0; `raw`: its answer may come
+    as a split frame (a Pull, on a plain socket)."""
+    code = (STREAM_CODES[name] | (RAW if raw else 0)) if name else CANCEL
     if shm is not None:
         head = _REQ_HEAD.pack(code | SHM, rid) + _SHM_DESC.pack(*shm)
         if shm[1]:
@@ -514,14 +527,15 @@ def read_stream_request(data: bytes) -> StreamRequest:
     if len(data) < _REQ_HEAD.size:
         raise ValueError(f"a stream request of {len(data)} bytes is shorter than its {_REQ_HEAD.size}-byte header")
     raw, rid = _REQ_HEAD.unpack_from(data)
-    code, body = raw & ~SHM, memoryview(data)[_REQ_HEAD.size:]
+    code, body, split = raw & ~(SHM | RAW), memoryview(data)[_REQ_HEAD.size:], bool(raw & RAW)
     if raw == SEGMENT:
         return StreamRequest(SEGMENT, rid, body)
-    if code not in STREAM_NAMES and raw != CANCEL:
+    if (code not in STREAM_NAMES and raw != CANCEL) or (split and code != STREAM_CODES["Pull"]):
         raise ValueError(f"stream request {rid} names method code {raw}, which is none of {sorted(STREAM_NAMES)} "
-                         f"(with or without the shared-memory flag {SHM}), {CANCEL} (cancel) or {SEGMENT} (segment)")
+                         f"(with or without the shared-memory flag {SHM}; Pull's also with the split-answer flag "
+                         f"{RAW}), {CANCEL} (cancel) or {SEGMENT} (segment)")
     if not raw & SHM:
-        return StreamRequest(code, rid, body)
+        return StreamRequest(code, rid, body, raw=split)
     if len(body) < _SHM_DESC.size:
         raise ValueError(f"stream request {rid} has the shared-memory flag but {len(body)} bytes, not the "
                          f"{_SHM_DESC.size}-byte descriptor")
@@ -529,22 +543,68 @@ def read_stream_request(data: bytes) -> StreamRequest:
     if desc[1] and len(body) > _SHM_DESC.size:
         raise ValueError(f"stream request {rid} places its request in shared memory and also sends "
                          f"{len(body) - _SHM_DESC.size} bytes inline")
-    return StreamRequest(code, rid, body[_SHM_DESC.size:], desc)
+    return StreamRequest(code, rid, body[_SHM_DESC.size:], desc, raw=split)
 
 
-def stream_answer(rid: int, message) -> bytes:
-    return Frame.of(_ANS_HEAD.pack(rid, 0), *message_bytes(message).chunks).tobytes()
+def stream_answer(rid: int, message) -> Frame:
+    """An OK answer: its pieces as they are (joined where it is sent, if at all)."""
+    body = message_bytes(message)
+    return Frame(chunks=[_ANS_HEAD.pack(rid, 0), *body.chunks], size=_ANS_HEAD.size + body.size)
 
 
-def stream_shm_answer(rid: int, nbytes: int) -> bytes:
-    return _ANS_HEAD.pack(rid, SHM) + _SHM_LEN.pack(nbytes)
+def stream_raw_answer(rid: int, meta: bytes, payload: list) -> Frame:
+    """A split answer: its head, this answer's header and `meta` (a PullResponse without
+    payloads); its tail, the buffers of `payload` (the tensors' bytes, in meta's order)."""
+    head = _ANS_HEAD.pack(rid, _RAW_STATUS) + meta
+    return Frame(chunks=[head, *payload], size=len(head) + sum(memoryview(p).nbytes for p in payload),
+                 head=len(head))
 
 
-def stream_error(rid: int, code: grpc.StatusCode, error_class: str, details: str) -> bytes:
-    return _ANS_HEAD.pack(rid, code.value[0]) + f"{error_class}\0{details}".encode()
+def raw_pull(meta, tail: list) -> PullIn | Malformed:
+    """A split Pull answer: its tensors' data are views of `tail` (the buffers its bytes were
+    received into, one per tensor when they were routed, else one for all)."""
+    try:
+        header = pb.PullResponse.FromString(bytes(meta))
+    except DecodeError as e:
+        return Malformed(f"malformed split answer: {e}")
+    views, at, off, tensors = [memoryview(t).cast("B") for t in tail], 0, 0, []
+    for t in header.tensors:
+        n = 4 * math.prod(t.shape)
+        if t.dtype != "float32" or len(t.data) or len(t.indices) or len(t.shape) > 8 or any(d < 0 for d in t.shape):
+            return Malformed(f"split answer tensor {t.key!r} is not a dense float32 tensor without payload "
+                             f"({t.dtype} {list(t.shape)[:9]})")
+        while at < len(views) and off == len(views[at]):
+            at, off = at + 1, 0
+        if at < len(views) and len(views[at]) - off >= n:
+            data, off = views[at][off:off + n], off + n
+        else:  # spread over several buffers (not as routed): joined
+            parts, need = [], n
+            while need and at < len(views):
+                take = min(need, len(views[at]) - off)
+                parts.append(views[at][off:off + take])
+                need, off = need - take, off + take
+                if off == len(views[at]):
+                    at, off = at + 1, 0
+            if need:
+                return Malformed(f"split answer tensors need more bytes than its {sum(map(len, views))}")
+            data = memoryview(b"".join(parts))
+        tensors.append(WireTensor(t.key, t.dtype, tuple(t.shape), data, memoryview(b"")))
+    total = sum(map(len, views))
+    if sum(len(t.data) for t in tensors) != total:
+        return Malformed(f"split answer of {total} bytes has bytes its tensors do not account for")
+    header.ClearField("tensors")
+    return PullIn(header, tensors)
 
 
-def stream_failure(rid: int, e: BaseException) -> bytes:
+def stream_shm_answer(rid: int, nbytes: int) -> Frame:
+    return Frame.of(_ANS_HEAD.pack(rid, SHM) + _SHM_LEN.pack(nbytes))
+
+
+def stream_error(rid: int, code: grpc.StatusCode, error_class: str, details: str) -> Frame:
+    return Frame.of(_ANS_HEAD.pack(rid, code.value[0]) + f"{error_class}\0{details}".encode())
+
+
+def stream_failure(rid: int, e: BaseException) -> Frame:
     """The answer to a request that failed with `e`: its status and class for a PSError, else
     INTERNAL (a bug)."""
     if isinstance(e, PSError):
@@ -565,6 +625,8 @@ def read_stream_answer(data: bytes) -> tuple[int, grpc.StatusCode | str | None, 
     body = memoryview(data)[_ANS_HEAD.size:]
     if status == SHM:
         return rid, IN_SHM, body
+    if status == _RAW_STATUS:
+        return rid, IN_RAW, body
     return rid, (None if status == 0 else _STATUS.get(status, grpc.StatusCode.UNKNOWN)), body
 
 

@@ -63,12 +63,16 @@ def cluster():
 @pytest.fixture
 def transport_for(monkeypatch):
     """transport_for(name) -> name, for clients of a test run on each path. For "shm" every request
-    and answer goes through the segment, however small (the tests' models are)."""
+    and answer goes through the segment, however small (the tests' models are); for "tcp" every
+    pull's answer comes as a split frame, received straight into place."""
     from ps import shm
+    from ps.worker import transport as client_transport
 
     def use(transport: str) -> str:
         if transport == "shm":
             monkeypatch.setattr(shm, "MIN_BYTES", 1)
+        if transport == "tcp":
+            monkeypatch.setattr(client_transport, "RAW_MIN", 1)
         return transport
 
     return use

@@ -1,11 +1,14 @@
-"""Raw frames on a server's stream path, over either of its channels: a gRPC Stream call, or
-the local socket co-located workers use (ps.local)."""
+"""Raw frames on a server's stream path, over any of its channels: a gRPC Stream call, the
+local socket co-located workers use (ps.local), or the data port (ps.tcp)."""
+
+import socket
+import struct
 
 import grpc
 
-from ps import local, wire
+from ps import local, tcp, wire
 
-VIAS = ("grpc", "local")
+VIAS = ("grpc", "local", "tcp")
 
 
 async def exchange(server, frames, via: str = "grpc", token: str = ""):
@@ -24,10 +27,35 @@ async def exchange(server, frames, via: str = "grpc", token: str = ""):
             while (data := await call.read()) is not grpc.aio.EOF:
                 out.append(wire.read_stream_answer(data))
     else:
-        call = await local.LocalCall.connect(server.local.name, f"Bearer {token}" if token else "")
+        authorization = f"Bearer {token}" if token else ""
+        call = await (local.connect(server.local.name, authorization) if via == "local" else
+                      tcp.connect("127.0.0.1", server.tcp.port, authorization))
         for f in frames:
             await call.write(f)
         while len(out) < len(frames) and (data := await call.read()) is not grpc.aio.EOF:
             out.append(wire.read_stream_answer(data))
         call.cancel()
     return [(rid, status, bytes(body)) for rid, status, body in out]
+
+
+def frame(data: bytes) -> bytes:
+    """One frame of a socket channel (ps.link): its 4-byte length, then `data`."""
+    return struct.pack("<I", len(data)) + data
+
+
+def read_all(s: socket.socket) -> bytes:
+    """Everything until the other end closes."""
+    out = b""
+    while chunk := s.recv(1 << 16):
+        out += chunk
+    return out
+
+
+def raw_socket(server, via: str) -> socket.socket:
+    """A plain socket to one of `server`'s socket channels ("local" or "tcp"), nothing said yet."""
+    if via == "local":
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(server.local.name)
+        return s
+    return socket.create_connection(("127.0.0.1", server.tcp.port), timeout=10)

@@ -195,9 +195,10 @@ def add_training_flags(parser: argparse.ArgumentParser, env: Mapping[str, str] |
         add_compress_flag(parser, env)
         add_flag(parser, "--transport", env=env, default="auto", choices=TRANSPORTS,
                  help="how calls travel to the servers: auto (the fastest each server offers: shm when it "
-                      "runs on this host, else stream), stream (every call multiplexed on one gRPC stream per "
-                      "server), unary (one gRPC call each), shm (the stream, with large tensors through shared "
-                      "memory; refused for a server on another host)")
+                      "runs on this host, else tcp, else stream), tcp (every call multiplexed on one connection "
+                      "to the server's data port, with the same token and TLS), stream (every call multiplexed "
+                      "on one gRPC stream per server), unary (one gRPC call each), shm (large tensors through "
+                      "shared memory; refused for a server on another host)")
         add_flag(parser, "--tp", env=env, default=1, type=int,
                  help="tensor-parallel ranks per worker (NCCL on CUDA, gloo on CPU; torchrun's env is joined)")
         add_flag(parser, "--micro-batches", env=env, default=1, type=int,

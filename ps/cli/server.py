@@ -48,6 +48,10 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
                   "waiting requests hold none")
     add_flag(p, "--no-shm", env=env, action="store_true", default=False,
              help="do not offer shared memory to workers on this host (they use the stream path)")
+    add_flag(p, "--data-port", env=env, default=0, type=int,
+             help="TCP port where workers on other hosts send tensors (the stream path's frames on a socket "
+                  "of their own, with the same token and TLS); 0 picks a free one, -1 offers none (workers then "
+                  "use the gRPC stream)")
     add_auth_flags(p, env)
     add_tls_flags(p, env, server=True)
     add_flag(p, "--checkpoint-dir", env=env, default="", help="write checkpoints here (safetensors + JSON)")
@@ -74,6 +78,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, restore=bool(args.restore),
         restore_if_present=bool(args.restore_if_present), metrics_port=int(args.metrics_port),
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, shm=not args.no_shm,
+        data_port=int(args.data_port),
     )
 
 

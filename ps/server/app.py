@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ps import local, tls, wire
+from ps import local, tcp, tls, wire
 from ps.config import ServerConfig, checkpoint_interval, grpc_options
 from ps.errors import PSError
 from ps.server import checkpoint, metrics
@@ -66,11 +66,11 @@ class RunningServer:
     def __init__(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread, server: grpc.aio.Server, port: int,
                  shard: Shard, health_servicer, pool: ThreadPoolExecutor, stop_reaper: threading.Event,
                  checkpointer: "Checkpointer | None", http, metrics_port: int,
-                 local_server: "local.LocalServer | None" = None):
+                 local_server: "local.LocalServer | None" = None, tcp_server: "tcp.TcpServer | None" = None):
         self._loop, self._thread, self.server, self.port, self.shard = loop, thread, server, port, shard
         self.health, self._pool, self._stop_reaper = health_servicer, pool, stop_reaper
         self.checkpointer, self.metrics, self.metrics_port = checkpointer, http, metrics_port
-        self.local = local_server
+        self.local, self.tcp = local_server, tcp_server
         self._stopped = False
 
     @property
@@ -87,8 +87,9 @@ class RunningServer:
         self._on_loop(self.health.enter_graceful_shutdown())
         self._stop_reaper.set()
         self.shard.stop()
-        if self.local is not None:
-            self._on_loop(self.local.stop())
+        for listener in (self.local, self.tcp):
+            if listener is not None:
+                self._on_loop(listener.stop())
         self._on_loop(self.server.stop(grace))
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
@@ -179,21 +180,45 @@ async def _serve(shard: Shard, pool: ThreadPoolExecutor) -> tuple:
     if port == 0:
         raise BindError(f"could not bind {address}: address in use or not an address of this machine")
     local_server = await _listen_locally(servicer, refused) if servicer.host and local.SUPPORTED else None
+    tcp_server = None
     try:
+        tcp_server = await _listen_tcp(servicer, refused) if scfg.data_port >= 0 else None
         await server.start()
     except BaseException:
-        if local_server is not None:
-            await local_server.stop()
+        for listener in (local_server, tcp_server):
+            if listener is not None:
+                await listener.stop()
         raise
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, port, health_servicer, local_server
+    return server, port, health_servicer, local_server, tcp_server
+
+
+async def _listen_tcp(servicer: ParameterServerServicer, refused) -> "tcp.TcpServer | None":
+    """The data port (ps.tcp): its frames are served by the same Stream handler. A port given
+    that cannot be bound is an error; a free one that cannot be had leaves workers on the gRPC
+    stream."""
+    cfg = servicer.shard.cfg
+    context = tls.server_ssl_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.tls_cert else None
+    tcp_server = tcp.TcpServer(lambda requests, sink: servicer.Stream(requests, None, sink), cfg.auth_token, refused,
+                               context, servicer.buffers)
+    try:
+        port = await tcp_server.start(cfg.host, cfg.data_port)
+    except OSError as e:
+        if cfg.data_port:
+            raise BindError(f"cannot bind the data port {cfg.host}:{cfg.data_port}: {e.strerror or e}") from None
+        log.warning("shard %d: no data port for workers on other hosts (%s); they use the gRPC stream",
+                    cfg.shard_id, e)
+        return None
+    servicer.tcp = tcp_server
+    log.info("shard %d: data port %d (%s)", cfg.shard_id, port, "TLS" if context else "plain TCP")
+    return tcp_server
 
 
 async def _listen_locally(servicer: ParameterServerServicer, refused) -> "local.LocalServer | None":
     """The co-located channel (ps.local): its frames are served by the same Stream handler."""
     local_server = local.LocalServer(lambda requests, sink: servicer.Stream(requests, None, sink),
-                                     servicer.shard.cfg.auth_token, refused)
+                                     servicer.shard.cfg.auth_token, refused, servicer.buffers)
     try:
         await local_server.start()
     except OSError as e:  # co-located workers then use the gRPC stream (and the segments) instead
@@ -221,8 +246,8 @@ def create_server(cfg: ServerConfig) -> RunningServer:
     thread = threading.Thread(target=loop.run_forever, daemon=True, name=f"ps-server-loop-{cfg.shard_id}")
     thread.start()
     try:
-        server, port, health_servicer, local_server = asyncio.run_coroutine_threadsafe(_serve(shard, pool),
-                                                                                      loop).result()
+        server, port, health_servicer, local_server, tcp_server = asyncio.run_coroutine_threadsafe(
+            _serve(shard, pool), loop).result()
     except BaseException:
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
@@ -235,4 +260,4 @@ def create_server(cfg: ServerConfig) -> RunningServer:
     if http is not None:
         log.info("shard %d: Prometheus metrics on http://%s:%d/metrics", cfg.shard_id, cfg.host, metrics_port)
     return RunningServer(loop, thread, server, port, shard, health_servicer, pool, stop, checkpointer, http,
-                         metrics_port, local_server)
+                         metrics_port, local_server, tcp_server)

@@ -31,17 +31,23 @@ class SliceOptimizer:
         self.cfg = cfg
         self.params = dict(params)
         self._opts = {key: torch_optimizer(cfg, [p]) for key, p in self.params.items()}
+        # SGD and momentum can write a step's result into another buffer (`step_one(out=)`).
+        self.out_of_place = cfg.name != "adam"
 
     def step(self, grads: Mapping[str, torch.Tensor], lr_scale: float = 1.0) -> None:
         """Apply fp32 gradients (by slice key) with lr * lr_scale, one slice after the other."""
         for key, grad in grads.items():
             self.step_one(key, grad, lr_scale)
 
-    def step_one(self, key: str, grad: torch.Tensor, lr_scale: float = 1.0) -> None:
+    def step_one(self, key: str, grad: torch.Tensor, lr_scale: float = 1.0, out: torch.Tensor | None = None) -> None:
+        """One step of slice `key`. `out` (SGD and momentum only): a buffer of the slice's shape
+        that receives the new values, which the parameter then takes as its memory (the old
+        buffer is left as it was: readers of it see the values before this step)."""
         lr = self.cfg.lr * lr_scale
         if self.cfg.name != "adam":
-            self._sgd(key, grad, lr)
+            self._sgd(key, grad, lr, out)
             return
+        assert out is None, "Adam steps in place"
         opt, p = self._opts[key], self.params[key]
         opt.param_groups[0]["lr"] = lr
         p.grad = grad
@@ -50,7 +56,7 @@ class SliceOptimizer:
         finally:
             p.grad = None
 
-    def _sgd(self, key: str, grad: torch.Tensor, lr: float) -> None:
+    def _sgd(self, key: str, grad: torch.Tensor, lr: float, out: torch.Tensor | None = None) -> None:
         """torch.optim.SGD's single-tensor update as configured here (no dampening, no nesterov):
         the same operations in the same order, so bit-identical results, without the per-call
         machinery of `Optimizer.step` (profiler hooks), which costs more than the update of a
@@ -70,7 +76,11 @@ class SliceOptimizer:
                 else:
                     buf.mul_(momentum).add_(grad, alpha=1)
                 grad = buf
-            p.add_(grad, alpha=-lr)
+            if out is None:
+                p.add_(grad, alpha=-lr)
+            else:  # the same kernel and arithmetic as add_ (bit-identical), into `out`
+                torch.add(p, grad, alpha=-lr, out=out)
+                p.set_(out)
 
     def state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Copies of the optimizer's per-slice state (momentum buffers, Adam moments and steps)."""

@@ -19,7 +19,9 @@ from concurrent.futures import Executor
 
 import grpc
 
-from ps import shm, wire
+import numpy as np
+
+from ps import link, shm, wire
 from ps.errors import InvalidArgument, Overloaded, PlanMismatch, PSError, ShmUnavailable, Unavailable
 from ps.proto import ps_pb2 as pb
 from ps.serde import optimizer_from_proto, plan_from_proto, stats_to_proto, tensor_from_proto
@@ -101,7 +103,8 @@ def _payload_bytes(tensors) -> int:
 
 
 # A Pull served on a stream with a segment: (segment, offset, capacity) of the area its answer
-# may be written into (the task serving it sets it; `_pull` encodes straight into it).
+# may be written into; on a plain socket that takes split answers, the pool to put its bytes in
+# (the task serving it sets it; `_pull` encodes straight into it).
 _ANSWER_AREA: contextvars.ContextVar = contextvars.ContextVar("ps_answer_area", default=None)
 
 
@@ -112,9 +115,30 @@ class _InArea:
     nbytes: int
 
 
-def _encode_pull(slices, version: int, min_clock: int, area=None):
+@dataclasses.dataclass(frozen=True)
+class _Split:
+    """An answer to send as a split frame: the PullResponse without payloads, then the payloads."""
+
+    meta: bytes
+    payload: list
+
+
+def _encode_pull(slices, version: int, min_clock: int, area=None, keep: bool = False):
     """A PullResponse from read-only views of the live slices (called with their locks held: one
-    copy, into the answer area when there is one it fits in)."""
+    copy, into the answer area when there is one it fits in, or into a pooled buffer sent as a
+    split answer's tail; none for a split answer when the slices are immutable (`keep`: the
+    views themselves are sent))."""
+    if isinstance(area, link.Pool):
+        meta = pb.PullResponse(version=version, min_clock=min_clock, tensors=[
+            pb.Tensor(key=key, dtype="float32", shape=[len(data) // 4]) for key, data in slices]).SerializeToString()
+        if keep:
+            return _Split(meta, [data for _, data in slices])
+        payload = area.take(sum(len(data) for _, data in slices))
+        out, pos = np.frombuffer(payload, np.uint8), 0
+        for _, data in slices:
+            out[pos:pos + len(data)] = np.frombuffer(data, np.uint8)
+            pos += len(data)
+        return _Split(meta, [payload])
     tensors = [wire.tensor_frame(key, "float32", [len(data) // 4], data) for key, data in slices]
     frame = wire.pull_response_frame(version, min_clock, tensors)
     if area is not None and frame.size <= area[2]:
@@ -125,8 +149,9 @@ def _encode_pull(slices, version: int, min_clock: int, area=None):
 
 class _Stream:
     """One open Stream call: its answer queue, and the shared-memory segment its worker offered.
-    `answers`: where answers go instead of the queue the generator yields from (ps.local writes
-    each to its socket as it is put; put_nowait(None) ends the stream, get() returns once ended)."""
+    `answers`: where answers go instead of the queue the generator yields from (ps.link sends
+    each on its socket as it is put; put_nowait(None) ends the stream, get() returns once ended).
+    Answers are wire.Frames: their pieces go out as they are on a socket, joined for gRPC."""
 
     def __init__(self, answers=None):
         self.answers = answers if answers is not None else asyncio.Queue()
@@ -149,6 +174,8 @@ class ParameterServerServicer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.host = shm.host_identity() if shm_enabled else ""
         self.local = None  # the co-located channel (ps.local.LocalServer), once it listens
+        self.tcp = None  # the data port (ps.tcp.TcpServer), once it listens
+        self.buffers = link.Pool()  # buffers of the sockets' large frames and split answers
         self.shm_bytes = 0
         shard.on_stop(self._end_streams)
         shard.on_depart(self._worker_gone)
@@ -230,6 +257,7 @@ class ParameterServerServicer:
         as they complete. A malformed frame is answered INVALID_ARGUMENT (by id when it has one)
         and changes nothing; the stream itself goes on. With a segment (transport "shm"), request
         and answer bytes may lie in it instead of in the frames."""
+        splits = answers is not None  # a socket's sink (ps.link): split answers can be sent
         st = _Stream(answers)
         answers = st.answers
         tasks: dict[int, asyncio.Task] = {}
@@ -238,7 +266,7 @@ class ParameterServerServicer:
             return
         self._streams.add(st)
 
-        async def serve(rid: int, name: str, body, desc) -> None:
+        async def serve(rid: int, name: str, body, desc, raw: bool) -> None:
             try:
                 if desc is not None:
                     if st.seg is None:  # an offer still being mapped comes first
@@ -261,11 +289,15 @@ class ParameterServerServicer:
                     self.shm_bytes += desc[1]
                 if name == "Pull" and desc is not None and desc[3]:
                     _ANSWER_AREA.set((st.seg, desc[2], desc[3]))
+                elif name == "Pull" and raw and splits:
+                    _ANSWER_AREA.set(self.buffers)
                 request = wire.read_body(wire.request_reader(name), body)
                 del body
                 out = await self._serve(getattr(type(self), name).__wrapped__, request, context)
                 del request
-                if isinstance(out, _InArea):
+                if isinstance(out, _Split):
+                    answer = wire.stream_raw_answer(rid, out.meta, out.payload)
+                elif isinstance(out, _InArea):
                     self.shm_bytes += out.nbytes
                     answer = wire.stream_shm_answer(rid, out.nbytes)
                 elif desc is not None and desc[3] and (out := wire.message_bytes(out)).size <= desc[3] and st.seg:
@@ -319,7 +351,8 @@ class ParameterServerServicer:
 
                         tasks[rid] = asyncio.ensure_future(offer())
                     else:  # (a request in shared memory is checked against the segment when served)
-                        tasks[rid] = asyncio.ensure_future(serve(rid, wire.STREAM_NAMES[req.code], req.body, req.shm))
+                        tasks[rid] = asyncio.ensure_future(serve(rid, wire.STREAM_NAMES[req.code], req.body, req.shm,
+                                                                      req.raw))
                 if tasks:  # the client is done sending: answer what it asked, then end
                     await asyncio.gather(*tasks.values(), return_exceptions=True)
             except asyncio.CancelledError:
@@ -332,7 +365,7 @@ class ParameterServerServicer:
         reader = asyncio.ensure_future(read())
         try:
             while (answer := await answers.get()) is not None:
-                yield answer
+                yield answer.tobytes()
         finally:
             self._streams.discard(st)
             reader.cancel()
@@ -394,7 +427,8 @@ class ParameterServerServicer:
         await self._wait(worker_id, clock)
         nbytes = 4 * sum(self.shard.store.params[k].numel() for k in keys)
         area = _ANSWER_AREA.get()
-        encode = _encode_pull if area is None else functools.partial(_encode_pull, area=area)
+        encode = (_encode_pull if area is None else
+                  functools.partial(_encode_pull, area=area, keep=self.shard.store.immutable))
         async with self.admission.hold(nbytes):
             return await self._run(nbytes // 4, self.shard.read, keys, encode)
 
@@ -425,9 +459,14 @@ class ParameterServerServicer:
         return pb.RegisterResponse(
             **out, mode=cfg.mode, staleness=cfg.staleness, num_workers=cfg.num_workers,
             worker_timeout=cfg.worker_timeout, shard_id=cfg.shard_id, num_shards=cfg.num_shards,
-            backup_workers=cfg.backup_workers, transports=["unary", "stream", *(["shm"] if self.host else [])],
-            host=self.host, local_socket=self._local_socket(),
+            backup_workers=cfg.backup_workers,
+            transports=["unary", "stream", *(["tcp"] if self._data_port() else []), *(["shm"] if self.host else [])],
+            host=self.host, local_socket=self._local_socket(), data_port=self._data_port(),
         )
+
+    def _data_port(self) -> int:
+        """The data port for workers elsewhere (0 once it no longer listens)."""
+        return self.tcp.port if self.tcp is not None and self.tcp.listening else 0
 
     def _local_socket(self) -> str:
         """The local socket's name for a co-located worker ("" once it no longer listens)."""

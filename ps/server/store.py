@@ -4,15 +4,23 @@ Each slice has a lock of its own: updates of different slices (two workers' push
 slices of one large push) run at once, and a read of a slice never sees half an update of it.
 `validate` reads only what `init` fixed (keys and shapes), so it needs no lock at all. Every
 check runs before any state changes, so a rejected request leaves the parameters as they were.
+
+With SGD and momentum, a slice's memory is never written once it holds a version: an update
+writes the new values into another buffer (the one before last, when no reader still holds it)
+and the parameter takes that buffer. So a reader may keep the views `reading` gives after the
+locks are released (`immutable`), and a pull answer is sent from the slices themselves, with no
+copy. Adam updates in place (torch.optim's own step): its readers copy.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import threading
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from ps.config import OptimizerConfig
@@ -35,6 +43,10 @@ class ParamStore:
         self._acc_count: dict[str, int] = {}
         self.slice_lengths: list[int] = []  # elements of each slice held (bounds what a request may expand to)
         self.elements = 0
+        # Per slice, the buffers of its current and previous values (immutable slices; see above).
+        self._live: dict[str, np.ndarray] = {}
+        self._spare: dict[str, np.ndarray | None] = {}
+        self.immutable = False
 
     @property
     def initialized(self) -> bool:
@@ -45,7 +57,9 @@ class ParamStore:
 
     def init(self, values: Mapping[str, torch.Tensor], optimizer: OptimizerConfig) -> None:
         """Set the slices (before any other call, or with no other call running)."""
-        params = {k: v.detach().to(torch.float32).clone().requires_grad_(True) for k, v in values.items()}
+        self._live = {k: v.detach().to(torch.float32).contiguous().numpy().copy() for k, v in values.items()}
+        self._spare = {k: None for k in self._live}
+        params = {k: torch.from_numpy(a).view(values[k].shape).requires_grad_(True) for k, a in self._live.items()}
         self._locks = {k: threading.Lock() for k in params}
         self.slice_lengths = [p.numel() for p in params.values()]
         self.elements = sum(self.slice_lengths)
@@ -53,6 +67,7 @@ class ParamStore:
         self._acc_count.clear()
         self.params = params
         self.optimizer = SliceOptimizer(optimizer, params)
+        self.immutable = self.optimizer.out_of_place
 
     def check_keys(self, keys: Iterable[str]) -> None:
         for key in keys:
@@ -92,7 +107,19 @@ class ParamStore:
             if g is None:
                 continue
             with self._locks[key]:
-                self.optimizer.step_one(key, g, lr_scale)
+                self._step(key, g, lr_scale)
+
+    def _step(self, key: str, grad: torch.Tensor, lr_scale: float = 1.0) -> None:
+        """One optimizer step of a slice (its lock held): out of place when the slices are
+        immutable, into its previous buffer when no reader holds that any more."""
+        if not self.immutable:
+            self.optimizer.step_one(key, grad, lr_scale)
+            return
+        spare, self._spare[key] = self._spare[key], None
+        if spare is None or sys.getrefcount(spare) > 2:  # held elsewhere than here (the name, the argument)
+            spare = np.empty_like(self._live[key])
+        self.optimizer.step_one(key, grad, lr_scale, out=torch.from_numpy(spare).view(self.params[key].shape))
+        self._spare[key], self._live[key] = self._live[key], spare
 
     def accumulate(self, grads: Mapping[str, torch.Tensor | None]) -> None:
         """Add to the current sync step's sums (slice by slice; pushes add concurrently). A key
@@ -134,18 +161,19 @@ class ParamStore:
         assert self.optimizer is not None
         for key, g in acc.items():
             with self._locks[key]:
-                self.optimizer.step_one(key, g.div_(counts[key]))
+                self._step(key, g.div_(counts[key]))
 
     @contextlib.contextmanager
     def reading(self, keys: Sequence[str]):
-        """Read-only views of the live fp32 bytes of these slices, valid inside the block, which
-        holds their locks (taken in key order; updates take one lock at a time, so this cannot
-        deadlock): the slices read are consistent with each other. Copy what you keep."""
+        """Read-only views of the live fp32 bytes of these slices, inside a block which holds
+        their locks (taken in key order; updates take one lock at a time, so this cannot
+        deadlock): the slices read are consistent with each other. Valid inside the block; when
+        `immutable`, for as long as they are kept (else copy what you keep)."""
         locks = [self._locks[k] for k in sorted(set(keys))]
         for lock in locks:
             lock.acquire()
         try:
-            yield [(k, memoryview(self.params[k].detach().numpy()).cast("B").toreadonly()) for k in keys]
+            yield [(k, memoryview(self._live[k]).cast("B").toreadonly()) for k in keys]
         finally:
             for lock in reversed(locks):
                 lock.release()

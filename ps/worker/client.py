@@ -367,7 +367,7 @@ class PSClient:
             req = pb.PullRequest(worker_id=worker, plan_fingerprint=self.plan.fingerprint, clock=clock,
                                  keys=[s.key for s in batch])
             pulled.absorb(shard, await self._t.call(shard, "Pull", req, rejoin=rejoin, waits=not observer,
-                                                    answer_bytes=answer_bytes(batch)))
+                                                    answer_bytes=answer_bytes(batch), place=pulled.place(req.keys)))
 
         for reading in range(REREADS + 1):
             pulled = Pulled(self.plan, self.servers, names, into, self._mirrors, streams)

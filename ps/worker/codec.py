@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from ps import wire
@@ -163,6 +164,11 @@ class Mirrors:
         return ready
 
 
+def _landed(data: memoryview, host: torch.Tensor) -> bool:
+    """Whether `data` is `host`'s own memory (its bytes were received into place)."""
+    return len(data) == host.numel() * 4 and np.frombuffer(data, np.uint8).ctypes.data == host.data_ptr()
+
+
 def _on_cuda(t: torch.Tensor | None, shape: tuple[int, ...]) -> bool:
     return (t is not None and t.device.type == "cuda" and t.dtype == torch.float32 and t.is_contiguous()
             and tuple(t.shape) == tuple(shape))
@@ -200,7 +206,8 @@ class Pulled:
                 raise InvalidArgument(f"server {self.servers[shard]} sent key {t.key!r}, which was not asked for "
                                       "(or sent it twice)")
             host = self.out[s.name].view(-1)[s.start : s.start + s.length]
-            tensor_into(t, host)
+            if not _landed(t.data, host):  # (a split answer may have been received right there)
+                tensor_into(t, host)
             if s.name in self.to_device:
                 dest = self.given[s.name].detach()  # a model's parameter itself may be given
                 with torch.cuda.stream(self.streams[dest.device]):
@@ -208,6 +215,25 @@ class Pulled:
             self.received.add(t.key)
         self.versions[shard] = min(self.versions.get(shard, resp.header.version), resp.header.version)
         self.min_clocks[shard] = resp.header.min_clock
+
+    def place(self, keys: Sequence[str]) -> Callable[[pb.PullResponse], list | None]:
+        """For the pull of `keys`: given its answer's tensors (key, dtype, shape), the buffers
+        their bytes go straight into (where `absorb` would decode them), or None when the answer
+        is not what was asked (absorb then says why)."""
+        asked = set(keys)
+
+        def place(meta: pb.PullResponse) -> list | None:
+            out = []
+            for t in meta.tensors:
+                s = self.plan.by_key.get(t.key)
+                if (s is None or t.key not in asked or s.name not in self.out or t.key in self.received
+                        or t.dtype != "float32" or list(t.shape) != [s.length]):
+                    return None
+                host = self.out[s.name].detach().view(-1)[s.start : s.start + s.length]
+                out.append(memoryview(host.numpy()).cast("B"))
+            return out
+
+        return place
 
     def drain(self) -> None:
         """Wait for the copies to the device: the tensors hold the values absorbed so far, and the

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import logging
 import struct
@@ -18,11 +19,12 @@ from typing import Awaitable, Callable, Coroutine, Sequence, TypeVar
 
 import grpc
 
-from ps import local, shm, tls, wire
-from ps.config import MAX_MESSAGE_BYTES, grpc_options
+from ps import link, local, shm, tcp, tls, wire
+from ps.config import MAX_MESSAGE_BYTES, TRANSPORTS, grpc_options
 from ps.errors import (Cancelled, DeadlineExceeded, InvalidArgument, NotInitialized, Overloaded, PSError,
                        ResourceExhausted, ShmUnavailable, Unauthenticated, Unavailable, UnknownWorker,
                        error_from_wire)
+from ps.proto import ps_pb2 as pb
 from ps.server.servicer import ERROR_CLASS_KEY
 
 log = logging.getLogger("ps.worker")
@@ -35,8 +37,8 @@ DEFAULT = object()  # "use the transport's rpc_timeout"
 RETRIED = (Unavailable, Overloaded, Cancelled)
 
 
-TRANSPORTS = ("auto", "unary", "stream", "shm")
 OFFER_TIMEOUT = 30.0  # seconds a server has to map an offered segment
+RAW_MIN = 64 << 10  # a pull answer this large comes as a split frame on a plain socket (into place)
 
 
 def mapped(e: grpc.RpcError) -> PSError:
@@ -76,6 +78,10 @@ class _Open:
         # Requests withdrawn in the very turn their answer was read (a deadline, a cancellation):
         # the server is done with their areas.
         self.late: set[int] = set()
+        # Pulls whose answers may come as split frames (a plain socket): where their tensors'
+        # bytes go, by request id (see Mux._route).
+        self.routes: dict[int, Callable] = {}
+        self.placed: dict[int, list] = {}  # the buffers a route gave, while its answer is awaited
 
     def close_segment(self) -> None:
         seg, self.seg = self.seg, None
@@ -89,8 +95,10 @@ class Mux:
     status it ended with (UNAVAILABLE while a server restarts: retried like any call); the next
     request opens a new one."""
 
-    def __init__(self, stub: wire.Stub, server: str, metadata):
+    def __init__(self, stub: wire.Stub, server: str, metadata, context=None, pool: link.Pool | None = None):
         self._stub, self.server, self.metadata = stub, server, metadata
+        self.context = context  # TLS for the data port (ps.tcp), when the channel has it
+        self.pool = pool or link.Pool()  # buffers of the sockets' large frames
         self._open: _Open | None = None
         self._ids = itertools.cycle(range(1, 1 << 32))  # the header's u32
         self._writing = asyncio.Lock()
@@ -102,14 +110,20 @@ class Mux:
         # instead of gRPC. None: not offered, or connecting to it failed (until the next Register,
         # which a restarted server leads the worker to).
         self.local: str | None = None
+        # The server's data port (ps.tcp) while "tcp" is wanted: new streams go there instead of
+        # gRPC (until connecting fails; the next Register names it again).
+        self.remote: int | None = None
         self._opening = asyncio.Lock()
 
     async def _stream(self) -> _Open:
         if self._open is None:
             async with self._opening:  # one new stream at a time (connecting a local one awaits)
                 if self._open is None:
-                    call = await self._connect_local() if self.local is not None else None
+                    call = (await self._connect_local() if self.local is not None else
+                            await self._connect_remote() if self.remote is not None else None)
                     s = self._open = _Open(call or self._stub.Stream(metadata=self.metadata))
+                    if call is not None and call.splits:
+                        call.conn.router = functools.partial(self._route, s)
                     asyncio.ensure_future(self._read(s))
                     if self.shm is not None:
                         s.ready = asyncio.ensure_future(self._offer(s, *self.shm))
@@ -162,25 +176,42 @@ class Mux:
         self.shm_note = ""
         log.info("server %s: tensors go through shared memory (%d bytes)", self.server, seg.size)
 
-    async def _connect_local(self) -> local.LocalCall | None:
+    @property
+    def _authorization(self) -> str:
+        return dict(self.metadata or ()).get("authorization", "")
+
+    async def _connect_local(self) -> link.Call | None:
         """A stream over the server's local socket; None (the gRPC stream then) if it cannot be
         reached: the server went away (a restarted one names a new socket at Register, which the
         gRPC stream leads to) or does not share this network namespace after all."""
-        authorization, name = dict(self.metadata or ()).get("authorization", ""), self.local
+        name = self.local
         try:
-            return await local.LocalCall.connect(name, authorization)
+            return await local.connect(name, self._authorization, pool=self.pool)
         except (OSError, ValueError, asyncio.TimeoutError, Unavailable) as e:
             log.info("server %s: local socket not reached (%s); using the gRPC stream", self.server, e)
             if self.local == name:  # (a Register may have named a new one meanwhile)
                 self.local = None
             return None
 
+    async def _connect_remote(self) -> link.Call | None:
+        """A stream over the server's data port; None (the gRPC stream then) if it cannot be
+        reached (a firewall between, the server went away: a restarted one names its port at
+        Register, which the gRPC stream leads to). A refused token is the stream's error."""
+        port = self.remote
+        try:
+            return await tcp.connect(tcp.host_of(self.server), port, self._authorization, self.context, pool=self.pool)
+        except (OSError, asyncio.TimeoutError, Unavailable) as e:  # (ssl.SSLError is an OSError)
+            log.warning("server %s: data port %d not reached (%s); using the gRPC stream", self.server, port, e)
+            if self.remote == port:
+                self.remote = None
+            return None
+
     def leave_grpc(self) -> None:
-        """The server names a local socket now (it restarted, say, while this worker was on the
-        gRPC stream): new requests open a stream there; the gRPC one ends once its requests are
-        answered."""
+        """The server names a socket now (it restarted, say, while this worker was on the gRPC
+        stream, or its data port was not reachable then): new requests open a stream there; the
+        gRPC one ends once its requests are answered."""
         s = self._open
-        if self.local is None or s is None or isinstance(s.call, local.LocalCall):
+        if (self.local is None and self.remote is None) or s is None or isinstance(s.call, link.Call):
             return
         self._open = None
         s.draining = True
@@ -210,13 +241,26 @@ class Mux:
     @property
     def on_local(self) -> bool:
         """Whether the open stream goes over the server's local socket (ps.local), not gRPC."""
-        return self._open is not None and isinstance(self._open.call, local.LocalCall)
+        return self._on("local")
+
+    @property
+    def on_tcp(self) -> bool:
+        """Whether the open stream goes over the server's data port (ps.tcp), not gRPC."""
+        return self._on("tcp")
+
+    def _on(self, kind: str) -> bool:
+        s = self._open
+        return s is not None and isinstance(s.call, link.Call) and s.call.kind == kind
 
     async def _read(self, s: _Open) -> None:
         error: PSError = Unavailable(f"server {self.server} ended the stream")
         try:
             while (data := await s.call.read()) is not grpc.aio.EOF:
-                rid, status, body = wire.read_stream_answer(data)
+                if isinstance(data, link.Split):
+                    rid, status, meta = wire.read_stream_answer(data.head)
+                    body = (meta, data.tail) if status is wire.IN_RAW else meta
+                else:
+                    rid, status, body = wire.read_stream_answer(data)
                 fut = s.pending.pop(rid, None)
                 if fut is not None and not fut.done():
                     fut.set_result((status, body))
@@ -242,7 +286,7 @@ class Mux:
             s.closed = True
             if self._open is s:
                 self._open = None
-            if isinstance(s.call, local.LocalCall):
+            if isinstance(s.call, link.Call):
                 s.call.cancel()  # (the next stream connects again: to a server gone, that fails at once)
             for fut in s.pending.values():
                 if not fut.done():
@@ -289,10 +333,23 @@ class Mux:
                 raise
         return (r or 0, body.size if r is not None else 0, a or 0, answer_bytes if a is not None else 0), taken
 
-    async def request(self, method: str, message, timeout: float | None, answer_bytes: int = 0):
+    @staticmethod
+    def _route(s: _Open, head: bytes) -> list | None:
+        """(SocketConn's router) Where a split answer's tensors go: the buffers its pull's `place`
+        gives for them, or None (a pooled buffer)."""
+        rid, status, meta = wire.read_stream_answer(head)
+        place = s.routes.get(rid) if status is wire.IN_RAW else None
+        views = None if place is None else place(pb.PullResponse.FromString(bytes(meta)))
+        if views is not None:
+            s.placed[rid] = views
+        return views
+
+    async def request(self, method: str, message, timeout: float | None, answer_bytes: int = 0, place=None):
         """One request; `answer_bytes`: about how large its answer will be (a pull's), so that a
         large one can be placed in shared memory. An answer read from shared memory holds views
-        of it that stay valid until the caller next awaits: read it at once."""
+        of it that stay valid until the caller next awaits: read it at once. `place` (a Pull's):
+        given the answer's PullResponse without payloads, the buffers (one per tensor, in order)
+        its bytes may be received straight into, or None; used on a plain socket."""
         rid = next(self._ids)
         body = wire.message_bytes(message)
         if body.size + 5 > MAX_MESSAGE_BYTES:  # refused here, as unary refuses it: the stream is not broken
@@ -301,17 +358,21 @@ class Mux:
         s = await self._stream()
         desc, taken = await self._place(s, body, answer_bytes)
         seg = s.seg
-        frame = wire.stream_request(method, rid, body, desc)
+        raw = (place is not None and answer_bytes >= RAW_MIN and (desc is None or not desc[3])
+               and isinstance(s.call, link.Call) and s.call.splits)
+        frame = wire.stream_request(method, rid, body, desc, raw=raw)
         fut = asyncio.get_running_loop().create_future()
         s.pending[rid] = fut
+        if raw:
+            s.routes[rid] = place
         answered = False
         timer = None
         try:
             if s.closed:  # it ended while this request was being placed: nothing would answer it
                 raise Unavailable(f"server {self.server}: the stream ended")
             try:
-                if isinstance(s.call, local.LocalCall):  # queued at once, in order; a cancelled drain loses nothing
-                    if s.call.write_nowait(frame):
+                if isinstance(s.call, link.Call):  # queued at once, in order; a cancelled drain loses nothing
+                    if s.call.write_nowait(frame, owner=rid):
                         await asyncio.wait_for(s.call.drain(), timeout)  # (a server that stops reading)
                 else:  # the write goes on if this caller is cancelled: cancelling a write cancels the whole call
                     write = asyncio.ensure_future(self._send(s, frame.tobytes()))
@@ -338,6 +399,10 @@ class Mux:
         finally:
             if timer is not None:
                 timer.cancel()
+            s.routes.pop(rid, None)
+            placed = s.placed.pop(rid, None)
+            if placed is not None and not answered:  # withdrawn while it may still be arriving there
+                s.call.conn.divert(placed)
             if fut.done() and not fut.cancelled():
                 fut.exception()  # retrieved (it may hold the error the stream broke with)
             else:
@@ -350,7 +415,9 @@ class Mux:
                 elif self._open is s and rid not in s.pending:  # withdrawn: free once the server says it is done
                     s.retired[rid] = taken
             s.late.discard(rid)
-        if status is wire.IN_SHM:
+        if status is wire.IN_RAW:
+            out = wire.raw_pull(*answer)
+        elif status is wire.IN_SHM:
             n = wire.shm_answer_length(answer)
             if desc is None or not desc[3] or n > desc[3] or seg is None or seg.bytes is None:
                 self._give_back(s, taken)
@@ -396,7 +463,10 @@ class Mux:
         return True
 
     def _cancel(self, s: _Open, rid: int) -> None:
-        """Withdraw a request the caller no longer waits for (the server stops serving it)."""
+        """Withdraw a request the caller no longer waits for (the server stops serving it). What
+        of it a socket has not sent yet is copied: its caller may change that memory now."""
+        if isinstance(s.call, link.Call):
+            s.call.own(rid)
         if self._forget(s, rid) and not s.closed and (self._open is s or (s.draining and s.pending)):
             task = asyncio.ensure_future(self._send(s, wire.stream_request("", rid, None).tobytes()))
             task.add_done_callback(_retrieve)  # best effort
@@ -419,6 +489,7 @@ class Transport:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="ps-client-loop")
         self._thread.start()
         self._tls = (tls_ca, tls_cert, tls_key)
+        self._context = tls.client_ssl_context(tls_ca, tls_cert, tls_key) if tls_ca else None  # (for ps.tcp)
         self._channels: list[grpc.aio.Channel] = []
         self._stubs: list[wire.Stub] = []
         self._told = [0.0] * len(self.servers)  # per server: when the user was last told it is awaited
@@ -430,6 +501,7 @@ class Transport:
         # are bound to, and per shard the bytes of each of a segment's two regions.
         self.worker_id = ""
         self.shm_regions: list[int] | None = None
+        self.pool = link.Pool()  # buffers of the sockets' large frames (all shards')
         self.run(self._open())
 
     async def _open(self) -> None:
@@ -508,24 +580,28 @@ class Transport:
 
         await asyncio.gather(*(one(k) for k in range(len(self.servers))))
 
-    def negotiate(self, shard: int, offered: Sequence[str], host: str = "", local_socket: str = "") -> None:
+    def negotiate(self, shard: int, offered: Sequence[str], host: str = "", local_socket: str = "",
+                  data_port: int = 0) -> None:
         """After Register: the path this shard's calls take, from what it offers and `transport`
-        (auto: the fastest both support: shm when the server runs on this host, then stream;
-        with shm, streams go over the server's `local_socket` when it names one).
-        Register itself always goes unary."""
+        (auto: the fastest both support: shm when the server runs on this host, then tcp, then
+        stream; with shm, streams go over the server's `local_socket` when it names one; with
+        tcp, over its `data_port`). Register itself always goes unary."""
         server = self.servers[shard]
-        if self.transport in ("stream", "shm") and "stream" not in offered:
+        if self.transport in ("stream", "tcp", "shm") and "stream" not in offered:
             raise InvalidArgument(f"transport {self.transport!r} was asked for but server {server} offers only "
                                   f"{list(offered) or ['unary']}")
+        if self.transport == "tcp" and not ("tcp" in offered and data_port):
+            raise InvalidArgument(f"transport 'tcp' was asked for but server {server} offers no data port "
+                                  "(--data-port -1): use auto or stream")
         co_located = "shm" in offered and bool(host) and host == shm.host_identity()
         if self.transport == "shm" and not co_located:
             raise InvalidArgument(
                 f"transport 'shm' was asked for but server {server} "
                 + ("does not offer it (--no-shm)" if "shm" not in offered else
                    "is not on this host (another machine, network or PID namespace, or user): use auto or stream"))
-        stream = self.transport in ("auto", "stream", "shm") and "stream" in offered
+        stream = self.transport in ("auto", "stream", "tcp", "shm") and "stream" in offered
         if stream and self._mux[shard] is None:
-            self._mux[shard] = Mux(self._stubs[shard], server, self.metadata)
+            self._mux[shard] = Mux(self._stubs[shard], server, self.metadata, self._context, self.pool)
         elif not stream:
             self._mux[shard] = None
         mux = self._mux[shard]
@@ -536,22 +612,25 @@ class Transport:
             elif mux.shm is None and not mux.shm_note:  # a lasting failure is not tried again
                 mux.shm = (self.worker_id, self.shm_regions[shard])
             mux.local = local_socket if want and local_socket and local.SUPPORTED else None
+            remote = self.transport == "tcp" or (self.transport == "auto" and mux.shm is None)
+            mux.remote = data_port if remote and "tcp" in offered and data_port > 0 else None
             mux.leave_grpc()
             mux.reoffer()
 
     def path(self, shard: int) -> str:
         """The transport this shard's calls take now (shm: once a stream has mapped a segment,
-        whether the stream is gRPC's or the local socket's: `Mux.on_local`)."""
+        whether the stream is gRPC's or the local socket's: `Mux.on_local`; tcp: once a stream
+        is open on the data port)."""
         mux = self._mux[shard]
-        return "unary" if mux is None else "shm" if mux.in_shm else "stream"
+        return "unary" if mux is None else "shm" if mux.in_shm else "tcp" if mux.on_tcp else "stream"
 
     async def attempt(self, shard: int, method: str, request, timeout: float | None | object = DEFAULT,
-                      answer_bytes: int = 0):
-        """One try, errors mapped to PSError (`answer_bytes`: see Mux.request)."""
+                      answer_bytes: int = 0, place=None):
+        """One try, errors mapped to PSError (`answer_bytes`, `place`: see Mux.request)."""
         t = self.rpc_timeout if timeout is DEFAULT else timeout
         mux = self._mux[shard]
         if mux is not None and method != "Register":
-            return await mux.request(method, request, t, answer_bytes)
+            return await mux.request(method, request, t, answer_bytes, place)
         try:
             return await getattr(self._stubs[shard], method)(request, timeout=t, metadata=self.metadata)
         except grpc.RpcError as e:
@@ -559,7 +638,7 @@ class Transport:
 
     async def call(self, shard: int, method: str, request, timeout: float | None | object = DEFAULT, *,
                    retry: bool = True, rejoin: Callable[[], Awaitable[None]] | None = None, waits: bool = False,
-                   answer_bytes: int = 0):
+                   answer_bytes: int = 0, place=None):
         """One call with retries: while the server is unavailable or overloaded (backoff, up to
         retry_timeout); after `rejoin()` once if the server no longer knows this worker; and,
         for a call that `waits` (a pull waiting for other workers), again whenever its deadline
@@ -569,7 +648,7 @@ class Transport:
         delay = 0.05
         while True:
             try:
-                return await self.attempt(shard, method, request, timeout, answer_bytes)
+                return await self.attempt(shard, method, request, timeout, answer_bytes, place)
             except (UnknownWorker, NotInitialized) as err:  # NotInitialized: restarted empty (rejoin re-inits)
                 if rejoin is None:
                     raise

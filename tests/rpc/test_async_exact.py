@@ -13,7 +13,7 @@ from tests.conftest import run_in_threads
 CLIENTS, PUSHES, SIZE = 8, 100, 5000
 
 
-@pytest.mark.parametrize("transport", ["stream", "unary", "shm"])
+@pytest.mark.parametrize("transport", ["stream", "unary", "shm", "tcp"])
 def test_eight_concurrent_clients_pushing_known_gradients_sum_exactly(cluster, transport_for, transport):
     transport_for(transport)
     with cluster(2, "async", num_workers=CLIENTS) as addresses:

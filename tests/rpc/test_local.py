@@ -7,19 +7,19 @@ restarted server's new socket is found at Register."""
 import asyncio
 import os
 import socket
-import struct
 import time
 
 import pytest
 import torch
 
-from ps import local, wire
+from ps import link, local, wire
 from ps.config import OptimizerConfig, ServerConfig
 from ps.errors import InvalidArgument, Unauthenticated, Unavailable, UnknownKey
 from ps.proto import ps_pb2 as pb
 from ps.server.app import create_server
 from ps.worker.client import PSClient
 from ps.worker.transport import Mux
+from tests.streams import frame, read_all
 
 pytestmark = pytest.mark.skipif(not local.SUPPORTED, reason="abstract Unix sockets are Linux's")
 SGD1 = OptimizerConfig("sgd", lr=1.0)
@@ -66,7 +66,7 @@ def test_no_local_socket_without_shared_memory():
         assert srv.local is None
         with PSClient([srv.address], "w", transport="auto") as c:
             c.setup({"w": torch.zeros(4)}, SGD1)
-            assert c.info[0].local_socket == "" and c.paths() == ["stream"] and _on_local(c) == [False]
+            assert c.info[0].local_socket == "" and c.paths() == ["tcp"] and _on_local(c) == [False]
     finally:
         srv.stop(grace=0)
 
@@ -74,11 +74,11 @@ def test_no_local_socket_without_shared_memory():
 def test_a_missing_or_wrong_token_is_refused_before_any_frame_is_served(server):
     for authorization in ("", "Bearer wrong", "tok"):
         with pytest.raises(Unauthenticated, match="auth token"):
-            asyncio.run(local.LocalCall.connect(server.local.name, authorization))
+            asyncio.run(local.connect(server.local.name, authorization))
     assert server.shard.counters["unauthenticated"] == 3
 
     async def stats_with(authorization):
-        call = await local.LocalCall.connect(server.local.name, authorization)
+        call = await local.connect(server.local.name, authorization)
         await call.write(wire.stream_request("Stats", 1, pb.StatsRequest()).tobytes())
         rid, status, body = wire.read_stream_answer(await call.read())
         call.cancel()
@@ -95,17 +95,6 @@ def _connect_raw(name: str) -> socket.socket:
     return s
 
 
-def _frame(data: bytes) -> bytes:
-    return struct.pack("<I", len(data)) + data
-
-
-def _read_all(s: socket.socket) -> bytes:
-    out = b""
-    while chunk := s.recv(1 << 16):
-        out += chunk
-    return out
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another user")
 def test_a_process_of_another_user_is_refused(server):
     pid = os.fork()
@@ -116,8 +105,8 @@ def test_a_process_of_another_user_is_refused(server):
             os.setuid(65534)
             s = _connect_raw(server.local.name)
             try:
-                s.sendall(_frame(local.HELLO + b"Bearer tok"))
-                answer = _read_all(s)
+                s.sendall(frame(link.HELLO + b"Bearer tok"))
+                answer = read_all(s)
             except (BrokenPipeError, ConnectionResetError):  # closed before the hello was read
                 answer = b""
             code = 0 if answer == b"" else 2  # closed without a welcome
@@ -126,28 +115,6 @@ def test_a_process_of_another_user_is_refused(server):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert server.shard.counters["unauthenticated"] == 1
-
-
-@pytest.mark.parametrize("garbage", [
-    struct.pack("<I", local.MAX_FRAME + 1) + b"x" * 64,  # a length over the limit
-    struct.pack("<I", 1 << 20) + b"short",  # a frame cut off by the end of the connection
-    b"\x01\x02",  # a length cut off
-])
-def test_broken_framing_ends_the_connection_and_changes_nothing(server, garbage):
-    with PSClient([server.address], "w", auth_token="tok") as c:
-        c.setup({"w": torch.arange(4.0)}, SGD1)
-        version = c.stats()[0]["version"]
-        s = _connect_raw(server.local.name)
-        s.sendall(_frame(local.HELLO + b"Bearer tok"))
-        assert s.recv(64) == _frame(local.WELCOME)
-        s.sendall(garbage)
-        s.shutdown(socket.SHUT_WR)
-        assert _read_all(s) == b""  # ended, nothing answered
-        s.close()
-        assert c.stats()[0]["version"] == version
-        assert torch.equal(c.pull(0, observer=True)["w"], torch.arange(4.0))
-        c.push({"w": torch.ones(4)}, 0)  # the server goes on serving
-        assert torch.equal(c.pull(1)["w"], torch.arange(4.0) - 1)
 
 
 def test_a_local_socket_that_goes_away_leaves_the_worker_on_the_grpc_stream(server):
@@ -206,7 +173,7 @@ def test_a_worker_sends_nothing_to_a_process_that_holds_the_servers_socket_name(
     try:
         with pytest.raises(Unavailable, match="held by process %d of user %d" % (pid, 65534 if user == "other"
                                                                                  else os.geteuid())):
-            asyncio.run(local.LocalCall.connect(name, "Bearer tok"))
+            asyncio.run(local.connect(name, "Bearer tok"))
         assert os.read(result, 64) == b"empty"  # it got nothing, the token least of all
     finally:
         os.waitpid(pid, 0)
@@ -258,15 +225,15 @@ def test_a_request_placed_while_its_local_connection_closes_is_retried_not_left_
 
 
 def test_connections_that_never_say_hello_are_closed_and_capped(server, monkeypatch):
-    monkeypatch.setattr(local, "HELLO_TIMEOUT", 1.0)
-    monkeypatch.setattr(local, "MAX_GREETING", 2)
+    monkeypatch.setattr(link, "HELLO_TIMEOUT", 1.0)
+    monkeypatch.setattr(link, "MAX_GREETING", 2)
     silent = [_connect_raw(server.local.name) for _ in range(2)]
     time.sleep(0.2)  # the server has taken them
     extra = _connect_raw(server.local.name)
     extra.settimeout(0.5)  # (less than the time to say hello)
-    assert _read_all(extra) == b""  # over the cap: closed at once
+    assert read_all(extra) == b""  # over the cap: closed at once
     for s in silent:  # closed once their time to say hello is up
-        assert _read_all(s) == b""
+        assert read_all(s) == b""
         s.close()
     extra.close()
     with PSClient([server.address], "w", auth_token="tok", transport="auto") as c:  # and serving still

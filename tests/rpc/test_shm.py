@@ -77,7 +77,7 @@ def test_shm_is_refused_clearly_where_the_server_does_not_offer_it():
                 c.setup({"w": torch.zeros(4)}, SGD1)
         with PSClient([srv.address], "w2", transport="auto") as c:
             c.setup({"w": torch.zeros(N)}, SGD1)
-            assert c.paths() == ["stream"]
+            assert c.paths() == ["tcp"]  # (the data port: shared memory is not offered)
     finally:
         srv.stop(grace=0)
 
@@ -216,7 +216,7 @@ def test_a_worker_in_another_network_namespace_never_chooses_shm():
 
             elsewhere = run(["ip", "netns", "exec", ns], "far", "auto")
             assert elsewhere.returncode == 0, elsewhere.stderr
-            assert elsewhere.stdout.strip() == "stream"
+            assert elsewhere.stdout.strip() == "tcp"  # the data port: the fastest path between hosts
             refused = run(["ip", "netns", "exec", ns], "far2", "shm")
             assert refused.returncode != 0 and "is not on this host" in refused.stderr
             here = run([], "near", "auto")  # the same server from its own namespace: shared memory

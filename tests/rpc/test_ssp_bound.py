@@ -43,8 +43,8 @@ def run_ssp(addresses, staleness, transport="auto"):
     return observations
 
 
-@pytest.mark.parametrize("staleness, transport", [(0, "unary"), (1, "stream"), (3, "shm")],
-                         ids=["0-unary", "1-stream", "3-shm"])
+@pytest.mark.parametrize("staleness, transport", [(0, "unary"), (1, "stream"), (3, "shm"), (2, "tcp")],
+                         ids=["0-unary", "1-stream", "3-shm", "2-tcp"])
 def test_no_pull_returns_weights_staler_than_the_bound(cluster, transport_for, staleness, transport):
     transport_for(transport)
     with cluster(2, "ssp", num_workers=WORKERS, staleness=staleness) as addresses:

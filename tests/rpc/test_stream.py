@@ -4,12 +4,14 @@ codes as unary calls, garbage refused with a specific status while the stream go
 checked when the stream opens."""
 
 import asyncio
+import socket
+import struct
 
 import grpc
 import pytest
 import torch
 
-from ps import wire
+from ps import link, wire
 from ps.config import OptimizerConfig, ServerConfig
 from ps.errors import InvalidArgument, UnknownKey
 from ps.proto import ps_pb2 as pb
@@ -17,7 +19,7 @@ from ps.server.app import create_server
 from ps.server.auth import bearer
 from ps.worker.client import PSClient
 from ps.worker.transport import Transport
-from tests.streams import VIAS, exchange
+from tests.streams import VIAS, exchange, frame, raw_socket, read_all
 
 SGD1 = OptimizerConfig("sgd", lr=1.0)
 
@@ -54,7 +56,7 @@ def test_a_server_without_the_stream_is_refused_when_stream_is_asked_for_and_aut
     finally:
         t.close()
     with pytest.raises(InvalidArgument, match="transport"):
-        Transport(["127.0.0.1:1"], transport="tcp")
+        Transport(["127.0.0.1:1"], transport="quic")
 
 
 @pytest.mark.parametrize("via", VIAS)
@@ -149,3 +151,26 @@ def test_a_request_over_the_message_limit_fails_alone_and_the_stream_goes_on(ser
         with pytest.raises(ResourceExhausted, match="larger than the message limit"):
             c._t.run(c._t.attempt(0, "Stats", big))
         assert c._t.run(c._t.attempt(0, "Stats", huge)).initialized
+
+
+@pytest.mark.parametrize("via", ["local", "tcp"])
+@pytest.mark.parametrize("garbage", [
+    struct.pack("<I", link.MAX_FRAME + 1) + b"x" * 64,  # a length over the limit
+    struct.pack("<I", 1 << 20) + b"short",  # a frame cut off by the end of the connection
+    struct.pack("<II", link.SPLIT | 64, 16) + b"y" * 64,  # a split frame: only answers are split
+    b"\x01\x02",  # a length cut off
+], ids=["over-limit", "cut-off", "split", "short-length"])
+def test_broken_framing_on_a_socket_ends_the_connection_and_changes_nothing(server, via, garbage):
+    with PSClient([server.address], "w", auth_token="tok", transport="unary") as c:
+        c.setup({"w": torch.arange(4.0)}, SGD1)
+        s = raw_socket(server, via)
+        s.sendall(frame(link.HELLO + b"Bearer tok"))
+        assert s.recv(64) == frame(link.WELCOME)
+        s.sendall(garbage)
+        s.shutdown(socket.SHUT_WR)
+        assert read_all(s) == b""  # ended, nothing answered
+        s.close()
+        assert c.stats()[0]["version"] == 0
+        assert torch.equal(c.pull(0, observer=True)["w"], torch.arange(4.0))
+        c.push({"w": torch.ones(4)}, 0)  # the server goes on serving
+        assert torch.equal(c.pull(1)["w"], torch.arange(4.0) - 1)

@@ -56,7 +56,8 @@ def ps_worker(addresses, rank, model, x, y, opt_cfg, transport):
     (OptimizerConfig("sgd", lr=0.1, weight_decay=1e-3), "unary"),
     (OptimizerConfig("momentum", lr=0.05, momentum=0.9), "stream"),
     (OptimizerConfig("adam", lr=1e-3, weight_decay=1e-4), "shm"),
-], ids=["sgd-unary", "momentum-stream", "adam-shm"])
+    (OptimizerConfig("momentum", lr=0.05, momentum=0.9, weight_decay=1e-3), "tcp"),
+], ids=["sgd-unary", "momentum-stream", "adam-shm", "momentum-tcp"])
 def test_two_workers_on_half_batches_match_one_process_on_the_whole_batch(cluster, transport_for, opt_cfg, transport):
     transport_for(transport)
     model, x, y = model_and_data()

@@ -47,7 +47,7 @@ def test_tls_serves_a_client_that_trusts_the_ca_and_nobody_in_plaintext_or_with_
     srv = _server(pki, mutual=False)
     try:
         assert torch.equal(_train_one_step(srv.address, tls_ca=pki["ca"]), -torch.ones(3))
-        for path in ("stream", "shm"):  # the other paths too (shm: its offer goes on the TLS stream)
+        for path in ("stream", "tcp", "shm"):  # the other paths too (shm: its offer goes on the TLS stream)
             with PSClient([srv.address], path, transport=transport_for(path), tls_ca=pki["ca"]) as c:
                 clock = c.setup({"w": torch.zeros(3)}, SGD)
                 assert c._t.path(0) == path
@@ -56,7 +56,7 @@ def test_tls_serves_a_client_that_trusts_the_ca_and_nobody_in_plaintext_or_with_
             with pytest.raises(PSError):
                 _train_one_step(srv.address, **bad)
         assert check(srv.address, ca=pki["ca"]) == "SERVING"
-        assert srv.shard.stats()["pushes"] == 3  # one per path that trusts the CA
+        assert srv.shard.stats()["pushes"] == 4  # one per path that trusts the CA
     finally:
         srv.stop(grace=0)
 
@@ -68,6 +68,10 @@ def test_mutual_tls_needs_a_client_certificate_the_ca_signed(pki):
             _train_one_step(srv.address, tls_ca=pki["ca"])  # no client certificate
         got = _train_one_step(srv.address, tls_ca=pki["ca"], tls_cert=pki["client_cert"], tls_key=pki["client_key"])
         assert torch.equal(got, -torch.ones(3))
+        with PSClient([srv.address], "t", transport="tcp", tls_ca=pki["ca"], tls_cert=pki["client_cert"],
+                      tls_key=pki["client_key"]) as c:  # the data port asks for the certificate too
+            clock = c.setup({"w": torch.zeros(3)}, SGD)
+            assert c.push({"w": torch.ones(3)}, clock)[0]["outcome"] == "APPLIED" and c.paths() == ["tcp"]
         assert check(srv.address, ca=pki["ca"], cert=pki["client_cert"], key=pki["client_key"]) == "SERVING"
     finally:
         srv.stop(grace=0)

@@ -49,7 +49,7 @@ async def _withdrawn_as_answered(how: str):
     for _ in range(5):
         await asyncio.sleep(0)  # the caller awaits its answer
     assert s.answers.used  # its answer area is taken
-    call.answers.put_nowait(wire.stream_answer(rid, pb.StatsResponse()))  # in: the reader wakes first
+    call.answers.put_nowait(wire.stream_answer(rid, pb.StatsResponse()).tobytes())  # in: the reader wakes first
     if how == "cancel":
         task.cancel()
     else:
