@@ -1,19 +1,20 @@
 """Transport: one push plus one pull of a model through 2 real ps-server processes (1 worker;
-each path: unary calls, the stream, shared memory, and the default (ps-worker's --transport:
-the stream)),
-(and, for the small model, the combined push_pull call),
-against a gloo all-reduce of the same tensor between 2 processes, raw TCP moving the same bytes
-(there and back), and the ceiling of gRPC Python itself (2 echo servers of raw bytes, same slices,
-no protobuf, no ps; for the small model, 1 KiB echoed by 2 servers at once; and a bare
-health-check round trip), all measured in this run. Prints p50 and
-p99 over the rounds, and the ratios.
+each path: unary calls, the gRPC stream, the data port (tcp), shared memory, and the default,
+ps-worker's --transport auto: shared memory on this host), and, for the small model, the
+combined push_pull call; against a gloo all-reduce of the same tensor between 2 processes, raw
+TCP moving the same bytes (there and back), and the ceiling of gRPC Python itself (2 echo
+servers of raw bytes, same slices, no protobuf, no ps; for the small model, 1 KiB echoed by 2
+servers at once; and a bare health-check round trip), all measured in this run. The 100 MiB
+paths and their baselines are measured in turn, --repeat times. Prints p50 and p99 over the
+rounds, and the ratios.
 
-    python benchmarks/transport.py [--mib 100] [--rounds 20]
+    python benchmarks/transport.py [--mib 100] [--rounds 20] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import socket
@@ -212,11 +213,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--mib", type=float, default=100.0)
     p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--repeat", type=int, default=3,
+                   help="times the 100 MiB paths and their baselines are measured, in turn (a machine whose speed "
+                        "drifts then weighs on each alike; p50 and p99 are over every round of every turn)")
     args = p.parse_args()
     big = int(args.mib * (1 << 20)) // 16 * 16
-    paths = {t: bench_ps(big, args.rounds, transport=t) for t in ("unary", "stream", "tcp", "shm")}
-    ar, tcp = bench_allreduce(big, args.rounds), bench_tcp(big, args.rounds)
-    ps_big = bench_ps(big, args.rounds)  # the default path
+    rounds = max(1, args.rounds // args.repeat)
+    measured: dict[str, list[float]] = {}
+    for _ in range(args.repeat):
+        for name, measure in (("allreduce", bench_allreduce), ("raw", bench_tcp),
+                              *((t, functools.partial(bench_ps, transport=t)) for t in ("unary", "stream", "tcp", "shm")),
+                              ("default", bench_ps)):
+            measured.setdefault(name, []).extend(measure(big, rounds))
+    paths = {t: measured[t] for t in ("unary", "stream", "tcp", "shm")}
+    ar, tcp, ps_big = measured["allreduce"], measured["raw"], measured["default"]
     ps_bf16 = bench_ps(big, args.rounds, compress="bf16")
     ps_topk = bench_ps(big, args.rounds, compress="topk:0.01")
     ceiling = bench_grpc_ceiling(big, args.rounds)
@@ -227,7 +237,8 @@ def main() -> None:
     rtt = bench_health_rtt(small_rounds)
     med = statistics.median
     gb = lambda seconds: 2 * big / seconds / 1e9  # noqa: E731 - bytes there and back
-    print(f"model {big / (1 << 20):.0f} MiB fp32, 1 worker, 2 servers, {args.rounds} rounds; default path {DEFAULT}")
+    print(f"model {big / (1 << 20):.0f} MiB fp32, 1 worker, 2 servers, {args.repeat} x {rounds} rounds of each path "
+          f"and baseline, in turn; default path {DEFAULT}")
     print(f"{'':34} {'p50 ms':>9} {'p99 ms':>9}")
     for name, xs in ((f"ps push+pull ({DEFAULT}, default)", ps_big),
                      *((f"ps push+pull ({t})", xs) for t, xs in paths.items()),

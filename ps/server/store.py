@@ -5,11 +5,12 @@ slices of one large push) run at once, and a read of a slice never sees half an 
 `validate` reads only what `init` fixed (keys and shapes), so it needs no lock at all. Every
 check runs before any state changes, so a rejected request leaves the parameters as they were.
 
-With SGD and momentum, a slice's memory is never written once it holds a version: an update
-writes the new values into another buffer (the one before last, when no reader still holds it)
-and the parameter takes that buffer. So a reader may keep the views `reading` gives after the
-locks are released (`immutable`), and a pull answer is sent from the slices themselves, with no
-copy. Adam updates in place (torch.optim's own step): its readers copy.
+With SGD and momentum, a slice's memory is never written while a reader holds it: an update
+made while one does (copy on write) writes the new values into another buffer (the one before
+last, when no reader still holds it) and the parameter takes that buffer; otherwise it updates
+in place (a third faster: no extra stream of memory). So a reader may keep the views `reading`
+gives after the locks are released (`immutable`), and a pull answer is sent from the slices
+themselves, with no copy. Adam updates in place (torch.optim's own step): its readers copy.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class ParamStore:
         """Set the slices (before any other call, or with no other call running)."""
         self._live = {k: v.detach().to(torch.float32).contiguous().numpy().copy() for k, v in values.items()}
         self._spare = {k: None for k in self._live}
-        params = {k: torch.from_numpy(a).view(values[k].shape).requires_grad_(True) for k, a in self._live.items()}
+        params = {k: torch.from_numpy(a).requires_grad_(True) for k, a in self._live.items()}  # (no view: see _held)
         self._locks = {k: threading.Lock() for k in params}
         self.slice_lengths = [p.numel() for p in params.values()]
         self.elements = sum(self.slice_lengths)
@@ -110,16 +111,24 @@ class ParamStore:
                 self._step(key, g, lr_scale)
 
     def _step(self, key: str, grad: torch.Tensor, lr_scale: float = 1.0) -> None:
-        """One optimizer step of a slice (its lock held): out of place when the slices are
-        immutable, into its previous buffer when no reader holds that any more."""
-        if not self.immutable:
+        """One optimizer step of a slice (its lock held): in place when no reader holds its
+        memory (or the slices are not immutable: Adam); else copy on write, into its previous
+        buffer when no reader holds that any more, so what the readers hold never changes."""
+        if not self.immutable or not self._held(self._live[key]):
             self.optimizer.step_one(key, grad, lr_scale)
             return
         spare, self._spare[key] = self._spare[key], None
-        if spare is None or sys.getrefcount(spare) > 2:  # held elsewhere than here (the name, the argument)
+        if spare is None or self._held(spare, 0):
             spare = np.empty_like(self._live[key])
-        self.optimizer.step_one(key, grad, lr_scale, out=torch.from_numpy(spare).view(self.params[key].shape))
+        self.optimizer.step_one(key, grad, lr_scale, out=torch.from_numpy(spare))
         self._spare[key], self._live[key] = self._live[key], spare
+
+    @staticmethod
+    def _held(buffer: np.ndarray, storage: int = 1) -> bool:
+        """Whether a slice's buffer is referred to by more than its slot here, the parameter's
+        storage (`storage`: 1 for the live buffer) and this call: a reader's view of it. (The
+        parameter is made from the buffer itself, not a view of it: a view would keep its base.)"""
+        return sys.getrefcount(buffer) > 3 + storage
 
     def accumulate(self, grads: Mapping[str, torch.Tensor | None]) -> None:
         """Add to the current sync step's sums (slice by slice; pushes add concurrently). A key

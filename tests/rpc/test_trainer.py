@@ -63,11 +63,11 @@ def test_gradients_leave_the_gpu_through_pinned_buffers():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("transport", ["unary", "shm"])
+@pytest.mark.parametrize("transport", ["unary", "shm", "tcp"])
 def test_pulls_into_cuda_tensors_land_through_one_pinned_mirror_per_parameter(transport):
     from ps import shm
 
-    server = create_server(ServerConfig(mode="async"))
+    server = create_server(ServerConfig(mode="async", shm=transport == "shm"))  # tcp: split answers into the mirror
     try:
         with PSClient([server.address], "g", partition_bytes=1 << 16, transport=transport) as c:
             init = {"w": torch.arange(1 << 16, dtype=torch.float32).reshape(256, 256), "b": torch.ones(7)}

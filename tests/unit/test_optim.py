@@ -34,3 +34,34 @@ def test_sgd_and_momentum_match_torch_exactly(name, weight_decay):
             assert set(state) == ({"a#0", "b#0"} if name == "momentum" else set())
             opt = SliceOptimizer(cfg, ours)
             opt.load_state(state)
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum"])
+def test_a_slice_a_reader_holds_is_updated_elsewhere_and_the_steps_still_match_torch(name):
+    """Copy on write (ps.server.store): while a reader holds a slice's memory, an update writes
+    into another buffer; the reader's view keeps its values, and the steps are torch's, bit for
+    bit, whichever way each was made."""
+    from ps.server.store import ParamStore
+
+    cfg = OptimizerConfig(name, lr=0.05, momentum=0.9, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(1)
+    start = torch.randn(1000, generator=gen)
+    store = ParamStore()
+    store.init({"a#0": start}, cfg)
+    theirs = start.clone().requires_grad_(True)
+    ref = torch_optimizer(cfg, [theirs])
+    assert store.immutable
+    for step in range(6):
+        grad = torch.randn(1000, generator=gen)
+        with store.reading(["a#0"]) as views:
+            held = views if step % 2 else None  # every other step a reader keeps what it read
+            before = bytes(views[0][1])
+        store.apply({"a#0": grad})
+        theirs.grad = grad
+        ref.step()
+        assert torch.equal(store.params["a#0"].detach(), theirs.detach())
+        if held is not None:
+            assert bytes(held[0][1]) == before  # what it read, unchanged
+    adam = ParamStore()
+    adam.init({"a#0": start}, OptimizerConfig("adam", lr=1e-3))
+    assert not adam.immutable  # Adam steps in place: its readers copy
