@@ -1,7 +1,7 @@
 """Push + pull behind real links: 2 workers, each in its own network namespace behind a veth pair
 shaped to --rate both ways (tc tbf), against 2 ps-server processes (async, so the workers do not
 wait for each other), every transport the pair supports (a worker in another namespace never
-takes shared memory: auto means the stream there). Prints each worker's push + pull time and the
+takes shared memory: auto means the data port, tcp, there). Prints each worker's push + pull time and the
 bytes it moved per second as a share of the link rate. Needs root and `ip netns`.
 
     python benchmarks/link.py [--rate 1gbit] [--mib 25] [--rounds 10]
@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--rate", default="1gbit")
     p.add_argument("--mib", type=float, default=25.0)
     p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--transports", default="unary,stream,auto")
+    p.add_argument("--transports", default="unary,stream,tcp,auto")
     args = p.parse_args()
     sys.path.insert(0, ROOT)
     from ps.cli.launch import start_servers, stop_all

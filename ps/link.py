@@ -31,21 +31,20 @@ import itertools
 import logging
 import socket
 import struct
-import sys
-import threading
 from typing import AsyncIterator, Callable
 
 import grpc
-import numpy as np
 
 from ps import wire
+from ps.buffers import Pool
 from ps.config import MAX_MESSAGE_BYTES
 from ps.errors import Unauthenticated, Unavailable
 
 log = logging.getLogger("ps.link")
 LENGTH = struct.Struct("<I")
 SPLIT = 1 << 31  # in a frame's length: a split frame (a u32 head length follows; see SocketConn)
-MAX_HEAD = 1 << 16  # a split frame's head is at most this (a pull answer's keys and shapes)
+MAX_HEAD = (256 << 10) - 8  # a split frame's head is at most this (a pull answer's keys and shapes)
+GREETING = b"PS-SERVER\x01"  # the server's first frame: this, then its id (RegisterResponse.server_id)
 HELLO = b"PS-LOCAL\x01"  # a hello: this, then the token's bytes ("Bearer <token>", or nothing)
 WELCOME = b"PS-LOCAL-OK"
 DENIED = b"PS-LOCAL-DENIED"
@@ -53,7 +52,8 @@ MAX_FRAME = MAX_MESSAGE_BYTES + 64  # a frame: the stream header (rid, code, shm
 MAX_HELLO = 4096
 HELLO_TIMEOUT = 10.0  # seconds a new connection has to say hello
 MAX_GREETING = 64  # connections waiting to say hello at once; more are closed at once
-SCRATCH = 256 << 10  # one receive of small frames; a larger frame gets a buffer of its own
+MAX_GREETING_FROM = 8  # of those, from one address
+SCRATCH = MAX_HEAD + 8  # one receive of small frames; a larger frame gets a buffer of its own
 IOV = 512  # pieces per sendmsg (under every system's IOV_MAX)
 OUT_HIGH, OUT_LOW = 64 << 20, 16 << 20  # bytes queued to send: over HIGH a writer should drain, to LOW
 IN_HIGH, IN_LOW = 64 << 20, 16 << 20  # bytes received, not yet read: over HIGH reading pauses, to LOW
@@ -64,38 +64,6 @@ def pieces(data) -> tuple[int, list]:
     if isinstance(data, wire.Frame):
         return data.size, data.chunks
     return memoryview(data).nbytes, [data]
-
-
-class Pool:
-    """Buffers for large frames, used again once nothing refers to them (a fresh buffer would
-    cost a page fault for each of its pages, every frame). Sizes are rounded up to a class (a
-    power of two up to 1 MiB, then whole MiB); at most `keep` bytes are held, beyond that
-    buffers are fresh and freed as usual. A buffer is free when only the pool refers to it: the
-    memoryviews handed out (and every view, tensor or array made of them) keep it taken.
-    Thread-safe."""
-
-    def __init__(self, keep: int = 512 << 20):
-        self._held: dict[int, list[np.ndarray]] = {}
-        self._bytes, self._keep = 0, keep
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _size(n: int) -> int:
-        return max(1 << (n - 1).bit_length(), 1 << 16) if n <= 1 << 20 else -(-n >> 20) << 20
-
-    def take(self, n: int) -> memoryview:
-        """A writable buffer of `n` bytes, its contents undefined."""
-        size = self._size(n)
-        with self._lock:
-            held = self._held.setdefault(size, [])
-            for arr in held:
-                if sys.getrefcount(arr) == 3:  # the list, this loop's name, the call's argument
-                    return memoryview(arr)[:n]
-            arr = np.empty(size, np.uint8)
-            if self._bytes + size <= self._keep:
-                held.append(arr)
-                self._bytes += size
-            return memoryview(arr)[:n]
 
 
 @dataclasses.dataclass
@@ -448,6 +416,7 @@ class _Sink:
 
     def __init__(self, conn: Conn):
         self._conn, self._ended = conn, asyncio.Event()
+        self.splits = isinstance(conn, SocketConn)  # split answers can be sent (not over TLS)
 
     def put_nowait(self, answer) -> None:
         if answer is None:
@@ -468,12 +437,13 @@ class Listener:
 
     def __init__(self, serve: Callable[[AsyncIterator, _Sink], AsyncIterator], token: str = "",
                  on_refuse: Callable[[], None] = lambda: None, admit: Callable[[Conn], bool] = lambda conn: True,
-                 pool: Pool | None = None):
+                 pool: Pool | None = None, server_id: str = ""):
         self._serve, self._on_refuse, self._admit = serve, on_refuse, admit
         self.pool = pool or Pool()
+        self.server_id = server_id  # named in the greeting: the worker checks it before it says hello
         self._expected = f"Bearer {token}".encode() if token else None
         self._conns: set[asyncio.Task] = set()
-        self._greeting = 0  # connections that have not said hello yet
+        self._greeting: collections.Counter = collections.Counter()  # by address: not said hello yet
         self._stop: Callable[[], object] | None = None  # closes the listening socket
         self.listening = False
 
@@ -492,7 +462,12 @@ class Listener:
                     log.warning("accepting a connection failed: %s", e)
                     await asyncio.sleep(0.1)
                     continue
-                self.tune(conn)
+                try:
+                    self.tune(conn)
+                except OSError as e:  # (reset already, say): that one only
+                    log.debug("a connection ended before it was served: %s", e)
+                    conn.close()
+                    continue
                 self.begin(SocketConn(conn, self.pool))
         finally:
             sock.close()
@@ -520,14 +495,19 @@ class Listener:
     async def _hello(self, conn: Conn) -> bool:
         if not self._admit(conn):
             return False
-        if self._greeting >= MAX_GREETING:
-            log.warning("refused a connection: %d others have not said hello yet", self._greeting)
+        peer = _address(conn)
+        if sum(self._greeting.values()) >= MAX_GREETING or self._greeting[peer] >= MAX_GREETING_FROM:
+            log.warning("refused a connection from %s: %d others (%d from there) have not said hello yet",
+                        peer or "this host", sum(self._greeting.values()), self._greeting[peer])
             return False
-        self._greeting += 1
+        self._greeting[peer] += 1
         try:
+            conn.send(GREETING + self.server_id.encode())
             hello = await asyncio.wait_for(conn.read(), HELLO_TIMEOUT)
         finally:
-            self._greeting -= 1
+            self._greeting[peer] -= 1
+            if not self._greeting[peer]:
+                del self._greeting[peer]
         if hello is None or not bytes(hello).startswith(HELLO):
             log.warning("refused a connection that did not say hello")
             return False
@@ -578,27 +558,50 @@ class Listener:
             conn.close()
 
 
-async def greeted(conn: Conn, authorization: str, timeout: float, kind: str) -> "Call":
+def _address(conn: Conn) -> str:
+    """The peer's address (TCP), or "" (a Unix socket)."""
+    try:
+        peer = conn.socket.getpeername()
+    except OSError:
+        return ""
+    return peer[0] if isinstance(peer, tuple) else ""
+
+
+async def greeted(conn: Conn, authorization: str, timeout: float, kind: str, server_id: str | None) -> "Call":
     """A worker's connection once the server welcomed it (`say_hello`); closed if it did not."""
     try:
-        await say_hello(conn, authorization, timeout)
+        await say_hello(conn, authorization, timeout, server_id)
     except BaseException:
         conn.close()
         raise
     return Call(conn, kind)
 
 
-async def say_hello(conn: Conn, authorization: str, timeout: float) -> None:
+async def _next(conn: Conn, timeout: float, what: str):
+    """The server's next frame (None: it closed the connection); Unavailable past `timeout`."""
+    try:
+        return await asyncio.wait_for(conn.read(), timeout)
+    except asyncio.TimeoutError:
+        raise Unavailable(f"no {what} from the server within {timeout:.0f}s") from None
+    except (ConnectionError, ValueError, OSError) as e:
+        raise Unavailable(f"the server ended the connection before {what} ({e})") from e
+
+
+async def say_hello(conn: Conn, authorization: str, timeout: float, server_id: str | None) -> None:
     """The worker's side of the hello (`authorization`: the gRPC calls' header value, "Bearer
-    <token>"). Unauthenticated for a refused token, Unavailable for anything else."""
+    <token>"), once the server's greeting names `server_id` (the id it gave at Register; None:
+    any): nothing, the token least of all, goes to another process that answers at the same
+    address (another shard, a port forwarded elsewhere). Unauthenticated for a refused token,
+    Unavailable for anything else."""
+    greeting = bytes(await _next(conn, timeout, "its greeting") or b"")
+    if not greeting.startswith(GREETING):
+        raise Unavailable("what answers there is not a ps server's socket")
+    got = greeting[len(GREETING):].decode("ascii", "replace")
+    if server_id is not None and not hmac.compare_digest(got, server_id):
+        raise Unavailable(f"what answers there is another server (id {got[:16]}...), not the one registered with")
     conn.send(HELLO + authorization.encode())
     await conn.drain()
-    try:
-        answer = await asyncio.wait_for(conn.read(), timeout)
-    except asyncio.TimeoutError:
-        raise Unavailable(f"the server did not answer the hello within {timeout:.0f}s") from None
-    except (ConnectionError, ValueError, OSError) as e:
-        raise Unavailable(f"the server ended the connection during the hello ({e})") from e
+    answer = await _next(conn, timeout, "its answer to the hello")
     if answer is not None and bytes(answer) == WELCOME:
         conn.limit = MAX_FRAME
         return
@@ -644,7 +647,8 @@ class Call:
     async def read(self):
         try:
             frame = await self.conn.read()
-        except (ValueError, ConnectionError, OSError):
+        except (ValueError, ConnectionError, OSError) as e:
+            log.warning("the connection to the server ended: %s", e)
             frame = None
         return grpc.aio.EOF if frame is None else frame
 

@@ -30,7 +30,7 @@ import struct
 import sys
 from typing import AsyncIterator, Callable
 
-from ps import link
+from ps import buffers, link
 from ps.errors import Unavailable
 
 log = logging.getLogger("ps.local")
@@ -71,8 +71,9 @@ class LocalServer(link.Listener):
     stream, served by `serve(requests, sink)` (see ps.link.Listener)."""
 
     def __init__(self, serve: Callable[[AsyncIterator, object], AsyncIterator], token: str = "",
-                 on_refuse: Callable[[], None] = lambda: None, pool: link.Pool | None = None):
-        super().__init__(serve, token, on_refuse, admit=lambda conn: _same_user(conn, on_refuse), pool=pool)
+                 on_refuse: Callable[[], None] = lambda: None, pool: buffers.Pool | None = None, server_id: str = ""):
+        super().__init__(serve, token, on_refuse, admit=lambda conn: _same_user(conn, on_refuse), pool=pool,
+                         server_id=server_id)
         self.name = new_name()
 
     async def start(self) -> None:
@@ -87,11 +88,12 @@ class LocalServer(link.Listener):
         self.serving(task.cancel)
 
 
-async def connect(name: str, authorization: str = "", timeout: float = 10.0, pool: link.Pool | None = None
-                  ) -> link.Call:
+async def connect(name: str, authorization: str = "", timeout: float = 10.0, pool: buffers.Pool | None = None,
+                  server_id: str | None = None) -> link.Call:
     """Connect, check that the other end is the server that gave `name` (its pid, this user),
-    and say hello (`authorization`: the gRPC calls' header value, "Bearer <token>"); large
-    frames are received into buffers of `pool`.
+    and say hello (`authorization`: the gRPC calls' header value, "Bearer <token>") once the
+    server's greeting names `server_id` (None: any); large frames are received into buffers of
+    `pool`.
     Unauthenticated for a refused token; Unavailable or OSError when the socket is not there or
     held by another process (the server went away, or runs elsewhere)."""
     pid = name_pid(name)
@@ -107,4 +109,5 @@ async def connect(name: str, authorization: str = "", timeout: float = 10.0, poo
     except BaseException:
         sock.close()
         raise
-    return await link.greeted(link.SocketConn(sock, pool or link.Pool()), authorization, timeout, "local")
+    return await link.greeted(link.SocketConn(sock, pool or buffers.Pool()), authorization, timeout, "local",
+                              server_id)

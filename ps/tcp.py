@@ -4,6 +4,8 @@ workers that do not share the server's host (transport "tcp"; "auto" takes it th
 gRPC stays the control plane: a worker registers over gRPC, learns the data port from the
 answer (`RegisterResponse.data_port`, on the host it reached the server at) and opens one
 connection per server. What a gRPC stream gives, this connection gives too:
+- the same server: its greeting names the id it gave at Register, checked before the worker
+  sends anything (a port forwarded elsewhere, another shard at the same address get nothing);
 - the same token: the hello carries the bearer token the gRPC calls carry (ps.link);
 - the same TLS: a server that serves TLS serves it on the data port with the same certificate,
   key and CA (mutual TLS when it has a CA), and the worker verifies it as its gRPC channel
@@ -21,7 +23,7 @@ import socket
 import ssl
 from typing import AsyncIterator, Callable
 
-from ps import link
+from ps import buffers, link
 
 log = logging.getLogger("ps.tcp")
 KEEPALIVE = ((socket.SOL_SOCKET, "SO_KEEPALIVE", 1), (socket.IPPROTO_TCP, "TCP_KEEPIDLE", 10),
@@ -69,8 +71,8 @@ class TcpServer(link.Listener):
 
     def __init__(self, serve: Callable[[AsyncIterator, object], AsyncIterator], token: str = "",
                  on_refuse: Callable[[], None] = lambda: None, context: ssl.SSLContext | None = None,
-                 pool: link.Pool | None = None):
-        super().__init__(serve, token, on_refuse, pool=pool)
+                 pool: buffers.Pool | None = None, server_id: str = ""):
+        super().__init__(serve, token, on_refuse, pool=pool, server_id=server_id)
         self.context, self.port = context, 0
 
     tune = staticmethod(tune)
@@ -99,11 +101,12 @@ class TcpServer(link.Listener):
 
 
 async def connect(host: str, port: int, authorization: str = "", context: ssl.SSLContext | None = None,
-                  timeout: float = 10.0, pool: link.Pool | None = None) -> link.Call:
+                  timeout: float = 10.0, pool: buffers.Pool | None = None, server_id: str | None = None
+                  ) -> link.Call:
     """A connection to a server's data port, said hello on (`authorization`: "Bearer <token>"
-    or ""); with `context`, TLS first, the server's certificate checked for `host`; large
-    frames are received into buffers of `pool`.
-    Unauthenticated for a refused token; OSError, ssl.SSLError or Unavailable when it cannot be
+    or "") once the server's greeting names `server_id` (None: any); with `context`, TLS first,
+    the server's certificate checked for `host`; large frames are received into buffers of
+    `pool`. Unauthenticated for a refused token; OSError, ssl.SSLError or Unavailable when it cannot be
     reached or does not welcome this worker."""
     if context is not None:
         reader, writer = await asyncio.wait_for(
@@ -126,5 +129,5 @@ async def connect(host: str, port: int, authorization: str = "", context: ssl.SS
         else:
             raise error
         tune(sock)
-        conn = link.SocketConn(sock, pool or link.Pool())
-    return await link.greeted(conn, authorization, timeout, "tcp")
+        conn = link.SocketConn(sock, pool or buffers.Pool())
+    return await link.greeted(conn, authorization, timeout, "tcp", server_id)

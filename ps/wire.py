@@ -471,6 +471,7 @@ STREAM_NAMES = {code: name for name, code in STREAM_CODES.items()}
 _STATUS = {s.value[0]: s for s in grpc.StatusCode}
 _REQ_HEAD = struct.Struct("<BI")
 _ANS_HEAD = struct.Struct("<IB")
+ANSWER_HEAD = _ANS_HEAD.size
 _SHM_DESC = struct.Struct("<QQQQ")
 _SHM_LEN = struct.Struct("<Q")
 IN_SHM = "shm"  # read_stream_answer's status for an answer written into the reserved area

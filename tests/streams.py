@@ -59,3 +59,15 @@ def raw_socket(server, via: str) -> socket.socket:
         s.connect(server.local.name)
         return s
     return socket.create_connection(("127.0.0.1", server.tcp.port), timeout=10)
+
+
+def read_frame(s: socket.socket) -> bytes:
+    """One frame's bytes (its length read first)."""
+    def exactly(n: int) -> bytes:
+        out = b""
+        while len(out) < n and (chunk := s.recv(n - len(out))):
+            out += chunk
+        return out
+
+    (n,) = struct.unpack("<I", exactly(4))
+    return exactly(n)

@@ -201,7 +201,7 @@ async def _listen_tcp(servicer: ParameterServerServicer, refused) -> "tcp.TcpSer
     cfg = servicer.shard.cfg
     context = tls.server_ssl_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.tls_cert else None
     tcp_server = tcp.TcpServer(lambda requests, sink: servicer.Stream(requests, None, sink), cfg.auth_token, refused,
-                               context, servicer.buffers)
+                               context, servicer.buffers, servicer.server_id)
     try:
         port = await tcp_server.start(cfg.host, cfg.data_port)
     except OSError as e:
@@ -218,7 +218,7 @@ async def _listen_tcp(servicer: ParameterServerServicer, refused) -> "tcp.TcpSer
 async def _listen_locally(servicer: ParameterServerServicer, refused) -> "local.LocalServer | None":
     """The co-located channel (ps.local): its frames are served by the same Stream handler."""
     local_server = local.LocalServer(lambda requests, sink: servicer.Stream(requests, None, sink),
-                                     servicer.shard.cfg.auth_token, refused, servicer.buffers)
+                                     servicer.shard.cfg.auth_token, refused, servicer.buffers, servicer.server_id)
     try:
         await local_server.start()
     except OSError as e:  # co-located workers then use the gRPC stream (and the segments) instead

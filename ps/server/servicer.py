@@ -15,14 +15,16 @@ import dataclasses
 import functools
 import logging
 import math
+import secrets
 from concurrent.futures import Executor
 
 import grpc
 
 import numpy as np
 
-from ps import link, shm, wire
-from ps.errors import InvalidArgument, Overloaded, PlanMismatch, PSError, ShmUnavailable, Unavailable
+from ps import buffers, link, shm, wire
+from ps.errors import (InvalidArgument, Overloaded, PlanMismatch, PSError, ResourceExhausted, ShmUnavailable,
+                       Unavailable)
 from ps.proto import ps_pb2 as pb
 from ps.serde import optimizer_from_proto, plan_from_proto, stats_to_proto, tensor_from_proto
 from ps.server.shard import Shard
@@ -126,11 +128,14 @@ class _Split:
 def _encode_pull(slices, version: int, min_clock: int, area=None, keep: bool = False):
     """A PullResponse from read-only views of the live slices (called with their locks held: one
     copy, into the answer area when there is one it fits in, or into a pooled buffer sent as a
-    split answer's tail; none for a split answer when the slices are immutable (`keep`: the
-    views themselves are sent))."""
-    if isinstance(area, link.Pool):
+    split answer's tail; none for a split answer when `keep` (the views may be kept: the slices
+    copy on write), the views themselves are sent). A split answer whose head (keys and shapes)
+    would be over ps.link's limit goes whole."""
+    meta = None
+    if isinstance(area, buffers.Pool):
         meta = pb.PullResponse(version=version, min_clock=min_clock, tensors=[
             pb.Tensor(key=key, dtype="float32", shape=[len(data) // 4]) for key, data in slices]).SerializeToString()
+    if meta is not None and len(meta) + wire.ANSWER_HEAD <= link.MAX_HEAD:
         if keep:
             return _Split(meta, [data for _, data in slices])
         payload = area.take(sum(len(data) for _, data in slices))
@@ -141,7 +146,7 @@ def _encode_pull(slices, version: int, min_clock: int, area=None, keep: bool = F
         return _Split(meta, [payload])
     tensors = [wire.tensor_frame(key, "float32", [len(data) // 4], data) for key, data in slices]
     frame = wire.pull_response_frame(version, min_clock, tensors)
-    if area is not None and frame.size <= area[2]:
+    if isinstance(area, tuple) and frame.size <= area[2]:  # (segment, offset, capacity)
         area[0].write(area[1], frame.chunks)
         return _InArea(frame.size)
     return wire.Frame.of(frame.tobytes())
@@ -175,7 +180,8 @@ class ParameterServerServicer:
         self.host = shm.host_identity() if shm_enabled else ""
         self.local = None  # the co-located channel (ps.local.LocalServer), once it listens
         self.tcp = None  # the data port (ps.tcp.TcpServer), once it listens
-        self.buffers = link.Pool()  # buffers of the sockets' large frames and split answers
+        self.buffers = buffers.Pool()  # buffers of the sockets' large frames and split answers
+        self.server_id = secrets.token_hex(16)  # named in the sockets' greetings (ps.link)
         self.shm_bytes = 0
         shard.on_stop(self._end_streams)
         shard.on_depart(self._worker_gone)
@@ -257,7 +263,7 @@ class ParameterServerServicer:
         as they complete. A malformed frame is answered INVALID_ARGUMENT (by id when it has one)
         and changes nothing; the stream itself goes on. With a segment (transport "shm"), request
         and answer bytes may lie in it instead of in the frames."""
-        splits = answers is not None  # a socket's sink (ps.link): split answers can be sent
+        splits = getattr(answers, "splits", False)  # a plain socket's sink (ps.link): split answers can go
         st = _Stream(answers)
         answers = st.answers
         tasks: dict[int, asyncio.Task] = {}
@@ -315,6 +321,9 @@ class ParameterServerServicer:
                 answer = wire.stream_failure(rid, e)
             finally:
                 tasks.pop(rid, None)
+            if answer.size > link.MAX_FRAME:  # (unary calls would fail the same way, in gRPC)
+                answer = wire.stream_failure(rid, ResourceExhausted(
+                    f"the answer to {name} takes {answer.size} bytes, more than the message limit"))
             answers.put_nowait(answer)
 
         def refuse(rid: int, e: InvalidArgument) -> None:
@@ -427,10 +436,10 @@ class ParameterServerServicer:
         await self._wait(worker_id, clock)
         nbytes = 4 * sum(self.shard.store.params[k].numel() for k in keys)
         area = _ANSWER_AREA.get()
-        encode = (_encode_pull if area is None else
-                  functools.partial(_encode_pull, area=area, keep=self.shard.store.immutable))
+        keep = isinstance(area, buffers.Pool) and self.shard.store.immutable  # views sent as they are
+        encode = _encode_pull if area is None else functools.partial(_encode_pull, area=area, keep=keep)
         async with self.admission.hold(nbytes):
-            return await self._run(nbytes // 4, self.shard.read, keys, encode)
+            return await self._run(nbytes // 4, self.shard.read, keys, encode, keep)
 
     def _push_now(self, request: wire.PushIn):
         h = request.header
@@ -462,6 +471,7 @@ class ParameterServerServicer:
             backup_workers=cfg.backup_workers,
             transports=["unary", "stream", *(["tcp"] if self._data_port() else []), *(["shm"] if self.host else [])],
             host=self.host, local_socket=self._local_socket(), data_port=self._data_port(),
+            server_id=self.server_id,
         )
 
     def _data_port(self) -> int:

@@ -475,15 +475,16 @@ class Shard:
                 with contextlib.suppress(ValueError):
                     waiting.remove(wake)
 
-    def read(self, keys: Sequence[str], encode: Callable | None = None):
+    def read(self, keys: Sequence[str], encode: Callable | None = None, keep: bool = False):
         """The slices for `keys`: (slices, version, min_clock) with copies of their bytes, or
         encode(views, version, min_clock) called with read-only views of the live slices while
-        their locks are held (it must copy what it keeps; one copy). The slices hold at least
-        the `version` updates (async: maybe more, applied meanwhile)."""
+        their locks are held (it must copy what it keeps, unless `keep` and the store's slices
+        copy on write: see ParamStore.reading). The slices hold at least the `version` updates
+        (async: maybe more, applied meanwhile)."""
         with self._lock:
             self.counters["pulls"] += 1
             version, min_clock = self.version, self._view().min_clock
-        with self.store.reading(keys) as views:
+        with self.store.reading(keys, keep) as views:
             nbytes = sum(v.nbytes for _, v in views)
             out = (encode(views, version, min_clock) if encode is not None
                    else ([(k, v.tobytes()) for k, v in views], version, min_clock))

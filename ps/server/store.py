@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import threading
 from typing import Iterable, Mapping, Sequence
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from ps.config import OptimizerConfig
+from ps.buffers import Leases
 from ps.errors import InvalidArgument, UnknownKey
 from ps.server.optim import SliceOptimizer
 
@@ -47,6 +47,7 @@ class ParamStore:
         # Per slice, the buffers of its current and previous values (immutable slices; see above).
         self._live: dict[str, np.ndarray] = {}
         self._spare: dict[str, np.ndarray | None] = {}
+        self._leases = Leases()  # which of those buffers views kept past `reading` hold
         self.immutable = False
 
     @property
@@ -114,21 +115,14 @@ class ParamStore:
         """One optimizer step of a slice (its lock held): in place when no reader holds its
         memory (or the slices are not immutable: Adam); else copy on write, into its previous
         buffer when no reader holds that any more, so what the readers hold never changes."""
-        if not self.immutable or not self._held(self._live[key]):
+        if not self.immutable or not self._leases.held(self._live[key]):
             self.optimizer.step_one(key, grad, lr_scale)
             return
         spare, self._spare[key] = self._spare[key], None
-        if spare is None or self._held(spare, 0):
+        if spare is None or self._leases.held(spare):
             spare = np.empty_like(self._live[key])
         self.optimizer.step_one(key, grad, lr_scale, out=torch.from_numpy(spare))
         self._spare[key], self._live[key] = self._live[key], spare
-
-    @staticmethod
-    def _held(buffer: np.ndarray, storage: int = 1) -> bool:
-        """Whether a slice's buffer is referred to by more than its slot here, the parameter's
-        storage (`storage`: 1 for the live buffer) and this call: a reader's view of it. (The
-        parameter is made from the buffer itself, not a view of it: a view would keep its base.)"""
-        return sys.getrefcount(buffer) > 3 + storage
 
     def accumulate(self, grads: Mapping[str, torch.Tensor | None]) -> None:
         """Add to the current sync step's sums (slice by slice; pushes add concurrently). A key
@@ -173,16 +167,19 @@ class ParamStore:
                 self._step(key, g.div_(counts[key]))
 
     @contextlib.contextmanager
-    def reading(self, keys: Sequence[str]):
+    def reading(self, keys: Sequence[str], keep: bool = False):
         """Read-only views of the live fp32 bytes of these slices, inside a block which holds
         their locks (taken in key order; updates take one lock at a time, so this cannot
-        deadlock): the slices read are consistent with each other. Valid inside the block; when
-        `immutable`, for as long as they are kept (else copy what you keep)."""
+        deadlock): the slices read are consistent with each other. Valid inside the block;
+        with `keep` and `immutable`, for as long as they are kept (an update while they are
+        goes to another buffer); else copy what you keep."""
         locks = [self._locks[k] for k in sorted(set(keys))]
+        lend = keep and self.immutable
         for lock in locks:
             lock.acquire()
         try:
-            yield [(k, memoryview(self._live[k]).cast("B").toreadonly()) for k in keys]
+            yield [(k, memoryview(self._leases.lend(self._live[k]) if lend else self._live[k]).cast("B").toreadonly())
+                   for k in keys]
         finally:
             for lock in reversed(locks):
                 lock.release()

@@ -319,7 +319,8 @@ class PSClient:
         model's parameters, or pinned buffers) are decoded into directly, with no extra copy, and
         contiguous fp32 CUDA tensors get each slice as it arrives, through a pinned host mirror
         the client keeps, copied without blocking (done when this returns). The result holds
-        those tensors themselves."""
+        those tensors themselves. A pull that fails may leave them partly written (on the data
+        port, a slice being received when the connection broke holds some of its new bytes)."""
         pulled = self._t.run(self._pull(clock, observer, names, into, streams=self._mirrors.prepare(into)))
         return pulled.finish() if observer else self._installed(pulled)
 

@@ -247,7 +247,7 @@ class Pulled:
         if missing:
             raise InvalidArgument(f"the servers' answers lack {len(missing)} slices asked for, e.g. "
                                   f"{sorted(missing)[:3]}: the weights were not installed (tensors given as `into` "
-                                  "that answers decode into directly may hold some of the new values)")
+                                  "that answers decode into directly may hold some of the new values, to the byte)")
         with torch.no_grad():
             self.drain()
             for n, t in self.given.items():

@@ -36,7 +36,7 @@ class Membership:
         req = pb.RegisterRequest(worker_id=self.worker_id, plan_fingerprint=self.plan.fingerprint, clock=clock,
                                  seen_version=self.versions[shard])
         resp = await self.t.call(shard, "Register", req)
-        self.t.negotiate(shard, resp.transports, resp.host, resp.local_socket, resp.data_port)
+        self.t.negotiate(shard, resp.transports, resp.host, resp.local_socket, resp.data_port, resp.server_id)
         self.clock_floor = max(self.clock_floor, resp.clock)
         return resp
 

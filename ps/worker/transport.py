@@ -19,7 +19,7 @@ from typing import Awaitable, Callable, Coroutine, Sequence, TypeVar
 
 import grpc
 
-from ps import link, local, shm, tcp, tls, wire
+from ps import buffers, link, local, shm, tcp, tls, wire
 from ps.config import MAX_MESSAGE_BYTES, TRANSPORTS, grpc_options
 from ps.errors import (Cancelled, DeadlineExceeded, InvalidArgument, NotInitialized, Overloaded, PSError,
                        ResourceExhausted, ShmUnavailable, Unauthenticated, Unavailable, UnknownWorker,
@@ -38,6 +38,7 @@ RETRIED = (Unavailable, Overloaded, Cancelled)
 
 
 OFFER_TIMEOUT = 30.0  # seconds a server has to map an offered segment
+SOCKET_RETRY = 60.0  # at most this many seconds between tries of a socket that could not be reached
 RAW_MIN = 64 << 10  # a pull answer this large comes as a split frame on a plain socket (into place)
 
 
@@ -95,10 +96,10 @@ class Mux:
     status it ended with (UNAVAILABLE while a server restarts: retried like any call); the next
     request opens a new one."""
 
-    def __init__(self, stub: wire.Stub, server: str, metadata, context=None, pool: link.Pool | None = None):
+    def __init__(self, stub: wire.Stub, server: str, metadata, context=None, pool: buffers.Pool | None = None):
         self._stub, self.server, self.metadata = stub, server, metadata
         self.context = context  # TLS for the data port (ps.tcp), when the channel has it
-        self.pool = pool or link.Pool()  # buffers of the sockets' large frames
+        self.pool = pool or buffers.Pool()  # buffers of the sockets' large frames
         self._open: _Open | None = None
         self._ids = itertools.cycle(range(1, 1 << 32))  # the header's u32
         self._writing = asyncio.Lock()
@@ -106,21 +107,38 @@ class Mux:
         # segment of on each new stream; None: none (no co-located server, or it failed for good).
         self.shm: tuple[str, int] | None = None
         self.shm_note = ""  # why shared memory is not used, once it failed
-        # The server's local socket (ps.local) while shared memory is wanted: new streams go over it
-        # instead of gRPC. None: not offered, or connecting to it failed (until the next Register,
-        # which a restarted server leads the worker to).
+        # The server's local socket (ps.local) while shared memory is wanted, or its data port
+        # (ps.tcp) while "tcp" is: new streams go there instead of gRPC. None: not offered.
+        # Connecting there failed: the gRPC stream meanwhile, trying again after a backoff
+        # (doubling to SOCKET_RETRY), or at once when a Register names the socket again.
         self.local: str | None = None
-        # The server's data port (ps.tcp) while "tcp" is wanted: new streams go there instead of
-        # gRPC (until connecting fails; the next Register names it again).
         self.remote: int | None = None
+        self.server_id: str | None = None  # the id the server gave at Register (its sockets greet with it)
+        self._retry_at, self._backoff = 0.0, 1.0
         self._opening = asyncio.Lock()
 
+    def _socket_due(self) -> bool:
+        """A socket is wanted and may be tried (now, or again after a failed try's backoff)."""
+        return (self.local is not None or self.remote is not None) and time.monotonic() >= self._retry_at
+
+    def _socket_failed(self, e: BaseException, what: str) -> None:
+        level = logging.WARNING if self._backoff == 1.0 else logging.DEBUG  # (said once, then quietly)
+        log.log(level, "server %s: %s not reached (%s); using the gRPC stream, trying again in %.0fs",
+                self.server, what, e, self._backoff)
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(2 * self._backoff, SOCKET_RETRY)
+
     async def _stream(self) -> _Open:
+        if self._open is not None and not isinstance(self._open.call, link.Call) and self._socket_due():
+            self.leave_grpc()  # (the socket failed earlier: its backoff is over)
         if self._open is None:
             async with self._opening:  # one new stream at a time (connecting a local one awaits)
                 if self._open is None:
-                    call = (await self._connect_local() if self.local is not None else
-                            await self._connect_remote() if self.remote is not None else None)
+                    call = None
+                    if self._socket_due():
+                        call = await (self._connect_local() if self.local is not None else self._connect_remote())
+                    if call is not None:
+                        self._backoff = 1.0
                     s = self._open = _Open(call or self._stub.Stream(metadata=self.metadata))
                     if call is not None and call.splits:
                         call.conn.router = functools.partial(self._route, s)
@@ -184,27 +202,26 @@ class Mux:
         """A stream over the server's local socket; None (the gRPC stream then) if it cannot be
         reached: the server went away (a restarted one names a new socket at Register, which the
         gRPC stream leads to) or does not share this network namespace after all."""
-        name = self.local
         try:
-            return await local.connect(name, self._authorization, pool=self.pool)
+            return await local.connect(self.local, self._authorization, pool=self.pool, server_id=self.server_id)
         except (OSError, ValueError, asyncio.TimeoutError, Unavailable) as e:
-            log.info("server %s: local socket not reached (%s); using the gRPC stream", self.server, e)
-            if self.local == name:  # (a Register may have named a new one meanwhile)
-                self.local = None
+            self._socket_failed(e, "local socket")
             return None
 
     async def _connect_remote(self) -> link.Call | None:
         """A stream over the server's data port; None (the gRPC stream then) if it cannot be
-        reached (a firewall between, the server went away: a restarted one names its port at
-        Register, which the gRPC stream leads to). A refused token is the stream's error."""
-        port = self.remote
+        reached (a firewall between; another process answers there; the server went away: a
+        restarted one names its port at Register, which the gRPC stream leads to)."""
         try:
-            return await tcp.connect(tcp.host_of(self.server), port, self._authorization, self.context, pool=self.pool)
+            return await tcp.connect(tcp.host_of(self.server), self.remote, self._authorization, self.context,
+                                     pool=self.pool, server_id=self.server_id)
         except (OSError, asyncio.TimeoutError, Unavailable) as e:  # (ssl.SSLError is an OSError)
-            log.warning("server %s: data port %d not reached (%s); using the gRPC stream", self.server, port, e)
-            if self.remote == port:
-                self.remote = None
+            self._socket_failed(e, f"data port {self.remote}")
             return None
+
+    def retry_now(self) -> None:
+        """(At Register) a socket that failed is tried again at once."""
+        self._retry_at, self._backoff = 0.0, 1.0
 
     def leave_grpc(self) -> None:
         """The server names a socket now (it restarted, say, while this worker was on the gRPC
@@ -501,7 +518,7 @@ class Transport:
         # are bound to, and per shard the bytes of each of a segment's two regions.
         self.worker_id = ""
         self.shm_regions: list[int] | None = None
-        self.pool = link.Pool()  # buffers of the sockets' large frames (all shards')
+        self.pool = buffers.Pool()  # buffers of the sockets' large frames (all shards')
         self.run(self._open())
 
     async def _open(self) -> None:
@@ -581,7 +598,7 @@ class Transport:
         await asyncio.gather(*(one(k) for k in range(len(self.servers))))
 
     def negotiate(self, shard: int, offered: Sequence[str], host: str = "", local_socket: str = "",
-                  data_port: int = 0) -> None:
+                  data_port: int = 0, server_id: str = "") -> None:
         """After Register: the path this shard's calls take, from what it offers and `transport`
         (auto: the fastest both support: shm when the server runs on this host, then tcp, then
         stream; with shm, streams go over the server's `local_socket` when it names one; with
@@ -614,6 +631,8 @@ class Transport:
             mux.local = local_socket if want and local_socket and local.SUPPORTED else None
             remote = self.transport == "tcp" or (self.transport == "auto" and mux.shm is None)
             mux.remote = data_port if remote and "tcp" in offered and data_port > 0 else None
+            mux.server_id = server_id or None
+            mux.retry_now()
             mux.leave_grpc()
             mux.reoffer()
 

@@ -7,18 +7,19 @@ before the hello a frame is at most 4 KiB. (TLS on the data port: tests/rpc/test
 import asyncio
 import socket
 import struct
+import time
 
 import pytest
 import torch
 
-from ps import tcp
+from ps import link, tcp
 from ps.config import OptimizerConfig, ServerConfig
-from ps.errors import InvalidArgument, Unauthenticated, UnknownKey
+from ps.errors import InvalidArgument, Unauthenticated, Unavailable, UnknownKey
 from ps.proto import ps_pb2 as pb
 from ps.server.app import BindError, create_server
 from ps.worker import codec
 from ps.worker.client import PSClient
-from tests.streams import read_all
+from tests.streams import frame, read_all
 
 SGD1 = OptimizerConfig("sgd", lr=1.0)
 N = 1 << 16  # 256 KiB: a pull's answer comes as a split frame
@@ -84,7 +85,7 @@ def _raw(server) -> socket.socket:
 def test_before_the_hello_a_frame_over_4_kib_ends_the_connection_unread(server):
     s = _raw(server)
     s.sendall(struct.pack("<I", 1 << 20) + b"x" * 5000)  # (a server that buffered it would wait for more)
-    assert read_all(s) == b""
+    assert read_all(s) == frame(link.GREETING + server.tcp.server_id.encode())  # its greeting, and the end
     s.close()
 
 
@@ -123,3 +124,51 @@ def test_the_data_port_flag_picks_a_port_or_none_and_refuses_bad_values():
             ServerConfig(data_port=port)
     with pytest.raises(InvalidArgument, match="must differ from port"):
         ServerConfig(port=5000, data_port=5000)
+
+
+@pytest.mark.parametrize("keys", [2000, 7000])
+def test_a_pull_of_many_small_tensors_comes_split_or_whole_by_the_size_of_its_head(server, keys):
+    """A split answer's head names every tensor: 2000 such names fit its limit (over 64 KiB),
+    7000 do not and come whole."""
+    init = {f"encoder.layers.{i}.norm.weight": torch.zeros(8) for i in range(keys)}
+    head = len(pb.PullResponse(tensors=[pb.Tensor(key=n + "#0", dtype="float32", shape=[8]) for n in init])
+               .SerializeToString())
+    assert (64 << 10) < head < link.MAX_HEAD if keys == 2000 else head > link.MAX_HEAD
+    with PSClient([server.address], "w", auth_token="tok", transport="tcp") as c:
+        clock = c.setup(init, SGD1)
+        c.push({n: torch.full((8,), float(i % 7)) for i, n in enumerate(init)}, clock)
+        got = c.pull(clock + 1)
+        assert all(torch.equal(got[n], torch.full((8,), -float(i % 7))) for i, n in enumerate(init))
+        assert c.paths() == ["tcp"]
+
+
+def test_a_socket_that_greets_as_another_server_gets_nothing(server):
+    other = create_server(ServerConfig(mode="async", auth_token="tok", shm=False))
+    try:
+        with pytest.raises(Unavailable, match="another server"):
+            asyncio.run(tcp.connect("127.0.0.1", other.tcp.port, "Bearer tok", server_id=server.tcp.server_id))
+        assert other.shard.counters["unauthenticated"] == 0  # not even a hello
+        call = asyncio.run(tcp.connect("127.0.0.1", server.tcp.port, "Bearer tok", server_id=server.tcp.server_id))
+        call.cancel()
+    finally:
+        other.stop(grace=0)
+
+
+def test_silent_connections_from_one_address_cannot_keep_workers_off_the_data_port(server, monkeypatch):
+    monkeypatch.setattr(link, "MAX_GREETING_FROM", 2)
+    monkeypatch.setattr(link, "HELLO_TIMEOUT", 1.5)
+    silent = [_raw(server) for _ in range(2)]
+    try:
+        with PSClient([server.address], "w", auth_token="tok", transport="tcp") as c:
+            clock = c.setup({"w": torch.zeros(4)}, SGD1)
+            assert c.paths() == ["stream"]  # refused while two from here have not said hello
+            deadline = time.monotonic() + 20
+            while c.paths() != ["tcp"]:  # they are closed; the worker tries the port again
+                assert time.monotonic() < deadline
+                c.push({"w": torch.ones(4)}, clock)
+                clock += 1
+                time.sleep(0.2)
+            assert torch.equal(c.pull(clock)["w"], -torch.full((4,), float(clock)))
+    finally:
+        for s in silent:
+            s.close()

@@ -53,7 +53,7 @@ def test_a_slice_a_reader_holds_is_updated_elsewhere_and_the_steps_still_match_t
     assert store.immutable
     for step in range(6):
         grad = torch.randn(1000, generator=gen)
-        with store.reading(["a#0"]) as views:
+        with store.reading(["a#0"], keep=True) as views:
             held = views if step % 2 else None  # every other step a reader keeps what it read
             before = bytes(views[0][1])
         store.apply({"a#0": grad})

@@ -1,0 +1,72 @@
+"""Buffers lent and reused, without reading Python's reference counts (which differ between
+versions): `Leases` counts the views handed out of a buffer until each is gone, `Pool` reuses
+buffers of large frames once no lease holds them. Used by ps.link (frames received, answers
+sent) and the server's store (slices being sent)."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import numpy as np
+
+
+class Leases:
+    """Which buffers are held by views handed out: `lend(buffer)` returns a view of it as a
+    fresh array object whose death (the last memoryview, tensor or array made from it gone)
+    gives the lease back, counted per buffer. Explicit, not read from reference counts (those
+    differ between Python versions). Thread-safe: a lease may end on any thread."""
+
+    def __init__(self):
+        self._held: dict[int, int] = {}
+        self._lock = threading.RLock()  # (a lease may end while this thread holds it)
+
+    def lend(self, buffer: np.ndarray, n: int | None = None) -> np.ndarray:
+        view = buffer[:n] if n is not None else buffer.view()
+        key = id(buffer)
+        with self._lock:
+            self._held[key] = self._held.get(key, 0) + 1
+        weakref.finalize(view, self._end, key)  # (the view keeps `buffer` alive: its id stays its own)
+        return view
+
+    def _end(self, key: int) -> None:
+        with self._lock:
+            left = self._held.pop(key) - 1
+            if left:
+                self._held[key] = left
+
+    def held(self, buffer: np.ndarray) -> bool:
+        with self._lock:
+            return id(buffer) in self._held
+
+
+class Pool:
+    """Buffers for large frames, used again once nothing refers to them (a fresh buffer would
+    cost a page fault for each of its pages, every frame). Sizes are rounded up to a class (a
+    power of two up to 1 MiB, then whole MiB); at most `keep` bytes are held, beyond that
+    buffers are fresh and freed as usual. A buffer handed out is taken until every memoryview,
+    tensor or array made from it is gone (Leases). Thread-safe."""
+
+    def __init__(self, keep: int = 512 << 20):
+        self._held: dict[int, list[np.ndarray]] = {}
+        self._bytes, self._keep = 0, keep
+        self._leases = Leases()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _size(n: int) -> int:
+        return max(1 << (n - 1).bit_length(), 1 << 16) if n <= 1 << 20 else -(-n >> 20) << 20
+
+    def take(self, n: int) -> memoryview:
+        """A writable buffer of `n` bytes, its contents undefined."""
+        size = self._size(n)
+        with self._lock:
+            held = self._held.setdefault(size, [])
+            arr = next((a for a in held if not self._leases.held(a)), None)
+            if arr is None:
+                arr = np.empty(size, np.uint8)
+                if self._bytes + size > self._keep:
+                    return memoryview(arr)[:n]
+                held.append(arr)
+                self._bytes += size
+            return memoryview(self._leases.lend(arr, n))
