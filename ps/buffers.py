@@ -21,13 +21,17 @@ class Leases:
         self._held: dict[int, int] = {}
         self._lock = threading.RLock()  # (a lease may end while this thread holds it)
 
-    def lend(self, buffer: np.ndarray, n: int | None = None) -> np.ndarray:
+    def lend(self, buffer: np.ndarray, n: int | None = None) -> memoryview:
+        """A memoryview of `buffer` (its first `n` bytes): held until it, and every memoryview,
+        array or tensor made from it, is gone. (A memoryview, not the array: numpy slices of an
+        array point at the array that owns the memory, skipping the view the lease watches.)"""
+        assert buffer.base is None, "lend buffers that own their memory"
         view = buffer[:n] if n is not None else buffer.view()
         key = id(buffer)
         with self._lock:
             self._held[key] = self._held.get(key, 0) + 1
         weakref.finalize(view, self._end, key)  # (the view keeps `buffer` alive: its id stays its own)
-        return view
+        return memoryview(view)
 
     def _end(self, key: int) -> None:
         with self._lock:
@@ -58,7 +62,7 @@ class Pool:
         return max(1 << (n - 1).bit_length(), 1 << 16) if n <= 1 << 20 else -(-n >> 20) << 20
 
     def take(self, n: int) -> memoryview:
-        """A writable buffer of `n` bytes, its contents undefined."""
+        """A writable buffer of `n` bytes (1-D, unsigned bytes), its contents undefined."""
         size = self._size(n)
         with self._lock:
             held = self._held.setdefault(size, [])
@@ -69,4 +73,4 @@ class Pool:
                     return memoryview(arr)[:n]
                 held.append(arr)
                 self._bytes += size
-            return memoryview(self._leases.lend(arr, n))
+            return self._leases.lend(arr, n)

@@ -27,6 +27,7 @@ import collections
 import contextlib
 import dataclasses
 import hmac
+import ipaddress
 import itertools
 import logging
 import socket
@@ -496,7 +497,7 @@ class Listener:
         if not self._admit(conn):
             return False
         peer = _address(conn)
-        if sum(self._greeting.values()) >= MAX_GREETING or self._greeting[peer] >= MAX_GREETING_FROM:
+        if sum(self._greeting.values()) >= MAX_GREETING or (peer and self._greeting[peer] >= MAX_GREETING_FROM):
             log.warning("refused a connection from %s: %d others (%d from there) have not said hello yet",
                         peer or "this host", sum(self._greeting.values()), self._greeting[peer])
             return False
@@ -559,12 +560,17 @@ class Listener:
 
 
 def _address(conn: Conn) -> str:
-    """The peer's address (TCP), or "" (a Unix socket)."""
+    """Where a TCP peer connects from: its IPv4 address, or its IPv6 /64 (one host's share);
+    "" for a Unix socket (whose peers the listener's `admit` checks by user)."""
     try:
         peer = conn.socket.getpeername()
     except OSError:
+        return "?"
+    if not isinstance(peer, tuple):
         return ""
-    return peer[0] if isinstance(peer, tuple) else ""
+    if ":" in peer[0]:
+        return str(ipaddress.ip_network(f"{peer[0].split('%')[0]}/64", strict=False))
+    return peer[0]
 
 
 async def greeted(conn: Conn, authorization: str, timeout: float, kind: str, server_id: str | None) -> "Call":
@@ -593,12 +599,16 @@ async def say_hello(conn: Conn, authorization: str, timeout: float, server_id: s
     any): nothing, the token least of all, goes to another process that answers at the same
     address (another shard, a port forwarded elsewhere). Unauthenticated for a refused token,
     Unavailable for anything else."""
-    greeting = bytes(await _next(conn, timeout, "its greeting") or b"")
+    greeting = await _next(conn, timeout, "its greeting")
+    if greeting is None:
+        raise Unavailable("the server closed the connection before its greeting (too many connections waiting to "
+                          "say hello?)")
+    greeting = bytes(greeting)
     if not greeting.startswith(GREETING):
         raise Unavailable("what answers there is not a ps server's socket")
-    got = greeting[len(GREETING):].decode("ascii", "replace")
-    if server_id is not None and not hmac.compare_digest(got, server_id):
-        raise Unavailable(f"what answers there is another server (id {got[:16]}...), not the one registered with")
+    got = greeting[len(GREETING):]
+    if server_id is not None and not hmac.compare_digest(got, server_id.encode()):
+        raise Unavailable(f"what answers there is another server (id {got[:16]!r}...), not the one registered with")
     conn.send(HELLO + authorization.encode())
     await conn.drain()
     answer = await _next(conn, timeout, "its answer to the hello")

@@ -87,7 +87,12 @@ class TcpServer(link.Listener):
             return self.port
 
         def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            tune(writer.get_extra_info("socket"))
+            try:
+                tune(writer.get_extra_info("socket"))
+            except OSError as e:  # (reset already, say): that one only
+                log.debug("a connection ended before it was served: %s", e)
+                writer.close()
+                return
             self.begin(link.stream_conn(reader, writer))
 
         server = await asyncio.start_server(connected, sock=None if len(socks) > 1 else socks[0],
@@ -111,7 +116,11 @@ async def connect(host: str, port: int, authorization: str = "", context: ssl.SS
     if context is not None:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(host, port, ssl=context, server_hostname=host, limit=1 << 20), timeout)
-        tune(writer.get_extra_info("socket"))
+        try:
+            tune(writer.get_extra_info("socket"))
+        except OSError:
+            writer.close()
+            raise
         conn: link.Conn = link.stream_conn(reader, writer)
     else:
         loop = asyncio.get_running_loop()
@@ -128,6 +137,10 @@ async def connect(host: str, port: int, authorization: str = "", context: ssl.SS
             break
         else:
             raise error
-        tune(sock)
+        try:
+            tune(sock)
+        except OSError:
+            sock.close()
+            raise
         conn = link.SocketConn(sock, pool or buffers.Pool())
     return await link.greeted(conn, authorization, timeout, "tcp", server_id)

@@ -125,7 +125,7 @@ class _Split:
     payload: list
 
 
-def _encode_pull(slices, version: int, min_clock: int, area=None, keep: bool = False):
+def _encode_pull(slices, version: int, min_clock: int, keep: bool = False, area=None):
     """A PullResponse from read-only views of the live slices (called with their locks held: one
     copy, into the answer area when there is one it fits in, or into a pooled buffer sent as a
     split answer's tail; none for a split answer when `keep` (the views may be kept: the slices
@@ -436,10 +436,9 @@ class ParameterServerServicer:
         await self._wait(worker_id, clock)
         nbytes = 4 * sum(self.shard.store.params[k].numel() for k in keys)
         area = _ANSWER_AREA.get()
-        keep = isinstance(area, buffers.Pool) and self.shard.store.immutable  # views sent as they are
-        encode = _encode_pull if area is None else functools.partial(_encode_pull, area=area, keep=keep)
-        async with self.admission.hold(nbytes):
-            return await self._run(nbytes // 4, self.shard.read, keys, encode, keep)
+        encode = _encode_pull if area is None else functools.partial(_encode_pull, area=area)
+        async with self.admission.hold(nbytes):  # (a split answer sends the views it may keep as they are)
+            return await self._run(nbytes // 4, self.shard.read, keys, encode, isinstance(area, buffers.Pool))
 
     def _push_now(self, request: wire.PushIn):
         h = request.header

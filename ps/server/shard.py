@@ -477,16 +477,16 @@ class Shard:
 
     def read(self, keys: Sequence[str], encode: Callable | None = None, keep: bool = False):
         """The slices for `keys`: (slices, version, min_clock) with copies of their bytes, or
-        encode(views, version, min_clock) called with read-only views of the live slices while
-        their locks are held (it must copy what it keeps, unless `keep` and the store's slices
-        copy on write: see ParamStore.reading). The slices hold at least the `version` updates
-        (async: maybe more, applied meanwhile)."""
+        encode(views, version, min_clock, kept) called with read-only views of the live slices
+        while their locks are held: it must copy what it keeps unless `kept` (asked for with
+        `keep`, and the store's slices copy on write: see ParamStore.reading). The slices hold
+        at least the `version` updates (async: maybe more, applied meanwhile)."""
         with self._lock:
             self.counters["pulls"] += 1
             version, min_clock = self.version, self._view().min_clock
         with self.store.reading(keys, keep) as views:
             nbytes = sum(v.nbytes for _, v in views)
-            out = (encode(views, version, min_clock) if encode is not None
+            out = (encode(views, version, min_clock, keep and self.store.immutable) if encode is not None
                    else ([(k, v.tobytes()) for k, v in views], version, min_clock))
         with self._lock:
             self.counters["bytes_pulled"] += nbytes

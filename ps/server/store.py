@@ -61,7 +61,8 @@ class ParamStore:
         """Set the slices (before any other call, or with no other call running)."""
         self._live = {k: v.detach().to(torch.float32).contiguous().numpy().copy() for k, v in values.items()}
         self._spare = {k: None for k in self._live}
-        params = {k: torch.from_numpy(a).requires_grad_(True) for k, a in self._live.items()}  # (no view: see _held)
+        # Each parameter is made from its buffer itself (a view of it would keep the buffer as its base).
+        params = {k: torch.from_numpy(a).requires_grad_(True) for k, a in self._live.items()}
         self._locks = {k: threading.Lock() for k in params}
         self.slice_lengths = [p.numel() for p in params.values()]
         self.elements = sum(self.slice_lengths)
@@ -178,7 +179,7 @@ class ParamStore:
         for lock in locks:
             lock.acquire()
         try:
-            yield [(k, memoryview(self._leases.lend(self._live[k]) if lend else self._live[k]).cast("B").toreadonly())
+            yield [(k, (self._leases.lend(self._live[k]) if lend else memoryview(self._live[k])).cast("B").toreadonly())
                    for k in keys]
         finally:
             for lock in reversed(locks):

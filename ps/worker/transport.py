@@ -115,6 +115,11 @@ class Mux:
         self.remote: int | None = None
         self.server_id: str | None = None  # the id the server gave at Register (its sockets greet with it)
         self._retry_at, self._backoff = 0.0, 1.0
+        # After a failed try, the socket is tried again in the background (`_probe`) while the
+        # calls go on over gRPC; a connection it made (`_ready`) is taken by the next stream.
+        self._probe: asyncio.Task | None = None
+        self._ready: link.Call | None = None
+        self._closed = False
         self._opening = asyncio.Lock()
 
     def _socket_due(self) -> bool:
@@ -128,15 +133,37 @@ class Mux:
         self._retry_at = time.monotonic() + self._backoff
         self._backoff = min(2 * self._backoff, SOCKET_RETRY)
 
+    def _connect(self) -> Awaitable[link.Call | None]:
+        return self._connect_local() if self.local is not None else self._connect_remote()
+
+    async def _try_again(self) -> None:
+        """(In the background, once a failed try's backoff is over) the socket again; a
+        connection made is taken by the next stream (the gRPC one ends once drained)."""
+        try:
+            call = await self._connect()
+        finally:
+            self._probe = None
+        if call is None:
+            return
+        s = self._open
+        if self._ready is not None or (s is not None and isinstance(s.call, link.Call)) or self._closed:
+            call.cancel()  # (a stream there already, or the client is closing)
+            return
+        self._ready = call
+        self.leave_grpc()
+
     async def _stream(self) -> _Open:
-        if self._open is not None and not isinstance(self._open.call, link.Call) and self._socket_due():
-            self.leave_grpc()  # (the socket failed earlier: its backoff is over)
+        s = self._open
+        if s is not None and not isinstance(s.call, link.Call) and self._probe is None and self._socket_due():
+            self._probe = asyncio.ensure_future(self._try_again())  # calls meanwhile go on over gRPC
         if self._open is None:
             async with self._opening:  # one new stream at a time (connecting a local one awaits)
                 if self._open is None:
-                    call = None
-                    if self._socket_due():
-                        call = await (self._connect_local() if self.local is not None else self._connect_remote())
+                    call, self._ready = self._ready, None
+                    if call is not None and call.conn.closed:  # (ended while it waited)
+                        call = None
+                    if call is None and self._retry_at == 0.0 and self._socket_due():
+                        call = await self._connect()  # the first try waits for it; later ones do not
                     if call is not None:
                         self._backoff = 1.0
                     s = self._open = _Open(call or self._stub.Stream(metadata=self.metadata))
@@ -220,8 +247,11 @@ class Mux:
             return None
 
     def retry_now(self) -> None:
-        """(At Register) a socket that failed is tried again at once."""
+        """(At Register, which may name a new socket) the next stream tries the socket first."""
         self._retry_at, self._backoff = 0.0, 1.0
+        if self._ready is not None:  # (made for what the server named before)
+            self._ready.cancel()
+            self._ready = None
 
     def leave_grpc(self) -> None:
         """The server names a socket now (it restarted, say, while this worker was on the gRPC
@@ -458,6 +488,12 @@ class Mux:
     async def close(self) -> None:
         """End the open stream and wait until gRPC has finished with it (its completion events
         must not arrive after the client's event loop is closed)."""
+        self._closed = True
+        if self._probe is not None:
+            self._probe.cancel()
+        if self._ready is not None:
+            self._ready.cancel()
+            self._ready = None
         s, self._open = self._open, None
         if s is not None:
             s.call.cancel()

@@ -239,3 +239,17 @@ def test_connections_that_never_say_hello_are_closed_and_capped(server, monkeypa
     with PSClient([server.address], "w", auth_token="tok", transport="auto") as c:  # and serving still
         c.setup({"w": torch.zeros(4)}, SGD1)
         assert _on_local(c) == [True]
+
+
+def test_the_per_address_cap_does_not_apply_to_the_local_socket(server, monkeypatch):
+    """Its peers are all of this host and user (checked by SO_PEERCRED): only the total cap
+    applies, so idle local connections do not keep co-located workers off it."""
+    monkeypatch.setattr(link, "MAX_GREETING_FROM", 1)
+    idle = [_connect_raw(server.local.name) for _ in range(3)]
+    try:
+        with PSClient([server.address], "w", auth_token="tok", transport="auto") as c:
+            c.setup({"w": torch.zeros(4)}, SGD1)
+            assert _on_local(c) == [True]
+    finally:
+        for s in idle:
+            s.close()

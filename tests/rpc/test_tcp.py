@@ -172,3 +172,33 @@ def test_silent_connections_from_one_address_cannot_keep_workers_off_the_data_po
     finally:
         for s in silent:
             s.close()
+
+
+def test_trying_the_data_port_again_does_not_hold_up_calls(server, monkeypatch):
+    """After a failed try the port is tried again in the background: calls go on over gRPC
+    meanwhile, however long a try takes (a firewall that drops packets: the connect timeout)."""
+    real, tries = tcp.connect, []
+
+    async def dropped(*args, **kwargs):
+        tries.append(time.monotonic())
+        await asyncio.sleep(2.0)
+        raise OSError("timed out")
+
+    monkeypatch.setattr(tcp, "connect", dropped)
+    with PSClient([server.address], "w", auth_token="tok", transport="tcp") as c:
+        clock = c.setup({"w": torch.zeros(4)}, SGD1)  # (the first try is waited for)
+        slowest, until = 0.0, time.monotonic() + 5.0
+        while time.monotonic() < until:
+            start = time.monotonic()
+            c.push({"w": torch.ones(4)}, clock)
+            slowest, clock = max(slowest, time.monotonic() - start), clock + 1
+            time.sleep(0.05)
+        assert len(tries) >= 2 and slowest < 1.0 and c.paths() == ["stream"]
+        monkeypatch.setattr(tcp, "connect", real)  # the port answers again: the worker moves there
+        until = time.monotonic() + 20
+        while c.paths() != ["tcp"]:
+            assert time.monotonic() < until
+            c.push({"w": torch.ones(4)}, clock)
+            clock += 1
+            time.sleep(0.1)
+        assert torch.equal(c.pull(clock)["w"], -torch.full((4,), float(clock)))
