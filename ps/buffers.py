@@ -6,9 +6,26 @@ sent) and the server's store (slices being sent)."""
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 
 import numpy as np
+import torch
+
+PARALLEL_COPY = 1 << 20  # byte copies from this size on go through torch, spread over its threads
+
+# torch.frombuffer warns about every read-only buffer; copy_bytes only reads its source.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+
+def copy_bytes(dst: np.ndarray, src) -> None:
+    """dst[:] = src, byte for byte (dst a writable uint8 array, src any buffer of its size). A
+    large copy goes through torch, which spreads it over its intra-op threads: numpy's copy takes
+    one core (100 MiB in 13-15 ms on a 2-core machine, torch's in 7); both leave the GIL."""
+    if dst.nbytes < PARALLEL_COPY:
+        dst[:] = np.frombuffer(src, np.uint8)
+        return
+    torch.from_numpy(dst).copy_(torch.frombuffer(src, dtype=torch.uint8))
 
 
 class Leases:

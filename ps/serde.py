@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ps.config import OptimizerConfig
-from ps import wire
+from ps import buffers, wire
 from ps.errors import InvalidArgument
 from ps.proto import ps_pb2 as pb
 from ps.sharding import DTYPE_NAMES, DTYPES, ParamSpec, Plan, dtype_name, make_plan
@@ -95,7 +95,7 @@ def tensor_into(msg: pb.Tensor, out: torch.Tensor) -> None:
             f"tensor {msg.key!r}: {msg.dtype} {list(msg.shape)} in {len(msg.data)} bytes does not fit "
             f"{want} of {out.numel()} elements")
     if out.numel():
-        out.view(torch.uint8).numpy()[:] = np.frombuffer(msg.data, dtype=np.uint8)
+        buffers.copy_bytes(out.view(torch.uint8).numpy(), msg.data)
 
 
 def tensor_from_proto(msg: pb.Tensor, writable: bool = True, max_numel: int | None = None) -> torch.Tensor:

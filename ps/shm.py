@@ -10,7 +10,8 @@ dying; the server unmaps when the stream ends or its worker leaves or is evicted
 no one can shrink the file under the server's mapping (which would kill it with SIGBUS).
 
     header (64 bytes): magic, the worker's nonce, the server's nonce
-    request region:    areas the worker writes requests into (the server copies them out)
+    request region:    areas the worker writes requests into (the server applies a push
+                       answered only once applied from there; it copies the rest out)
     answer region:     areas the worker reserves for answers (the server writes them)
 
 The worker owns both regions' allocation: an area is its request's alone until the request's
@@ -206,6 +207,11 @@ class Segment:
         whatever the worker writes there later."""
         self.check(offset, nbytes, "a request")
         return memoryview(self._mapped()[offset:offset + nbytes].copy())
+
+    def borrow(self, offset: int, nbytes: int) -> memoryview:
+        """The request's bytes where they lie, read-only (the server applies a push from them)."""
+        self.check(offset, nbytes, "a request")
+        return memoryview(self._mapped()[offset:offset + nbytes]).toreadonly()
 
     def view(self, offset: int, nbytes: int) -> memoryview:
         self.check(offset, nbytes, "an answer")

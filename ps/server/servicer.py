@@ -152,6 +152,23 @@ def _encode_pull(slices, version: int, min_clock: int, keep: bool = False, area=
     return wire.Frame.of(frame.tobytes())
 
 
+# Pushes in shared memory are checked and applied from the worker's segment itself, no copy:
+# the worker writes nothing into a request's area until its answer has come (ps.shm), and a
+# push that is answered has been applied, accumulated or refused, its bytes no longer read.
+# A push whose parts the shard holds past the answer (one of several parts, or a tensor-parallel
+# member's) is copied out first. (A process that writes into an area it handed over could change
+# its gradient between the check and the step; it is of the server's user on the server's host,
+# which shared memory does not keep apart from the server anyway: ps.shm.)
+_APPLIED_IN_PLACE = frozenset({"Push", "PushPull"})
+
+
+def _held_past_answer(request) -> bool:
+    push = request.push if isinstance(request, wire.PushPullIn) else request
+    if not isinstance(push, wire.PushIn):  # malformed: refused without being held
+        return False
+    return push.header.num_parts > 1 or push.header.members > 1
+
+
 class _Stream:
     """One open Stream call: its answer queue, and the shared-memory segment its worker offered.
     `answers`: where answers go instead of the queue the generator yields from (ps.link sends
@@ -288,16 +305,21 @@ class ParameterServerServicer:
                             st.seg.check(desc[2], desc[3], "the answer area")
                     except InvalidArgument as e:
                         self.shard.reject(e)
+                borrowed = False
                 if desc is not None and desc[1]:
-                    # Copied out first: what is checked is what is applied or held (a push's
-                    # parts, an init's), whatever the worker writes there later.
-                    body = await self._copy(desc[1], st.seg.read, desc[0], desc[1])
                     self.shm_bytes += desc[1]
+                    if name in _APPLIED_IN_PLACE:
+                        body, borrowed = st.seg.borrow(desc[0], desc[1]), True
+                    else:  # an init's parts are held: copied out (see _held_past_answer)
+                        body = await self._copy(desc[1], st.seg.read, desc[0], desc[1])
                 if name == "Pull" and desc is not None and desc[3]:
                     _ANSWER_AREA.set((st.seg, desc[2], desc[3]))
                 elif name == "Pull" and raw and splits:
                     _ANSWER_AREA.set(self.buffers)
                 request = wire.read_body(wire.request_reader(name), body)
+                if borrowed and _held_past_answer(request):
+                    body = await self._copy(desc[1], st.seg.read, desc[0], desc[1])
+                    request = wire.read_body(wire.request_reader(name), body)
                 del body
                 out = await self._serve(getattr(type(self), name).__wrapped__, request, context)
                 del request

@@ -373,7 +373,8 @@ class PSClient:
         for reading in range(REREADS + 1):
             pulled = Pulled(self.plan, self.servers, names, into, self._mirrors, streams)
             seen = self._t.recoveries
-            await gather_all([fetch(pulled, k, b) for k, bs in enumerate(self._codec.batches_for(names)) for b in bs])
+            await gather_all([fetch(pulled, k, b) for k, bs in enumerate(self._codec.batches_for(names, self._wide()))
+                              for b in bs])
             if self._t.recoveries == seen or reading == REREADS:
                 break
             pulled.drain()
@@ -431,8 +432,12 @@ class PSClient:
         gradient, which the servers then do not step, as torch.optim skips it) for `clock`;
         returns one result per shard: {"outcome", "version", "staleness"}."""
         assert self._codec is not None, "register first"
-        jobs = self._codec.layout(self._codec.dtypes(grads))
-        return self._outcomes(jobs, lambda: self._t.run(self._push_parts(grads, clock)))
+        jobs = self._codec.layout(self._codec.dtypes(grads), self._wide())
+        return self._outcomes(jobs, lambda: self._t.run(self._push_parts(grads, clock, jobs)))
+
+    def _wide(self) -> frozenset[int]:
+        """The shards reached through shared memory now (their requests group more slices)."""
+        return frozenset(k for k in range(len(self.servers)) if self._t.path(k) == "shm")
 
     def _outcomes(self, jobs: Sequence[Job], responses) -> list[dict]:
         """One result per shard from `responses()` ((shard, response) pairs). With top-k error
@@ -454,10 +459,11 @@ class PSClient:
             comp.settled()
         return results
 
-    async def _push_parts(self, grads: Mapping[str, torch.Tensor], clock: int) -> list[tuple[int, pb.PushResponse]]:
+    async def _push_parts(self, grads: Mapping[str, torch.Tensor], clock: int,
+                          jobs: Sequence[Job]) -> list[tuple[int, pb.PushResponse]]:
         flat = self._codec.split(grads)
         sent = []
-        for job in self._codec.layout(self._codec.dtypes(grads)):  # each part goes out once encoded
+        for job in jobs:  # each part goes out once encoded
             req = self._push_request(clock, job, flat)
             sent.append((job, req, asyncio.ensure_future(self._try(job[0], "Push", req))))
         return await self._settle(sent, clock)
@@ -469,8 +475,9 @@ class PSClient:
         the two calls one after the other. Returns (push results, weights). If any shard answers
         EVICTED, the weights are not pulled (the dict is empty): pull at `clock_floor`."""
         assert self._codec is not None, "register first"
-        jobs = self._codec.layout(self._codec.dtypes(grads))
-        pull_batches = self._codec.batches_for(names)
+        wide = self._wide()
+        jobs = self._codec.layout(self._codec.dtypes(grads), wide)
+        pull_batches = self._codec.batches_for(names, wide)
         single = all(sum(1 for job in jobs if job[0] == k) == 1 and len(pull_batches[k]) == 1
                      for k in range(len(self.servers)))
         if not single:

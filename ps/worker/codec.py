@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ps import wire
+from ps.config import MiB
 from ps.compress import Compressor
 from ps.errors import InvalidArgument
 from ps.proto import ps_pb2 as pb
@@ -31,6 +32,13 @@ def batches(slices: Sequence[Slice], limit: int, nbytes: Callable[[Slice], int] 
         out[-1].append(s)
         size += n
     return out
+
+
+# Requests through shared memory group slices up to this many bytes (their bytes pass no socket
+# there, and each request costs its own handling on both sides: 25 requests a round for a 100 MiB
+# model took the servers twice the CPU time of 2); under the message limit, should one fall back
+# to a socket.
+WIDE_BYTES = 56 * MiB
 
 
 def answer_bytes(batch: Sequence[Slice]) -> int:
@@ -69,14 +77,21 @@ class Codec:
         the size of each of a shared-memory segment's two regions."""
         return sum(answer_bytes(b) + 4096 for b in self.pull_batches[shard]) + (1 << 16)
 
-    def batches_for(self, names: Sequence[str] | None) -> list[list[list[Slice]]]:
-        """Per shard, the pull requests for these parameters (all when None)."""
-        if names is None:
+    def limit(self, shard: int, wide: frozenset[int]) -> int:
+        """The most bytes one request to `shard` groups: WIDE_BYTES for the shards in `wide`
+        (those reached through shared memory), else the partition size."""
+        return max(self.partition_bytes, WIDE_BYTES) if shard in wide else self.partition_bytes
+
+    def batches_for(self, names: Sequence[str] | None, wide: frozenset[int] = frozenset()) -> list[list[list[Slice]]]:
+        """Per shard, the pull requests for these parameters (all when None); shards in `wide`
+        in requests of up to WIDE_BYTES."""
+        if names is None and not wide:
             return self.pull_batches
-        key = frozenset(names)
+        key = (None if names is None else frozenset(names), wide)
         if key not in self._subset_batches:
-            self._subset_batches[key] = [batches([s for s in self.plan.slices_for(k) if s.name in key],
-                                                 self.partition_bytes) for k in range(self.num_servers)]
+            self._subset_batches[key] = [
+                batches([s for s in self.plan.slices_for(k) if names is None or s.name in key[0]], self.limit(k, wide))
+                for k in range(self.num_servers)]
         return self._subset_batches[key]
 
     def dtypes(self, grads: Mapping[str, torch.Tensor | None]) -> dict[str, torch.dtype]:
@@ -87,16 +102,17 @@ class Codec:
                                   f"(expected one of {sorted(self.plan.specs)[:5]})")
         return {n: g.dtype if g is not None else getattr(torch, self.plan.specs[n].dtype) for n, g in grads.items()}
 
-    def layout(self, dtypes: Mapping[str, torch.dtype]) -> list[Job]:
-        """How a push of these tensors (name: dtype) splits into requests. It depends on the names
-        and dtypes only, not on the values: computed once per set."""
-        key = tuple(dtypes.items())
+    def layout(self, dtypes: Mapping[str, torch.dtype], wide: frozenset[int] = frozenset()) -> list[Job]:
+        """How a push of these tensors (name: dtype) splits into requests (to the shards in
+        `wide` in requests of up to WIDE_BYTES). It depends on the names and dtypes only, not on
+        the values: computed once per set."""
+        key = (tuple(dtypes.items()), wide)
         if key not in self._layouts:
             size = {n: self.comp.wire_dtype(d).itemsize for n, d in dtypes.items()}
             nbytes = lambda s: self.comp.wire_bytes(s.length, size[s.name])  # noqa: E731
             jobs: list[Job] = []
             for k in range(self.num_servers):
-                bs = batches([s for s in self.plan.slices_for(k) if s.name in size], self.partition_bytes, nbytes)
+                bs = batches([s for s in self.plan.slices_for(k) if s.name in size], self.limit(k, wide), nbytes)
                 jobs += [(k, i, b, len(bs)) for i, b in enumerate(bs)]
             self._layouts[key] = jobs
         return self._layouts[key]

@@ -69,6 +69,36 @@ def test_auto_takes_shared_memory_on_this_host_with_the_same_answers_and_errors(
         assert _until(lambda: PSClient.stats(c)[0]["shm_segments"] == 0)
 
 
+def test_through_shared_memory_a_shards_slices_go_in_one_request_each_way_applied_from_the_segment(server):
+    """Requests through shared memory group a shard's slices up to WIDE_BYTES (4 slices of 256
+    KiB: one pull request, not 4 as on a socket), the push applied from the segment itself (a
+    NaN in it still refused, nothing changed), the same weights as the data port gets."""
+    part = 1 << 18  # bytes per slice: 4 slices of 65536 floats
+    start = torch.arange(4 * part // 4, dtype=torch.float32) / 1000
+    grad = torch.linspace(-1, 1, 4 * part // 4)
+    with PSClient([server.address], "w", transport="shm", partition_bytes=part) as c:
+        clock = c.setup({"w": start.clone()}, OptimizerConfig("sgd", lr=0.5))
+        assert len(c.plan.slices_for(0)) == 4
+        c.pull(clock)  # the stream is open and its segment mapped from here on
+        assert c.paths() == ["shm"]
+        before = c.stats()[0]
+        assert c.push({"w": grad}, clock)[0]["outcome"] == "APPLIED"
+        weights = c.pull(clock + 1)["w"]
+        after = c.stats()[0]
+        assert after["pulls"] - before["pulls"] == 1
+        assert after["shm_bytes"] - before["shm_bytes"] >= 2 * 4 * start.numel()
+        bad = grad.clone()
+        bad[-3] = float("inf")  # in the last slice: checked where it lies
+        with pytest.raises(InvalidArgument, match="NaN or Inf"):
+            c.push({"w": bad}, clock + 1)
+        assert torch.equal(c.pull(clock + 1)["w"], weights)
+        with PSClient([server.address], "w", transport="tcp", partition_bytes=part) as t:
+            t.attach(c.plan.params)
+            before = t.stats()[0]["pulls"]
+            assert torch.equal(t.pull(clock + 1, observer=True)["w"], weights) and t.stats()[0]["pulls"] - before == 4
+    assert torch.equal(weights, start - 0.5 * grad)
+
+
 def test_shm_is_refused_clearly_where_the_server_does_not_offer_it():
     srv = create_server(ServerConfig(mode="async", shm=False))
     try:
