@@ -118,10 +118,13 @@ def test_a_server_killed_mid_run_restarts_from_its_checkpoint_and_training_compl
         told = "\n".join(line for line in log.splitlines() if "lost" in line or "restored" in line)
         assert stats[0]["lost_updates"] == caught_up + skipped, (stats[0], told)
         if mode == "sync":
-            # Every worker had read the version the shard died at, so the catch-up counts exactly the
-            # forgotten updates; the step the shard was assembling then is skipped when its pushes
-            # had been acknowledged before the kill (the workers do not send them again).
-            assert caught_up == forgotten and skipped <= 1, (killed_at, restored, told)
+            # When every worker had read the version the shard died at, the catch-up counts exactly
+            # the forgotten updates, and the step the shard was assembling then is skipped when its
+            # pushes had been acknowledged before the kill (the workers do not send them again).
+            # When the answers that carried that version were still on their way (the workers were
+            # stopped first), the catch-up stops one short and the step that made it is skipped.
+            assert ((caught_up == forgotten and skipped <= 1) or (caught_up == forgotten - 1 and skipped == 1)), \
+                (killed_at, restored, told)
             assert stats[0]["version"] == stats[1]["version"], stats  # both shards took every step
         else:  # async: the last pushes applied before the kill may not have been read back by anyone
             assert forgotten - 2 <= caught_up <= forgotten and skipped == 0, (killed_at, restored, told)
