@@ -42,12 +42,15 @@ class Leases:
         """A memoryview of `buffer` (its first `n` bytes): held until it, and every memoryview,
         array or tensor made from it, is gone. (A memoryview, not the array: numpy slices of an
         array point at the array that owns the memory, skipping the view the lease watches.)"""
-        assert buffer.base is None, "lend buffers that own their memory"
+        # Views of the buffer keep it alive (its id stays its own) when it owns its memory or was
+        # made straight from another object's buffer (ps.shm.Arena's); not a view of an array
+        # (numpy points views of that at the array that owns the memory).
+        assert buffer.base is None or not isinstance(buffer.base, np.ndarray), "lend buffers that own their memory"
         view = buffer[:n] if n is not None else buffer.view()
         key = id(buffer)
         with self._lock:
             self._held[key] = self._held.get(key, 0) + 1
-        weakref.finalize(view, self._end, key)  # (the view keeps `buffer` alive: its id stays its own)
+        weakref.finalize(view, self._end, key)
         return memoryview(view)
 
     def _end(self, key: int) -> None:

@@ -11,7 +11,6 @@ import math
 import sys
 import warnings
 
-import numpy as np
 import torch
 
 from ps.config import OptimizerConfig

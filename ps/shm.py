@@ -12,7 +12,8 @@ no one can shrink the file under the server's mapping (which would kill it with 
     header (64 bytes): magic, the worker's nonce, the server's nonce
     request region:    areas the worker writes requests into (the server applies a push
                        answered only once applied from there; it copies the rest out)
-    answer region:     areas the worker reserves for answers (the server writes them)
+    answer region:     areas the worker reserves for answers (the server writes them; a pull
+                       of slices that copy on write is answered by reference instead: Arena)
 
 The worker owns both regions' allocation: an area is its request's alone until the request's
 answer has arrived and been read, so nobody ever writes memory somebody else is reading (no torn
@@ -33,6 +34,8 @@ import os
 import re
 import secrets
 import stat
+import threading
+import weakref
 
 import numpy as np
 
@@ -111,18 +114,7 @@ class Segment:
         """A new segment of `size` bytes, every page reserved now (no memory fails here, not with
         SIGBUS on first touch), sealed at that size, holding the magic and a fresh nonce. Its fd
         stays open until `release` (the server opens it through /proc while it is)."""
-        try:
-            fd = os.memfd_create("ps-segment", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        except (AttributeError, OSError) as e:
-            raise ShmUnavailable(f"cannot create a shared-memory segment: {e}") from e
-        try:
-            os.ftruncate(fd, size)
-            os.posix_fallocate(fd, 0, size)
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
-            mm = mmap.mmap(fd, size)
-        except OSError as e:
-            os.close(fd)
-            raise ShmUnavailable(f"cannot reserve {size} bytes of shared memory: {e}") from e
+        fd, mm = _memory_file("segment", size, SEALS)
         mm[:HEADER] = MAGIC + secrets.token_bytes(_NONCE) + bytes(HEADER - len(MAGIC) - _NONCE)
         return cls(f"{os.getpid()}:{fd}", mm, fd)
 
@@ -234,3 +226,152 @@ class Segment:
         with contextlib.suppress(BufferError, ValueError):
             self.mm.close()
 
+
+
+# -- the server's published slices ---------------------------------------------------------------
+# A server that offers shared memory keeps its slices (SGD and momentum: they copy on write) in
+# memory files of its own that co-located workers map read-only, so a pull through shared memory
+# is answered with where the slices lie (Pull with the RAW flag and a descriptor; ps.wire) and the
+# worker copies them straight into its tensors: the server writes nothing for it. Until the worker
+# says it has read them (a RELEASE), the slices it was told of are held as any reader's are: an
+# update meanwhile goes to another buffer (ps.server.store), so nothing is read torn.
+
+ARENA_MAGIC = b"PS-ARENA"
+ARENA_FIRST = 1 << 20  # bytes of the first chunk; each next one as large as those before, up to:
+ARENA_CHUNK = 64 << 20  # bytes of a chunk (a larger buffer gets a chunk of its own size)
+F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)  # Linux 5.1: no new writable mapping or write
+
+
+def _memory_file(kind: str, size: int, seals: int) -> tuple[int, mmap.mmap]:
+    """A new memory file of `size` bytes and this process's read-write mapping of it: every page
+    reserved now (no memory fails here, not with SIGBUS on first touch), then sealed with `seals`
+    (F_SEAL_FUTURE_WRITE only where the kernel has it, 5.1 on)."""
+    try:
+        fd = os.memfd_create(f"ps-{kind}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except (AttributeError, OSError) as e:
+        raise ShmUnavailable(f"cannot create a shared-memory {kind}: {e}") from e
+    try:
+        os.ftruncate(fd, size)
+        os.posix_fallocate(fd, 0, size)
+        mm = mmap.mmap(fd, size)
+        try:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        except OSError:
+            if not seals & F_SEAL_FUTURE_WRITE:
+                mm.close()
+                raise
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals & ~F_SEAL_FUTURE_WRITE)
+    except OSError as e:
+        os.close(fd)
+        raise ShmUnavailable(f"cannot reserve {size} bytes of shared memory: {e}") from e
+    return fd, mm
+
+
+class _Chunk:
+    def __init__(self, size: int, server_id: bytes):
+        # Sealed against writes and new writable mappings too: workers map it read-only.
+        fd, self.mm = _memory_file("arena", size, SEALS | F_SEAL_FUTURE_WRITE)
+        self.fd, self.size = fd, size
+        self.name = f"{os.getpid()}:{fd}"
+        self.mm[:HEADER] = (ARENA_MAGIC + server_id).ljust(HEADER, b"\0")
+        self.view = memoryview(self.mm)
+        self.base = np.frombuffer(self.mm, np.uint8).ctypes.data
+        self.areas = Areas(HEADER, size)
+
+
+class Arena:
+    """(the server) Memory files its slices are allocated in (`empty`), which co-located workers
+    open as this process's `/proc/PID/fd/N` read-only (the same user and PID namespace as the
+    workers' segments need) and map (`Window`). Each chunk's header holds ARENA_MAGIC and the
+    server's id (from Register), so a worker knows it mapped this server's memory. A buffer's
+    space comes back when its last view is gone. Thread-safe."""
+
+    def __init__(self, server_id: str, chunk_bytes: int = ARENA_CHUNK):
+        self.server_id = server_id.encode()
+        if len(ARENA_MAGIC) + len(self.server_id) > HEADER:
+            raise ValueError(f"server id {server_id!r} does not fit a chunk's header")
+        self.chunk_bytes = chunk_bytes
+        self.chunks: list[_Chunk] = []
+        self._lock = threading.RLock()  # (a buffer's space may come back while this thread holds it)
+
+    def empty(self, n: int) -> np.ndarray:
+        """A float32 array of `n` elements in shared memory (contents undefined); a private one
+        when no more shared memory can be had (logged by the caller's fallbacks: such a slice is
+        answered by copy)."""
+        nbytes = 4 * n
+        if nbytes == 0:
+            return np.empty(0, np.float32)
+        with self._lock:
+            for chunk in self.chunks:
+                offset = chunk.areas.take(nbytes)
+                if offset is not None:
+                    break
+            else:
+                # Chunks double from 1 MiB to chunk_bytes (a small shard reserves little).
+                grow = min(self.chunk_bytes, max(ARENA_FIRST, sum(c.size for c in self.chunks)))
+                try:
+                    chunk = _Chunk(max(grow, -(-(nbytes + HEADER) // ALIGN) * ALIGN), self.server_id)
+                except ShmUnavailable:
+                    return np.empty(n, np.float32)
+                self.chunks.append(chunk)
+                offset = chunk.areas.take(nbytes)
+        out = np.frombuffer(chunk.view[offset:offset + nbytes], np.float32)
+        weakref.finalize(out, self._give_back, chunk, offset)  # (views of it, and tensors, keep it alive)
+        return out
+
+    def _give_back(self, chunk: _Chunk, offset: int) -> None:
+        with self._lock:
+            chunk.areas.give_back(offset)
+
+    def locate(self, view) -> tuple[int, int] | None:
+        """(chunk index, offset) where the bytes of `view` lie, or None when not in this arena."""
+        address, n = np.frombuffer(view, np.uint8).ctypes.data, memoryview(view).nbytes
+        for i, chunk in enumerate(self.chunks):
+            if chunk.base <= address and address + n <= chunk.base + chunk.size:
+                return i, address - chunk.base
+        return None
+
+
+class Window:
+    """(a worker) A server's arena chunk mapped read-only, after checking it is one: a memory
+    file of this user's, sealed against shrinking and growing (no one can cut it under this
+    mapping), of the size the server gave, holding ARENA_MAGIC and the server's id."""
+
+    def __init__(self, name: str, size: int, server_id: str):
+        m = NAME.fullmatch(name)
+        if not m or not HEADER < size <= MAX_SEGMENT:
+            raise InvalidArgument(f"shared-memory chunk {name!r} of {size} bytes: the name must match {NAME.pattern} "
+                                  f"and the size lie in ({HEADER}, {MAX_SEGMENT}]")
+        try:
+            fd = os.open(f"/proc/{int(m[1])}/fd/{int(m[2])}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise ShmUnavailable(f"the server's chunk {name} cannot be opened here ({e.strerror})") from e
+        try:
+            st = os.fstat(fd)
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS) if stat.S_ISREG(st.st_mode) else 0
+            if (st.st_uid != os.geteuid() or st.st_size != size
+                    or seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW) != fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW):
+                raise ShmUnavailable(f"{name} is not a sealed memory file of {size} bytes of this user's (uid "
+                                     f"{st.st_uid}, {st.st_size} bytes, seals {seals:#x})")
+            self.mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        except OSError as e:
+            raise ShmUnavailable(f"the server's chunk {name} cannot be mapped here ({e.strerror})") from e
+        finally:
+            os.close(fd)
+        head = (ARENA_MAGIC + server_id.encode()).ljust(HEADER, b"\0")
+        if self.mm[:HEADER] != head:
+            self.mm.close()
+            raise ShmUnavailable(f"{name} is not the server's shared memory (its header names another)")
+        self.name, self.size = name, size
+        self.bytes = np.frombuffer(self.mm, np.uint8)
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        if not (HEADER <= offset and nbytes >= 0 and offset + nbytes <= self.size):
+            raise InvalidArgument(f"published bytes [{offset}, {offset + nbytes}) lie outside the chunk's "
+                                  f"[{HEADER}, {self.size})")
+        return memoryview(self.bytes[offset:offset + nbytes])
+
+    def close(self) -> None:
+        self.bytes = None
+        with contextlib.suppress(BufferError, ValueError):
+            self.mm.close()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass, field
+from typing import Callable
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -175,6 +176,7 @@ class PushIn:
 class PullIn:
     header: pb.PullResponse
     tensors: list[WireTensor]
+    done: Callable[[], object] | None = None  # answered by reference: call once its tensors were read
 
 
 @dataclass
@@ -460,10 +462,17 @@ def handler(servicer) -> grpc.GenericRpcHandler:
 # the tensors' bytes are received straight into the worker's tensors:
 #   answer status RAW: a PullResponse whose tensors carry key, dtype and shape but no data (the
 #            frame's head); the tensors' bytes follow, in that order (its tail)
+# With a segment, a Pull with flags SHM and RAW may be answered with where the slices lie in the
+# server's published memory (ps.shm.Arena), which the worker maps read-only and copies from:
+#   answer status REF: u64 lease, u32 length of a PullResponse without payloads (as RAW's head),
+#            that PullResponse, u16 number of chunks, per chunk u16 name length, its name ("PID:FD")
+#            and u64 size, then per tensor u16 chunk index and u64 offset
+#   RELEASE request (id 0): u64 leases whose slices the worker has read; never answered
 
 STREAM_METHOD = "Stream"
 CANCEL = 0
 SEGMENT = 0x7F
+RELEASE = 0x7E
 SHM = 0x80
 RAW = 0x40
 STREAM_CODES = {name: i + 1 for i, (name, _, _) in enumerate(_methods())}
@@ -476,7 +485,12 @@ _SHM_DESC = struct.Struct("<QQQQ")
 _SHM_LEN = struct.Struct("<Q")
 IN_SHM = "shm"  # read_stream_answer's status for an answer written into the reserved area
 IN_RAW = "raw"  # read_stream_answer's status for a split answer (its body: the PullResponse's head)
+IN_REF = "ref"  # read_stream_answer's status for an answer by reference (read_ref_answer)
 _RAW_STATUS = 0x81
+_REF_STATUS = 0x82
+_REF_HEAD = struct.Struct("<QI")
+_REF_AT = struct.Struct("<HQ")
+MAX_RELEASE = 1 << 16  # leases one RELEASE may name
 
 
 @dataclass(frozen=True)
@@ -485,7 +499,7 @@ class StreamRequest:
     rid: int
     body: memoryview  # the request bytes sent inline (or the SEGMENT offer)
     shm: tuple[int, int, int, int] | None = None  # (request offset, length, answer offset, capacity)
-    raw: bool = False  # a Pull whose answer may come as a split frame
+    raw: bool = False  # a Pull whose answer may come as a split frame (with `shm`: by reference)
 
 
 def stream_request(name: str, rid: int, message, shm: tuple[int, int, int, int] | None = None,
@@ -529,12 +543,12 @@ def read_stream_request(data: bytes) -> StreamRequest:
         raise ValueError(f"a stream request of {len(data)} bytes is shorter than its {_REQ_HEAD.size}-byte header")
     raw, rid = _REQ_HEAD.unpack_from(data)
     code, body, split = raw & ~(SHM | RAW), memoryview(data)[_REQ_HEAD.size:], bool(raw & RAW)
-    if raw == SEGMENT:
-        return StreamRequest(SEGMENT, rid, body)
+    if raw in (SEGMENT, RELEASE):
+        return StreamRequest(raw, rid, body)
     if (code not in STREAM_NAMES and raw != CANCEL) or (split and code != STREAM_CODES["Pull"]):
         raise ValueError(f"stream request {rid} names method code {raw}, which is none of {sorted(STREAM_NAMES)} "
                          f"(with or without the shared-memory flag {SHM}; Pull's also with the split-answer flag "
-                         f"{RAW}), {CANCEL} (cancel) or {SEGMENT} (segment)")
+                         f"{RAW}), {CANCEL} (cancel), {SEGMENT} (segment) or {RELEASE} (release)")
     if not raw & SHM:
         return StreamRequest(code, rid, body, raw=split)
     if len(body) < _SHM_DESC.size:
@@ -597,6 +611,54 @@ def raw_pull(meta, tail: list) -> PullIn | Malformed:
     return PullIn(header, tensors)
 
 
+def stream_ref_answer(rid: int, lease: int, meta: bytes, chunks: list[tuple[str, int]],
+                      refs: list[tuple[int, int]]) -> Frame:
+    """An answer by reference: `meta` (a PullResponse without payloads), the arena chunks it
+    names (name, size) and, per tensor in meta's order, (chunk index, offset) of its bytes."""
+    parts = [_ANS_HEAD.pack(rid, _REF_STATUS), _REF_HEAD.pack(lease, len(meta)), meta, struct.pack("<H", len(chunks))]
+    for name, size in chunks:
+        n = name.encode()
+        parts.append(struct.pack("<H", len(n)) + n + struct.pack("<Q", size))
+    parts += [_REF_AT.pack(i, off) for i, off in refs]
+    return Frame.of(b"".join(parts))
+
+
+def read_ref_answer(body: memoryview) -> tuple[int, pb.PullResponse, list[tuple[str, int]], list[tuple[int, int]]]:
+    """(lease, the PullResponse without payloads, chunks, per tensor (chunk, offset)) of an answer
+    by reference; ValueError if it is not one."""
+    try:
+        lease, n = _REF_HEAD.unpack_from(body)
+        pos = _REF_HEAD.size
+        if pos + n > len(body):
+            raise ValueError("its head runs past its end")
+        header = pb.PullResponse.FromString(bytes(body[pos:pos + n]))
+        pos += n
+        (count,), pos = struct.unpack_from("<H", body, pos), pos + 2
+        chunks = []
+        for _ in range(count):
+            (k,), pos = struct.unpack_from("<H", body, pos), pos + 2
+            name = bytes(body[pos:pos + k]).decode("ascii")
+            (size,), pos = struct.unpack_from("<Q", body, pos + k), pos + k + 8
+            chunks.append((name, size))
+        refs = [_REF_AT.unpack_from(body, pos + i * _REF_AT.size) for i in range(len(header.tensors))]
+        if pos + len(refs) * _REF_AT.size != len(body) or any(i >= count for i, _ in refs):
+            raise ValueError("its references do not match its tensors and chunks")
+    except (struct.error, DecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"malformed answer by reference: {e}") from None
+    return lease, header, chunks, refs
+
+
+def stream_release(leases: list[int]) -> bytes:
+    return _REQ_HEAD.pack(RELEASE, 0) + struct.pack(f"<{len(leases)}Q", *leases)
+
+
+def read_release(body: memoryview) -> list[int]:
+    """The leases a RELEASE names; ValueError if it is not one."""
+    if len(body) % 8 or len(body) > 8 * MAX_RELEASE:
+        raise ValueError(f"a release of {len(body)} bytes is not a list of at most {MAX_RELEASE} u64 leases")
+    return list(struct.unpack(f"<{len(body) // 8}Q", body))
+
+
 def stream_shm_answer(rid: int, nbytes: int) -> Frame:
     return Frame.of(_ANS_HEAD.pack(rid, SHM) + _SHM_LEN.pack(nbytes))
 
@@ -628,6 +690,8 @@ def read_stream_answer(data: bytes) -> tuple[int, grpc.StatusCode | str | None, 
         return rid, IN_SHM, body
     if status == _RAW_STATUS:
         return rid, IN_RAW, body
+    if status == _REF_STATUS:
+        return rid, IN_REF, body
     return rid, (None if status == 0 else _STATUS.get(status, grpc.StatusCode.UNKNOWN)), body
 
 

@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 import secrets
@@ -125,6 +126,25 @@ class _Split:
     payload: list
 
 
+@dataclasses.dataclass(frozen=True)
+class _Published:
+    """A Pull through shared memory that may be answered by reference (ps.shm.Arena); else into
+    `fallback`, its answer area."""
+
+    arena: shm.Arena
+    fallback: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ref:
+    """An answer by reference: the PullResponse without payloads, per tensor (chunk, offset), and
+    the views of the slices (held, so that they copy on write, until the worker releases them)."""
+
+    meta: bytes
+    located: list
+    views: list
+
+
 def _encode_pull(slices, version: int, min_clock: int, keep: bool = False, area=None):
     """A PullResponse from read-only views of the live slices (called with their locks held: one
     copy, into the answer area when there is one it fits in, or into a pooled buffer sent as a
@@ -132,6 +152,13 @@ def _encode_pull(slices, version: int, min_clock: int, keep: bool = False, area=
     copy on write), the views themselves are sent). A split answer whose head (keys and shapes)
     would be over ps.link's limit goes whole."""
     meta = None
+    if isinstance(area, _Published):
+        located = [area.arena.locate(data) for _, data in slices] if keep else []
+        if keep and all(at is not None for at in located):
+            return _Ref(pb.PullResponse(version=version, min_clock=min_clock, tensors=[
+                pb.Tensor(key=key, dtype="float32", shape=[len(data) // 4]) for key, data in slices]).SerializeToString(),
+                located, [data for _, data in slices])
+        area = area.fallback  # (slices not in the arena: the store was built before it, or it ran out)
     if isinstance(area, buffers.Pool):
         meta = pb.PullResponse(version=version, min_clock=min_clock, tensors=[
             pb.Tensor(key=key, dtype="float32", shape=[len(data) // 4]) for key, data in slices]).SerializeToString()
@@ -151,6 +178,8 @@ def _encode_pull(slices, version: int, min_clock: int, keep: bool = False, area=
         return _InArea(frame.size)
     return wire.Frame.of(frame.tobytes())
 
+
+LENT_GRACE = 10.0  # seconds slices answered by reference stay held after their stream ended
 
 # Pushes in shared memory are checked and applied from the worker's segment itself, no copy:
 # the worker writes nothing into a request's area until its answer has come (ps.shm), and a
@@ -180,6 +209,17 @@ class _Stream:
         self.seg: shm.Segment | None = None
         self.worker = ""
         self.offering = asyncio.Lock()  # offers on one stream are taken one at a time
+        self.lent: dict[int, tuple[list, int]] = {}  # lease -> (views of the slices answered by reference, bytes)
+        self.lent_bytes = 0
+
+    def lend(self, lease: int, views: list) -> None:
+        n = sum(v.nbytes for v in views)
+        self.lent[lease] = (views, n)
+        self.lent_bytes += n
+
+    def release(self, lease: int) -> None:
+        _, n = self.lent.pop(lease, (None, 0))
+        self.lent_bytes -= n
 
     def end(self) -> None:
         self.answers.put_nowait(None)
@@ -200,6 +240,10 @@ class ParameterServerServicer:
         self.buffers = buffers.Pool()  # buffers of the sockets' large frames and split answers
         self.server_id = secrets.token_hex(16)  # named in the sockets' greetings (ps.link)
         self.shm_bytes = 0
+        self.shm_published = 0
+        self.arena: shm.Arena | None = None  # the slices' shared memory, from the first segment mapped on
+        self._publishing = asyncio.Lock()
+        self._leases = itertools.count(1)
         shard.on_stop(self._end_streams)
         shard.on_depart(self._worker_gone)
 
@@ -272,7 +316,24 @@ class ParameterServerServicer:
         st.seg, st.worker = seg, worker_id
         log.info("shard %d: worker %s moves tensors through shared memory (%d bytes)", self.shard.cfg.shard_id,
                  worker_id, seg.size)
+        await self._publish()
         return wire.stream_answer(rid, wire.Frame.of(seg.server_nonce))
+
+    async def _publish(self) -> None:
+        """From the first worker on shared memory on: the slices live in this server's arena
+        (ps.shm), where co-located workers read pulls from (moved there on the pool, once)."""
+        async with self._publishing:
+            if self.arena is None:
+                arena = shm.Arena(self.server_id)
+                await self._pooled(self.shard.allocate_with, arena.empty)
+                self.arena = arena
+
+    def _by_reference(self, st: _Stream) -> bool:
+        """Whether a pull on this stream may be answered by reference now: the slices copy on
+        write, and what the stream holds unreleased stays within twice the shard's bytes (a
+        worker that does not release gets copies)."""
+        return (self.arena is not None and self.shard.store.immutable
+                and st.lent_bytes <= 8 * self.shard.store.elements)
 
     async def Stream(self, requests, context, answers=None):
         """Every method on one bidirectional stream of raw bytes (see `ps.wire`, the stream path):
@@ -312,7 +373,9 @@ class ParameterServerServicer:
                         body, borrowed = st.seg.borrow(desc[0], desc[1]), True
                     else:  # an init's parts are held: copied out (see _held_past_answer)
                         body = await self._copy(desc[1], st.seg.read, desc[0], desc[1])
-                if name == "Pull" and desc is not None and desc[3]:
+                if name == "Pull" and desc is not None and desc[3] and raw and self._by_reference(st):
+                    _ANSWER_AREA.set(_Published(self.arena, (st.seg, desc[2], desc[3])))
+                elif name == "Pull" and desc is not None and desc[3]:
                     _ANSWER_AREA.set((st.seg, desc[2], desc[3]))
                 elif name == "Pull" and raw and splits:
                     _ANSWER_AREA.set(self.buffers)
@@ -323,7 +386,17 @@ class ParameterServerServicer:
                 del body
                 out = await self._serve(getattr(type(self), name).__wrapped__, request, context)
                 del request
-                if isinstance(out, _Split):
+                if isinstance(out, _Ref):
+                    lease = next(self._leases)
+                    st.lend(lease, out.views)
+                    chunks = sorted({i for i, _ in out.located})
+                    index = {c: j for j, c in enumerate(chunks)}
+                    answer = wire.stream_ref_answer(
+                        rid, lease, out.meta, [(self.arena.chunks[c].name, self.arena.chunks[c].size) for c in chunks],
+                        [(index[i], off) for i, off in out.located])
+                    self.shm_bytes += sum(v.nbytes for v in out.views)
+                    self.shm_published += 1
+                elif isinstance(out, _Split):
                     answer = wire.stream_raw_answer(rid, out.meta, out.payload)
                 elif isinstance(out, _InArea):
                     self.shm_bytes += out.nbytes
@@ -371,6 +444,12 @@ class ParameterServerServicer:
                             # included): the worker may then use that request's areas again.
                             task.add_done_callback(lambda _, rid=rid: answers.put_nowait(wire.stream_error(
                                 rid, grpc.StatusCode.CANCELLED, "Cancelled", "the request was withdrawn")))
+                    elif req.code == wire.RELEASE:
+                        try:
+                            for lease in wire.read_release(req.body):
+                                st.release(lease)  # (one not lent here, or released already: nothing to do)
+                        except ValueError as e:
+                            refuse(rid, InvalidArgument(str(e)))
                     elif rid in tasks:
                         refuse(rid, InvalidArgument(f"stream request id {rid} is already in use"))
                     elif req.code == wire.SEGMENT:
@@ -399,6 +478,8 @@ class ParameterServerServicer:
                 yield answer.tobytes()
         finally:
             self._streams.discard(st)
+            if st.lent:  # a worker may still be copying what it was last answered: held a while longer
+                asyncio.get_running_loop().call_later(LENT_GRACE, st.lent.clear)
             reader.cancel()
             for task in list(tasks.values()):
                 task.cancel()
@@ -460,7 +541,7 @@ class ParameterServerServicer:
         area = _ANSWER_AREA.get()
         encode = _encode_pull if area is None else functools.partial(_encode_pull, area=area)
         async with self.admission.hold(nbytes):  # (a split answer sends the views it may keep as they are)
-            return await self._run(nbytes // 4, self.shard.read, keys, encode, isinstance(area, buffers.Pool))
+            return await self._run(nbytes // 4, self.shard.read, keys, encode, isinstance(area, (buffers.Pool, _Published)))
 
     def _push_now(self, request: wire.PushIn):
         h = request.header
@@ -558,4 +639,5 @@ class ParameterServerServicer:
     @_rpc
     async def Stats(self, request, context):
         return stats_to_proto({**self.shard.stats(), "shm_segments": sum(1 for st in self._streams if st.seg),
-                               "shm_bytes": self.shm_bytes})
+                               "shm_bytes": self.shm_bytes, "shm_published": self.shm_published,
+                               "shm_lent_bytes": sum(st.lent_bytes for st in self._streams)})

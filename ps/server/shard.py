@@ -110,6 +110,7 @@ class Shard:
         self.policy = make_policy(cfg.mode, cfg.staleness, cfg.backup_workers)
         self._now = now
         self._lock = threading.Condition(threading.Lock())
+        self._alloc = None  # where slices are allocated (`allocate_with`); None: private memory
         self.store = ParamStore()
         self.plan: Plan | None = None
         self.optimizer_cfg: OptimizerConfig | None = None
@@ -398,7 +399,7 @@ class Shard:
         if set(merged) != set(expected):
             missing = sorted(set(expected) - set(merged))[:5]
             self.reject(InvalidArgument(f"init is missing slices of this shard, e.g. {missing}"))
-        store = ParamStore()
+        store = ParamStore(self._alloc)
         store.init(merged, optimizer)  # the copies and optimizers, built with no lock held
         with self._lock:
             self.store = store
@@ -820,6 +821,13 @@ class Shard:
                 self._lock.notify_all()
                 self._maybe_complete_step()
         return Snapshot(*head, params, optimizer_state, active, acc, acc_counts, step_pushes)
+
+    def allocate_with(self, alloc) -> None:
+        """Slices live from now on in the float32 buffers `alloc(n)` gives (ps.shm.Arena.empty),
+        the current ones moved there (before serving)."""
+        with self._lock:
+            self._alloc = alloc
+            self.store.allocate_with(alloc)
 
     def restore(self, snap: Snapshot) -> None:
         """Resume from `snap` (before serving). Its workers count as departed with their clocks:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 
 class ParamStore:
-    def __init__(self) -> None:
+    def __init__(self, alloc: Callable[[int], np.ndarray] | None = None) -> None:
         self.params: dict[str, torch.Tensor] = {}
         self.optimizer: SliceOptimizer | None = None
         self._locks: dict[str, threading.Lock] = {}
@@ -49,6 +49,24 @@ class ParamStore:
         self._spare: dict[str, np.ndarray | None] = {}
         self._leases = Leases()  # which of those buffers views kept past `reading` hold
         self.immutable = False
+        self._alloc: Callable[[int], np.ndarray] = alloc or (lambda n: np.empty(n, np.float32))
+
+    def allocate_with(self, alloc: Callable[[int], np.ndarray]) -> None:
+        """Slices live from now on in float32 buffers `alloc(n)` gives (ps.shm.Arena.empty: shared
+        memory co-located workers read pulls from); the current ones are moved there."""
+        self._alloc = alloc
+        for key in list(self._live):
+            with self._locks[key], torch.no_grad():
+                self._live[key] = self._buffer(self._live[key])
+                self.params[key].set_(torch.from_numpy(self._live[key]))
+                self._spare[key] = None
+
+    def _buffer(self, values) -> np.ndarray:
+        """A fresh buffer holding these values (a slice's: flat fp32)."""
+        flat = np.asarray(values, dtype=np.float32).reshape(-1)
+        out = self._alloc(flat.size)
+        out[:] = flat
+        return out
 
     @property
     def initialized(self) -> bool:
@@ -59,7 +77,7 @@ class ParamStore:
 
     def init(self, values: Mapping[str, torch.Tensor], optimizer: OptimizerConfig) -> None:
         """Set the slices (before any other call, or with no other call running)."""
-        self._live = {k: v.detach().to(torch.float32).contiguous().numpy().copy() for k, v in values.items()}
+        self._live = {k: self._buffer(v.detach().to(torch.float32).contiguous().numpy()) for k, v in values.items()}
         self._spare = {k: None for k in self._live}
         # Each parameter is made from its buffer itself (a view of it would keep the buffer as its base).
         params = {k: torch.from_numpy(a).requires_grad_(True) for k, a in self._live.items()}
@@ -121,7 +139,7 @@ class ParamStore:
             return
         spare, self._spare[key] = self._spare[key], None
         if spare is None or self._leases.held(spare):
-            spare = np.empty_like(self._live[key])
+            spare = self._alloc(self._live[key].size)
         self.optimizer.step_one(key, grad, lr_scale, out=torch.from_numpy(spare))
         self._spare[key], self._live[key] = self._live[key], spare
 

@@ -216,6 +216,13 @@ class Pulled:
         """Decode one answer straight into place."""
         if isinstance(resp, wire.Malformed):
             raise InvalidArgument(f"server {self.servers[shard]} sent a {resp.reason}")
+        try:
+            self._absorb(shard, resp)
+        finally:
+            if resp.done is not None:  # its tensors were the server's published slices: read now
+                resp.done()
+
+    def _absorb(self, shard: int, resp: wire.PullIn) -> None:
         for t in resp.tensors:
             s = self.plan.by_key.get(t.key)
             if s is None or s.name not in self.out or t.key in self.received:

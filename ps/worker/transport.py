@@ -12,9 +12,11 @@ import contextlib
 import functools
 import itertools
 import logging
+import math
 import struct
 import threading
 import time
+import weakref
 from typing import Awaitable, Callable, Coroutine, Sequence, TypeVar
 
 import grpc
@@ -121,6 +123,10 @@ class Mux:
         self._ready: link.Call | None = None
         self._closed = False
         self._opening = asyncio.Lock()
+        # The server's published slices (ps.shm.Arena), mapped read-only as its answers name them;
+        # `by_reference` goes off for good when one cannot be (its pulls are then answered by copy).
+        self.windows: dict[str, shm.Window] = {}
+        self.by_reference = True
 
     def _socket_due(self) -> bool:
         """A socket is wanted and may be tried (now, or again after a failed try's backoff)."""
@@ -311,10 +317,12 @@ class Mux:
                 fut = s.pending.pop(rid, None)
                 if fut is not None and not fut.done():
                     fut.set_result((status, body))
-                elif fut is not None:  # withdrawn this turn: its caller gives its areas back
-                    s.late.add(rid)
-                elif rid in s.retired:  # a withdrawn request the server is done with
-                    self._give_back(s, s.retired.pop(rid))
+                else:  # nobody reads it: what it named by reference is released
+                    self._release_unread(s, status, body)
+                    if fut is not None:  # withdrawn this turn: its caller gives its areas back
+                        s.late.add(rid)
+                    elif rid in s.retired:  # a withdrawn request the server is done with
+                        self._give_back(s, s.retired.pop(rid))
                 if self._ended_if_drained(s):
                     break
         except grpc.RpcError as e:
@@ -407,7 +415,8 @@ class Mux:
         seg = s.seg
         raw = (place is not None and answer_bytes >= RAW_MIN and (desc is None or not desc[3])
                and isinstance(s.call, link.Call) and s.call.splits)
-        frame = wire.stream_request(method, rid, body, desc, raw=raw)
+        ref = method == "Pull" and desc is not None and bool(desc[3]) and self.by_reference and bool(self.server_id)
+        frame = wire.stream_request(method, rid, body, desc, raw=raw or ref)
         fut = asyncio.get_running_loop().create_future()
         s.pending[rid] = fut
         if raw:
@@ -451,7 +460,8 @@ class Mux:
             if placed is not None and not answered:  # withdrawn while it may still be arriving there
                 s.call.conn.divert(placed)
             if fut.done() and not fut.cancelled():
-                fut.exception()  # retrieved (it may hold the error the stream broke with)
+                if fut.exception() is None and not answered:  # answered as its caller went away
+                    self._release_unread(s, *fut.result())
             else:
                 fut.cancel()
             if not answered and taken:
@@ -464,6 +474,12 @@ class Mux:
             s.late.discard(rid)
         if status is wire.IN_RAW:
             out = wire.raw_pull(*answer)
+        elif status is wire.IN_REF:
+            self._give_back(s, taken)
+            if not ref:
+                self._release_unread(s, status, answer)
+                return wire.Malformed("an answer by reference it was not asked for")
+            return self._referenced(s, answer)
         elif status is wire.IN_SHM:
             n = wire.shm_answer_length(answer)
             if desc is None or not desc[3] or n > desc[3] or seg is None or seg.bytes is None:
@@ -477,6 +493,69 @@ class Mux:
             raise wire.read_stream_failure(status, answer)
         self._give_back(s, taken)
         return out
+
+    def _referenced(self, s: _Open, body: memoryview) -> wire.PullIn | wire.Malformed:
+        """A Pull answered by reference: its tensors are read-only views of the server's published
+        slices, held for this worker until the PullIn's `done` is called (after they were copied;
+        Pulled.absorb) or the PullIn is gone. A chunk that cannot be mapped here stops answers by
+        reference from this server: the call fails UNAVAILABLE and its retry gets copies."""
+        try:
+            lease, header, chunks, refs = wire.read_ref_answer(body)
+        except ValueError as e:
+            self._release_unread(s, wire.IN_REF, body)
+            return wire.Malformed(str(e))
+        release = functools.partial(self._release_soon, s, lease, asyncio.get_running_loop())
+        try:
+            windows = []
+            for name, size in chunks:
+                w = self.windows.get(name)
+                if w is None or w.size != size:
+                    w = self.windows[name] = shm.Window(name, size, self.server_id or "")
+                windows.append(w)
+            tensors = [wire.WireTensor(t.key, t.dtype, tuple(t.shape), windows[i].view(off, 4 * math.prod(t.shape)),
+                                       memoryview(b"")) for t, (i, off) in zip(header.tensors, refs)]
+        except (ShmUnavailable, InvalidArgument) as e:
+            release()
+            if isinstance(e, ShmUnavailable):
+                self.by_reference = False
+                log.warning("server %s: its published slices cannot be read here (%s); its pulls are copied", self.server,
+                            e)
+                raise Unavailable(f"server {self.server}: {e}") from e
+            return wire.Malformed(str(e))
+        header.ClearField("tensors")
+        out = wire.PullIn(header, tensors)
+        out.done = weakref.finalize(out, release)  # called once: by the reader, or when the answer is gone
+        return out
+
+    def _release_unread(self, s: _Open, status, body) -> None:
+        """An answer nobody will read: the slices it named by reference are released."""
+        if status is wire.IN_REF and len(body) >= 8:
+            self._send_release(s, int.from_bytes(bytes(body[:8]), "little"))
+
+    def _release_soon(self, s: _Open, lease: int, loop: asyncio.AbstractEventLoop) -> None:
+        """(any thread) Tell the server this worker has read lease's slices: at once on the loop
+        (before the caller's next request, a push that may update them in place then), else
+        from the loop soon. A stream that ended took its leases with it."""
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._send_release(s, lease)
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop was closed: the server ends the stream
+                loop.call_soon_threadsafe(self._send_release, s, lease)
+
+    def _send_release(self, s: _Open, lease: int) -> None:
+        if s.closed:
+            return
+        frame = wire.stream_release([lease])
+        if isinstance(s.call, link.Call):
+            with contextlib.suppress(PSError):  # it broke: the server ended the stream
+                s.call.write_nowait(frame)
+        else:
+            task = asyncio.ensure_future(self._send(s, frame))
+            task.add_done_callback(_retrieve)
 
     @staticmethod
     def _give_back(s: _Open, taken) -> None:
@@ -499,6 +578,14 @@ class Mux:
             s.call.cancel()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(s.call.code(), 2.0)
+        self.forget_windows()
+
+    def forget_windows(self) -> None:
+        """Unmap the server's published chunks (a view still being read keeps its mapping)."""
+        for w in self.windows.values():
+            w.close()
+        self.windows.clear()
+        self.by_reference = True
 
     @staticmethod
     def _ended_if_drained(s: _Open) -> bool:
@@ -667,6 +754,8 @@ class Transport:
             mux.local = local_socket if want and local_socket and local.SUPPORTED else None
             remote = self.transport == "tcp" or (self.transport == "auto" and mux.shm is None)
             mux.remote = data_port if remote and "tcp" in offered and data_port > 0 else None
+            if mux.server_id != (server_id or None):  # another server (a restart): its memory is another's
+                mux.forget_windows()
             mux.server_id = server_id or None
             mux.retry_now()
             mux.leave_grpc()

@@ -5,6 +5,7 @@ no names) unmapped when their worker leaves, is evicted or dies."""
 
 import asyncio
 import io
+import mmap
 import os
 import signal
 import subprocess
@@ -99,6 +100,73 @@ def test_through_shared_memory_a_shards_slices_go_in_one_request_each_way_applie
     assert torch.equal(weights, start - 0.5 * grad)
 
 
+def _raw_pull(c: PSClient, clock: int) -> wire.PullIn:
+    """A pull's answer as it comes (an answer by reference: views of the server's slices, held
+    until its `done`)."""
+    keys = [s.key for s in c.plan.slices_for(0)]
+    req = pb.PullRequest(worker_id=c.worker_id, plan_fingerprint=c.plan.fingerprint, clock=clock, keys=keys)
+    return c._t.run(c._t.call(0, "Pull", req, answer_bytes=4 * N + 4096))
+
+
+def test_pulls_through_shared_memory_read_the_servers_published_slices_until_released(server):
+    """A pull through shared memory is answered with where the slices lie in the server's
+    published memory, which the worker maps read-only (it can neither write it nor map it
+    writable) and copies from. What it was answered does not change until it releases it (an
+    update meanwhile goes to another buffer); then the next pull sees the update."""
+    with PSClient([server.address], "reader", transport="shm") as c, \
+            PSClient([server.address], "writer", transport="unary") as w:
+        clock = c.setup({"w": torch.zeros(N)}, SGD1)
+        w.register(c.plan.params)
+        assert torch.equal(c.pull(clock)["w"], torch.zeros(N))
+        stats = c.stats()[0]
+        assert stats["shm_published"] == 1 and stats["shm_lent_bytes"] == 0  # read, then released at once
+        chunk = next(iter(c._t._mux[0].windows.values()))
+        at = chunk.bytes.ctypes.data  # (the server, in this process, maps the same memory read-write)
+        mapping = next(line.split() for line in open("/proc/self/maps")
+                       if int(line.split("-")[0], 16) == at)
+        assert mapping[1] == "r--s" and "memfd:ps-arena" in mapping[-2]  # read-only, shared
+        path = "/proc/{}/fd/{}".format(*chunk.name.split(":"))
+        fd = os.open(path, os.O_RDWR)
+        try:  # sealed against writes and new writable mappings
+            with pytest.raises(PermissionError):
+                mmap.mmap(fd, chunk.size)
+            with pytest.raises(PermissionError):
+                os.pwrite(fd, b"x", 4096)
+        finally:
+            os.close(fd)
+
+        held = _raw_pull(c, clock)
+        seen = [bytes(t.data) for t in held.tensors]
+        assert c.stats()[0]["shm_lent_bytes"] == 4 * N
+        assert w.push({"w": torch.ones(N)}, clock)[0]["outcome"] == "APPLIED"  # while the answer is held
+        assert [bytes(t.data) for t in held.tensors] == seen  # not torn: the update went elsewhere
+        held.done()
+        assert _until(lambda: c.stats()[0]["shm_lent_bytes"] == 0)
+        assert w.push({"w": torch.ones(N)}, clock + 1)[0]["outcome"] == "APPLIED"
+        assert torch.equal(c.pull(clock)["w"], torch.full((N,), -2.0))
+        assert c.stats()[0]["shm_published"] == 3
+
+        # A worker that does not release gets copies once it holds more than twice the shard's bytes.
+        kept = [_raw_pull(c, clock) for _ in range(4)]
+        stats = c.stats()[0]
+        assert stats["shm_published"] == 6 and stats["shm_lent_bytes"] == 3 * 4 * N
+        assert all(torch.equal(torch.frombuffer(bytearray(p.tensors[0].data), dtype=torch.float32),
+                               torch.full((N,), -2.0)) for p in kept)
+        del kept  # gone without `done`: released as they are collected
+        assert _until(lambda: c.stats()[0]["shm_lent_bytes"] == 0)
+
+
+def test_pulls_of_slices_updated_in_place_are_copied_into_the_answer_area(server):
+    """Adam updates in place: its pulls through shared memory are written into the worker's
+    answer area (no answer by reference), with the same weights."""
+    with PSClient([server.address], "w", transport="shm") as c:
+        clock = c.setup({"w": torch.zeros(N)}, OptimizerConfig("adam", lr=0.1))
+        c.push({"w": torch.ones(N)}, clock)
+        assert torch.allclose(c.pull(clock + 1)["w"], torch.full((N,), -0.1))
+        stats = c.stats()[0]
+        assert stats["shm_published"] == 0 and stats["shm_bytes"] >= 3 * 4 * N
+
+
 def test_shm_is_refused_clearly_where_the_server_does_not_offer_it():
     srv = create_server(ServerConfig(mode="async", shm=False))
     try:
@@ -157,9 +225,10 @@ def test_bad_offers_and_descriptors_get_specific_codes_and_change_nothing(server
                 wire.stream_request("Push", 5, None, shm=(4096, 64, 0, 0)),  # garbage bytes there
                 wire.stream_request("Stats", 6, pb.StatsRequest(), shm=(0, 0, 1 << 19, 1 << 19)),
                 wire.stream_request("Stats", 7, pb.StatsRequest(), shm=(0, 0, 1 << 19, 1 << 30)),  # area too large
+                wire._REQ_HEAD.pack(wire.RELEASE, 8) + b"\x01\x02\x03",  # not a list of u64 leases
             ], via))
             assert answers[1] == (None, bytes(seg.server_nonce))
-            for rid in (2, 3, 4, 5, 7):
+            for rid in (2, 3, 4, 5, 7, 8):
                 assert _status(answers[rid]) == (grpc.StatusCode.INVALID_ARGUMENT, "InvalidArgument"), rid
             status, body = answers[6]  # the answer was written into the area given
             assert status == wire.IN_SHM

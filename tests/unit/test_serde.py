@@ -64,7 +64,7 @@ def test_stats_round_trip():
              "duplicates": 2, "initialized": True, "num_keys": 4, "num_elements": 100, "bytes_pushed": 800,
              "bytes_pulled": 1600, "backup_workers": 0, "lost_updates": 3, "checkpoints": 5,
              "stalled_evictions": 1, "refused_evicted": 2, "overloaded": 4, "reinitialized": 1,
-             "shm_segments": 1, "shm_bytes": 4096}
+             "shm_segments": 1, "shm_bytes": 4096, "shm_published": 2, "shm_lent_bytes": 1024}
     assert stats_from_proto(stats_to_proto(stats)) == stats
 
 

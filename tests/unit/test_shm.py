@@ -70,3 +70,41 @@ def test_an_offer_of_a_process_that_is_not_there_is_not_shared():
 def test_the_host_identity_names_the_network_and_pid_namespaces():
     ident = shm.host_identity()
     assert f"net={os.stat('/proc/self/ns/net').st_ino}" in ident and "pid=" in ident and "uid=" in ident
+
+
+def test_an_arena_hands_out_buffers_in_its_chunks_and_takes_their_space_back_when_they_are_gone():
+    import gc
+
+    import numpy as np
+    import torch
+
+    arena = shm.Arena("server-a")
+    x = arena.empty(1000)
+    t = torch.from_numpy(x)  # a tensor keeps its buffer
+    x[:] = 1.5
+    chunk, offset = arena.locate(memoryview(x))
+    assert chunk == 0 and arena.chunks[0].size == shm.ARENA_FIRST
+    big = arena.empty(shm.ARENA_FIRST // 4)  # does not fit the first chunk: a chunk of its own size
+    assert len(arena.chunks) == 2 and arena.chunks[1].size >= shm.ARENA_FIRST + shm.HEADER
+    assert arena.locate(memoryview(np.empty(4, np.float32))) is None  # not in the arena
+    window = shm.Window(arena.chunks[0].name, arena.chunks[0].size, "server-a")
+    assert np.array_equal(np.frombuffer(window.view(offset, 4000), np.float32), np.full(1000, 1.5, np.float32))
+    with pytest.raises(InvalidArgument, match="outside"):
+        window.view(0, 8)  # the header
+    with pytest.raises(ShmUnavailable, match="names another"):
+        shm.Window(arena.chunks[0].name, arena.chunks[0].size, "server-b")
+    with pytest.raises(ShmUnavailable, match="sealed memory file of"):
+        shm.Window(arena.chunks[0].name, arena.chunks[0].size + 64, "server-a")
+    seg = shm.Segment.create(1 << 16)  # a sealed memory file of this user's, but a segment: its header says so
+    try:
+        with pytest.raises(ShmUnavailable):
+            shm.Window(seg.name, seg.size, "server-a")
+    finally:
+        seg.close()
+    window.close()
+    del x
+    gc.collect()
+    assert arena.chunks[0].areas.used  # the tensor still holds it
+    del t, big
+    gc.collect()
+    assert not arena.chunks[0].areas.used and not arena.chunks[1].areas.used

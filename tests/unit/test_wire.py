@@ -278,3 +278,38 @@ def test_messages_made_of_repeated_and_unknown_fields_read_as_protobuf_reads_the
     assert assert_reads_as_protobuf(kind, message) is not None
     big = message + _len(30, b"\0" * wire.SMALL)  # an unknown field makes it large: the walker reads it
     assert_reads_as_protobuf(kind, big)
+
+
+def test_an_answer_by_reference_reads_back_and_garbage_is_refused_with_value_error():
+    meta = pb.PullResponse(version=7, min_clock=2, tensors=[pb.Tensor(key="w#0", dtype="float32", shape=[4]),
+                                                            pb.Tensor(key="w#1", dtype="float32", shape=[2])])
+    frame = wire.stream_ref_answer(9, 123, meta.SerializeToString(), [("11:5", 1 << 20), ("11:6", 2 << 20)],
+                                   [(1, 64), (0, 4096)]).tobytes()
+    rid, status, body = wire.read_stream_answer(frame)
+    assert (rid, status) == (9, wire.IN_REF)
+    lease, header, chunks, refs = wire.read_ref_answer(body)
+    assert (lease, header, chunks, refs) == (123, meta, [("11:5", 1 << 20), ("11:6", 2 << 20)], [(1, 64), (0, 4096)])
+    for bad in (body[:-1], bytes(body) + b"\x00", body[:5], b""):  # cut, too long, no head, empty
+        with pytest.raises(ValueError):
+            wire.read_ref_answer(memoryview(bytes(bad)))
+    wrong = wire.stream_ref_answer(1, 1, meta.SerializeToString(), [("11:5", 1 << 20)], [(0, 64), (1, 64)]).tobytes()
+    with pytest.raises(ValueError, match="do not match"):  # a tensor in a chunk the answer does not name
+        wire.read_ref_answer(wire.read_stream_answer(wrong)[2])
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(max_size=128))
+def test_any_bytes_read_as_an_answer_by_reference_or_a_release_raise_value_error_only(data):
+    for read in (wire.read_ref_answer, wire.read_release):
+        try:
+            read(memoryview(data))
+        except ValueError:
+            pass
+
+
+def test_a_release_names_u64_leases():
+    frame = wire.stream_release([1, 2 ** 64 - 1])
+    req = wire.read_stream_request(frame)
+    assert (req.code, req.rid) == (wire.RELEASE, 0) and wire.read_release(req.body) == [1, 2 ** 64 - 1]
+    with pytest.raises(ValueError, match="u64"):
+        wire.read_release(memoryview(b"\x01" * 9))
