@@ -5,6 +5,7 @@ sent) and the server's store (slices being sent)."""
 
 from __future__ import annotations
 
+import collections
 import threading
 import warnings
 import weakref
@@ -36,7 +37,10 @@ class Leases:
 
     def __init__(self):
         self._held: dict[int, int] = {}
-        self._lock = threading.RLock()  # (a lease may end while this thread holds it)
+        # Leases that ended: queued by the views' finalizers (which may run anywhere, the cyclic
+        # GC's inside this very lock included), counted off by the next lend or held.
+        self._ended: collections.deque = collections.deque()
+        self._lock = threading.Lock()
 
     def lend(self, buffer: np.ndarray, n: int | None = None) -> memoryview:
         """A memoryview of `buffer` (its first `n` bytes): held until it, and every memoryview,
@@ -49,18 +53,21 @@ class Leases:
         view = buffer[:n] if n is not None else buffer.view()
         key = id(buffer)
         with self._lock:
+            self._settle()
             self._held[key] = self._held.get(key, 0) + 1
-        weakref.finalize(view, self._end, key)
+        weakref.finalize(view, self._ended.append, key)
         return memoryview(view)
 
-    def _end(self, key: int) -> None:
-        with self._lock:
+    def _settle(self) -> None:
+        while self._ended:
+            key = self._ended.popleft()
             left = self._held.pop(key) - 1
             if left:
                 self._held[key] = left
 
     def held(self, buffer: np.ndarray) -> bool:
         with self._lock:
+            self._settle()
             return id(buffer) in self._held
 
 

@@ -26,9 +26,11 @@ boundary between them.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import functools
+import logging
 import mmap
 import os
 import re
@@ -40,6 +42,8 @@ import weakref
 import numpy as np
 
 from ps.errors import InvalidArgument, ShmUnavailable, Unavailable
+
+log = logging.getLogger("ps.shm")
 
 MAGIC = b"PS-SHM\x00\x02"
 HEADER = 64  # magic (8), worker nonce (16), server nonce (16), reserved
@@ -273,35 +277,52 @@ class _Chunk:
         fd, self.mm = _memory_file("arena", size, SEALS | F_SEAL_FUTURE_WRITE)
         self.fd, self.size = fd, size
         self.name = f"{os.getpid()}:{fd}"
-        self.mm[:HEADER] = (ARENA_MAGIC + server_id).ljust(HEADER, b"\0")
+        self.tag = int.from_bytes(secrets.token_bytes(8), "little")  # tells it from a later chunk on the same fd
+        self.mm[:HEADER] = arena_header(server_id, self.tag)
         self.view = memoryview(self.mm)
         self.base = np.frombuffer(self.mm, np.uint8).ctypes.data
         self.areas = Areas(HEADER, size)
+
+    def close(self) -> None:
+        """Unmap and close (no buffer of it is alive); workers that mapped it keep their mapping."""
+        os.close(self.fd)
+        with contextlib.suppress(BufferError, ValueError):
+            self.view.release()
+            self.mm.close()
+
+
+def arena_header(server_id: bytes, tag: int) -> bytes:
+    return (ARENA_MAGIC + server_id + tag.to_bytes(8, "little")).ljust(HEADER, b"\0")
 
 
 class Arena:
     """(the server) Memory files its slices are allocated in (`empty`), which co-located workers
     open as this process's `/proc/PID/fd/N` read-only (the same user and PID namespace as the
-    workers' segments need) and map (`Window`). Each chunk's header holds ARENA_MAGIC and the
-    server's id (from Register), so a worker knows it mapped this server's memory. A buffer's
-    space comes back when its last view is gone. Thread-safe."""
+    workers' segments need) and map (`Window`). Each chunk's header holds ARENA_MAGIC, the
+    server's id (from Register) and the chunk's random tag, so a worker knows it mapped this
+    server's memory, and this chunk, not an earlier one on the same fd. A buffer's space comes
+    back when its last view is gone, and a chunk left empty is closed (one is kept). Thread-safe."""
 
     def __init__(self, server_id: str, chunk_bytes: int = ARENA_CHUNK):
         self.server_id = server_id.encode()
-        if len(ARENA_MAGIC) + len(self.server_id) > HEADER:
+        if len(ARENA_MAGIC) + len(self.server_id) + 8 > HEADER:
             raise ValueError(f"server id {server_id!r} does not fit a chunk's header")
         self.chunk_bytes = chunk_bytes
         self.chunks: list[_Chunk] = []
-        self._lock = threading.RLock()  # (a buffer's space may come back while this thread holds it)
+        # Buffers whose last view is gone: their finalizers only queue them (a finalizer may run
+        # inside this very lock, from the cyclic GC), given back by the next `empty` or `close`.
+        self._gone: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._warned = False
 
     def empty(self, n: int) -> np.ndarray:
         """A float32 array of `n` elements in shared memory (contents undefined); a private one
-        when no more shared memory can be had (logged by the caller's fallbacks: such a slice is
-        answered by copy)."""
+        when no more shared memory can be had (logged once: such slices are answered by copy)."""
         nbytes = 4 * n
         if nbytes == 0:
             return np.empty(0, np.float32)
         with self._lock:
+            self._collect()
             for chunk in self.chunks:
                 offset = chunk.areas.take(nbytes)
                 if offset is not None:
@@ -311,25 +332,49 @@ class Arena:
                 grow = min(self.chunk_bytes, max(ARENA_FIRST, sum(c.size for c in self.chunks)))
                 try:
                     chunk = _Chunk(max(grow, -(-(nbytes + HEADER) // ALIGN) * ALIGN), self.server_id)
-                except ShmUnavailable:
+                except ShmUnavailable as e:
+                    if not self._warned:
+                        self._warned = True
+                        log.warning("no more shared memory for slices (%s): pulls of those are answered by copy", e)
                     return np.empty(n, np.float32)
                 self.chunks.append(chunk)
                 offset = chunk.areas.take(nbytes)
         out = np.frombuffer(chunk.view[offset:offset + nbytes], np.float32)
-        weakref.finalize(out, self._give_back, chunk, offset)  # (views of it, and tensors, keep it alive)
+        weakref.finalize(out, self._gone.append, (chunk, offset))  # (views of it, and tensors, keep it alive)
         return out
 
-    def _give_back(self, chunk: _Chunk, offset: int) -> None:
-        with self._lock:
+    def _collect(self) -> None:
+        """(lock held) Give back the buffers gone; close chunks left empty, all but one."""
+        emptied = False
+        while self._gone:
+            chunk, offset = self._gone.popleft()
             chunk.areas.give_back(offset)
+            emptied = emptied or not chunk.areas.used
+        if emptied:
+            empty = [c for c in self.chunks if not c.areas.used]
+            for chunk in empty[:-1] if len(empty) == len(self.chunks) else empty:
+                self.chunks.remove(chunk)
+                chunk.close()
 
-    def locate(self, view) -> tuple[int, int] | None:
-        """(chunk index, offset) where the bytes of `view` lie, or None when not in this arena."""
+    def locate(self, view) -> tuple[_Chunk, int] | None:
+        """(chunk, offset) where the bytes of `view` lie, or None when not in this arena (no
+        bytes at all lie anywhere: the first chunk's data start)."""
         address, n = np.frombuffer(view, np.uint8).ctypes.data, memoryview(view).nbytes
-        for i, chunk in enumerate(self.chunks):
+        chunks = list(self.chunks)
+        if n == 0 and chunks:
+            return chunks[0], HEADER
+        for chunk in chunks:
             if chunk.base <= address and address + n <= chunk.base + chunk.size:
-                return i, address - chunk.base
+                return chunk, address - chunk.base
         return None
+
+    def close(self) -> None:
+        """The server stops: close the chunks (buffers still alive keep their mapping)."""
+        with self._lock:
+            self._collect()
+            chunks, self.chunks = self.chunks, []
+        for chunk in chunks:
+            chunk.close()
 
 
 class Window:
@@ -337,7 +382,7 @@ class Window:
     file of this user's, sealed against shrinking and growing (no one can cut it under this
     mapping), of the size the server gave, holding ARENA_MAGIC and the server's id."""
 
-    def __init__(self, name: str, size: int, server_id: str):
+    def __init__(self, name: str, size: int, tag: int, server_id: str):
         m = NAME.fullmatch(name)
         if not m or not HEADER < size <= MAX_SEGMENT:
             raise InvalidArgument(f"shared-memory chunk {name!r} of {size} bytes: the name must match {NAME.pattern} "
@@ -358,11 +403,10 @@ class Window:
             raise ShmUnavailable(f"the server's chunk {name} cannot be mapped here ({e.strerror})") from e
         finally:
             os.close(fd)
-        head = (ARENA_MAGIC + server_id.encode()).ljust(HEADER, b"\0")
-        if self.mm[:HEADER] != head:
+        if self.mm[:HEADER] != arena_header(server_id.encode(), tag):
             self.mm.close()
-            raise ShmUnavailable(f"{name} is not the server's shared memory (its header names another)")
-        self.name, self.size = name, size
+            raise ShmUnavailable(f"{name} is not the server's shared memory chunk it named (its header names another)")
+        self.name, self.size, self.tag = name, size, tag
         self.bytes = np.frombuffer(self.mm, np.uint8)
 
     def view(self, offset: int, nbytes: int) -> memoryview:

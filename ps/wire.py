@@ -465,8 +465,8 @@ def handler(servicer) -> grpc.GenericRpcHandler:
 # With a segment, a Pull with flags SHM and RAW may be answered with where the slices lie in the
 # server's published memory (ps.shm.Arena), which the worker maps read-only and copies from:
 #   answer status REF: u64 lease, u32 length of a PullResponse without payloads (as RAW's head),
-#            that PullResponse, u16 number of chunks, per chunk u16 name length, its name ("PID:FD")
-#            and u64 size, then per tensor u16 chunk index and u64 offset
+#            that PullResponse, u16 number of chunks, per chunk u16 name length, its name ("PID:FD"),
+#            u64 size and u64 tag (in its header), then per tensor u16 chunk index and u64 offset
 #   RELEASE request (id 0): u64 leases whose slices the worker has read; never answered
 
 STREAM_METHOD = "Stream"
@@ -611,19 +611,20 @@ def raw_pull(meta, tail: list) -> PullIn | Malformed:
     return PullIn(header, tensors)
 
 
-def stream_ref_answer(rid: int, lease: int, meta: bytes, chunks: list[tuple[str, int]],
+def stream_ref_answer(rid: int, lease: int, meta: bytes, chunks: list[tuple[str, int, int]],
                       refs: list[tuple[int, int]]) -> Frame:
     """An answer by reference: `meta` (a PullResponse without payloads), the arena chunks it
-    names (name, size) and, per tensor in meta's order, (chunk index, offset) of its bytes."""
+    names (name, size, tag) and, per tensor in meta's order, (chunk index, offset) of its bytes."""
     parts = [_ANS_HEAD.pack(rid, _REF_STATUS), _REF_HEAD.pack(lease, len(meta)), meta, struct.pack("<H", len(chunks))]
-    for name, size in chunks:
+    for name, size, tag in chunks:
         n = name.encode()
-        parts.append(struct.pack("<H", len(n)) + n + struct.pack("<Q", size))
+        parts.append(struct.pack("<H", len(n)) + n + struct.pack("<QQ", size, tag))
     parts += [_REF_AT.pack(i, off) for i, off in refs]
     return Frame.of(b"".join(parts))
 
 
-def read_ref_answer(body: memoryview) -> tuple[int, pb.PullResponse, list[tuple[str, int]], list[tuple[int, int]]]:
+def read_ref_answer(body: memoryview) -> tuple[int, pb.PullResponse, list[tuple[str, int, int]],
+                                               list[tuple[int, int]]]:
     """(lease, the PullResponse without payloads, chunks, per tensor (chunk, offset)) of an answer
     by reference; ValueError if it is not one."""
     try:
@@ -638,8 +639,8 @@ def read_ref_answer(body: memoryview) -> tuple[int, pb.PullResponse, list[tuple[
         for _ in range(count):
             (k,), pos = struct.unpack_from("<H", body, pos), pos + 2
             name = bytes(body[pos:pos + k]).decode("ascii")
-            (size,), pos = struct.unpack_from("<Q", body, pos + k), pos + k + 8
-            chunks.append((name, size))
+            (size, tag), pos = struct.unpack_from("<QQ", body, pos + k), pos + k + 16
+            chunks.append((name, size, tag))
         refs = [_REF_AT.unpack_from(body, pos + i * _REF_AT.size) for i in range(len(header.tensors))]
         if pos + len(refs) * _REF_AT.size != len(body) or any(i >= count for i, _ in refs):
             raise ValueError("its references do not match its tensors and chunks")

@@ -249,7 +249,10 @@ class ParameterServerServicer:
 
     def _end_streams(self) -> None:
         """The server stops: end every open stream (its client sees it end, and retries elsewhere or
-        after the restart), so a stop does not wait out its grace period for idle streams."""
+        after the restart), so a stop does not wait out its grace period for idle streams; close
+        the published slices' memory files (what is still mapped goes with its last user)."""
+        if self.arena is not None:
+            self.arena.close()
         if self._loop is not None:
             self._loop.call_soon_threadsafe(lambda: [st.end() for st in list(self._streams)])
 
@@ -323,10 +326,9 @@ class ParameterServerServicer:
         """From the first worker on shared memory on: the slices live in this server's arena
         (ps.shm), where co-located workers read pulls from (moved there on the pool, once)."""
         async with self._publishing:
-            if self.arena is None:
-                arena = shm.Arena(self.server_id)
-                await self._pooled(self.shard.allocate_with, arena.empty)
-                self.arena = arena
+            if self.arena is None:  # (set first: should this be cancelled, the move still ends)
+                self.arena = shm.Arena(self.server_id)
+                await self._pooled(self.shard.allocate_with, self.arena.empty)
 
     def _by_reference(self, st: _Stream) -> bool:
         """Whether a pull on this stream may be answered by reference now: the slices copy on
@@ -389,11 +391,10 @@ class ParameterServerServicer:
                 if isinstance(out, _Ref):
                     lease = next(self._leases)
                     st.lend(lease, out.views)
-                    chunks = sorted({i for i, _ in out.located})
-                    index = {c: j for j, c in enumerate(chunks)}
-                    answer = wire.stream_ref_answer(
-                        rid, lease, out.meta, [(self.arena.chunks[c].name, self.arena.chunks[c].size) for c in chunks],
-                        [(index[i], off) for i, off in out.located])
+                    chunks = list({id(c): c for c, _ in out.located}.values())
+                    index = {id(c): j for j, c in enumerate(chunks)}
+                    answer = wire.stream_ref_answer(rid, lease, out.meta, [(c.name, c.size, c.tag) for c in chunks],
+                                                    [(index[id(c)], off) for c, off in out.located])
                     self.shm_bytes += sum(v.nbytes for v in out.views)
                     self.shm_published += 1
                 elif isinstance(out, _Split):

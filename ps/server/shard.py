@@ -402,6 +402,8 @@ class Shard:
         store = ParamStore(self._alloc)
         store.init(merged, optimizer)  # the copies and optimizers, built with no lock held
         with self._lock:
+            if self._alloc is not None and store.allocator is not self._alloc:  # set while this was built
+                store.allocate_with(self._alloc)
             self.store = store
             for other in list(self._pending_init):
                 self._drop_pending(self._pending_init, other)
@@ -824,10 +826,12 @@ class Shard:
 
     def allocate_with(self, alloc) -> None:
         """Slices live from now on in the float32 buffers `alloc(n)` gives (ps.shm.Arena.empty),
-        the current ones moved there (before serving)."""
+        the current ones moved there one at a time (each under its own lock only: pushes, pulls
+        and every other call go on meanwhile)."""
         with self._lock:
             self._alloc = alloc
-            self.store.allocate_with(alloc)
+            store = self.store
+        store.allocate_with(alloc)
 
     def restore(self, snap: Snapshot) -> None:
         """Resume from `snap` (before serving). Its workers count as departed with their clocks:

@@ -51,6 +51,10 @@ class ParamStore:
         self.immutable = False
         self._alloc: Callable[[int], np.ndarray] = alloc or (lambda n: np.empty(n, np.float32))
 
+    @property
+    def allocator(self) -> Callable[[int], np.ndarray]:
+        return self._alloc
+
     def allocate_with(self, alloc: Callable[[int], np.ndarray]) -> None:
         """Slices live from now on in float32 buffers `alloc(n)` gives (ps.shm.Arena.empty: shared
         memory co-located workers read pulls from); the current ones are moved there."""

@@ -52,7 +52,7 @@ from ps.proto import ps_pb2 as pb
 from ps.serde import optimizer_to_proto, plan_to_proto, stats_from_proto, tensor_to_proto
 from ps.server.auth import bearer
 from ps.sharding import ParamSpec, Plan, dtype_name, make_plan
-from ps.worker.codec import Codec, Job, Mirrors, Pulled, answer_bytes, push_results
+from ps.worker.codec import Codec, Job, Lapsed, Mirrors, Pulled, answer_bytes, push_results
 from ps.worker.membership import Membership
 from ps.worker.transport import RETRIED, Transport, gather_all
 
@@ -367,8 +367,14 @@ class PSClient:
         async def fetch(pulled: Pulled, shard: int, batch) -> None:
             req = pb.PullRequest(worker_id=worker, plan_fingerprint=self.plan.fingerprint, clock=clock,
                                  keys=[s.key for s in batch])
-            pulled.absorb(shard, await self._t.call(shard, "Pull", req, rejoin=rejoin, waits=not observer,
-                                                    answer_bytes=answer_bytes(batch), place=pulled.place(req.keys)))
+            for attempt in range(REREADS + 1):
+                resp = await self._t.call(shard, "Pull", req, rejoin=rejoin, waits=not observer,
+                                          answer_bytes=answer_bytes(batch), place=pulled.place(req.keys))
+                try:
+                    return pulled.absorb(shard, resp)
+                except Lapsed:
+                    if attempt == REREADS:
+                        raise
 
         for reading in range(REREADS + 1):
             pulled = Pulled(self.plan, self.servers, names, into, self._mirrors, streams)

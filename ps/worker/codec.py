@@ -11,7 +11,7 @@ import torch
 from ps import wire
 from ps.config import MiB
 from ps.compress import Compressor
-from ps.errors import InvalidArgument
+from ps.errors import InvalidArgument, Unavailable
 from ps.proto import ps_pb2 as pb
 from ps.serde import dense_frame, sparse_frame, tensor_into
 from ps.sharding import Plan, Slice
@@ -190,6 +190,10 @@ def _on_cuda(t: torch.Tensor | None, shape: tuple[int, ...]) -> bool:
             and tuple(t.shape) == tuple(shape))
 
 
+class Lapsed(Unavailable):
+    """An answer by reference was read after its stream ended: pull it again."""
+
+
 class Pulled:
     """The destination of one pull: tensors to decode into, versions seen per shard. Answers are
     absorbed on the client's event loop (one at a time). Fp32 CUDA tensors in `into` (with
@@ -218,9 +222,12 @@ class Pulled:
             raise InvalidArgument(f"server {self.servers[shard]} sent a {resp.reason}")
         try:
             self._absorb(shard, resp)
-        finally:
-            if resp.done is not None:  # its tensors were the server's published slices: read now
-                resp.done()
+        finally:  # its tensors were the server's published slices: read now
+            intact = resp.done() if resp.done is not None else True
+        if intact is False:
+            self.received -= {t.key for t in resp.tensors}
+            raise Lapsed(f"server {self.servers[shard]}: the stream its answer came on ended before it was read, "
+                         "and what it named may have been let go; read again")
 
     def _absorb(self, shard: int, resp: wire.PullIn) -> None:
         for t in resp.tensors:

@@ -507,10 +507,12 @@ class Mux:
         release = functools.partial(self._release_soon, s, lease, asyncio.get_running_loop())
         try:
             windows = []
-            for name, size in chunks:
+            for name, size, tag in chunks:
                 w = self.windows.get(name)
-                if w is None or w.size != size:
-                    w = self.windows[name] = shm.Window(name, size, self.server_id or "")
+                if w is None or (w.size, w.tag) != (size, tag):  # (a later chunk on the same fd)
+                    if w is not None:
+                        w.close()
+                    w = self.windows[name] = shm.Window(name, size, tag, self.server_id or "")
                 windows.append(w)
             tensors = [wire.WireTensor(t.key, t.dtype, tuple(t.shape), windows[i].view(off, 4 * math.prod(t.shape)),
                                        memoryview(b"")) for t, (i, off) in zip(header.tensors, refs)]
@@ -532,10 +534,12 @@ class Mux:
         if status is wire.IN_REF and len(body) >= 8:
             self._send_release(s, int.from_bytes(bytes(body[:8]), "little"))
 
-    def _release_soon(self, s: _Open, lease: int, loop: asyncio.AbstractEventLoop) -> None:
+    def _release_soon(self, s: _Open, lease: int, loop: asyncio.AbstractEventLoop) -> bool:
         """(any thread) Tell the server this worker has read lease's slices: at once on the loop
         (before the caller's next request, a push that may update them in place then), else
-        from the loop soon. A stream that ended took its leases with it."""
+        from the loop soon. False when the stream had ended: the server holds a stream's
+        slices only a while after (servicer.LENT_GRACE), so what was read may be torn."""
+        intact = not s.closed
         try:
             on_loop = asyncio.get_running_loop() is loop
         except RuntimeError:
@@ -545,6 +549,7 @@ class Mux:
         else:
             with contextlib.suppress(RuntimeError):  # the loop was closed: the server ends the stream
                 loop.call_soon_threadsafe(self._send_release, s, lease)
+        return intact
 
     def _send_release(self, s: _Open, lease: int) -> None:
         if s.closed:

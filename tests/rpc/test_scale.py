@@ -9,6 +9,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ps import wire
 from ps.config import OptimizerConfig
 from ps.proto import ps_pb2 as pb
 from ps.proto import ps_pb2_grpc
@@ -117,7 +118,7 @@ def test_a_pull_answer_that_lacks_a_slice_is_refused(cluster):
         c = PSClient(servers, "a", partition_bytes=4096)
         c.setup({"w": torch.zeros(3000)}, SGD1)
         pulled = Pulled(c.plan, c.servers, None, None)
-        pulled.absorb(0, type("Answer", (), {"tensors": [], "header": pb.PullResponse(version=0)})())
+        pulled.absorb(0, wire.PullIn(pb.PullResponse(version=0), []))
         with pytest.raises(InvalidArgument, match="lack 3 slices"):
             pulled.finish()
         c.close()

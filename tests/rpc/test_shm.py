@@ -24,6 +24,7 @@ from ps.errors import InvalidArgument, UnknownKey
 from ps.proto import ps_pb2 as pb
 from ps.server.app import create_server
 from ps.worker.client import PSClient
+from ps.worker.codec import Lapsed, Pulled
 from tests.netns import usable, veth_namespace
 from tests.streams import VIAS, exchange
 
@@ -154,6 +155,23 @@ def test_pulls_through_shared_memory_read_the_servers_published_slices_until_rel
                                torch.full((N,), -2.0)) for p in kept)
         del kept  # gone without `done`: released as they are collected
         assert _until(lambda: c.stats()[0]["shm_lent_bytes"] == 0)
+
+        # An answer read after its stream ended (the server lets go of what a stream held a while
+        # after) is refused as lapsed, and a pull reads it again.
+        held = _raw_pull(c, clock)
+        c.leave()  # the server ends the worker's streams
+        assert _until(lambda: c._t._mux[0]._open is None)
+        with pytest.raises(Lapsed, match="read again"):
+            Pulled(c.plan, c.servers, None, None).absorb(0, held)
+
+
+def test_a_model_with_an_empty_parameter_is_still_answered_by_reference(server):
+    with PSClient([server.address], "w", transport="shm") as c:
+        clock = c.setup({"w": torch.ones(N), "e": torch.zeros(0)}, SGD1)
+        c.pull(clock)
+        pulled = c.pull(clock)
+        assert torch.equal(pulled["w"], torch.ones(N)) and pulled["e"].shape == (0,)
+        assert c.stats()[0]["shm_published"] == 2
 
 
 def test_pulls_of_slices_updated_in_place_are_copied_into_the_answer_area(server):

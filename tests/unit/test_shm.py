@@ -83,28 +83,71 @@ def test_an_arena_hands_out_buffers_in_its_chunks_and_takes_their_space_back_whe
     t = torch.from_numpy(x)  # a tensor keeps its buffer
     x[:] = 1.5
     chunk, offset = arena.locate(memoryview(x))
-    assert chunk == 0 and arena.chunks[0].size == shm.ARENA_FIRST
+    assert chunk is arena.chunks[0] and chunk.size == shm.ARENA_FIRST
+    assert arena.locate(memoryview(np.empty(0, np.float32))) == (chunk, shm.HEADER)  # nothing lies anywhere
     big = arena.empty(shm.ARENA_FIRST // 4)  # does not fit the first chunk: a chunk of its own size
     assert len(arena.chunks) == 2 and arena.chunks[1].size >= shm.ARENA_FIRST + shm.HEADER
     assert arena.locate(memoryview(np.empty(4, np.float32))) is None  # not in the arena
-    window = shm.Window(arena.chunks[0].name, arena.chunks[0].size, "server-a")
+    window = shm.Window(chunk.name, chunk.size, chunk.tag, "server-a")
     assert np.array_equal(np.frombuffer(window.view(offset, 4000), np.float32), np.full(1000, 1.5, np.float32))
     with pytest.raises(InvalidArgument, match="outside"):
         window.view(0, 8)  # the header
     with pytest.raises(ShmUnavailable, match="names another"):
-        shm.Window(arena.chunks[0].name, arena.chunks[0].size, "server-b")
+        shm.Window(chunk.name, chunk.size, chunk.tag, "server-b")
+    with pytest.raises(ShmUnavailable, match="names another"):  # another chunk that had the same fd
+        shm.Window(chunk.name, chunk.size, chunk.tag ^ 1, "server-a")
     with pytest.raises(ShmUnavailable, match="sealed memory file of"):
-        shm.Window(arena.chunks[0].name, arena.chunks[0].size + 64, "server-a")
+        shm.Window(chunk.name, chunk.size + 64, chunk.tag, "server-a")
     seg = shm.Segment.create(1 << 16)  # a sealed memory file of this user's, but a segment: its header says so
     try:
         with pytest.raises(ShmUnavailable):
-            shm.Window(seg.name, seg.size, "server-a")
+            shm.Window(seg.name, seg.size, 0, "server-a")
     finally:
         seg.close()
     window.close()
     del x
     gc.collect()
-    assert arena.chunks[0].areas.used  # the tensor still holds it
+    arena.empty(1)  # (space comes back at the next allocation)
+    assert len(arena.chunks[0].areas.used) == 2  # the tensor still holds its buffer
+    first, second = arena.chunks
     del t, big
     gc.collect()
-    assert not arena.chunks[0].areas.used and not arena.chunks[1].areas.used
+    arena.empty(1)
+    assert arena.chunks == [second]  # both were left empty: one is kept, the other closed
+    with pytest.raises(OSError):
+        os.fstat(first.fd)
+    arena.close()
+    assert arena.chunks == [] and arena.locate(memoryview(np.empty(0, np.float32))) is None
+
+
+def test_buffers_freed_by_the_cyclic_gc_inside_an_allocation_never_share_memory():
+    """A buffer's finalizer may run inside Arena.empty (the cyclic GC, on the same thread, at any
+    point of it: each GC threshold in turn): its space is queued, not given back under the
+    allocation's feet (which once handed out an area still listed free)."""
+    import gc
+
+    import numpy as np
+
+    class Cycle:
+        pass
+
+    for threshold in range(1, 30):
+        arena = shm.Arena("server-a")
+        kept = [arena.empty(1000) for _ in range(3)]
+        extra = arena.empty(1000)
+        gc.collect()
+        c = Cycle()
+        c.me, c.buf = c, kept.pop(0)  # only the cyclic GC frees it
+        del c
+        gc.set_threshold(threshold, 1000, 1000)
+        try:
+            kept.append(arena.empty(2000))
+        finally:
+            gc.set_threshold(700, 10, 10)
+        gc.collect()
+        for chunk in arena.chunks:
+            assert not any(o < e and s < o + n for o, n in chunk.areas.used.items() for s, e in chunk.areas.free)
+        del extra
+        kept.append(arena.empty(2000))
+        spans = sorted((np.frombuffer(b, np.uint8).ctypes.data, b.nbytes) for b in kept)
+        assert all(s1 + n1 <= s2 for (s1, n1), (s2, _) in zip(spans, spans[1:])), threshold

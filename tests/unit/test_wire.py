@@ -283,16 +283,17 @@ def test_messages_made_of_repeated_and_unknown_fields_read_as_protobuf_reads_the
 def test_an_answer_by_reference_reads_back_and_garbage_is_refused_with_value_error():
     meta = pb.PullResponse(version=7, min_clock=2, tensors=[pb.Tensor(key="w#0", dtype="float32", shape=[4]),
                                                             pb.Tensor(key="w#1", dtype="float32", shape=[2])])
-    frame = wire.stream_ref_answer(9, 123, meta.SerializeToString(), [("11:5", 1 << 20), ("11:6", 2 << 20)],
+    frame = wire.stream_ref_answer(9, 123, meta.SerializeToString(), [("11:5", 1 << 20, 7), ("11:6", 2 << 20, 2 ** 64 - 1)],
                                    [(1, 64), (0, 4096)]).tobytes()
     rid, status, body = wire.read_stream_answer(frame)
     assert (rid, status) == (9, wire.IN_REF)
     lease, header, chunks, refs = wire.read_ref_answer(body)
-    assert (lease, header, chunks, refs) == (123, meta, [("11:5", 1 << 20), ("11:6", 2 << 20)], [(1, 64), (0, 4096)])
+    assert (lease, header, chunks, refs) == (123, meta, [("11:5", 1 << 20, 7), ("11:6", 2 << 20, 2 ** 64 - 1)],
+                                             [(1, 64), (0, 4096)])
     for bad in (body[:-1], bytes(body) + b"\x00", body[:5], b""):  # cut, too long, no head, empty
         with pytest.raises(ValueError):
             wire.read_ref_answer(memoryview(bytes(bad)))
-    wrong = wire.stream_ref_answer(1, 1, meta.SerializeToString(), [("11:5", 1 << 20)], [(0, 64), (1, 64)]).tobytes()
+    wrong = wire.stream_ref_answer(1, 1, meta.SerializeToString(), [("11:5", 1 << 20, 0)], [(0, 64), (1, 64)]).tobytes()
     with pytest.raises(ValueError, match="do not match"):  # a tensor in a chunk the answer does not name
         wire.read_ref_answer(wire.read_stream_answer(wrong)[2])
 
