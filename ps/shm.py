@@ -301,7 +301,9 @@ class Arena:
     workers' segments need) and map (`Window`). Each chunk's header holds ARENA_MAGIC, the
     server's id (from Register) and the chunk's random tag, so a worker knows it mapped this
     server's memory, and this chunk, not an earlier one on the same fd. A buffer's space comes
-    back when its last view is gone, and a chunk left empty is closed (one is kept). Thread-safe."""
+    back when its last view is gone (at the next allocation); empty chunks beyond as many bytes
+    as are in use are then closed (workers let go of their mappings of chunks no longer named:
+    ps.worker.transport). Thread-safe."""
 
     def __init__(self, server_id: str, chunk_bytes: int = ARENA_CHUNK):
         self.server_id = server_id.encode()
@@ -313,16 +315,19 @@ class Arena:
         # inside this very lock, from the cyclic GC), given back by the next `empty` or `close`.
         self._gone: collections.deque = collections.deque()
         self._lock = threading.Lock()
-        self._warned = False
+        self._warned = self._closed = False
 
     def empty(self, n: int) -> np.ndarray:
         """A float32 array of `n` elements in shared memory (contents undefined); a private one
-        when no more shared memory can be had (logged once: such slices are answered by copy)."""
+        when no more shared memory can be had (logged once: such slices are answered by copy),
+        and after `close`."""
         nbytes = 4 * n
         if nbytes == 0:
             return np.empty(0, np.float32)
         with self._lock:
-            self._collect()
+            if self._closed:
+                return np.empty(n, np.float32)
+            self._give_back()
             for chunk in self.chunks:
                 offset = chunk.areas.take(nbytes)
                 if offset is not None:
@@ -339,39 +344,45 @@ class Arena:
                     return np.empty(n, np.float32)
                 self.chunks.append(chunk)
                 offset = chunk.areas.take(nbytes)
+            self._trim()
         out = np.frombuffer(chunk.view[offset:offset + nbytes], np.float32)
         weakref.finalize(out, self._gone.append, (chunk, offset))  # (views of it, and tensors, keep it alive)
         return out
 
-    def _collect(self) -> None:
-        """(lock held) Give back the buffers gone; close chunks left empty, all but one."""
-        emptied = False
-        while self._gone:
+    def _give_back(self) -> None:
+        while self._gone:  # (lock held)
             chunk, offset = self._gone.popleft()
             chunk.areas.give_back(offset)
-            emptied = emptied or not chunk.areas.used
-        if emptied:
-            empty = [c for c in self.chunks if not c.areas.used]
-            for chunk in empty[:-1] if len(empty) == len(self.chunks) else empty:
-                self.chunks.remove(chunk)
-                chunk.close()
+
+    def _trim(self) -> None:
+        """(lock held, after an allocation) Close empty chunks, the smallest first, while those
+        kept would still hold more bytes than are in use (slack for the next copies on write,
+        with no chunk made and closed every step)."""
+        used = sum(n for c in self.chunks for n in c.areas.used.values())
+        empty = sorted((c for c in self.chunks if not c.areas.used), key=lambda c: c.size)
+        kept = sum(c.size for c in empty)
+        for chunk in empty:
+            if kept <= used:
+                break
+            kept -= chunk.size
+            self.chunks.remove(chunk)
+            chunk.close()
 
     def locate(self, view) -> tuple[_Chunk, int] | None:
-        """(chunk, offset) where the bytes of `view` lie, or None when not in this arena (no
-        bytes at all lie anywhere: the first chunk's data start)."""
+        """(chunk, offset) where the bytes of `view` lie, or None when not in this arena (or
+        empty: it lies nowhere)."""
         address, n = np.frombuffer(view, np.uint8).ctypes.data, memoryview(view).nbytes
-        chunks = list(self.chunks)
-        if n == 0 and chunks:
-            return chunks[0], HEADER
-        for chunk in chunks:
+        for chunk in list(self.chunks) if n else ():
             if chunk.base <= address and address + n <= chunk.base + chunk.size:
                 return chunk, address - chunk.base
         return None
 
     def close(self) -> None:
-        """The server stops: close the chunks (buffers still alive keep their mapping)."""
+        """The server stops: close the chunks (buffers still alive keep their mapping); from
+        now on buffers are private memory."""
         with self._lock:
-            self._collect()
+            self._closed = True
+            self._gone.clear()
             chunks, self.chunks = self.chunks, []
         for chunk in chunks:
             chunk.close()
@@ -407,6 +418,7 @@ class Window:
             self.mm.close()
             raise ShmUnavailable(f"{name} is not the server's shared memory chunk it named (its header names another)")
         self.name, self.size, self.tag = name, size, tag
+        self.named = 0.0  # (the worker's) when an answer last named it
         self.bytes = np.frombuffer(self.mm, np.uint8)
 
     def view(self, offset: int, nbytes: int) -> memoryview:

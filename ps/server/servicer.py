@@ -154,7 +154,10 @@ def _encode_pull(slices, version: int, min_clock: int, keep: bool = False, area=
     meta = None
     if isinstance(area, _Published):
         located = [area.arena.locate(data) for _, data in slices] if keep else []
-        if keep and all(at is not None for at in located):
+        anchor = next((at for at in located if at is not None), None)
+        if anchor is not None and all(at is not None or not len(data) for at, (_, data) in zip(located, slices)):
+            # An empty slice lies nowhere: named in a chunk the answer keeps anyway.
+            located = [at if at is not None else (anchor[0], shm.HEADER) for at in located]
             return _Ref(pb.PullResponse(version=version, min_clock=min_clock, tensors=[
                 pb.Tensor(key=key, dtype="float32", shape=[len(data) // 4]) for key, data in slices]).SerializeToString(),
                 located, [data for _, data in slices])

@@ -831,7 +831,12 @@ class Shard:
         with self._lock:
             self._alloc = alloc
             store = self.store
-        store.allocate_with(alloc)
+        store.allocate_with(alloc, move=False)
+        for key in list(store.params):
+            with self._lock:
+                while self._frozen:  # a snapshot is copying the slices: they stay where they are meanwhile
+                    self._lock.wait(0.05)
+                store.move(key)
 
     def restore(self, snap: Snapshot) -> None:
         """Resume from `snap` (before serving). Its workers count as departed with their clocks:

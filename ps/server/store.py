@@ -55,15 +55,20 @@ class ParamStore:
     def allocator(self) -> Callable[[int], np.ndarray]:
         return self._alloc
 
-    def allocate_with(self, alloc: Callable[[int], np.ndarray]) -> None:
+    def allocate_with(self, alloc: Callable[[int], np.ndarray], move: bool = True) -> None:
         """Slices live from now on in float32 buffers `alloc(n)` gives (ps.shm.Arena.empty: shared
-        memory co-located workers read pulls from); the current ones are moved there."""
+        memory co-located workers read pulls from); the current ones are moved there (unless not
+        `move`: then by `move(key)`, one at a time)."""
         self._alloc = alloc
-        for key in list(self._live):
-            with self._locks[key], torch.no_grad():
-                self._live[key] = self._buffer(self._live[key])
-                self.params[key].set_(torch.from_numpy(self._live[key]))
-                self._spare[key] = None
+        for key in list(self._live) if move else ():
+            self.move(key)
+
+    def move(self, key: str) -> None:
+        """Move a slice into a buffer of the allocator's (under its lock; readers keep what they hold)."""
+        with self._locks[key], torch.no_grad():
+            self._live[key] = self._buffer(self._live[key])
+            self.params[key].set_(torch.from_numpy(self._live[key]))
+            self._spare[key] = None
 
     def _buffer(self, values) -> np.ndarray:
         """A fresh buffer holding these values (a slice's: flat fp32)."""

@@ -228,6 +228,8 @@ class Pulled:
             self.received -= {t.key for t in resp.tensors}
             raise Lapsed(f"server {self.servers[shard]}: the stream its answer came on ended before it was read, "
                          "and what it named may have been let go; read again")
+        self.versions[shard] = min(self.versions.get(shard, resp.header.version), resp.header.version)
+        self.min_clocks[shard] = resp.header.min_clock
 
     def _absorb(self, shard: int, resp: wire.PullIn) -> None:
         for t in resp.tensors:
@@ -243,8 +245,6 @@ class Pulled:
                 with torch.cuda.stream(self.streams[dest.device]):
                     dest.view(-1)[s.start : s.start + s.length].copy_(host, non_blocking=True)
             self.received.add(t.key)
-        self.versions[shard] = min(self.versions.get(shard, resp.header.version), resp.header.version)
-        self.min_clocks[shard] = resp.header.min_clock
 
     def place(self, keys: Sequence[str]) -> Callable[[pb.PullResponse], list | None]:
         """For the pull of `keys`: given its answer's tensors (key, dtype, shape), the buffers

@@ -40,6 +40,8 @@ RETRIED = (Unavailable, Overloaded, Cancelled)
 
 
 OFFER_TIMEOUT = 30.0  # seconds a server has to map an offered segment
+REF_FAILURES = 3  # chunks of a server's published slices that cannot be mapped, in a row, before its pulls are copied
+WINDOW_IDLE = 10.0  # seconds a mapped chunk no answer named is kept
 SOCKET_RETRY = 60.0  # at most this many seconds between tries of a socket that could not be reached
 RAW_MIN = 64 << 10  # a pull answer this large comes as a split frame on a plain socket (into place)
 
@@ -127,6 +129,7 @@ class Mux:
         # `by_reference` goes off for good when one cannot be (its pulls are then answered by copy).
         self.windows: dict[str, shm.Window] = {}
         self.by_reference = True
+        self.ref_failures = 0  # chunks that could not be mapped, in a row
 
     def _socket_due(self) -> bool:
         """A socket is wanted and may be tried (now, or again after a failed try's backoff)."""
@@ -497,14 +500,17 @@ class Mux:
     def _referenced(self, s: _Open, body: memoryview) -> wire.PullIn | wire.Malformed:
         """A Pull answered by reference: its tensors are read-only views of the server's published
         slices, held for this worker until the PullIn's `done` is called (after they were copied;
-        Pulled.absorb) or the PullIn is gone. A chunk that cannot be mapped here stops answers by
-        reference from this server: the call fails UNAVAILABLE and its retry gets copies."""
+        Pulled.absorb) or the PullIn is gone. A chunk that cannot be mapped here fails the call
+        UNAVAILABLE (retried: the chunk may have closed meanwhile, the server stopping); after
+        REF_FAILURES such in a row, this server's pulls are copied. Chunks no answer named for
+        WINDOW_IDLE seconds are unmapped (the server may have closed them)."""
         try:
             lease, header, chunks, refs = wire.read_ref_answer(body)
         except ValueError as e:
             self._release_unread(s, wire.IN_REF, body)
             return wire.Malformed(str(e))
         release = functools.partial(self._release_soon, s, lease, asyncio.get_running_loop())
+        now = time.monotonic()
         try:
             windows = []
             for name, size, tag in chunks:
@@ -513,17 +519,25 @@ class Mux:
                     if w is not None:
                         w.close()
                     w = self.windows[name] = shm.Window(name, size, tag, self.server_id or "")
+                w.named = now
                 windows.append(w)
             tensors = [wire.WireTensor(t.key, t.dtype, tuple(t.shape), windows[i].view(off, 4 * math.prod(t.shape)),
                                        memoryview(b"")) for t, (i, off) in zip(header.tensors, refs)]
         except (ShmUnavailable, InvalidArgument) as e:
             release()
             if isinstance(e, ShmUnavailable):
-                self.by_reference = False
-                log.warning("server %s: its published slices cannot be read here (%s); its pulls are copied", self.server,
-                            e)
+                self.ref_failures += 1
+                if self.ref_failures >= REF_FAILURES:
+                    self.by_reference = False
+                    log.warning("server %s: its published slices cannot be read here (%s); its pulls are copied",
+                                self.server, e)
                 raise Unavailable(f"server {self.server}: {e}") from e
             return wire.Malformed(str(e))
+        self.ref_failures = 0
+        for name, w in list(self.windows.items()):
+            if now - w.named > WINDOW_IDLE:
+                del self.windows[name]
+                w.close()
         header.ClearField("tensors")
         out = wire.PullIn(header, tensors)
         out.done = weakref.finalize(out, release)  # called once: by the reader, or when the answer is gone
@@ -590,7 +604,7 @@ class Mux:
         for w in self.windows.values():
             w.close()
         self.windows.clear()
-        self.by_reference = True
+        self.by_reference, self.ref_failures = True, 0
 
     @staticmethod
     def _ended_if_drained(s: _Open) -> bool:

@@ -485,3 +485,34 @@ def test_a_withdrawn_pull_is_answered_cancelled_only_once_its_answer_area_is_no_
         finally:
             raw.close()
             seg.close()
+
+
+def test_a_worker_unmaps_the_chunks_answers_no_longer_name(server, monkeypatch):
+    """Copies on write spread a shard over several chunks while answers are held; once they are
+    let go, the server closes chunks left empty, and the worker unmaps what the answers stopped
+    naming (WINDOW_IDLE seconds on; 0 here): only the chunk the last answer named stays mapped."""
+    from ps.worker import transport
+
+    monkeypatch.setattr(transport, "WINDOW_IDLE", 0.0)
+    n = 1 << 18  # 1 MiB: each copy on write takes a chunk of its own
+    with PSClient([server.address], "r", transport="shm") as c, \
+            PSClient([server.address], "w", transport="unary") as w:
+        clock = c.setup({"w": torch.zeros(n)}, SGD1)
+        w.register(c.plan.params)
+        c.pull(clock)
+        keys = [s.key for s in c.plan.slices_for(0)]
+        req = pb.PullRequest(worker_id="r", plan_fingerprint=c.plan.fingerprint, clock=clock, keys=keys)
+        held, seen = [], {}
+        for step in range(3):
+            held.append(c._t.run(c._t.call(0, "Pull", req, answer_bytes=4 * n + 4096)))
+            seen.update({id(v): v for v in c._t._mux[0].windows.values()})
+            w.push({"w": torch.ones(n)}, clock + step)  # the held buffer is not written: another is taken
+        assert len(seen) >= 2  # the answers named more than one chunk
+        for p in held:
+            p.done()
+        del held, p
+        assert _until(lambda: c.stats()[0]["shm_lent_bytes"] == 0)
+        w.push({"w": torch.ones(n)}, clock + 3)  # an allocation: the server gives back and closes
+        assert torch.equal(c.pull(clock)["w"], torch.full((n,), -4.0))
+        (kept,) = c._t._mux[0].windows.values()
+        assert all(v.bytes is None for v in seen.values() if v is not kept)  # unmapped
