@@ -58,6 +58,7 @@ from ps.worker.transport import RETRIED, Transport, gather_all
 
 log = logging.getLogger("ps.worker")
 REDO = (*RETRIED, UnknownWorker, NotInitialized)  # a part failing so is sent again (see `_settle`)
+BY_REFERENCE = 4 << 20  # bytes of a pull through shared memory from which push_pull pushes, then pulls
 REREADS = 2  # times a pull reads the weights again after a shard answered it only after an outage
 REINIT_WAIT = 30.0  # seconds a worker lacking some of a restarted-empty shard's keys waits for another to rebuild it
 TAKEN = (pb.PushResponse.APPLIED, pb.PushResponse.ACCUMULATED, pb.PushResponse.DUPLICATE)
@@ -478,13 +479,18 @@ class PSClient:
                   into: Mapping[str, torch.Tensor] | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
         """`push(grads, clock)` then `pull(clock + 1, names=names, into=into)`, in one round trip
         per shard when each shard's push and pull fit in one request (small models); otherwise
-        the two calls one after the other. Returns (push results, weights). If any shard answers
+        the two calls one after the other (so too through shared memory for a shard's pull of
+        BY_REFERENCE bytes or more: its answer by reference saves more than a round trip). Returns (push results, weights). If any shard answers
         EVICTED, the weights are not pulled (the dict is empty): pull at `clock_floor`."""
         assert self._codec is not None, "register first"
         wide = self._wide()
         jobs = self._codec.layout(self._codec.dtypes(grads), wide)
         pull_batches = self._codec.batches_for(names, wide)
+        # One round trip per shard when each shard's push and pull fit one request, unless a pull
+        # through shared memory is large enough for its answer by reference (a PushPull's is
+        # written into the answer area) to save more than the extra round trip.
         single = all(sum(1 for job in jobs if job[0] == k) == 1 and len(pull_batches[k]) == 1
+                     and not (k in wide and answer_bytes(pull_batches[k][0]) >= BY_REFERENCE)
                      for k in range(len(self.servers)))
         if not single:
             results = self.push(grads, clock)

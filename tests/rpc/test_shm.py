@@ -174,6 +174,31 @@ def test_a_model_with_an_empty_parameter_is_still_answered_by_reference(server):
         assert c.stats()[0]["shm_published"] == 2
 
 
+def test_push_pull_of_a_large_shard_through_shared_memory_pushes_then_pulls_by_reference(server):
+    from ps.worker.client import BY_REFERENCE
+
+    with PSClient([server.address], "w", transport="shm") as c:
+        big = BY_REFERENCE // 4
+        clock = c.setup({"w": torch.zeros(big), "v": torch.zeros(16)}, SGD1)
+        c.pull(clock)
+        before = c.stats()[0]
+        _, weights = c.push_pull({"w": torch.ones(big), "v": torch.ones(16)}, clock)
+        after = c.stats()[0]
+        assert torch.equal(weights["w"], torch.full((big,), -1.0)) and torch.equal(weights["v"], torch.full((16,), -1.0))
+        assert after["shm_published"] - before["shm_published"] == 1  # pushed, then pulled by reference
+
+
+def test_push_pull_of_a_small_shard_through_shared_memory_is_one_round_trip(server):
+    with PSClient([server.address], "s", transport="shm") as c:
+        clock = c.setup({"s": torch.zeros(N)}, SGD1)
+        c.pull(clock)
+        before = c.stats()[0]
+        _, weights = c.push_pull({"s": torch.ones(N)}, clock)
+        after = c.stats()[0]
+        assert torch.equal(weights["s"], torch.full((N,), -1.0))
+        assert after["shm_published"] == before["shm_published"] and after["pulls"] - before["pulls"] == 1
+
+
 def test_pulls_of_slices_updated_in_place_are_copied_into_the_answer_area(server):
     """Adam updates in place: its pulls through shared memory are written into the worker's
     answer area (no answer by reference), with the same weights."""
