@@ -22,7 +22,7 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable", ca
 def copy_bytes(dst: np.ndarray, src) -> None:
     """dst[:] = src, byte for byte (dst a writable uint8 array, src any buffer of its size). A
     large copy goes through torch, which spreads it over its intra-op threads: numpy's copy takes
-    one core (100 MiB in 13-15 ms on a 2-core machine, torch's in 7); both leave the GIL."""
+    one core (100 MiB in 13-15 ms on a 2-core machine, torch's in 8-9); both leave the GIL."""
     if dst.nbytes < PARALLEL_COPY:
         dst[:] = np.frombuffer(src, np.uint8)
         return

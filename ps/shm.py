@@ -50,7 +50,7 @@ HEADER = 64  # magic (8), worker nonce (16), server nonce (16), reserved
 _NONCE = 16
 _WORKER_NONCE, _SERVER_NONCE = 8, 8 + _NONCE
 NAME = re.compile(r"(\d{1,10}):(\d{1,10})")  # an offered segment: the worker's pid and its fd there
-SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL  # what a new memory file is sealed with
 ALIGN = 64
 MIN_BYTES = 64 << 10  # requests and answers smaller than this travel on the stream itself
 INLINE_COPY = 1 << 20  # copies into or out of a segment up to this many bytes stay on the event loop
@@ -105,6 +105,39 @@ class Areas:
         self.free = merged
 
 
+RESIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+
+
+def _open_theirs(name: str, flags: int, what: str) -> int:
+    """The fd of another process's memory file named "PID:FD" (through /proc: only a process of
+    the same user, in the same PID namespace, can); ShmUnavailable when it cannot be opened."""
+    m = NAME.fullmatch(name)
+    if not m:
+        raise InvalidArgument(f"{what} name {name!r} must match {NAME.pattern} (a pid and an fd)")
+    try:
+        return os.open(f"/proc/{int(m[1])}/fd/{int(m[2])}", flags | os.O_CLOEXEC)
+    except OSError as e:
+        raise ShmUnavailable(f"{what} {name} cannot be opened here ({e.strerror}): its process is not on this "
+                             "host, in this PID namespace or of this user, or its /proc entry is not readable "
+                             "(a non-dumpable process)") from e
+
+
+def _seals(fd: int) -> int:
+    """The seals of a memory file of this user's; 0 for anything else (not sealed, another owner)."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        return 0
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return 0
+
+
+def _check_range(offset: int, nbytes: int, size: int, what: str) -> None:
+    if not (HEADER <= offset and nbytes >= 0 and offset + nbytes <= size):
+        raise InvalidArgument(f"{what} [{offset}, {offset + nbytes}) lies outside the data [{HEADER}, {size})")
+
+
 class Segment:
     """A mapped segment: the worker's (`create`) or the server's view of one (`attach`)."""
 
@@ -144,27 +177,13 @@ class Segment:
         and the worker's `nonce` (the probe that the two really share it); then write this side's
         nonce into it. InvalidArgument for what cannot be a segment, ShmUnavailable for one this
         server cannot reach (another host, PID namespace or user)."""
-        m = NAME.fullmatch(name)
-        if not m:
-            raise InvalidArgument(f"segment name {name!r} must match {NAME.pattern} (the worker's pid and fd)")
-        path = f"/proc/{int(m[1])}/fd/{int(m[2])}"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as e:
-            raise ShmUnavailable(f"segment {name} cannot be opened here ({e.strerror}): the worker is not on this "
-                                 "host, in this PID namespace or of this user, or its /proc entry is not readable "
-                                 "(a non-dumpable process)") from e
+        fd = _open_theirs(name, os.O_RDWR, "segment")
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-                raise InvalidArgument(f"segment {name} must be a memory file of this server's user "
-                                      f"(it is {stat.filemode(st.st_mode)}, uid {st.st_uid})")
-            try:
-                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-            except OSError as e:
-                raise InvalidArgument(f"segment {name} is not a sealed memory file ({e.strerror})") from e
-            if seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW) != fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW:
-                raise InvalidArgument(f"segment {name} must be sealed against shrinking and growing (seals {seals:#x})")
+            if _seals(fd) & RESIZE_SEALS != RESIZE_SEALS:
+                raise InvalidArgument(f"segment {name} is not a sealed memory file of this server's user: it must be "
+                                      f"one, sealed against shrinking and growing (it is {stat.filemode(st.st_mode)}, "
+                                      f"uid {st.st_uid}, seals {_seals(fd):#x})")
             if not HEADER < st.st_size <= max_size:
                 raise InvalidArgument(f"segment {name} holds {st.st_size} bytes; a segment must hold more than "
                                       f"{HEADER} and at most {max_size}")
@@ -188,9 +207,7 @@ class Segment:
 
     # -- both ------------------------------------------------------------------------------------
     def check(self, offset: int, nbytes: int, what: str) -> None:
-        if not (HEADER <= offset and nbytes >= 0 and offset + nbytes <= self.size):
-            raise InvalidArgument(f"{what} [{offset}, {offset + nbytes}) lies outside the segment's data "
-                                  f"[{HEADER}, {self.size})")
+        _check_range(offset, nbytes, self.size, f"{what} in segment {self.name}:")
 
     def _mapped(self) -> np.ndarray:
         b = self.bytes
@@ -394,19 +411,13 @@ class Window:
     mapping), of the size the server gave, holding ARENA_MAGIC and the server's id."""
 
     def __init__(self, name: str, size: int, tag: int, server_id: str):
-        m = NAME.fullmatch(name)
-        if not m or not HEADER < size <= MAX_SEGMENT:
-            raise InvalidArgument(f"shared-memory chunk {name!r} of {size} bytes: the name must match {NAME.pattern} "
-                                  f"and the size lie in ({HEADER}, {MAX_SEGMENT}]")
+        if not HEADER < size <= MAX_SEGMENT:
+            raise InvalidArgument(f"shared-memory chunk {name!r} of {size} bytes: the size must lie in "
+                                  f"({HEADER}, {MAX_SEGMENT}]")
+        fd = _open_theirs(name, os.O_RDONLY, "the server's chunk")
         try:
-            fd = os.open(f"/proc/{int(m[1])}/fd/{int(m[2])}", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise ShmUnavailable(f"the server's chunk {name} cannot be opened here ({e.strerror})") from e
-        try:
-            st = os.fstat(fd)
-            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS) if stat.S_ISREG(st.st_mode) else 0
-            if (st.st_uid != os.geteuid() or st.st_size != size
-                    or seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW) != fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW):
+            st, seals = os.fstat(fd), _seals(fd)
+            if st.st_size != size or seals & RESIZE_SEALS != RESIZE_SEALS:
                 raise ShmUnavailable(f"{name} is not a sealed memory file of {size} bytes of this user's (uid "
                                      f"{st.st_uid}, {st.st_size} bytes, seals {seals:#x})")
             self.mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
@@ -422,9 +433,7 @@ class Window:
         self.bytes = np.frombuffer(self.mm, np.uint8)
 
     def view(self, offset: int, nbytes: int) -> memoryview:
-        if not (HEADER <= offset and nbytes >= 0 and offset + nbytes <= self.size):
-            raise InvalidArgument(f"published bytes [{offset}, {offset + nbytes}) lie outside the chunk's "
-                                  f"[{HEADER}, {self.size})")
+        _check_range(offset, nbytes, self.size, f"published bytes in chunk {self.name}:")
         return memoryview(self.bytes[offset:offset + nbytes])
 
     def close(self) -> None:

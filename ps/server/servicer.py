@@ -145,26 +145,27 @@ class _Ref:
     views: list
 
 
+def _head(slices, version: int, min_clock: int) -> bytes:
+    """A PullResponse for these slices without their bytes (an answer's head: keys and shapes)."""
+    return pb.PullResponse(version=version, min_clock=min_clock, tensors=[
+        pb.Tensor(key=key, dtype="float32", shape=[len(data) // 4]) for key, data in slices]).SerializeToString()
+
+
 def _encode_pull(slices, version: int, min_clock: int, keep: bool = False, area=None):
     """A PullResponse from read-only views of the live slices (called with their locks held: one
     copy, into the answer area when there is one it fits in, or into a pooled buffer sent as a
     split answer's tail; none for a split answer when `keep` (the views may be kept: the slices
     copy on write), the views themselves are sent). A split answer whose head (keys and shapes)
     would be over ps.link's limit goes whole."""
-    meta = None
     if isinstance(area, _Published):
         located = [area.arena.locate(data) for _, data in slices] if keep else []
         anchor = next((at for at in located if at is not None), None)
         if anchor is not None and all(at is not None or not len(data) for at, (_, data) in zip(located, slices)):
             # An empty slice lies nowhere: named in a chunk the answer keeps anyway.
             located = [at if at is not None else (anchor[0], shm.HEADER) for at in located]
-            return _Ref(pb.PullResponse(version=version, min_clock=min_clock, tensors=[
-                pb.Tensor(key=key, dtype="float32", shape=[len(data) // 4]) for key, data in slices]).SerializeToString(),
-                located, [data for _, data in slices])
+            return _Ref(_head(slices, version, min_clock), located, [data for _, data in slices])
         area = area.fallback  # (slices not in the arena: the store was built before it, or it ran out)
-    if isinstance(area, buffers.Pool):
-        meta = pb.PullResponse(version=version, min_clock=min_clock, tensors=[
-            pb.Tensor(key=key, dtype="float32", shape=[len(data) // 4]) for key, data in slices]).SerializeToString()
+    meta = _head(slices, version, min_clock) if isinstance(area, buffers.Pool) else None
     if meta is not None and len(meta) + wire.ANSWER_HEAD <= link.MAX_HEAD:
         if keep:
             return _Split(meta, [data for _, data in slices])
@@ -215,10 +216,12 @@ class _Stream:
         self.lent: dict[int, tuple[list, int]] = {}  # lease -> (views of the slices answered by reference, bytes)
         self.lent_bytes = 0
 
-    def lend(self, lease: int, views: list) -> None:
+    def lend(self, lease: int, views: list) -> int:
+        """Hold these views until `release(lease)`; the bytes they span."""
         n = sum(v.nbytes for v in views)
         self.lent[lease] = (views, n)
         self.lent_bytes += n
+        return n
 
     def release(self, lease: int) -> None:
         _, n = self.lent.pop(lease, (None, 0))
@@ -335,8 +338,8 @@ class ParameterServerServicer:
 
     def _by_reference(self, st: _Stream) -> bool:
         """Whether a pull on this stream may be answered by reference now: the slices copy on
-        write, and what the stream holds unreleased stays within twice the shard's bytes (a
-        worker that does not release gets copies)."""
+        write, and what the stream holds unreleased is at most twice the shard's bytes (beyond,
+        a worker that does not release gets copies)."""
         return (self.arena is not None and self.shard.store.immutable
                 and st.lent_bytes <= 8 * self.shard.store.elements)
 
@@ -393,13 +396,12 @@ class ParameterServerServicer:
                 del request
                 if isinstance(out, _Ref):
                     lease = next(self._leases)
-                    st.lend(lease, out.views)
+                    self.shm_bytes += st.lend(lease, out.views)
+                    self.shm_published += 1
                     chunks = list({id(c): c for c, _ in out.located}.values())
                     index = {id(c): j for j, c in enumerate(chunks)}
                     answer = wire.stream_ref_answer(rid, lease, out.meta, [(c.name, c.size, c.tag) for c in chunks],
                                                     [(index[id(c)], off) for c, off in out.located])
-                    self.shm_bytes += sum(v.nbytes for v in out.views)
-                    self.shm_published += 1
                 elif isinstance(out, _Split):
                     answer = wire.stream_raw_answer(rid, out.meta, out.payload)
                 elif isinstance(out, _InArea):

@@ -404,6 +404,8 @@ class Shard:
         with self._lock:
             if self._alloc is not None and store.allocator is not self._alloc:  # set while this was built
                 store.allocate_with(self._alloc)
+                for key in list(store.params):
+                    store.move(key)
             self.store = store
             for other in list(self._pending_init):
                 self._drop_pending(self._pending_init, other)
@@ -831,7 +833,7 @@ class Shard:
         with self._lock:
             self._alloc = alloc
             store = self.store
-        store.allocate_with(alloc, move=False)
+        store.allocate_with(alloc)
         for key in list(store.params):
             with self._lock:
                 while self._frozen:  # a snapshot is copying the slices: they stay where they are meanwhile

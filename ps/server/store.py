@@ -55,13 +55,10 @@ class ParamStore:
     def allocator(self) -> Callable[[int], np.ndarray]:
         return self._alloc
 
-    def allocate_with(self, alloc: Callable[[int], np.ndarray], move: bool = True) -> None:
-        """Slices live from now on in float32 buffers `alloc(n)` gives (ps.shm.Arena.empty: shared
-        memory co-located workers read pulls from); the current ones are moved there (unless not
-        `move`: then by `move(key)`, one at a time)."""
+    def allocate_with(self, alloc: Callable[[int], np.ndarray]) -> None:
+        """New slice buffers come from `alloc(n)` (ps.shm.Arena.empty: shared memory co-located
+        workers read pulls from); `move` takes a current slice there."""
         self._alloc = alloc
-        for key in list(self._live) if move else ():
-            self.move(key)
 
     def move(self, key: str) -> None:
         """Move a slice into a buffer of the allocator's (under its lock; readers keep what they hold)."""

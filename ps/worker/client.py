@@ -480,8 +480,9 @@ class PSClient:
         """`push(grads, clock)` then `pull(clock + 1, names=names, into=into)`, in one round trip
         per shard when each shard's push and pull fit in one request (small models); otherwise
         the two calls one after the other (so too through shared memory for a shard's pull of
-        BY_REFERENCE bytes or more: its answer by reference saves more than a round trip). Returns (push results, weights). If any shard answers
-        EVICTED, the weights are not pulled (the dict is empty): pull at `clock_floor`."""
+        BY_REFERENCE bytes or more: its answer by reference saves more than a round trip).
+        Returns (push results, weights). If any shard answers EVICTED, the weights are not pulled
+        (the dict is empty): pull at `clock_floor`."""
         assert self._codec is not None, "register first"
         wide = self._wide()
         jobs = self._codec.layout(self._codec.dtypes(grads), wide)

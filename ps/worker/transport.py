@@ -126,7 +126,8 @@ class Mux:
         self._closed = False
         self._opening = asyncio.Lock()
         # The server's published slices (ps.shm.Arena), mapped read-only as its answers name them;
-        # `by_reference` goes off for good when one cannot be (its pulls are then answered by copy).
+        # `by_reference` goes off after REF_FAILURES chunks in a row cannot be (its pulls are then
+        # answered by copy) until the server's id changes (`forget_windows`).
         self.windows: dict[str, shm.Window] = {}
         self.by_reference = True
         self.ref_failures = 0  # chunks that could not be mapped, in a row
