@@ -118,6 +118,9 @@ class ServerConfig:
     tls_ca: str = ""
     shm: bool = True               # offer shared memory to workers on this host (ps.shm)
     data_port: int = 0             # the TCP data port for workers elsewhere (ps.tcp): 0 a free one, -1 none
+    table_mode: str = ""           # embedding tables' mode: sync, async, ssp ("": the dense mode)
+    table_staleness: int = -1      # the tables' ssp bound (-1: staleness)
+    checkpoint_chunk_bytes: int = 64 * MiB  # a table's checkpoint is written and read in chunks of about this size
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, f"port ({self.port}) must be in [0, 65535]")
@@ -146,6 +149,10 @@ class ServerConfig:
         _check(-1 <= self.data_port <= 65535, f"data_port ({self.data_port}) must be -1 (none) or in [0, 65535]")
         _check(self.data_port <= 0 or self.data_port != self.port,
                f"data_port ({self.data_port}) must differ from port ({self.port})")
+        _check(self.table_mode in ("", *MODES), f"table_mode ({self.table_mode!r}) must be one of {MODES} (or empty: mode)")
+        _check(self.table_staleness >= -1, f"table_staleness ({self.table_staleness}) must be >= 0 (or -1: staleness)")
+        _check(self.checkpoint_chunk_bytes >= MiB,
+               f"checkpoint_chunk_bytes ({self.checkpoint_chunk_bytes}) must be >= {MiB}")
         _check(not (self.restore or self.restore_if_present) or bool(self.checkpoint_dir),
                "restore needs a checkpoint_dir to restore from")
 

@@ -11,12 +11,14 @@ import math
 import sys
 import warnings
 
+import numpy as np
 import torch
 
 from ps.config import OptimizerConfig
 from ps import buffers, wire
 from ps.errors import InvalidArgument
 from ps.proto import ps_pb2 as pb
+from ps.tables import TableSpec
 from ps.sharding import DTYPE_NAMES, DTYPES, ParamSpec, Plan, dtype_name, make_plan
 
 # Read-only views of received bytes are safe here: decoded gradients are only ever read.
@@ -143,11 +145,49 @@ def optimizer_from_proto(msg: pb.OptimizerSpec) -> OptimizerConfig:
 
 
 def stats_to_proto(stats: dict) -> pb.StatsResponse:
-    return pb.StatsResponse(**stats)
+    tables = {name: pb.TableStats(**t) for name, t in stats.get("tables", {}).items()}
+    return pb.StatsResponse(**{**stats, "tables": tables})
 
 
 def stats_from_proto(msg: pb.StatsResponse) -> dict:
     out = {f.name: getattr(msg, f.name) for f in pb.StatsResponse.DESCRIPTOR.fields}
     out["clocks"] = dict(msg.clocks)
     out["staleness_histogram"] = dict(msg.staleness_histogram)
+    out["tables"] = {name: {f.name: getattr(t, f.name) for f in pb.TableStats.DESCRIPTOR.fields}
+                     for name, t in msg.tables.items()}
     return out
+
+
+def table_spec_to_proto(spec: TableSpec) -> pb.TableSpec:
+    return pb.TableSpec(**dataclasses.asdict(spec))
+
+
+def table_spec_from_proto(msg: pb.TableSpec) -> TableSpec:
+    """InvalidArgument (naming the field and the rule) for a spec out of range."""
+    return TableSpec(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(TableSpec)})
+
+
+def rows_to_proto(table: str, ids: np.ndarray, values: torch.Tensor | None = None) -> pb.Rows:
+    """One table's ids (int64) and, for a push, their gradients (float32 [len(ids), dim])."""
+    data = b"" if values is None else values.detach().to(torch.float32).contiguous().numpy().tobytes()
+    return pb.Rows(table=table, ids=np.ascontiguousarray(ids, dtype="<i8").tobytes(), values=data)
+
+
+def ids_from_proto(msg: pb.Rows) -> np.ndarray:
+    """The ids of a Rows message; InvalidArgument for another dtype or a ragged byte length."""
+    if msg.ids_dtype not in ("", "int64"):
+        raise InvalidArgument(f"table {msg.table!r}: ids must be int64, not {msg.ids_dtype!r}")
+    if len(msg.ids) % 8:
+        raise InvalidArgument(f"table {msg.table!r}: ids take {len(msg.ids)} bytes, not a multiple of 8 (int64)")
+    return np.frombuffer(msg.ids, dtype="<i8").astype(np.int64, copy=False)
+
+
+def values_from_proto(msg: pb.Rows, rows: int, dim: int) -> torch.Tensor:
+    """A Rows message's float32 values as [rows, dim]; InvalidArgument naming the mismatch."""
+    if msg.dtype not in ("", "float32"):
+        raise InvalidArgument(f"table {msg.table!r}: values must be float32, not {msg.dtype!r}")
+    if len(msg.values) != rows * dim * 4:
+        got = len(msg.values) / (dim * 4)
+        raise InvalidArgument(f"table {msg.table!r}: {len(msg.values)} bytes of values are "
+                              f"{got:g} rows of dim {dim}, but {rows} ids were sent (one row per id)")
+    return torch.frombuffer(bytearray(msg.values), dtype=torch.float32).view(rows, dim) if rows else torch.empty(0, dim)

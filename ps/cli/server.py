@@ -30,6 +30,11 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add_flag(p, "--num-shards", env=env, default=1, type=int, help="number of server shards")
     add_flag(p, "--mode", env=env, default="sync", choices=MODES, help="consistency mode")
     add_flag(p, "--staleness", env=env, default=0, type=int, help="ssp bound s: a worker at clock c waits for c - s")
+    add_flag(p, "--table-mode", env=env, default="", choices=("", *MODES),
+             help="consistency mode of server-held embedding tables (default: --mode); e.g. --mode sync "
+                  "--table-mode async trains dense parameters in sync and tables asynchronously (hybrid)")
+    add_flag(p, "--table-staleness", env=env, default=-1, type=int,
+             help="ssp bound of the tables (default: --staleness)")
     add_flag(p, "--num-workers", env=env, default=1, type=int,
              help="data-parallel workers expected at start (sync and ssp wait for them before the first step)")
     add_flag(p, "--worker-timeout", env=env, default=30.0, type=float, help="seconds of silence before eviction")
@@ -57,6 +62,9 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add_flag(p, "--checkpoint-dir", env=env, default="", help="write checkpoints here (safetensors + JSON)")
     add_flag(p, "--checkpoint-every", env=env, default="60s",
              help="'Ns': every N seconds; 'N': every N applied updates (and always on SIGTERM)")
+    add_flag(p, "--checkpoint-chunk-bytes", env=env, default=64 << 20, type=int,
+             help="embedding tables are checkpointed and restored in files of about this many bytes each, "
+                  "so a table larger than memory allows at once can be saved")
     add_flag(p, "--restore", env=env, action="store_true", default=False,
              help="resume from the newest usable checkpoint in --checkpoint-dir")
     add_flag(p, "--metrics-port", env=env, default=-1, type=int,
@@ -72,6 +80,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         host=args.host, port=int(args.port), shard_id=int(args.shard_id), num_shards=int(args.num_shards),
         mode=args.mode, staleness=int(args.staleness), num_workers=int(args.num_workers),
+        table_mode=args.table_mode, table_staleness=int(args.table_staleness),
+        checkpoint_chunk_bytes=int(args.checkpoint_chunk_bytes),
         worker_timeout=float(args.worker_timeout), staleness_lr=bool(args.staleness_lr),
         backup_workers=int(args.backup_workers), threads=int(args.threads),
         progress_timeout=float(args.progress_timeout), max_inflight_bytes=int(args.max_inflight_bytes), auth_token=auth_token_from_args(args),

@@ -231,8 +231,128 @@ class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class TableSpec(_message.Message):
+    __slots__ = ("name", "dim", "optimizer", "lr", "eps", "beta1", "beta2", "initial_accumulator", "init", "init_scale", "seed", "admit_after", "evict_after", "max_rows", "signed_ids")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    BETA2_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_ACCUMULATOR_FIELD_NUMBER: _ClassVar[int]
+    INIT_FIELD_NUMBER: _ClassVar[int]
+    INIT_SCALE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    ADMIT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    EVICT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROWS_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_IDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dim: int
+    optimizer: str
+    lr: float
+    eps: float
+    beta1: float
+    beta2: float
+    initial_accumulator: float
+    init: str
+    init_scale: float
+    seed: int
+    admit_after: int
+    evict_after: int
+    max_rows: int
+    signed_ids: bool
+    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., optimizer: _Optional[str] = ..., lr: _Optional[float] = ..., eps: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., initial_accumulator: _Optional[float] = ..., init: _Optional[str] = ..., init_scale: _Optional[float] = ..., seed: _Optional[int] = ..., admit_after: _Optional[int] = ..., evict_after: _Optional[int] = ..., max_rows: _Optional[int] = ..., signed_ids: _Optional[bool] = ...) -> None: ...
+
+class InitTablesRequest(_message.Message):
+    __slots__ = ("worker_id", "tables")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    tables: _containers.RepeatedCompositeFieldContainer[TableSpec]
+    def __init__(self, worker_id: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableSpec, _Mapping]]] = ...) -> None: ...
+
+class InitTablesResponse(_message.Message):
+    __slots__ = ("created", "mode", "staleness", "version")
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    created: bool
+    mode: str
+    staleness: int
+    version: int
+    def __init__(self, created: _Optional[bool] = ..., mode: _Optional[str] = ..., staleness: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+
+class Rows(_message.Message):
+    __slots__ = ("table", "ids", "values", "ids_dtype", "dtype")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    IDS_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    ids: bytes
+    values: bytes
+    ids_dtype: str
+    dtype: str
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., values: _Optional[bytes] = ..., ids_dtype: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class PullRowsRequest(_message.Message):
+    __slots__ = ("worker_id", "clock", "tables")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    clock: int
+    tables: _containers.RepeatedCompositeFieldContainer[Rows]
+    def __init__(self, worker_id: _Optional[str] = ..., clock: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[Rows, _Mapping]]] = ...) -> None: ...
+
+class PullRowsResponse(_message.Message):
+    __slots__ = ("tables", "version")
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    tables: _containers.RepeatedCompositeFieldContainer[Rows]
+    version: int
+    def __init__(self, tables: _Optional[_Iterable[_Union[Rows, _Mapping]]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class PushRowsRequest(_message.Message):
+    __slots__ = ("worker_id", "clock", "base_version", "tables")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    clock: int
+    base_version: int
+    tables: _containers.RepeatedCompositeFieldContainer[Rows]
+    def __init__(self, worker_id: _Optional[str] = ..., clock: _Optional[int] = ..., base_version: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[Rows, _Mapping]]] = ...) -> None: ...
+
+class TableStats(_message.Message):
+    __slots__ = ("rows", "version", "pending", "created", "evicted_idle", "evicted_lru", "admission_dropped", "rows_pulled", "rows_pushed")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_IDLE_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_LRU_FIELD_NUMBER: _ClassVar[int]
+    ADMISSION_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PULLED_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PUSHED_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    version: int
+    pending: int
+    created: int
+    evicted_idle: int
+    evicted_lru: int
+    admission_dropped: int
+    rows_pulled: int
+    rows_pushed: int
+    def __init__(self, rows: _Optional[int] = ..., version: _Optional[int] = ..., pending: _Optional[int] = ..., created: _Optional[int] = ..., evicted_idle: _Optional[int] = ..., evicted_lru: _Optional[int] = ..., admission_dropped: _Optional[int] = ..., rows_pulled: _Optional[int] = ..., rows_pushed: _Optional[int] = ...) -> None: ...
+
 class StatsResponse(_message.Message):
-    __slots__ = ("shard_id", "mode", "version", "clocks", "staleness_histogram", "active_workers", "pushes", "pulls", "rejected", "evictions", "dropped", "duplicates", "initialized", "num_keys", "num_elements", "bytes_pushed", "bytes_pulled", "backup_workers", "lost_updates", "checkpoints", "stalled_evictions", "refused_evicted", "overloaded", "reinitialized", "shm_segments", "shm_bytes", "shm_published", "shm_lent_bytes")
+    __slots__ = ("shard_id", "mode", "version", "clocks", "staleness_histogram", "active_workers", "pushes", "pulls", "rejected", "evictions", "dropped", "duplicates", "initialized", "num_keys", "num_elements", "bytes_pushed", "bytes_pulled", "backup_workers", "lost_updates", "checkpoints", "stalled_evictions", "refused_evicted", "overloaded", "reinitialized", "shm_segments", "shm_bytes", "shm_published", "shm_lent_bytes", "tables", "table_mode", "table_version")
     class ClocksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +367,13 @@ class StatsResponse(_message.Message):
         key: int
         value: int
         def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    class TablesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: TableStats
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[TableStats, _Mapping]] = ...) -> None: ...
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -275,6 +402,9 @@ class StatsResponse(_message.Message):
     SHM_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHM_PUBLISHED_FIELD_NUMBER: _ClassVar[int]
     SHM_LENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    TABLE_MODE_FIELD_NUMBER: _ClassVar[int]
+    TABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     mode: str
     version: int
@@ -303,4 +433,7 @@ class StatsResponse(_message.Message):
     shm_bytes: int
     shm_published: int
     shm_lent_bytes: int
-    def __init__(self, shard_id: _Optional[int] = ..., mode: _Optional[str] = ..., version: _Optional[int] = ..., clocks: _Optional[_Mapping[str, int]] = ..., staleness_histogram: _Optional[_Mapping[int, int]] = ..., active_workers: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., dropped: _Optional[int] = ..., duplicates: _Optional[int] = ..., initialized: _Optional[bool] = ..., num_keys: _Optional[int] = ..., num_elements: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., bytes_pulled: _Optional[int] = ..., backup_workers: _Optional[int] = ..., lost_updates: _Optional[int] = ..., checkpoints: _Optional[int] = ..., stalled_evictions: _Optional[int] = ..., refused_evicted: _Optional[int] = ..., overloaded: _Optional[int] = ..., reinitialized: _Optional[int] = ..., shm_segments: _Optional[int] = ..., shm_bytes: _Optional[int] = ..., shm_published: _Optional[int] = ..., shm_lent_bytes: _Optional[int] = ...) -> None: ...
+    tables: _containers.MessageMap[str, TableStats]
+    table_mode: str
+    table_version: int
+    def __init__(self, shard_id: _Optional[int] = ..., mode: _Optional[str] = ..., version: _Optional[int] = ..., clocks: _Optional[_Mapping[str, int]] = ..., staleness_histogram: _Optional[_Mapping[int, int]] = ..., active_workers: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., dropped: _Optional[int] = ..., duplicates: _Optional[int] = ..., initialized: _Optional[bool] = ..., num_keys: _Optional[int] = ..., num_elements: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., bytes_pulled: _Optional[int] = ..., backup_workers: _Optional[int] = ..., lost_updates: _Optional[int] = ..., checkpoints: _Optional[int] = ..., stalled_evictions: _Optional[int] = ..., refused_evicted: _Optional[int] = ..., overloaded: _Optional[int] = ..., reinitialized: _Optional[int] = ..., shm_segments: _Optional[int] = ..., shm_bytes: _Optional[int] = ..., shm_published: _Optional[int] = ..., shm_lent_bytes: _Optional[int] = ..., tables: _Optional[_Mapping[str, TableStats]] = ..., table_mode: _Optional[str] = ..., table_version: _Optional[int] = ...) -> None: ...

@@ -74,6 +74,21 @@ class ParameterServerStub:
                 request_serializer=ps_dot_proto_dot_ps__pb2.StatsRequest.SerializeToString,
                 response_deserializer=ps_dot_proto_dot_ps__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.InitTables = channel.unary_unary(
+                '/ps.ParameterServer/InitTables',
+                request_serializer=ps_dot_proto_dot_ps__pb2.InitTablesRequest.SerializeToString,
+                response_deserializer=ps_dot_proto_dot_ps__pb2.InitTablesResponse.FromString,
+                _registered_method=True)
+        self.PullRows = channel.unary_unary(
+                '/ps.ParameterServer/PullRows',
+                request_serializer=ps_dot_proto_dot_ps__pb2.PullRowsRequest.SerializeToString,
+                response_deserializer=ps_dot_proto_dot_ps__pb2.PullRowsResponse.FromString,
+                _registered_method=True)
+        self.PushRows = channel.unary_unary(
+                '/ps.ParameterServer/PushRows',
+                request_serializer=ps_dot_proto_dot_ps__pb2.PushRowsRequest.SerializeToString,
+                response_deserializer=ps_dot_proto_dot_ps__pb2.PushResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -135,6 +150,30 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InitTables(self, request, context):
+        """Declare the model's server-held embedding tables (ps.tables); idempotent, and a worker
+        declaring other tables than the ones held is refused FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullRows(self, request, context):
+        """Read rows of tables (an id without a row reads as its init); may wait as Pull does, by the
+        tables' mode (sync: until table step `clock` is applied; ssp: until the bound holds).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushRows(self, request, context):
+        """A worker's table gradients for one clock: one request per shard and step, with or without
+        rows (sync steps of the tables wait for every active worker's).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -177,6 +216,21 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=ps_dot_proto_dot_ps__pb2.StatsRequest.FromString,
                     response_serializer=ps_dot_proto_dot_ps__pb2.StatsResponse.SerializeToString,
+            ),
+            'InitTables': grpc.unary_unary_rpc_method_handler(
+                    servicer.InitTables,
+                    request_deserializer=ps_dot_proto_dot_ps__pb2.InitTablesRequest.FromString,
+                    response_serializer=ps_dot_proto_dot_ps__pb2.InitTablesResponse.SerializeToString,
+            ),
+            'PullRows': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullRows,
+                    request_deserializer=ps_dot_proto_dot_ps__pb2.PullRowsRequest.FromString,
+                    response_serializer=ps_dot_proto_dot_ps__pb2.PullRowsResponse.SerializeToString,
+            ),
+            'PushRows': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushRows,
+                    request_deserializer=ps_dot_proto_dot_ps__pb2.PushRowsRequest.FromString,
+                    response_serializer=ps_dot_proto_dot_ps__pb2.PushResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,6 +449,87 @@ class ParameterServer:
             '/ps.ParameterServer/Stats',
             ps_dot_proto_dot_ps__pb2.StatsRequest.SerializeToString,
             ps_dot_proto_dot_ps__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InitTables(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.ParameterServer/InitTables',
+            ps_dot_proto_dot_ps__pb2.InitTablesRequest.SerializeToString,
+            ps_dot_proto_dot_ps__pb2.InitTablesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.ParameterServer/PullRows',
+            ps_dot_proto_dot_ps__pb2.PullRowsRequest.SerializeToString,
+            ps_dot_proto_dot_ps__pb2.PullRowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.ParameterServer/PushRows',
+            ps_dot_proto_dot_ps__pb2.PushRowsRequest.SerializeToString,
+            ps_dot_proto_dot_ps__pb2.PushResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,8 +27,10 @@ from ps import buffers, link, shm, wire
 from ps.errors import (InvalidArgument, Overloaded, PlanMismatch, PSError, ResourceExhausted, ShmUnavailable,
                        Unavailable)
 from ps.proto import ps_pb2 as pb
-from ps.serde import optimizer_from_proto, plan_from_proto, stats_to_proto, tensor_from_proto
+from ps.serde import (ids_from_proto, optimizer_from_proto, plan_from_proto, stats_to_proto, table_spec_from_proto,
+                      tensor_from_proto, values_from_proto)
 from ps.server.shard import Shard
+from ps.server.table import RowsIn
 
 log = logging.getLogger("ps.server")
 ERROR_CLASS_KEY = "ps-error-class"
@@ -517,9 +519,10 @@ class ParameterServerServicer:
         except InvalidArgument as e:
             self.shard.reject(e)
 
-    async def _until(self, ask):
+    async def _until(self, ask, forget=None):
         """Await `ask(wake)`: it answers (not None) or registers `wake`, which the shard calls
-        (once, from any thread) when its state moves; then ask again. No thread is held."""
+        (once, from any thread) when its state moves; then ask again. No thread is held.
+        `forget(wake)` withdraws it when the wait is abandoned (default: the shard's)."""
         loop = asyncio.get_running_loop()
         while True:
             ready = loop.create_future()
@@ -533,7 +536,7 @@ class ParameterServerServicer:
             try:
                 await ready
             except asyncio.CancelledError:  # the client went away or its deadline passed
-                self.shard.forget(wake)
+                (forget or self.shard.forget)(wake)
                 raise
 
     async def _wait(self, worker_id: str, clock: int) -> None:
@@ -642,8 +645,64 @@ class ParameterServerServicer:
         await self._run(0, self.shard.leave, request.worker_id)
         return pb.Ack()
 
+    # -- embedding tables (ps.server.table) ------------------------------------------------------
+    def _rows_in(self, rows, grads: bool) -> list[RowsIn]:
+        """Decode a request's tables (checked before anything waits or changes)."""
+        tables = self.shard.tables
+        try:
+            out = []
+            for msg in rows:
+                table = tables.tables.get(msg.table)
+                if table is None:
+                    raise InvalidArgument(f"no table {msg.table!r} on shard {self.shard.cfg.shard_id} "
+                                          f"(tables: {sorted(tables.tables)[:8]}); declare it first")
+                ids = ids_from_proto(msg)
+                out.append(RowsIn(msg.table, ids, values_from_proto(msg, len(ids), table.spec.dim) if grads else None))
+            tables.check(out)
+            return out
+        except InvalidArgument as e:
+            self.shard.reject(e)
+
+    @_rpc
+    async def InitTables(self, request, context):
+        try:
+            specs = [table_spec_from_proto(t) for t in request.tables]
+        except InvalidArgument as e:
+            self.shard.reject(e)
+        tables = self.shard.tables
+        created = await self._run(0, tables.declare, specs)
+        return pb.InitTablesResponse(created=created, mode=tables.policy.name,
+                                     staleness=getattr(tables.policy, "staleness", 0), version=tables.version)
+
+    @_rpc
+    async def PullRows(self, request, context):
+        tables = self.shard.tables
+        entries = self._rows_in(request.tables, grads=False)
+        await self._until(lambda wake: tables.ready_or_wait(request.worker_id, request.clock, wake) or None,
+                          tables.forget)
+        n = sum(len(e.ids) for e in entries)
+        values, version = await self._run(n * 16, tables.read, entries)
+        return pb.PullRowsResponse(version=version, tables=[
+            pb.Rows(table=e.table, values=v.numpy().tobytes()) for e, v in zip(entries, values)])
+
+    @_rpc
+    async def PushRows(self, request, context):
+        entries = self._rows_in(request.tables, grads=True)
+        nbytes = sum(len(m.values) + len(m.ids) for m in request.tables)
+        try:
+            async with self.admission.hold(nbytes):
+                outcome, version, staleness = await self._run(
+                    nbytes // 4, self.shard.tables.push, request.worker_id, request.clock, request.base_version,
+                    entries)
+        except InvalidArgument as e:
+            self.shard.reject(e)
+        return pb.PushResponse(outcome=pb.PushResponse.Outcome.Value(outcome), version=version, staleness=staleness)
+
     @_rpc
     async def Stats(self, request, context):
-        return stats_to_proto({**self.shard.stats(), "shm_segments": sum(1 for st in self._streams if st.seg),
+        tables = self.shard.tables
+        return stats_to_proto({**self.shard.stats(), "tables": tables.stats(), "table_mode": tables.policy.name,
+                               "table_version": tables.version,
+                               "shm_segments": sum(1 for st in self._streams if st.seg),
                                "shm_bytes": self.shm_bytes, "shm_published": self.shm_published,
                                "shm_lent_bytes": sum(st.lent_bytes for st in self._streams)})

@@ -33,6 +33,7 @@ from ps.errors import (InvalidArgument, NotInitialized, PlanMismatch, PSError, S
 from ps.server.checkpoint import Snapshot
 from ps.server.policy import View, Verdict, make_policy
 from ps.server.store import ParamStore
+from ps.server.table import TableSet
 from ps.sharding import Plan
 
 log = logging.getLogger("ps.server")
@@ -149,6 +150,9 @@ class Shard:
         self._on_depart: list[Callable[[str], None]] = []
         self._max_seen = 0  # the highest version a registering worker had read, before init
         self._quorum_deadline = 0.0  # a shard initialised again after an empty restart: quorum by then
+        # Server-held embedding tables (ps.server.table), in their own mode, with this membership.
+        self.tables = TableSet(self, cfg.table_mode or cfg.mode,
+                               cfg.staleness if cfg.table_staleness < 0 else cfg.table_staleness)
 
     # -- helpers (state lock held) ----------------------------------------------------------
     def _view(self) -> View:
@@ -753,6 +757,17 @@ class Shard:
     def stopped(self) -> bool:
         return self._stopped
 
+    @property
+    def quorum(self) -> bool:
+        """Whether the workers a step waits for have joined (see `_view`); read without the lock."""
+        back = not self._awaiting or self._now() >= self._awaiting_deadline
+        return self._quorum and back
+
+    def active_clocks(self) -> dict[str, int]:
+        """Active workers and their clocks, read without the state lock (a copy made under the
+        GIL: the tables, which must not take this lock, read membership so)."""
+        return {wid: w.clock for wid, w in list(self._workers.items())}
+
     def on_stop(self, callback: Callable[[], None]) -> None:
         """Call `callback` (from the stopping thread) when the shard stops."""
         self._on_stop.append(callback)
@@ -766,6 +781,7 @@ class Shard:
         with self._lock:
             self._stopped = True
             self._wake()
+        self.tables.stop()
         for callback in self._on_stop:
             callback()
 

@@ -42,6 +42,7 @@ import threading
 import uuid
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from ps import wire
@@ -49,15 +50,18 @@ from ps.compress import Compressor
 from ps.config import DEFAULT_PARTITION_BYTES, OptimizerConfig
 from ps.errors import InvalidArgument, NotInitialized, Overloaded, PSError, UnknownWorker
 from ps.proto import ps_pb2 as pb
-from ps.serde import optimizer_to_proto, plan_to_proto, stats_from_proto, tensor_to_proto
+from ps.serde import (optimizer_to_proto, plan_to_proto, rows_to_proto, stats_from_proto, table_spec_to_proto,
+                      tensor_to_proto, values_from_proto)
 from ps.server.auth import bearer
 from ps.sharding import ParamSpec, Plan, dtype_name, make_plan
+from ps.tables import TableSpec, as_ids, shard_of
 from ps.worker.codec import Codec, Job, Lapsed, Mirrors, Pulled, answer_bytes, push_results
 from ps.worker.membership import Membership
 from ps.worker.transport import RETRIED, Transport, gather_all
 
 log = logging.getLogger("ps.worker")
 REDO = (*RETRIED, UnknownWorker, NotInitialized)  # a part failing so is sent again (see `_settle`)
+ROWS_REQUEST_BYTES = 8 << 20  # bytes of rows a table pull asks one shard for in one request
 BY_REFERENCE = 4 << 20  # bytes of a pull through shared memory from which push_pull pushes, then pulls
 REREADS = 2  # times a pull reads the weights again after a shard answered it only after an outage
 REINIT_WAIT = 30.0  # seconds a worker lacking some of a restarted-empty shard's keys waits for another to rebuild it
@@ -172,6 +176,9 @@ class PSClient:
         self._codec: Codec | None = None
         self._optimizer: OptimizerConfig | None = None
         self._mirrors = Mirrors()  # pinned host copies for pulls into CUDA tensors
+        self.tables: dict[str, TableSpec] = {}  # server-held tables declared (init_tables)
+        self.table_versions = [0] * len(self.servers)  # the newest table version read from each shard
+        self.table_mode = ""
         try:
             self._t.run(self._t.wait_connected(connect_timeout))
         except BaseException:
@@ -539,6 +546,109 @@ class PSClient:
         by one (`PushStream.add`, e.g. as backward produces them): each request goes out the
         moment all its gradients are in, so sending overlaps the rest of backward."""
         return PushStream(self, clock, dtypes)
+
+    # -- server-held embedding tables (ps.tables, ps.embedding) -------------------------------
+    def init_tables(self, specs: Sequence[TableSpec]) -> str:
+        """Declare server-held tables on every shard (idempotent; the first worker creates them,
+        later ones must declare the same); returns the tables' consistency mode."""
+        req = pb.InitTablesRequest(worker_id=self.worker_id, tables=[table_spec_to_proto(s) for s in specs])
+
+        async def go():
+            return await gather_all([self._t.call(k, "InitTables", req) for k in range(len(self.servers))])
+
+        answers = self._t.run(go())
+        self.tables = {s.name: s for s in specs}
+        self.table_versions = [r.version for r in answers]
+        self.table_mode = answers[0].mode
+        return self.table_mode
+
+    def _table_ids(self, ids: Mapping[str, object]) -> dict[str, np.ndarray]:
+        out = {}
+        for name, t_ids in ids.items():
+            spec = self.tables.get(name)
+            if spec is None:
+                raise InvalidArgument(f"no table {name!r} was declared (tables: {sorted(self.tables)[:8]})")
+            arr = as_ids(t_ids, f"ids of table {name!r}")
+            spec.check_ids(arr)
+            out[name] = arr
+        return out
+
+    def pull_rows(self, clock: int | None, ids: Mapping[str, object]) -> dict[str, torch.Tensor]:
+        """Rows of server-held tables: {table: float32 [len(ids), dim]} in the order of the ids
+        given (which should be distinct: each travels as often as given). `clock` None: an
+        observer read, which never waits; else the tables' mode may make it wait (sync: for
+        table step clock - 1)."""
+        return self._t.run(self._pull_rows(clock, self._table_ids(ids)))
+
+    def pull_rows_async(self, clock: int | None, ids: Mapping[str, object]) -> concurrent.futures.Future:
+        """`pull_rows` in the background (a prefetch); the future resolves to its result."""
+        return self._t.submit(self._pull_rows(clock, self._table_ids(ids)))
+
+    async def _pull_rows(self, clock: int | None, ids: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        n = len(self.servers)
+        out = {name: torch.empty(len(t_ids), self.tables[name].dim) for name, t_ids in ids.items()}
+        where = {name: shard_of(t_ids, n) for name, t_ids in ids.items()}
+        worker = "" if clock is None else self.worker_id
+        rejoin = None if clock is None else self._m.rejoiner(clock)
+
+        async def fetch(shard: int, batch: list[tuple[str, np.ndarray]]) -> None:
+            req = pb.PullRowsRequest(worker_id=worker, clock=clock or 0,
+                                     tables=[rows_to_proto(name, ids[name][pos]) for name, pos in batch])
+            resp = await self._t.call(shard, "PullRows", req, rejoin=rejoin, waits=clock is not None)
+            if len(resp.tables) != len(batch):
+                raise InvalidArgument(f"server {self.servers[shard]} answered {len(resp.tables)} tables for {len(batch)}")
+            for (name, pos), msg in zip(batch, resp.tables):
+                out[name][torch.from_numpy(pos)] = values_from_proto(msg, len(pos), self.tables[name].dim)
+            if clock is not None:
+                self.table_versions[shard] = max(self.table_versions[shard], resp.version)
+
+        jobs = []
+        for k in range(n):
+            batch, size = [], 0
+            for name, t_ids in ids.items():
+                pos = np.flatnonzero(where[name] == k)
+                step = max(1, ROWS_REQUEST_BYTES // (4 * self.tables[name].dim))
+                for start in range(0, len(pos), step):  # large reads go as several requests
+                    part = pos[start:start + step]
+                    if batch and size + 4 * self.tables[name].dim * len(part) > ROWS_REQUEST_BYTES:
+                        jobs.append(fetch(k, batch))
+                        batch, size = [], 0
+                    batch.append((name, part))
+                    size += 4 * self.tables[name].dim * len(part)
+            if batch:
+                jobs.append(fetch(k, batch))
+        await gather_all(jobs)
+        return out
+
+    def push_rows(self, clock: int, grads: Mapping[str, tuple[object, torch.Tensor]]) -> list[dict]:
+        """Send one step's table gradients {table: (distinct ids, float32 [len(ids), dim])}: one
+        request to every shard (those holding none of the rows get an empty one, which moves
+        this worker's table clock there). Per shard: outcome, version and staleness."""
+        ids = self._table_ids({name: g[0] for name, g in grads.items()})
+        values = {}
+        for name, (_, g) in grads.items():
+            g = torch.as_tensor(g)
+            if tuple(g.shape) != (len(ids[name]), self.tables[name].dim):
+                raise InvalidArgument(f"table {name!r}: gradients have shape {tuple(g.shape)}, expected "
+                                      f"({len(ids[name])}, {self.tables[name].dim}) for {len(ids[name])} ids")
+            values[name] = g.detach().to("cpu", torch.float32)
+        n = len(self.servers)
+        where = {name: shard_of(t_ids, n) for name, t_ids in ids.items()}
+        rejoin = self._m.rejoiner(clock)
+
+        async def send(shard: int) -> dict:
+            tables = []
+            for name, t_ids in ids.items():
+                pos = np.flatnonzero(where[name] == shard)
+                if len(pos):
+                    tables.append(rows_to_proto(name, t_ids[pos], values[name][torch.from_numpy(pos)]))
+            req = pb.PushRowsRequest(worker_id=self.worker_id, clock=clock, base_version=self.table_versions[shard],
+                                     tables=tables)
+            resp = await self._t.call(shard, "PushRows", req, rejoin=rejoin)
+            return {"outcome": pb.PushResponse.Outcome.Name(resp.outcome), "version": resp.version,
+                    "staleness": resp.staleness}
+
+        return self._t.run(gather_all([send(k) for k in range(n)]))
 
     def stats(self) -> list[dict]:
         """Every shard's Stats (needs no registration)."""

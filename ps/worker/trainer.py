@@ -20,6 +20,7 @@ from torch import nn
 
 from ps.config import WorkerConfig
 from ps.data import Datasets, accuracy, loader, shard_indices, steps_per_epoch
+from ps.embedding import TableGroup
 from ps.errors import InvalidArgument
 from ps.models import model_loss
 from ps.tp.binding import Binding, plain
@@ -42,6 +43,10 @@ class Client(Protocol):
     def prefetch(self, clock: int, names=None): ...
     def leave(self) -> None: ...
     def stats(self) -> list[dict]: ...
+    def init_tables(self, specs) -> str: ...
+    def pull_rows(self, clock, ids) -> dict[str, torch.Tensor]: ...
+    def pull_rows_async(self, clock, ids): ...
+    def push_rows(self, clock: int, grads) -> list[dict]: ...
 
 
 def local_index(rank: int = 0) -> int:
@@ -267,6 +272,11 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
     tp = binding.tp
     steps = total_steps(cfg, len(data.train))
     start = all_reduce_max(client.setup(binding.init, cfg.optimizer), tp)
+    tables = TableGroup(model, client)  # the model's server-held embedding tables (ps.embedding)
+    if tables and tp.size > 1:
+        raise InvalidArgument(f"server-held tables ({sorted(tables.tables)}) need tp 1: a tensor-parallel group's "
+                              "ranks would each push the rows' gradients")
+    tables.setup()
     if start == 0:
         _wait_for_everyone(client, cfg, cfg.num_workers)
     # A DataLoader over this worker's shard (its own sampler: the same batches in every mode),
@@ -316,12 +326,14 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
             if cfg.prefetch and clock + 1 < steps:  # pulled while this step computes (one step staler)
                 ahead, ahead_clock = client.prefetch(clock + 1, names=binding.own), clock + 1
             x, y = next(stream)
+            tables.begin(clock)
             if early is not None:
                 early.begin(clock)
             loss_value = _forward_backward(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
                                            cfg.micro_batches,
                                            early.arm if early is not None else None)
             stepped = True
+            table_results = tables.push(clock)  # before the dense push: a sync step's rows are in when it completes
             if early is None and not cfg.prefetch:
                 results = _push_pull(client, host.collect(), clock, binding)  # the weights for clock + 1
             else:
@@ -335,7 +347,7 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
                 pulled = clock + 1
             straggler.after_step(time.perf_counter() - work_start)
             record = {"worker": cfg.worker_id, "step": clock, "time": time.monotonic() - t0, "loss": loss_value,
-                      "staleness": max(r["staleness"] for r in results)}
+                      "staleness": max(r["staleness"] for r in results + table_results)}
             if cfg.eval_every and data.test is not None and (clock % cfg.eval_every == 0 or clock == steps - 1):
                 record["test_accuracy"] = accuracy(model, data.test, device)
             metrics.write(record)

@@ -64,7 +64,10 @@ def test_stats_round_trip():
              "duplicates": 2, "initialized": True, "num_keys": 4, "num_elements": 100, "bytes_pushed": 800,
              "bytes_pulled": 1600, "backup_workers": 0, "lost_updates": 3, "checkpoints": 5,
              "stalled_evictions": 1, "refused_evicted": 2, "overloaded": 4, "reinitialized": 1,
-             "shm_segments": 1, "shm_bytes": 4096, "shm_published": 2, "shm_lent_bytes": 1024}
+             "shm_segments": 1, "shm_bytes": 4096, "shm_published": 2, "shm_lent_bytes": 1024,
+             "table_mode": "async", "table_version": 12,
+             "tables": {"t": {"rows": 5, "version": 12, "pending": 1, "created": 6, "evicted_idle": 1, "evicted_lru": 0,
+                              "admission_dropped": 2, "rows_pulled": 30, "rows_pushed": 20}}}
     assert stats_from_proto(stats_to_proto(stats)) == stats
 
 

@@ -1,0 +1,519 @@
+"""Server-held embedding tables: compact row storage, sparse optimizers, admission, eviction,
+and the consistency modes applied to table pushes and pulls.
+
+Storage of one table on one shard (`Table`): a growable float32 pool of rows ([capacity, dim]),
+the optimizer's state in pools of the same rows, and an id -> row index (`IdIndex`: open
+addressing over numpy arrays, looked up a batch at a time). Rows freed by eviction are reused.
+
+Every worker sends each shard one table push per step (`TableSet.push`, all tables' rows in it,
+possibly none), so the table clocks follow the dense ones: sync aggregates a step's pushes and
+applies them once every active worker has pushed (the average, as for dense parameters); async
+applies each on arrival; ssp applies on arrival and holds pulls to the bound. The table mode may
+differ from the dense one (`--table-mode`: dense sync with async tables is PERSIA's hybrid).
+Membership (leases, evictions) is the dense shard's: a worker that leaves or is evicted no longer
+holds up a table step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ps.errors import InvalidArgument, PlanMismatch, StepConflict, Unavailable
+from ps.server.policy import View, Verdict, make_policy
+from ps.tables import TableSpec, init_rows, mix64
+
+log = logging.getLogger("ps.server")
+
+EMPTY, GONE = -1, -2  # IdIndex slots: never used; freed (a tombstone: probing goes on past it)
+_INDEX_SALT = np.uint64(0x7AB1_E5EE_D1DE_A5E5)
+MIN_CAPACITY = 1024
+TABLE_COUNTERS = ("created", "evicted_idle", "evicted_lru", "admission_dropped", "rows_pulled", "rows_pushed")
+
+
+class IdIndex:
+    """int64 id -> int64 value (>= 0), linear probing over two numpy arrays, a batch at a time."""
+
+    def __init__(self, capacity: int = MIN_CAPACITY):
+        self._alloc(capacity)
+
+    def _alloc(self, capacity: int) -> None:
+        self.keys = np.zeros(capacity, np.int64)
+        self.vals = np.full(capacity, EMPTY, np.int64)
+        self.mask = capacity - 1
+        self.live = 0
+        self.gone = 0
+
+    def __len__(self) -> int:
+        return self.live
+
+    def _home(self, ids: np.ndarray) -> np.ndarray:
+        return (mix64(ids.view(np.uint64) ^ _INDEX_SALT) & np.uint64(self.mask)).astype(np.int64)
+
+    def find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(values, slots): -1 for ids not held."""
+        n = len(ids)
+        out, slots = np.full(n, -1, np.int64), np.full(n, -1, np.int64)
+        todo, pos, want = np.arange(n), self._home(ids), ids
+        while len(todo):
+            v, k = self.vals[pos], self.keys[pos]
+            hit = (v >= 0) & (k == want)
+            out[todo[hit]], slots[todo[hit]] = v[hit], pos[hit]
+            go = ~hit & (v != EMPTY)
+            todo, pos, want = todo[go], (pos[go] + 1) & self.mask, want[go]
+        return out, slots
+
+    def insert(self, ids: np.ndarray, values: np.ndarray) -> None:
+        """Add ids (distinct, none held yet) with their values."""
+        if (self.live + self.gone + len(ids)) * 2 > len(self.keys):
+            self._rebuild(max(MIN_CAPACITY, 1 << int(4 * (self.live + len(ids))).bit_length()))
+        todo, pos = np.arange(len(ids)), self._home(ids)
+        while len(todo):
+            v = self.vals[pos]
+            free = v < 0
+            claim, at = todo[free], pos[free]
+            at_unique, first = np.unique(at, return_index=True)  # one id per free slot
+            won = claim[first]
+            self.gone -= int((self.vals[at_unique] == GONE).sum())
+            self.keys[at_unique], self.vals[at_unique] = ids[won], values[won]
+            placed = np.zeros(len(ids), bool)
+            placed[won] = True
+            left = ~placed[todo]
+            todo, pos = todo[left], pos[left]
+            pos = np.where(self.vals[pos] >= 0, (pos + 1) & self.mask, pos)
+        self.live += len(ids)
+
+    def remove_slots(self, slots: np.ndarray) -> None:
+        self.vals[slots] = GONE
+        self.live -= len(slots)
+        self.gone += len(slots)
+
+    def items(self) -> tuple[np.ndarray, np.ndarray]:
+        used = self.vals >= 0
+        return self.keys[used], self.vals[used]
+
+    def _rebuild(self, capacity: int) -> None:
+        keys, vals = self.items()
+        self._alloc(capacity)
+        if len(keys):
+            self.insert(keys, vals)
+
+
+class Table:
+    """One table's rows on one shard. Not thread-safe: the TableSet's lock guards it."""
+
+    def __init__(self, spec: TableSpec):
+        self.spec = spec
+        self.index = IdIndex()
+        self.values = torch.empty(0, spec.dim)
+        self.state: dict[str, torch.Tensor] = {}
+        self.row_id = np.empty(0, np.int64)      # the id each row holds
+        self.alive = np.empty(0, bool)           # rows holding an id now
+        self.touched = np.empty(0, np.int64)     # the table version of each row's last update
+        self.free = np.empty(0, np.int64)        # rows to reuse
+        self.used = 0                            # rows handed out (live or free) from the pool
+        self.version = 0                         # updates applied (lazy adam's step; eviction's clock)
+        self.pending = IdIndex()                 # admission: id -> slot of its count
+        self.pending_count = np.empty(0, np.int64)
+        self.pending_touched = np.empty(0, np.int64)
+        self.pending_free: list[int] = []
+        self.counters: Counter[str] = Counter()
+        self._oldest = 0                         # no live row was last touched before this version
+        self._pending_oldest = 0                 # nor an admission count
+
+    # -- storage ------------------------------------------------------------------------------
+    @property
+    def rows(self) -> int:
+        return len(self.index)
+
+    def _state_names(self) -> tuple[tuple[str, bool], ...]:
+        """(name, per-row scalar) of the optimizer's state pools."""
+        return {"sgd": (), "adagrad": (("sum", False),), "rowwise_adagrad": (("sum", True),),
+                "lazy_adam": (("exp_avg", False), ("exp_avg_sq", False))}[self.spec.optimizer]
+
+    def _grow(self, need: int) -> None:
+        cap = len(self.row_id)
+        if self.used + need <= cap:
+            return
+        new = max(MIN_CAPACITY, 2 * cap, self.used + need)
+
+        def grown(t: torch.Tensor) -> torch.Tensor:
+            out = torch.empty((new, *t.shape[1:]), dtype=t.dtype)
+            out[:self.used] = t[:self.used]
+            return out
+
+        self.values = grown(self.values if cap else torch.empty(0, self.spec.dim))
+        for name, scalar in self._state_names():
+            self.state[name] = grown(self.state.get(name, torch.empty((0,) if scalar else (0, self.spec.dim))))
+        for attr in ("row_id", "touched", "alive"):
+            old = getattr(self, attr)
+            arr = np.zeros(new, old.dtype)
+            arr[:self.used] = old[:self.used]
+            setattr(self, attr, arr)
+
+    def _take_rows(self, n: int) -> np.ndarray:
+        reuse = min(n, len(self.free))
+        rows = self.free[len(self.free) - reuse:]
+        self.free = self.free[:len(self.free) - reuse]
+        if n > reuse:
+            self._grow(n - reuse)
+            rows = np.concatenate([rows, np.arange(self.used, self.used + n - reuse, dtype=np.int64)])
+            self.used += n - reuse
+        return rows
+
+    def _create(self, ids: np.ndarray) -> np.ndarray:
+        rows = self._take_rows(len(ids))
+        t = torch.from_numpy(rows)
+        self.values[t] = init_rows(self.spec, ids)
+        for name, _ in self._state_names():
+            self.state[name][t] = self.spec.initial_accumulator if name == "sum" else 0.0
+        self.row_id[rows] = ids
+        self.alive[rows] = True
+        self.touched[rows] = self.version
+        self.index.insert(ids, rows)
+        self.counters["created"] += len(ids)
+        return rows
+
+    def _evict(self, slots: np.ndarray, rows: np.ndarray, why: str) -> None:
+        self.index.remove_slots(slots)
+        self.alive[rows] = False
+        self.free = np.concatenate([self.free, rows])
+        self.counters[why] += len(rows)
+
+    def live_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, rows) of every row held, in row order."""
+        rows = np.flatnonzero(self.alive[:self.used])
+        return self.row_id[rows], rows
+
+    # -- reads --------------------------------------------------------------------------------
+    def read(self, ids: np.ndarray) -> torch.Tensor:
+        """The rows of `ids` (float32 [n, dim]); an id without a row reads as its init."""
+        rows, _ = self.index.find(ids)
+        held = rows >= 0
+        out = torch.empty(len(ids), self.spec.dim)
+        if held.all():
+            torch.index_select(self.values, 0, torch.from_numpy(rows), out=out)
+        else:
+            h = torch.from_numpy(held)
+            out[h] = self.values[torch.from_numpy(rows[held])]
+            out[~h] = init_rows(self.spec, ids[~held])
+        self.counters["rows_pulled"] += len(ids)
+        return out
+
+    # -- updates ------------------------------------------------------------------------------
+    def _admit(self, ids: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        """Of ids without a row, which reach admit_after now (bool mask); the rest are counted."""
+        if self.spec.admit_after <= 1:
+            return np.ones(len(ids), bool)
+        slots, _ = self.pending.find(ids)
+        new = slots < 0
+        if new.any():
+            fresh = np.array([self.pending_free.pop() for _ in range(min(len(self.pending_free), int(new.sum())))],
+                             np.int64)
+            more = int(new.sum()) - len(fresh)
+            if more:
+                start = len(self.pending_count)
+                self.pending_count = np.concatenate([self.pending_count, np.zeros(more, np.int64)])
+                self.pending_touched = np.concatenate([self.pending_touched, np.zeros(more, np.int64)])
+                fresh = np.concatenate([fresh, np.arange(start, start + more, dtype=np.int64)])
+            self.pending_count[fresh] = 0
+            self.pending.insert(ids[new], fresh)
+            slots[new] = fresh
+        self.pending_count[slots] += seen
+        self.pending_touched[slots] = self.version
+        admitted = self.pending_count[slots] >= self.spec.admit_after
+        if admitted.any():
+            _, where = self.pending.find(ids[admitted])
+            self.pending.remove_slots(where)
+            self.pending_free.extend(slots[admitted].tolist())
+        return admitted
+
+    def apply(self, version: int, ids: np.ndarray, grads: torch.Tensor, seen: np.ndarray) -> None:
+        """Update `version` of the tables: `grads` (float32 [n, dim]) for distinct `ids`, each id
+        carried by `seen` pushes. Rows missing are created (admission permitting), the optimizer
+        steps the rows touched, then idle and over-cap rows are evicted."""
+        self.version = version
+        if len(ids):
+            rows, _ = self.index.find(ids)
+            absent = rows < 0
+            if absent.any():
+                admitted = self._admit(ids[absent], seen[absent])
+                where = np.flatnonzero(absent)
+                self.counters["admission_dropped"] += int((~admitted).sum())
+                rows[where[admitted]] = self._create(ids[where[admitted]])
+            keep = rows >= 0
+            if not keep.all():
+                rows, grads = rows[keep], grads[torch.from_numpy(keep)]
+            self._step(torch.from_numpy(rows), grads)
+            self.touched[rows] = self.version
+            self.counters["rows_pushed"] += len(ids)
+        self._expire()
+        self._cap()
+
+    def idle(self, version: int) -> None:
+        """An update of the tables that carries no row of this one."""
+        self.apply(version, np.empty(0, np.int64), torch.empty(0, self.spec.dim), np.empty(0, np.int64))
+
+    def _step(self, rows: torch.Tensor, g: torch.Tensor) -> None:
+        spec, lr, eps = self.spec, self.spec.lr, self.spec.epsilon
+        p = self.values
+        if spec.optimizer == "sgd":  # torch.optim.SGD on a sparse gradient: p.add_(g, alpha=-lr)
+            p[rows] = p[rows].add(g, alpha=-lr)
+        elif spec.optimizer == "adagrad":  # torch.optim.Adagrad, sparse branch (lr_decay 0)
+            s = self.state["sum"]
+            total = s[rows].add(g.pow(2))
+            s[rows] = total
+            p[rows] = p[rows].add(g / total.sqrt().add(eps), alpha=-lr)
+        elif spec.optimizer == "rowwise_adagrad":  # FBGEMM's: one accumulator per row
+            s = self.state["sum"]
+            total = s[rows] + g.pow(2).mean(dim=1)
+            s[rows] = total
+            p[rows] = p[rows] - (lr / (total.sqrt() + eps)).unsqueeze(1) * g
+        else:  # lazy adam: torch.optim.SparseAdam, the step counted per table update
+            m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
+            b1, b2 = spec.beta1, spec.beta2
+            old_m, old_v = m[rows], v[rows]
+            m_up = g.sub(old_m).mul_(1 - b1)
+            v_up = g.pow(2).sub_(old_v).mul_(1 - b2)
+            numer = m_up.add(old_m)
+            m[rows] = numer
+            denom = v_up.add_(old_v)
+            v[rows] = denom
+            denom = denom.sqrt_().add_(eps)
+            step = self.version
+            bias1, bias2 = 1 - b1 ** step, 1 - b2 ** step
+            step_size = lr * (bias2 ** 0.5) / bias1
+            p[rows] = p[rows].add(numer.div_(denom).mul_(-step_size))
+
+    def _expire(self) -> None:
+        """Evict rows untouched by evict_after updates, and forget admission counts as idle."""
+        t = self.spec.evict_after
+        if not t:
+            return
+        if self.version - self._oldest >= t:
+            ids, rows = self.live_rows()
+            idle = self.version - self.touched[rows] >= t
+            if idle.any():
+                _, slots = self.index.find(ids[idle])
+                self._evict(slots, rows[idle], "evicted_idle")
+            left = rows[~idle]
+            self._oldest = int(self.touched[left].min()) if len(left) else self.version
+        if self.version - self._pending_oldest >= t:
+            pids, pslots = self.pending.items()
+            stale = self.version - self.pending_touched[pslots] >= t
+            if stale.any():
+                _, where = self.pending.find(pids[stale])
+                self.pending.remove_slots(where)
+                self.pending_free.extend(pslots[stale].tolist())
+            kept = pslots[~stale]
+            self._pending_oldest = int(self.pending_touched[kept].min()) if len(kept) else self.version
+
+    def _cap(self) -> None:
+        """Over max_rows: evict the least recently updated rows (the lowest rows first among equals)."""
+        over = self.rows - self.spec.max_rows
+        if not self.spec.max_rows or over <= 0:
+            return
+        ids, rows = self.live_rows()
+        key = self.touched[rows] * (len(self.row_id) + 1) + rows
+        victims = np.argpartition(key, over - 1)[:over] if over < len(key) else np.arange(len(key))
+        _, slots = self.index.find(ids[victims])
+        self._evict(slots, rows[victims], "evicted_lru")
+
+    def stats(self) -> dict:
+        return {"rows": self.rows, "version": self.version, "pending": len(self.pending),
+                **{k: self.counters[k] for k in TABLE_COUNTERS}}
+
+
+@dataclass
+class RowsIn:
+    """One table's part of a push, validated: distinct ids, their gradients, pushes per id."""
+
+    table: str
+    ids: np.ndarray
+    grads: torch.Tensor
+
+
+def coalesce(ids: np.ndarray, grads: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+    """Distinct ids, their summed gradients and how many of the given rows each had."""
+    uniq, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    if len(uniq) == len(ids):
+        order = np.argsort(ids, kind="stable")
+        return ids[order], grads[torch.from_numpy(order)], counts
+    out = torch.zeros(len(uniq), grads.shape[1])
+    out.index_add_(0, torch.from_numpy(inverse.reshape(-1)), grads)
+    return uniq, out, counts
+
+
+class TableSet:
+    """The tables of one shard, their clocks and their consistency mode. Thread-safe: one lock
+    guards everything here. It never takes the dense shard's lock (the shard calls `departed`
+    holding its own), so the lock order is shard -> tables."""
+
+    def __init__(self, shard, mode: str, staleness: int):
+        self.shard = shard
+        self.policy = make_policy(mode, staleness, shard.cfg.backup_workers if mode == "sync" else 0)
+        self.tables: dict[str, Table] = {}
+        self._lock = threading.Condition(threading.Lock())
+        self._clock: dict[str, int] = {}  # the next table clock each worker pushes
+        self.version = 0  # table steps (sync) or pushes applied (async, ssp)
+        self._acc: dict[str, list[tuple[np.ndarray, torch.Tensor]]] = {}
+        self._step_pushes = 0
+        self._waiters: list[Callable[[], None]] = []
+        self.counters: Counter[str] = Counter()
+        self.staleness_hist: Counter[int] = Counter()
+        shard.on_depart(self.departed)
+
+    # -- declaration --------------------------------------------------------------------------
+    def declare(self, specs: Sequence[TableSpec]) -> bool:
+        """Create the tables (first worker), or check that they are the ones held. True if created."""
+        with self._lock:
+            names = [s.name for s in specs]
+            if len(set(names)) != len(names):
+                raise InvalidArgument(f"tables declared more than once: {sorted(n for n in set(names) if names.count(n) > 1)}")
+            if self.tables:
+                held = {n: t.spec for n, t in self.tables.items()}
+                if held != {s.name: s for s in specs}:
+                    diff = sorted(set(held) ^ set(names)) or [s.name for s in specs if held.get(s.name) != s]
+                    raise PlanMismatch(f"tables {diff} differ from the ones shard {self.shard.cfg.shard_id} holds: "
+                                       "every worker must declare the same tables")
+                return False
+            self.tables = {s.name: Table(s) for s in specs}
+            log.info("shard %d: tables %s (%s mode)", self.shard.cfg.shard_id, names, self.policy.name)
+            return True
+
+    # -- helpers (lock held) ------------------------------------------------------------------
+    def _view(self) -> View:
+        active = self.shard.active_clocks()
+        clocks = tuple(self._clock.get(w, c) for w, c in active.items())
+        return View(self.version, clocks, self.shard.quorum)
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for wake in waiters:
+            wake()
+
+    def _table(self, name: str) -> Table:
+        table = self.tables.get(name)
+        if table is None:
+            raise InvalidArgument(f"no table {name!r} on shard {self.shard.cfg.shard_id} "
+                                  f"(tables: {sorted(self.tables)[:8]}); declare it first")
+        return table
+
+    def _maybe_complete(self) -> None:
+        if self.policy.name != "sync" or not self.policy.step_ready(self._view(), self._step_pushes):
+            return
+        pushes, acc = self._step_pushes, self._acc
+        self._acc, self._step_pushes = {}, 0
+        for name, table in self.tables.items():
+            parts = acc.get(name, [])
+            if parts:
+                ids, grads, seen = coalesce(np.concatenate([i for i, _ in parts]), torch.cat([g for _, g in parts]))
+                table.apply(self.version + 1, ids, grads / pushes, seen)
+            else:
+                table.idle(self.version + 1)
+        self.version += 1
+        self._wake()
+
+    # -- requests -----------------------------------------------------------------------------
+    def check(self, entries: Sequence[RowsIn]) -> None:
+        """Validate a request's rows before anything changes (tables known, ids allowed)."""
+        seen = set()
+        for e in entries:
+            table = self._table(e.table)
+            if e.table in seen:
+                raise InvalidArgument(f"table {e.table!r} appears more than once in a request")
+            seen.add(e.table)
+            table.spec.check_ids(e.ids)
+            if e.grads is not None and tuple(e.grads.shape) != (len(e.ids), table.spec.dim):
+                raise InvalidArgument(f"table {e.table!r}: gradients have shape {tuple(e.grads.shape)}, expected "
+                                      f"({len(e.ids)}, {table.spec.dim}) for {len(e.ids)} ids")
+
+    def ready_or_wait(self, worker_id: str, clock: int, wake: Callable[[], None]) -> bool:
+        """True if a worker at `clock` may read the tables now (an observer always may); else
+        `wake` is registered, to be called when the tables' state moves."""
+        if not worker_id:
+            return True
+        self.shard.check_registered(worker_id)
+        self.shard.heartbeat(worker_id)
+        with self._lock:
+            if self.shard.stopped:
+                raise Unavailable(f"shard {self.shard.cfg.shard_id} is stopping")
+            if self.policy.pull_ready(clock, self._view()):
+                return True
+            self._waiters.append(wake)
+            return False
+
+    def forget(self, wake: Callable[[], None]) -> None:
+        with self._lock:
+            if wake in self._waiters:
+                self._waiters.remove(wake)
+
+    def read(self, entries: Sequence[RowsIn]) -> tuple[list[torch.Tensor], int]:
+        with self._lock:
+            self.check(entries)
+            self.counters["pulls"] += 1
+            return [self.tables[e.table].read(e.ids) for e in entries], self.version
+
+    def push(self, worker_id: str, clock: int, base_version: int, entries: Sequence[RowsIn]) -> tuple[str, int, int]:
+        """A worker's table push for `clock`: (outcome, version, staleness). Retries (a clock
+        already taken from this worker) are DUPLICATE and change nothing."""
+        self.shard.check_registered(worker_id)
+        self.shard.heartbeat(worker_id)
+        for e in entries:
+            if e.grads is not None and len(e.grads) and not bool(torch.isfinite(e.grads).all()):
+                raise InvalidArgument(f"table {e.table!r}: gradients hold NaN or infinity")
+        with self._lock:
+            self.check(entries)
+            known = self._clock.get(worker_id)
+            if known is not None and clock < known:
+                self.counters["duplicates"] += 1
+                return "DUPLICATE", self.version, 0
+            verdict = self.policy.on_push(clock, self._view())
+            if verdict is Verdict.LATE:
+                self._clock[worker_id] = clock + 1
+                self.counters["dropped"] += 1
+                return "DROPPED", self.version, 0
+            if verdict is Verdict.AHEAD:
+                raise StepConflict(f"table push for clock {clock} is ahead of the tables' step {self.version} "
+                                   f"on shard {self.shard.cfg.shard_id}")
+            self._clock[worker_id] = clock + 1
+            self.counters["pushes"] += 1
+            if verdict is Verdict.ACCUMULATE:
+                for e in entries:
+                    ids, grads, _ = coalesce(e.ids, e.grads)
+                    self._acc.setdefault(e.table, []).append((ids, grads))
+                self._step_pushes += 1
+                self._maybe_complete()
+                return "ACCUMULATED", self.version, 0
+            staleness = max(0, self.version - base_version)
+            self.version += 1
+            for e in entries:
+                ids, grads, _ = coalesce(e.ids, e.grads)
+                self.tables[e.table].apply(self.version, ids, grads, np.ones(len(ids), np.int64))
+            for name, table in self.tables.items():  # every table counts the update (its clock)
+                if name not in {e.table for e in entries}:
+                    table.idle(self.version)
+            self.staleness_hist[staleness] += 1
+            self._wake()
+            return "APPLIED", self.version, staleness
+
+    def departed(self, worker_id: str) -> None:
+        """The shard let a worker go (its lock held): steps stop waiting for it."""
+        with self._lock:
+            self._clock.pop(worker_id, None)
+            self._maybe_complete()
+            self._wake()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._wake()
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {name: t.stats() for name, t in self.tables.items()}

@@ -1,0 +1,199 @@
+"""Server-held embedding tables on real server processes: sync equals single-process torch with
+sparse embeddings, async sums exactly with retries, admission and eviction counted exactly,
+bad input refused with nothing changed."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ps.config import OptimizerConfig
+from ps.embedding import ServerEmbeddingBag, TableGroup
+from ps.errors import InvalidArgument, PlanMismatch
+from ps.proto import ps_pb2 as pb
+from ps.serde import rows_to_proto
+from ps.sharding import ParamSpec
+from ps.tables import TableSpec, init_rows, init_table
+from ps.worker.client import PSClient
+from tests.conftest import run_in_threads
+
+VOCAB, DIM, BAG, BATCH, STEPS = 300, 8, 3, 16, 6
+TORCH_OPT = {"sgd": lambda p, lr: torch.optim.SGD(p, lr=lr), "adagrad": lambda p, lr: torch.optim.Adagrad(p, lr=lr),
+             "lazy_adam": lambda p, lr: torch.optim.SparseAdam(p, lr=lr)}
+
+
+class Model(nn.Module):
+    def __init__(self, optimizer: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = ServerEmbeddingBag("items", DIM, mode="mean", optimizer=optimizer, lr=0.05)
+        self.head = nn.Linear(DIM, 1)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids)).squeeze(1)
+
+
+def _batches():
+    gen = torch.Generator().manual_seed(1)
+    # Zipf-like: low ids repeat within and across batches (shared rows between the two workers)
+    ids = (torch.rand(STEPS, BATCH, BAG, generator=gen) ** 3 * VOCAB).long()
+    return ids, torch.randn(STEPS, BATCH, generator=gen)
+
+
+def _reference(optimizer: str):
+    ids, y = _batches()
+    spec = TableSpec("items", DIM, optimizer=optimizer, lr=0.05)
+    torch.manual_seed(0)
+    emb = nn.EmbeddingBag.from_pretrained(init_table(spec, VOCAB), freeze=False, mode="mean", sparse=True)
+    head = nn.Linear(DIM, 1)
+    dense = torch.optim.SGD(head.parameters(), lr=0.1)
+    sparse = TORCH_OPT[optimizer](emb.parameters(), 0.05)
+    for step in range(STEPS):
+        dense.zero_grad()
+        sparse.zero_grad()
+        nn.functional.mse_loss(head(emb(ids[step])).squeeze(1), y[step]).backward()
+        dense.step()
+        sparse.step()
+    return emb.weight.detach(), {n: p.detach() for n, p in head.named_parameters()}
+
+
+@pytest.mark.parametrize("optimizer,transport", [("sgd", "stream"), ("adagrad", "unary"), ("lazy_adam", "shm")])
+def test_two_sync_workers_equal_single_process_sparse_training(cluster, transport_for, optimizer, transport):
+    transport_for(transport)
+    ids, y = _batches()
+    models = [Model(optimizer) for _ in range(2)]  # built here: torch's seed is global, not per thread
+    with cluster(2, "sync", num_workers=2) as addresses:
+        def worker(rank: int) -> None:
+            model = models[rank]
+            with PSClient(addresses, f"w{rank}", transport=transport) as c:
+                group = TableGroup(model, c)
+                clock = c.setup(dict(model.named_parameters()), OptimizerConfig("sgd", lr=0.1, momentum=0.0))
+                assert group.setup() == "sync"
+                for step in range(STEPS):
+                    c.pull(clock, into={n: p.data for n, p in model.named_parameters()})
+                    group.begin(clock)
+                    model.zero_grad()
+                    half = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
+                    nn.functional.mse_loss(model(ids[step, half]), y[step, half]).backward()
+                    assert all(r["outcome"] == "ACCUMULATED" or r["outcome"] == "APPLIED" for r in group.push(clock))
+                    c.push({n: p.grad for n, p in model.named_parameters()}, clock)
+                    clock += 1
+                c.leave()
+
+        run_in_threads(worker, 2)
+        with PSClient(addresses, heartbeat=False) as obs:
+            obs.init_tables([TableSpec("items", DIM, optimizer=optimizer, lr=0.05)])
+            rows = obs.pull_rows(None, {"items": torch.arange(VOCAB)})["items"]
+            obs.attach([ParamSpec(n, tuple(p.shape)) for n, p in models[0].named_parameters()])
+            dense = obs.pull(0, observer=True)
+            stats = obs.stats()
+    want_rows, want_dense = _reference(optimizer)
+    assert torch.allclose(rows, want_rows, atol=1e-6, rtol=0), (rows - want_rows).abs().max()
+    for n, p in want_dense.items():
+        assert torch.allclose(dense[f"head.{n}"], p, atol=1e-6, rtol=0)
+    assert all(s["table_version"] == STEPS and s["table_mode"] == "sync" for s in stats)
+    touched = int(ids.unique().numel())
+    assert sum(s["tables"]["items"]["rows"] for s in stats) == touched
+    assert all(s["rejected"] == 0 for s in stats)
+
+
+CLIENTS, PUSHES = 6, 40
+
+
+@pytest.mark.parametrize("transport", ["stream", "unary"])
+def test_async_concurrent_pushes_to_overlapping_rows_sum_exactly(cluster, transport_for, transport):
+    transport_for(transport)
+    spec = TableSpec("t", 4, init="zeros", lr=1.0)
+    ids = torch.arange(0, 2000, 7)  # every client pushes every one of these rows
+    with cluster(2, "async", num_workers=CLIENTS) as addresses:
+        outcomes: list[list[str]] = [[] for _ in range(CLIENTS)]
+
+        def client(i: int) -> None:
+            with PSClient(addresses, f"c{i}", transport=transport) as c:
+                c.setup({"b": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
+                c.init_tables([spec])
+                grads = torch.full((len(ids), 4), float(i + 1))
+                for clock in range(PUSHES):
+                    outcomes[i] += [r["outcome"] for r in c.push_rows(clock, {"t": (ids, grads)})]
+                    if clock % 8 == 0:  # a retry of the same clock (a lost answer)
+                        outcomes[i] += [r["outcome"] for r in c.push_rows(clock, {"t": (ids, grads)})]
+                    if clock % 10 == 0:
+                        c.pull_rows(clock, {"t": ids[:50]})
+
+        run_in_threads(client, CLIENTS)
+        with PSClient(addresses, heartbeat=False) as obs:
+            obs.init_tables([spec])
+            final = obs.pull_rows(None, {"t": ids})["t"]
+            stats = obs.stats()
+    expected = -float(PUSHES * sum(range(1, CLIENTS + 1)))
+    assert torch.equal(final, torch.full((len(ids), 4), expected))
+    for per_client in outcomes:
+        assert per_client.count("DUPLICATE") == 2 * 5
+        assert per_client.count("APPLIED") == 2 * PUSHES
+    assert sum(s["table_version"] for s in stats) == 2 * CLIENTS * PUSHES
+
+
+def test_admission_and_eviction_counted_exactly_on_a_scripted_stream(cluster):
+    spec = TableSpec("t", 2, init="uniform", lr=1.0, admit_after=2, evict_after=3, max_rows=4)
+    script = [[1, 2], [1, 3], [2, 3, 4], [5, 6, 7, 8, 9], [1], [1], [1], [1]]
+    with cluster(1, "async", num_workers=1) as addresses:
+        with PSClient(addresses, "w") as c:
+            c.setup({"b": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
+            c.init_tables([spec])
+            for clock, step_ids in enumerate(script):
+                t_ids = torch.tensor(step_ids)
+                c.push_rows(clock, {"t": (t_ids, torch.ones(len(t_ids), 2))})
+            s = c.stats()[0]["tables"]["t"]
+            rows = c.pull_rows(None, {"t": torch.arange(1, 10)})["t"]
+    # v1: 1,2 pending. v2: 1 admitted (created, stepped), 3 pending. v3: 2,3 admitted, 4 pending.
+    # v4: 5-9 pending (first sight), none admitted. v5: 1 stepped; 2, 3 untouched since v3: 2 updates.
+    # v6: 2 and 3 untouched for 3 updates: evicted idle. v7, v8: 1 stepped.
+    assert s["created"] == 3 and s["evicted_idle"] == 2 and s["evicted_lru"] == 0
+    assert s["admission_dropped"] == 2 + 1 + 1 + 5  # 1,2 at v1; 3 at v2; 4 at v3; 5..9 at v4
+    assert s["rows"] == 1 and s["version"] == len(script)
+    init = init_rows(spec, np.arange(1, 10, dtype=np.int64))
+    assert torch.equal(rows[1:], init[1:])  # evicted (2, 3) and never admitted (4..9) rows read as init
+    assert torch.allclose(rows[0], init[0] - 5.0)  # 1 stepped at v2, v5, v6, v7 and v8 (lr 1, gradient 1)
+
+
+def test_bad_table_input_is_refused_and_changes_nothing(cluster):
+    spec = TableSpec("t", 4, init="zeros", lr=1.0)
+    with cluster(1, "async", num_workers=1) as addresses:
+        with PSClient(addresses, "w") as c:
+            c.setup({"b": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
+            c.init_tables([spec])
+            c.push_rows(0, {"t": (torch.tensor([1, 2]), torch.ones(2, 4))})
+            before = c.stats()[0]
+            with pytest.raises(InvalidArgument, match="int64"):
+                c.push_rows(1, {"t": (torch.tensor([1, 2], dtype=torch.int32), torch.ones(2, 4))})
+            with pytest.raises(InvalidArgument, match=">= 0"):
+                c.pull_rows(1, {"t": torch.tensor([3, -1])})
+            with pytest.raises(InvalidArgument, match="shape"):
+                c.push_rows(1, {"t": (torch.tensor([1, 2]), torch.ones(3, 4))})
+            with pytest.raises(PlanMismatch, match="differ"):
+                c.init_tables([TableSpec("t", 8)])
+            # The same mistakes sent past the client's checks reach the server, which refuses them.
+            raw = [
+                ("int64", pb.Rows(table="t", ids=np.array([1, 2], np.int32).tobytes(), ids_dtype="int32",
+                                  values=np.ones((2, 4), np.float32).tobytes())),
+                ("multiple of 8", pb.Rows(table="t", ids=b"\x01\x02\x03", values=b"")),
+                (">= 0", rows_to_proto("t", np.array([5, -2], np.int64), torch.ones(2, 4))),
+                ("one row per id", rows_to_proto("t", np.array([1, 2], np.int64), torch.ones(3, 4))),
+                ("NaN", rows_to_proto("t", np.array([1, 2], np.int64), torch.full((2, 4), float("nan")))),
+                ("no table", rows_to_proto("u", np.array([1], np.int64), torch.ones(1, 4))),
+                ("float32", pb.Rows(table="t", ids=np.array([1], np.int64).tobytes(), dtype="float16",
+                                    values=b"\0" * 8)),
+            ]
+            for rule, rows in raw:
+                req = pb.PushRowsRequest(worker_id="w", clock=1, tables=[rows])
+                with pytest.raises(InvalidArgument, match=rule):
+                    c._t.run(c._t.call(0, "PushRows", req))
+            after = c.stats()[0]
+            final = c.pull_rows(None, {"t": torch.tensor([1, 2, 5])})["t"]
+    assert after["rejected"] - before["rejected"] == len(raw)
+    def strip(t):
+        return {k: v for k, v in t.items() if k != "rows_pulled"}
+
+    assert strip(after["tables"]["t"]) == strip(before["tables"]["t"])
+    assert after["table_version"] == before["table_version"] == 1
+    assert torch.equal(final, torch.tensor([[-1.0] * 4, [-1.0] * 4, [0.0] * 4]))
