@@ -124,7 +124,8 @@ class Checkpointer:
             if snap is None:
                 return None
             try:
-                path = checkpoint.save(self.shard.cfg.checkpoint_dir, snap)
+                path = checkpoint.save(self.shard.cfg.checkpoint_dir, snap, self.shard.tables,
+                                       self.shard.cfg.checkpoint_chunk_bytes)
             except OSError as e:
                 log.error("shard %d: checkpoint at version %d failed: %s", self.shard.cfg.shard_id, snap.version, e)
                 return None
@@ -235,7 +236,8 @@ def create_server(cfg: ServerConfig) -> RunningServer:
     shard = Shard(cfg)
     found = checkpoint.candidates(cfg.checkpoint_dir, cfg.shard_id) if cfg.checkpoint_dir else []
     if cfg.restore or (cfg.restore_if_present and found):
-        shard.restore(checkpoint.load_latest(cfg.checkpoint_dir, cfg.shard_id, cfg.num_shards, cfg.mode))
+        shard.restore(checkpoint.load_latest(cfg.checkpoint_dir, cfg.shard_id, cfg.num_shards, cfg.mode,
+                                                      cfg.table_mode))
     elif found:  # a fresh run would mix its checkpoints with an earlier run's (and prune its own)
         raise checkpoint.CheckpointError(
             f"checkpoint_dir ({cfg.checkpoint_dir!r}) holds checkpoints of shard {cfg.shard_id} from an earlier run "

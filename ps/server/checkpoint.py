@@ -5,6 +5,10 @@ A checkpoint of shard k at version v is two files in the checkpoint directory:
                                       and a sync step's partial sums (`acc/<key>`)
   shard-k-v000000000123.json          the manifest: plan, optimizer, mode, version, worker clocks,
                                       counters, and the SHA-256 of the tensor file
+  shard-k-v000000000123-t0-r0.safetensors ...  server-held embedding tables (ps.server.table), in chunks
+                                      of about checkpoint_chunk_bytes: table j's rows (-tj-rI: ids, values,
+                                      optimizer state, last update), admission counts (-tj-pI) and a sync
+                                      step's partial sums (-tj-acc); each chunk's SHA-256 in the manifest
 Both are written to temporary names, flushed to disk and renamed; the manifest is renamed last,
 so a checkpoint exists only once it is complete. The newest KEEP checkpoints are kept. Loading
 checks the digest before parsing, so a truncated or corrupted file is reported by name, renamed
@@ -28,7 +32,9 @@ from safetensors.torch import save as st_save
 
 from ps.config import OptimizerConfig
 from ps.errors import PSError
+from ps.server.table import SavedTables, Table, TableSet
 from ps.sharding import ParamSpec, Plan, make_plan
+from ps.tables import TableSpec
 
 log = logging.getLogger("ps.server")
 FORMAT = 1
@@ -67,6 +73,7 @@ class Snapshot:
     accumulated: dict[str, torch.Tensor] = field(default_factory=dict)  # the sync step's partial sums
     accumulated_counts: dict[str, int] = field(default_factory=dict)
     step_pushes: int = 0
+    tables: SavedTables | None = None  # read back from a checkpoint (saving reads the live tables)
 
 
 def _name(shard_id: int, version: int) -> str:
@@ -90,8 +97,44 @@ def _sync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def save(directory: str, snap: Snapshot) -> str:
-    """Write `snap` atomically; returns the manifest's path. Older checkpoints beyond KEEP go."""
+def _save_chunk(base: str, suffix: str, tensors: dict[str, torch.Tensor]) -> dict:
+    blob = st_save({k: v.contiguous() for k, v in tensors.items()})
+    path = f"{base}-{suffix}.safetensors"
+    _write(path, blob)
+    return {"file": os.path.basename(path), "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
+
+
+def _save_tables(base: str, tables: TableSet, chunk_bytes: int) -> dict:
+    """Write the tables chunk by chunk, holding them still meanwhile (their requests wait; the
+    memory taken is one chunk's); the manifest's section for them."""
+    with tables.frozen() as (state, acc):
+        out = {**state, "tables": []}
+        for j, (name, table) in enumerate(tables.tables.items()):
+            rows = max(1, chunk_bytes // table.row_bytes())
+            entry = {"spec": asdict(table.spec), "version": table.version, "counters": dict(table.counters),
+                     "rows": [], "pending": [], "acc": None}
+            for i, chunk in enumerate(table.export_rows(rows)):
+                entry["rows"].append({**_save_chunk(base, f"t{j}-r{i}", chunk), "count": len(chunk["ids"])})
+            for i, chunk in enumerate(table.export_pending(max(1, chunk_bytes // 24))):
+                entry["pending"].append({**_save_chunk(base, f"t{j}-p{i}", chunk), "count": len(chunk["ids"])})
+            if name in acc:
+                entry["acc"] = _save_chunk(base, f"t{j}-acc", acc[name])
+            out["tables"].append(entry)
+        return out
+
+
+def _chunk_files(directory: str, base_name: str) -> list[str]:
+    """The table chunk files of the checkpoint named `base_name` (shard-k-vV)."""
+    pattern = re.compile(rf"^{re.escape(base_name)}-t\d+-(r\d+|p\d+|acc)\.safetensors$")
+    try:
+        return [os.path.join(directory, n) for n in os.listdir(directory) if pattern.match(n)]
+    except FileNotFoundError:
+        return []
+
+
+def save(directory: str, snap: Snapshot, tables: TableSet | None = None, chunk_bytes: int = 64 << 20) -> str:
+    """Write `snap` (and the live `tables`, chunk by chunk) atomically; returns the manifest's
+    path. Older checkpoints beyond KEEP go."""
     os.makedirs(directory, exist_ok=True)
     tensors = {f"param/{k}": v.contiguous() for k, v in snap.params.items()}
     for key, state in snap.optimizer_state.items():
@@ -99,6 +142,9 @@ def save(directory: str, snap: Snapshot) -> str:
     tensors.update({f"acc/{k}": g.contiguous() for k, g in snap.accumulated.items()})
     blob = st_save(tensors)
     base = os.path.join(directory, _name(snap.shard_id, snap.version))
+    for stale in _chunk_files(directory, os.path.basename(base)):  # an earlier try at this version
+        os.remove(stale)
+    table_section = _save_tables(base, tables, chunk_bytes) if tables is not None and tables.tables else None
     manifest = {
         "format": FORMAT, "shard_id": snap.shard_id, "num_shards": snap.num_shards, "mode": snap.mode,
         "version": snap.version, "clocks": snap.clocks,
@@ -109,15 +155,17 @@ def save(directory: str, snap: Snapshot) -> str:
                  "num_shards": snap.plan.num_shards, "partition_bytes": snap.plan.partition_bytes,
                  "fingerprint": snap.plan.fingerprint},
         "tensors": os.path.basename(base) + ".safetensors", "sha256": hashlib.sha256(blob).hexdigest(),
-        "bytes": len(blob),
+        "bytes": len(blob), "tables": table_section,
     }
     _write(base + ".safetensors", blob)
     _write(base + ".json", json.dumps(manifest, indent=1, sort_keys=True).encode())
     _sync_dir(directory)
     for old in [c for c in candidates(directory, snap.shard_id) if c != base + ".json"][KEEP - 1:]:
-        for suffix in (".json", ".safetensors"):
+        old_base = old[:-len(".json")]
+        for path in [old_base + ".json", old_base + ".safetensors",
+                     *_chunk_files(directory, os.path.basename(old_base))]:
             try:
-                os.remove(old[:-len(".json")] + suffix)
+                os.remove(path)
             except FileNotFoundError:
                 pass
     return base + ".json"
@@ -134,7 +182,7 @@ def candidates(directory: str, shard_id: int) -> list[str]:
     return [os.path.join(directory, n) for _, n in found]
 
 
-def _load_one(manifest_path: str, shard_id: int, num_shards: int, mode: str) -> Snapshot:
+def _load_one(manifest_path: str, shard_id: int, num_shards: int, mode: str, table_mode: str) -> Snapshot:
     try:
         with open(manifest_path, "rb") as f:
             m = json.loads(f.read())
@@ -168,6 +216,12 @@ def _load_one(manifest_path: str, shard_id: int, num_shards: int, mode: str) -> 
         expected = {s.key for s in plan.slices_for(shard_id)}
         if set(params) != expected:
             raise DamagedCheckpoint(f"it holds {len(params)} slices, not this shard's {len(expected)}")
+        saved_tables = None
+        if m.get("tables"):
+            if m["tables"]["mode"] != table_mode:
+                raise CheckpointError(f"its tables were trained in mode {m['tables']['mode']!r}, but this server's "
+                                      f"table mode is {table_mode!r}")
+            saved_tables = _load_tables(os.path.dirname(manifest_path), m["tables"])
         counts = {str(k): int(v) for k, v in m.get("accumulated_counts", {}).items()}
         if not set(opt_state) <= expected or not set(acc) <= set(counts) <= expected:
             raise DamagedCheckpoint("its optimizer state or partial sums name slices this shard does not hold")
@@ -176,18 +230,50 @@ def _load_one(manifest_path: str, shard_id: int, num_shards: int, mode: str) -> 
             {str(k): int(v) for k, v in m["clocks"].items()},
             {int(k): int(v) for k, v in m["staleness_histogram"].items()},
             {str(k): int(v) for k, v in m["counters"].items()}, params, opt_state,
-            [str(w) for w in m.get("active", [])], acc, counts, int(m.get("step_pushes", 0)))
+            [str(w) for w in m.get("active", [])], acc, counts, int(m.get("step_pushes", 0)), saved_tables)
     except CheckpointError:
         raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError, PSError) as e:  # unreadable, bad JSON or safetensors
         raise DamagedCheckpoint(f"{type(e).__name__}: {e}") from None
 
 
+def _load_chunk(directory: str, entry: dict) -> dict[str, torch.Tensor]:
+    path = os.path.join(directory, os.path.basename(entry["file"]))
+    with open(path, "rb") as f:
+        blob = f.read()
+    if len(blob) != entry["bytes"] or hashlib.sha256(blob).hexdigest() != entry["sha256"]:
+        raise DamagedCheckpoint(f"{os.path.basename(path)} is truncated or corrupted "
+                                f"({len(blob)} bytes, {entry['bytes']} expected, digest mismatch)")
+    return st_load(blob)
+
+
+def _load_tables(directory: str, section: dict) -> SavedTables:
+    """The tables of a checkpoint, read a chunk at a time (each checked against its digest)."""
+    tables = {}
+    for entry in section["tables"]:
+        table = Table(TableSpec(**entry["spec"]))
+        for chunk in entry["rows"]:
+            tensors = _load_chunk(directory, chunk)
+            if len(tensors.get("ids", ())) != chunk["count"]:
+                raise DamagedCheckpoint(f"{chunk['file']} holds another number of rows than its manifest says")
+            table.load_rows(tensors)
+        for chunk in entry["pending"]:
+            table.load_pending(_load_chunk(directory, chunk))
+        table.version = int(entry["version"])
+        table.counters.update({str(k): int(v) for k, v in entry["counters"].items()})
+        tables[table.spec.name] = table
+    acc = {e["spec"]["name"]: _load_chunk(directory, e["acc"]) for e in section["tables"] if e.get("acc")}
+    return SavedTables(tables, int(section["version"]), {str(k): int(v) for k, v in section["clocks"].items()},
+                       int(section["step_pushes"]), {str(k): int(v) for k, v in section["counters"].items()},
+                       {int(k): int(v) for k, v in section["staleness_histogram"].items()}, acc)
+
+
 def quarantine(manifest_path: str) -> None:
     """Rename a damaged checkpoint's files aside, so that they are neither loaded again nor
     counted among the checkpoints kept (which would prune a good one in their place)."""
     base = manifest_path[:-len(".json")]
-    for path in (manifest_path, base + ".safetensors"):
+    for path in (manifest_path, base + ".safetensors", *_chunk_files(os.path.dirname(manifest_path),
+                                                                      os.path.basename(base))):
         if not os.path.exists(path):
             continue
         try:
@@ -198,13 +284,13 @@ def quarantine(manifest_path: str) -> None:
             log.warning("checkpoint file %s renamed to %s", path, os.path.basename(path) + QUARANTINE_SUFFIX)
 
 
-def load_latest(directory: str, shard_id: int, num_shards: int, mode: str) -> Snapshot:
+def load_latest(directory: str, shard_id: int, num_shards: int, mode: str, table_mode: str = "") -> Snapshot:
     """The newest checkpoint of this shard that loads; each one that does not is reported, and
     a damaged one is quarantined."""
     errors = []
     for path in candidates(directory, shard_id):
         try:
-            snap = _load_one(path, shard_id, num_shards, mode)
+            snap = _load_one(path, shard_id, num_shards, mode, table_mode or mode)
         except CheckpointError as e:
             log.error("checkpoint %s is unusable: %s; trying the previous one", path, e)
             errors.append(f"{os.path.basename(path)}: {e}")

@@ -879,6 +879,8 @@ class Shard:
             self._joined = set() if self._quorum else set(snap.clocks)
             self.staleness_hist = Counter(snap.staleness_histogram)
             self.counters = Counter(snap.counters)
+            if snap.tables is not None:
+                self.tables.restore(snap.tables)
             log.info("shard %d: restored version %d (%d slices, %d workers' clocks)", self.cfg.shard_id,
                      self.version, len(snap.params), len(snap.clocks))
 

@@ -16,6 +16,7 @@ holds up a table step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import Counter
@@ -168,6 +169,8 @@ class Table:
         return rows
 
     def _create(self, ids: np.ndarray) -> np.ndarray:
+        if not len(ids):
+            return np.empty(0, np.int64)
         rows = self._take_rows(len(ids))
         t = torch.from_numpy(rows)
         self.values[t] = init_rows(self.spec, ids)
@@ -250,7 +253,8 @@ class Table:
             keep = rows >= 0
             if not keep.all():
                 rows, grads = rows[keep], grads[torch.from_numpy(keep)]
-            self._step(torch.from_numpy(rows), grads)
+            if len(rows):
+                self._step(torch.from_numpy(rows), grads)
             self.touched[rows] = self.version
             self.counters["rows_pushed"] += len(ids)
         self._expire()
@@ -315,19 +319,86 @@ class Table:
             self._pending_oldest = int(self.pending_touched[kept].min()) if len(kept) else self.version
 
     def _cap(self) -> None:
-        """Over max_rows: evict the least recently updated rows (the lowest rows first among equals)."""
+        """Over max_rows: evict the least recently updated rows (the lowest ids first among
+        rows updated last at the same version, whatever their place in the pool)."""
         over = self.rows - self.spec.max_rows
         if not self.spec.max_rows or over <= 0:
             return
         ids, rows = self.live_rows()
-        key = self.touched[rows] * (len(self.row_id) + 1) + rows
-        victims = np.argpartition(key, over - 1)[:over] if over < len(key) else np.arange(len(key))
+        touched = self.touched[rows]
+        kth = np.partition(touched, over - 1)[over - 1]
+        victims = np.flatnonzero(touched < kth)
+        ties = np.flatnonzero(touched == kth)
+        need = over - len(victims)
+        if need < len(ties):
+            ties = ties[np.argpartition(ids[ties], need - 1)[:need]]
+        victims = np.concatenate([victims, ties])
         _, slots = self.index.find(ids[victims])
         self._evict(slots, rows[victims], "evicted_lru")
 
     def stats(self) -> dict:
         return {"rows": self.rows, "version": self.version, "pending": len(self.pending),
                 **{k: self.counters[k] for k in TABLE_COUNTERS}}
+
+    # -- checkpoints (ps.server.checkpoint writes and reads these a chunk at a time) -----------
+    def row_bytes(self) -> int:
+        return 4 * self.spec.dim * (1 + sum(1 for _, scalar in self._state_names() if not scalar)) + 32
+
+    def export_rows(self, chunk_rows: int):
+        """The rows held, `chunk_rows` at a time: {ids, values, touched, state/<name>} copies."""
+        ids, rows = self.live_rows()
+        for start in range(0, len(rows), chunk_rows):
+            r = rows[start:start + chunk_rows]
+            t = torch.from_numpy(r)
+            out = {"ids": torch.from_numpy(ids[start:start + chunk_rows].copy()), "values": self.values[t].clone(),
+                   "touched": torch.from_numpy(self.touched[r].copy())}
+            out.update({f"state/{name}": self.state[name][t].clone() for name, _ in self._state_names()})
+            yield out
+
+    def export_pending(self, chunk_rows: int):
+        """Admission counts, `chunk_rows` at a time: {ids, count, touched}."""
+        ids, slots = self.pending.items()
+        for start in range(0, len(ids), chunk_rows):
+            s = slots[start:start + chunk_rows]
+            yield {"ids": torch.from_numpy(ids[start:start + chunk_rows].copy()),
+                   "count": torch.from_numpy(self.pending_count[s].copy()),
+                   "touched": torch.from_numpy(self.pending_touched[s].copy())}
+
+    def load_rows(self, chunk: dict[str, torch.Tensor]) -> None:
+        """Take rows exported by `export_rows` (ValueError for a chunk that does not fit)."""
+        ids = chunk["ids"].numpy().astype(np.int64)
+        n = len(ids)
+        names = {f"state/{name}" for name, _ in self._state_names()}
+        if (set(chunk) != {"ids", "values", "touched"} | names or tuple(chunk["values"].shape) != (n, self.spec.dim)
+                or len(chunk["touched"]) != n or len(np.unique(ids)) != n or (self.index.find(ids)[0] >= 0).any()):
+            raise ValueError(f"a chunk of table {self.spec.name!r} does not fit it (fields, shapes or repeated ids)")
+        if not n:
+            return
+        rows = self._take_rows(n)
+        t = torch.from_numpy(rows)
+        self.values[t] = chunk["values"].to(torch.float32)
+        for name, scalar in self._state_names():
+            state = chunk[f"state/{name}"].to(torch.float32)
+            if tuple(state.shape) != ((n,) if scalar else (n, self.spec.dim)):
+                raise ValueError(f"a chunk of table {self.spec.name!r} has state {name!r} of shape {tuple(state.shape)}")
+            self.state[name][t] = state
+        self.row_id[rows] = ids
+        self.alive[rows] = True
+        self.touched[rows] = chunk["touched"].numpy()
+        self.index.insert(ids, rows)
+        self._oldest = min(self._oldest, int(self.touched[rows].min())) if n else self._oldest
+
+    def load_pending(self, chunk: dict[str, torch.Tensor]) -> None:
+        ids = chunk["ids"].numpy().astype(np.int64)
+        if set(chunk) != {"ids", "count", "touched"} or len(chunk["count"]) != len(ids) or len(chunk["touched"]) != len(ids):
+            raise ValueError(f"an admission chunk of table {self.spec.name!r} does not fit it")
+        start = len(self.pending_count)
+        slots = np.arange(start, start + len(ids), dtype=np.int64)
+        self.pending_count = np.concatenate([self.pending_count, chunk["count"].numpy().astype(np.int64)])
+        self.pending_touched = np.concatenate([self.pending_touched, chunk["touched"].numpy().astype(np.int64)])
+        self.pending.insert(ids, slots)
+        if len(ids):
+            self._pending_oldest = min(self._pending_oldest, int(self.pending_touched[slots].min()))
 
 
 @dataclass
@@ -517,3 +588,43 @@ class TableSet:
     def stats(self) -> dict:
         with self._lock:
             return {name: t.stats() for name, t in self.tables.items()}
+
+    # -- checkpoints --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def frozen(self):
+        """Hold the tables still (their lock) while a checkpoint writes them; yields the
+        bookkeeping to save beside the rows (JSON-able) and each table's partial sync sums."""
+        with self._lock:
+            acc = {}
+            for name, parts in self._acc.items():
+                if parts:
+                    acc[name] = {"ids": torch.from_numpy(np.concatenate([i for i, _ in parts])),
+                                 "grads": torch.cat([g for _, g in parts])}
+            yield {"mode": self.policy.name, "version": self.version, "clocks": dict(self._clock),
+                   "step_pushes": self._step_pushes, "counters": dict(self.counters),
+                   "staleness_histogram": {str(k): v for k, v in self.staleness_hist.items()}}, acc
+
+    def restore(self, saved: "SavedTables") -> None:
+        """Resume from a checkpoint's tables (before serving)."""
+        with self._lock:
+            self.tables = saved.tables
+            self.version = saved.version
+            self._clock = dict(saved.clocks)
+            self._step_pushes = saved.step_pushes
+            self._acc = {name: [(a["ids"].numpy().astype(np.int64), a["grads"].to(torch.float32))]
+                         for name, a in saved.acc.items()}
+            self.counters = Counter(saved.counters)
+            self.staleness_hist = Counter(saved.staleness_histogram)
+
+
+@dataclass
+class SavedTables:
+    """A checkpoint's tables, read back (ps.server.checkpoint)."""
+
+    tables: dict[str, Table]
+    version: int
+    clocks: dict[str, int]
+    step_pushes: int
+    counters: dict[str, int]
+    staleness_histogram: dict[int, int]
+    acc: dict[str, dict[str, torch.Tensor]]

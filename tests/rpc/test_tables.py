@@ -197,3 +197,35 @@ def test_bad_table_input_is_refused_and_changes_nothing(cluster):
     assert strip(after["tables"]["t"]) == strip(before["tables"]["t"])
     assert after["table_version"] == before["table_version"] == 1
     assert torch.equal(final, torch.tensor([[-1.0] * 4, [-1.0] * 4, [0.0] * 4]))
+
+
+def test_tables_survive_a_server_restart_from_their_checkpoint(tmp_path):
+    from ps.cli.launch import start_servers, stop_all
+    from tests.conftest import _Sink
+
+    spec = TableSpec("t", 4, optimizer="adagrad", lr=0.5, admit_after=2)
+    ids = torch.arange(0, 5000, 3)
+    flags = ["--checkpoint-dir", str(tmp_path), "--checkpoint-every", "1000", "--checkpoint-chunk-bytes", str(1 << 20)]
+    procs = start_servers(2, "async", 1, extra=flags, out=_Sink())
+    try:
+        with PSClient([p.address for p in procs], "w") as c:
+            c.setup({"b": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
+            c.init_tables([spec])
+            for clock in range(3):
+                c.push_rows(clock, {"t": (ids, torch.full((len(ids), 4), float(clock + 1)))})
+            before = c.pull_rows(None, {"t": ids})["t"]
+            stats_before = [s["tables"]["t"] for s in c.stats()]
+    finally:
+        stop_all(procs)  # SIGTERM: each server writes a checkpoint as it stops
+    procs = start_servers(2, "async", 1, extra=[*flags, "--restore"], out=_Sink())
+    try:
+        with PSClient([p.address for p in procs], "w") as c:
+            c.init_tables([spec])
+            after = c.pull_rows(None, {"t": ids})["t"]
+            stats_after = [s["tables"]["t"] for s in c.stats()]
+    finally:
+        stop_all(procs)
+    assert torch.equal(after, before)
+    strip = [{k: v for k, v in s.items() if k != "rows_pulled"} for s in stats_after]
+    assert strip == [{k: v for k, v in s.items() if k != "rows_pulled"} for s in stats_before]
+    assert sum(s["rows"] for s in stats_after) == len(ids)
