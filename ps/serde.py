@@ -190,4 +190,8 @@ def values_from_proto(msg: pb.Rows, rows: int, dim: int) -> torch.Tensor:
         got = len(msg.values) / (dim * 4)
         raise InvalidArgument(f"table {msg.table!r}: {len(msg.values)} bytes of values are "
                               f"{got:g} rows of dim {dim}, but {rows} ids were sent (one row per id)")
-    return torch.frombuffer(bytearray(msg.values), dtype=torch.float32).view(rows, dim) if rows else torch.empty(0, dim)
+    if not rows:
+        return torch.empty(0, dim)
+    with warnings.catch_warnings():  # read-only: the caller copies the values or only reads them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(msg.values, dtype=torch.float32).view(rows, dim)

@@ -73,7 +73,7 @@ class IdIndex:
     def insert(self, ids: np.ndarray, values: np.ndarray) -> None:
         """Add ids (distinct, none held yet) with their values."""
         if (self.live + self.gone + len(ids)) * 2 > len(self.keys):
-            self._rebuild(max(MIN_CAPACITY, 1 << int(4 * (self.live + len(ids))).bit_length()))
+            self._rebuild(max(MIN_CAPACITY, 1 << int(2 * (self.live + len(ids))).bit_length()))
         todo, pos = np.arange(len(ids)), self._home(ids)
         while len(todo):
             v = self.vals[pos]
@@ -268,7 +268,7 @@ class Table:
         spec, lr, eps = self.spec, self.spec.lr, self.spec.epsilon
         p = self.values
         if spec.optimizer == "sgd":  # torch.optim.SGD on a sparse gradient: p.add_(g, alpha=-lr)
-            p[rows] = p[rows].add(g, alpha=-lr)
+            p.index_add_(0, rows, g, alpha=-lr)  # (rows are distinct)
         elif spec.optimizer == "adagrad":  # torch.optim.Adagrad, sparse branch (lr_decay 0)
             s = self.state["sum"]
             total = s[rows].add(g.pow(2))
@@ -412,6 +412,8 @@ class RowsIn:
 
 def coalesce(ids: np.ndarray, grads: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
     """Distinct ids, their summed gradients and how many of the given rows each had."""
+    if len(ids) < 2 or bool((ids[1:] > ids[:-1]).all()):  # sorted and distinct (np.unique's output): as is
+        return ids, grads, np.ones(len(ids), np.int64)
     uniq, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
     if len(uniq) == len(ids):
         order = np.argsort(ids, kind="stable")

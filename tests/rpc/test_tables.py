@@ -229,3 +229,24 @@ def test_tables_survive_a_server_restart_from_their_checkpoint(tmp_path):
     strip = [{k: v for k, v in s.items() if k != "rows_pulled"} for s in stats_after]
     assert strip == [{k: v for k, v in s.items() if k != "rows_pulled"} for s in stats_before]
     assert sum(s["rows"] for s in stats_after) == len(ids)
+
+
+def test_ssp_tables_hold_a_fast_worker_to_the_bound_while_dense_runs_async(cluster):
+    # hybrid the other way round: dense async, tables ssp(1)
+    spec = TableSpec("t", 2, init="zeros", lr=1.0)
+    with cluster(1, "async", num_workers=2, extra=["--table-mode", "ssp", "--table-staleness", "1"]) as addresses:
+        with PSClient(addresses, "fast") as fast, PSClient(addresses, "slow") as slow:
+            for c in (fast, slow):
+                c.setup({"b": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
+                assert c.init_tables([spec]) == "ssp"
+            one = {"t": (torch.tensor([3]), torch.ones(1, 2))}
+            fast.push_rows(0, one)
+            fast.push_rows(1, one)
+            assert fast.pull_rows(1, {"t": torch.tensor([3])})["t"].tolist() == [[-2.0, -2.0]]  # 1 - 1 <= slow's 0
+            ahead = fast.pull_rows_async(2, {"t": torch.tensor([3])})  # needs slow at clock >= 1
+            import time
+            time.sleep(0.5)
+            assert not ahead.done()
+            slow.push_rows(0, one)
+            assert ahead.result(timeout=10)["t"].tolist() == [[-3.0, -3.0]]
+            assert fast.stats()[0]["table_mode"] == "ssp" and fast.stats()[0]["mode"] == "async"
