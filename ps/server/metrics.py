@@ -54,6 +54,7 @@ class ShardCollector(Collector):
         h = HistogramMetricFamily("ps_staleness", "versions between a gradient's base and its apply", labels=names)
         h.add_metric(values, buckets + [("+Inf", sum(hist.values()))], sum(k * n for k, n in hist.items()))
         yield h
+        yield from self._tables(s["tables"], names, values)
         bounds, counts, total = s["apply_latency"]
         cumulative, running = [], 0
         for b, n in zip(bounds, counts):
@@ -63,6 +64,34 @@ class ShardCollector(Collector):
                                   labels=names)
         h.add_metric(values, cumulative + [("+Inf", running + counts[-1])], total)
         yield h
+
+
+    @staticmethod
+    def _tables(tables: dict, names: list[str], values: list[str]):
+        """Per server-held table (label `table`): rows held and admission counts now, and its counters."""
+        labels = [*names, "table"]
+        for name, doc, key in (("table_rows", "rows of a server-held table held on this shard", "rows"),
+                               ("table_pending_ids", "ids counted for admission, no row yet", "pending"),
+                               ("table_version", "table updates applied", "version")):
+            g = GaugeMetricFamily(f"ps_{name}", doc, labels=labels)
+            for table, t in tables.items():
+                g.add_metric([*values, table], t[key])
+            yield g
+        for key, (name, doc) in TABLE_COUNTERS.items():
+            c = CounterMetricFamily(f"ps_table_{name}", doc, labels=labels)
+            for table, t in tables.items():
+                c.add_metric([*values, table], t[key])
+            yield c
+
+
+TABLE_COUNTERS = {  # TableStats key -> (metric name without ps_table_ and _total, help)
+    "created": ("rows_created", "rows created (first gradient, or the admit_after-th)"),
+    "evicted_idle": ("rows_evicted_idle", "rows evicted after evict_after updates without one"),
+    "evicted_lru": ("rows_evicted_lru", "rows evicted, least recently updated first, over max_rows"),
+    "admission_dropped": ("admission_dropped_rows", "gradient rows dropped: their id was not admitted yet"),
+    "rows_pulled": ("rows_pulled", "rows read"),
+    "rows_pushed": ("rows_pushed", "gradient rows received"),
+}
 
 
 def serve(shard: Shard, host: str, port: int):

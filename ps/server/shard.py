@@ -808,7 +808,8 @@ class Shard:
                     "active_workers": len(self._workers), "counters": dict(self.counters),
                     "waiting_pulls": len(self._waiters), "pending_bytes": self.pending_bytes,
                     "staleness_histogram": dict(self.staleness_hist),
-                    "apply_latency": (APPLY_BUCKETS, list(self._apply_counts), self._apply_seconds)}
+                    "apply_latency": (APPLY_BUCKETS, list(self._apply_counts), self._apply_seconds),
+                    "tables": self.tables.stats()}
 
     # -- checkpoints --------------------------------------------------------------------------
     def snapshot(self) -> Snapshot | None:

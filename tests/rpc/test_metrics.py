@@ -49,6 +49,26 @@ def test_the_endpoint_counts_pushes_pulls_bytes_staleness_latency_rejections_and
         srv.stop(grace=0)
 
 
+def test_tables_rows_admission_and_evictions_are_exported():
+    from ps.tables import TableSpec
+
+    srv = create_server(ServerConfig(mode="async", metrics_port=0))
+    try:
+        with PSClient([srv.address], "a") as c:
+            c.setup({"w": torch.zeros(2)}, OptimizerConfig("sgd", lr=0.1))
+            c.init_tables([TableSpec("t", 4, admit_after=2, max_rows=2)])
+            for clock in range(2):
+                c.push_rows(clock, {"t": (torch.tensor([1, 2, 3]), torch.ones(3, 4))})
+            c.pull_rows(None, {"t": torch.tensor([1, 9])})
+        m = scrape(srv)
+        assert m["ps_table_rows"] == 2 and m["ps_table_version"] == 2
+        assert m["ps_table_rows_created_total"] == 3 and m["ps_table_rows_evicted_lru_total"] == 1
+        assert m["ps_table_admission_dropped_rows_total"] == 3 and m["ps_table_rows_pushed_total"] == 6
+        assert m["ps_table_rows_pulled_total"] == 2 and m["ps_table_pending_ids"] == 0
+    finally:
+        srv.stop(grace=0)
+
+
 def test_metrics_are_off_by_default():
     srv = create_server(ServerConfig())
     try:
