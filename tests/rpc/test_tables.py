@@ -250,3 +250,27 @@ def test_ssp_tables_hold_a_fast_worker_to_the_bound_while_dense_runs_async(clust
             slow.push_rows(0, one)
             assert ahead.result(timeout=10)["t"].tolist() == [[-3.0, -3.0]]
             assert fast.stats()[0]["table_mode"] == "ssp" and fast.stats()[0]["mode"] == "async"
+
+
+def test_a_sync_table_step_goes_on_without_a_worker_that_died():
+    from tests.conftest import running_cluster
+
+    spec = TableSpec("t", 2, init="zeros", lr=1.0)
+    with running_cluster(2, "sync", num_workers=2, worker_timeout=2.0) as addresses:
+        a, b = PSClient(addresses, "a"), PSClient(addresses, "b")
+        try:
+            for c in (a, b):
+                c.setup({"w": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
+                c.init_tables([spec])
+            ids = torch.arange(10)
+            a.push_rows(0, {"t": (ids, torch.ones(10, 2))})
+            b.push_rows(0, {"t": (ids, 3 * torch.ones(10, 2))})
+            assert a.pull_rows(1, {"t": ids})["t"].tolist() == [[-2.0, -2.0]] * 10  # the average of 1 and 3
+            a.push_rows(1, {"t": (ids, torch.ones(10, 2))})
+            b.close()  # b dies: no leave, no heartbeat; evicted after the lease
+            rows = a.pull_rows(2, {"t": ids})["t"]  # waits for b's eviction, then step 1 is a's alone
+            assert rows.tolist() == [[-3.0, -3.0]] * 10
+            assert sum(s["evictions"] for s in a.stats()) == 2
+        finally:
+            a.close()
+            b.close()
