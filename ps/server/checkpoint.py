@@ -263,8 +263,13 @@ def _load_tables(directory: str, section: dict) -> SavedTables:
         table.counters.update({str(k): int(v) for k, v in entry["counters"].items()})
         tables[table.spec.name] = table
     acc = {e["spec"]["name"]: _load_chunk(directory, e["acc"]) for e in section["tables"] if e.get("acc")}
+    steps = {str(k) for k in section["step_pushes"]}
+    for tensors in acc.values():
+        if any(key.partition("/")[2] not in steps or key.partition("/")[0] not in ("ids", "grads") for key in tensors):
+            raise DamagedCheckpoint("a table's partial sums name a step the manifest does not list")
     return SavedTables(tables, int(section["version"]), {str(k): int(v) for k, v in section["clocks"].items()},
-                       int(section["step_pushes"]), {str(k): int(v) for k, v in section["counters"].items()},
+                       {int(k): int(v) for k, v in section["step_pushes"].items()},
+                       {str(k): int(v) for k, v in section["counters"].items()},
                        {int(k): int(v) for k, v in section["staleness_histogram"].items()}, acc)
 
 

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import threading
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -35,6 +35,7 @@ log = logging.getLogger("ps.server")
 EMPTY, GONE = -1, -2  # IdIndex slots: never used; freed (a tombstone: probing goes on past it)
 _INDEX_SALT = np.uint64(0x7AB1_E5EE_D1DE_A5E5)
 MIN_CAPACITY = 1024
+MAX_AHEAD = 64  # sync: a push may name a step this far past the tables' current one
 TABLE_COUNTERS = ("created", "evicted_idle", "evicted_lru", "admission_dropped", "rows_pulled", "rows_pushed")
 
 
@@ -435,8 +436,10 @@ class TableSet:
         self._lock = threading.Condition(threading.Lock())
         self._clock: dict[str, int] = {}  # the next table clock each worker pushes
         self.version = 0  # table steps (sync) or pushes applied (async, ssp)
-        self._acc: dict[str, list[tuple[np.ndarray, torch.Tensor]]] = {}
-        self._step_pushes = 0
+        # sync: per step (clock) not applied yet, its pushes and their rows by table. A worker may
+        # push a later step to a shard whose current step still waits (its batch read no row
+        # there, so nothing held it back): that push waits here for its step.
+        self._steps: dict[int, _Step] = {}
         self._waiters: list[Callable[[], None]] = []
         self.counters: Counter[str] = Counter()
         self.staleness_hist: Counter[int] = Counter()
@@ -479,19 +482,23 @@ class TableSet:
         return table
 
     def _maybe_complete(self) -> None:
-        if self.policy.name != "sync" or not self.policy.step_ready(self._view(), self._step_pushes):
-            return
-        pushes, acc = self._step_pushes, self._acc
-        self._acc, self._step_pushes = {}, 0
-        for name, table in self.tables.items():
-            parts = acc.get(name, [])
-            if parts:
-                ids, grads, seen = coalesce(np.concatenate([i for i, _ in parts]), torch.cat([g for _, g in parts]))
-                table.apply(self.version + 1, ids, grads / pushes, seen)
-            else:
-                table.idle(self.version + 1)
-        self.version += 1
-        self._wake()
+        """Apply each sync step once its pushes are all in (a later one may be complete already)."""
+        while self.policy.name == "sync":
+            step = self._steps.get(self.version)
+            if step is None or not self.policy.step_ready(self._view(), step.pushes):
+                return
+            del self._steps[self.version]
+            for name, table in self.tables.items():
+                parts = step.rows.get(name, [])
+                if parts:
+                    ids, grads, seen = coalesce(np.concatenate([i for i, _ in parts]),
+                                                torch.cat([g for _, g in parts]))
+                    table.apply(self.version + 1, ids, grads / step.pushes, seen)
+                else:
+                    table.idle(self.version + 1)
+            self.version += 1
+            self.staleness_hist[0] += 1
+            self._wake()
 
     # -- requests -----------------------------------------------------------------------------
     def check(self, entries: Sequence[RowsIn]) -> None:
@@ -552,16 +559,17 @@ class TableSet:
                 self._clock[worker_id] = clock + 1
                 self.counters["dropped"] += 1
                 return "DROPPED", self.version, 0
-            if verdict is Verdict.AHEAD:
-                raise StepConflict(f"table push for clock {clock} is ahead of the tables' step {self.version} "
-                                   f"on shard {self.shard.cfg.shard_id}")
+            if verdict is Verdict.AHEAD and clock - self.version > MAX_AHEAD:
+                raise StepConflict(f"table push for clock {clock} is more than {MAX_AHEAD} steps ahead of the "
+                                   f"tables' step {self.version} on shard {self.shard.cfg.shard_id}")
             self._clock[worker_id] = clock + 1
             self.counters["pushes"] += 1
-            if verdict is Verdict.ACCUMULATE:
+            if verdict in (Verdict.ACCUMULATE, Verdict.AHEAD):
+                step = self._steps.setdefault(clock, _Step())
                 for e in entries:
                     ids, grads, _ = coalesce(e.ids, e.grads)
-                    self._acc.setdefault(e.table, []).append((ids, grads))
-                self._step_pushes += 1
+                    step.rows.setdefault(e.table, []).append((ids, grads))
+                step.pushes += 1
                 self._maybe_complete()
                 return "ACCUMULATED", self.version, 0
             staleness = max(0, self.version - base_version)
@@ -597,13 +605,16 @@ class TableSet:
         """Hold the tables still (their lock) while a checkpoint writes them; yields the
         bookkeeping to save beside the rows (JSON-able) and each table's partial sync sums."""
         with self._lock:
-            acc = {}
-            for name, parts in self._acc.items():
-                if parts:
-                    acc[name] = {"ids": torch.from_numpy(np.concatenate([i for i, _ in parts])),
-                                 "grads": torch.cat([g for _, g in parts])}
+            acc: dict[str, dict[str, torch.Tensor]] = {}
+            for clock, step in self._steps.items():
+                for name, parts in step.rows.items():
+                    if parts:
+                        acc.setdefault(name, {}).update({
+                            f"ids/{clock}": torch.from_numpy(np.concatenate([i for i, _ in parts])),
+                            f"grads/{clock}": torch.cat([g for _, g in parts])})
             yield {"mode": self.policy.name, "version": self.version, "clocks": dict(self._clock),
-                   "step_pushes": self._step_pushes, "counters": dict(self.counters),
+                   "step_pushes": {str(c): st.pushes for c, st in self._steps.items()},
+                   "counters": dict(self.counters),
                    "staleness_histogram": {str(k): v for k, v in self.staleness_hist.items()}}, acc
 
     def restore(self, saved: "SavedTables") -> None:
@@ -612,11 +623,23 @@ class TableSet:
             self.tables = saved.tables
             self.version = saved.version
             self._clock = dict(saved.clocks)
-            self._step_pushes = saved.step_pushes
-            self._acc = {name: [(a["ids"].numpy().astype(np.int64), a["grads"].to(torch.float32))]
-                         for name, a in saved.acc.items()}
+            self._steps = {clock: _Step(pushes) for clock, pushes in saved.step_pushes.items()}
+            for name, tensors in saved.acc.items():
+                for key, ids in tensors.items():
+                    kind, _, clock = key.partition("/")
+                    if kind == "ids":
+                        self._steps[int(clock)].rows[name] = [(ids.numpy().astype(np.int64),
+                                                               tensors[f"grads/{clock}"].to(torch.float32))]
             self.counters = Counter(saved.counters)
             self.staleness_hist = Counter(saved.staleness_histogram)
+
+
+@dataclass
+class _Step:
+    """A sync step of the tables not applied yet."""
+
+    pushes: int = 0
+    rows: dict[str, list[tuple[np.ndarray, torch.Tensor]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -626,7 +649,7 @@ class SavedTables:
     tables: dict[str, Table]
     version: int
     clocks: dict[str, int]
-    step_pushes: int
+    step_pushes: dict[int, int]
     counters: dict[str, int]
     staleness_histogram: dict[int, int]
     acc: dict[str, dict[str, torch.Tensor]]

@@ -93,3 +93,33 @@ def test_old_checkpoints_take_their_chunks_with_them(tmp_path):
         checkpoint.save(str(tmp_path), shard.snapshot(), shard.tables, 16 << 10)
     versions = {n.split("-")[2][:13] for n in os.listdir(tmp_path)}
     assert len(versions) == checkpoint.KEEP
+
+
+def test_a_sync_push_for_a_later_step_waits_for_its_step_and_is_saved(tmp_path):
+    shard = Shard(ServerConfig(mode="sync", num_workers=2))
+    plan = make_plan([ParamSpec("p", (2,))], 1, 1 << 20)
+    for w in ("w0", "w1"):
+        shard.register(w, plan.fingerprint)
+    shard.init("w0", plan, plan.fingerprint, OptimizerConfig("sgd", lr=0.1), [("p#0", torch.zeros(2))], 0, 1)
+    shard.tables.declare([TableSpec("t", 2, init="zeros", lr=1.0)])
+
+    def rows_in(value):
+        return [RowsIn("t", np.array([4], np.int64), torch.full((1, 2), value))]
+
+    t = shard.tables
+    assert t.push("w0", 0, 0, rows_in(1.0))[0] == "ACCUMULATED"
+    assert t.push("w0", 1, 0, rows_in(10.0))[0] == "ACCUMULATED"  # its batch read nothing here at step 1
+    assert t.version == 0
+    checkpoint.save(str(tmp_path), shard.snapshot(), t, 1 << 20)
+    new = Shard(shard.cfg)
+    new.restore(checkpoint.load_latest(str(tmp_path), 0, 1, "sync"))
+    for s in (shard, new):
+        s.register("w0", plan.fingerprint)
+        s.register("w1", plan.fingerprint)
+        assert s.tables.push("w0", 1, 0, rows_in(10.0))[0] == "DUPLICATE"
+        s.tables.push("w1", 0, 0, rows_in(3.0))
+        assert s.tables.version == 1  # step 0: (1 + 3) / 2
+        s.tables.push("w1", 1, 0, rows_in(30.0))
+        assert s.tables.version == 2  # step 1: (10 + 30) / 2
+        values = s.tables.read([RowsIn("t", np.array([4], np.int64), None)])[0][0]
+        assert values.tolist() == [[-22.0, -22.0]]
