@@ -10,7 +10,7 @@ from typing import IO, Mapping, Sequence
 
 from ps.cli.common import add_compress_flag, add_flag, add_training_flags, check_job, optimizer_from_args, run_main
 from ps.compare import report
-from ps.compare.runner import RunResult
+from ps.compare.runner import RunResult, check_runs
 from ps.compare.runner import run as run_one
 from ps.compare.spec import CompareConfig, parse_faults, parse_runs
 from ps.errors import PSError
@@ -23,7 +23,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         prog="ps-compare", description="Compare sync, async, ssp and an all-reduce baseline on the same job.")
     add_flag(p, "--modes", env=env, default=DEFAULT_MODES,
              help="comma-separated: sync, async, ssp:S, allreduce; options +backup=B (sync), +slr and +prefetch "
-                  "(async, ssp), +early (sync, async, ssp)")
+                  "(async, ssp), +early (sync, async, ssp), +tables=MODE (server-held embedding tables in MODE: "
+                  "sync, async or ssp:S, e.g. the hybrid sync+tables=async)")
     add_flag(p, "--workers", env=env, default=4, type=int, help="workers per configuration")
     add_flag(p, "--servers", env=env, default=2, type=int, help="server shards per configuration")
     add_flag(p, "--straggler", env=env, action="append", metavar="WORKER:FACTOR",
@@ -32,6 +33,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
              help="SIGKILL that worker when it reaches STEP (repeatable)")
     add_flag(p, "--target-accuracy", env=env, default=None, type=float, help="test accuracy that counts as reached")
     add_flag(p, "--target-loss", env=env, default=None, type=float, help="test loss that counts as reached")
+    add_flag(p, "--target-auc", env=env, default=None, type=float,
+             help="test AUC that counts as reached (binary models, e.g. dlrm-tiny on clicks), in (0.5, 1]")
     add_flag(p, "--out", env=env, default="runs/compare", help="output directory")
     add_flag(p, "--eval-interval", env=env, default=0.25, type=float, help="seconds between evaluations")
     add_flag(p, "--worker-timeout", env=env, default=5.0, type=float, help="seconds before a silent worker is evicted")
@@ -49,7 +52,8 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         optimizer=optimizer_from_args(args), seed=int(args.seed),
         stragglers=parse_faults(args.straggler, "straggler", workers, float),
         kills={w: int(s) for w, s in parse_faults(args.kill, "kill", workers, int).items()},
-        target_accuracy=args.target_accuracy, target_loss=args.target_loss, eval_interval=float(args.eval_interval),
+        target_accuracy=args.target_accuracy, target_loss=args.target_loss, target_auc=args.target_auc,
+        eval_interval=float(args.eval_interval),
         worker_timeout=float(args.worker_timeout), timeout=float(args.timeout),
         partition_bytes=int(args.partition_bytes), device=args.device, out=args.out, compress=args.compress,
     )
@@ -64,7 +68,8 @@ class Progress:
 
     def __call__(self, point: dict) -> None:
         line = (f"{self.prefix} t={point['time']:6.1f}s step {point['step']:7.1f} "
-                f"accuracy {point['accuracy']:.4f} loss {point['loss']:.4f}")
+                + (f"auc {point['auc']:.4f} " if "auc" in point else "")
+                + f"accuracy {point['accuracy']:.4f} loss {point['loss']:.4f}")
         if self.tty:
             self.out.write("\r" + line)
         elif time.monotonic() - self.last > 3:
@@ -75,6 +80,7 @@ class Progress:
 
 def run(cfg: CompareConfig, out: IO[str] = sys.stdout) -> int:
     check_job(cfg.model, cfg.data, cfg.device)  # a bad job is refused before any configuration runs
+    check_runs(cfg)
     os.makedirs(os.path.join(cfg.out, "logs"), exist_ok=True)
     out.write(f"ps-compare: {report.describe(cfg)}\n")
     progress = Progress(out)

@@ -81,8 +81,9 @@ class Progress:
             self.bar.set_postfix(loss=f"{r['loss']:.3f}", refresh=False)
             self.bar.update(1)
         elif "test_accuracy" in r:
+            auc = f" test_auc {r['test_auc']:.4f}" if "test_auc" in r else ""
             print(f"{self.cfg.worker_id} step {r['step'] + 1}/{r['steps']} loss {r['loss']:.4f} "
-                  f"test_accuracy {r['test_accuracy']:.4f} staleness {r['staleness']}", flush=True)
+                  f"test_accuracy {r['test_accuracy']:.4f}{auc} staleness {r['staleness']}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -119,7 +120,8 @@ def run_rank(cfg: WorkerConfig, tp: TPGroup) -> TrainResult:
     if tp.rank == 0:
         acc = "n/a" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
         print(f"{cfg.worker_id} done: {result.steps} steps in {result.wall_time:.1f}s, loss {result.final_loss:.4f}, "
-              f"test_accuracy {acc}", flush=True)
+              f"test_accuracy {acc}" + ("" if result.test_auc is None else f" test_auc {result.test_auc:.4f}"),
+              flush=True)
     return result
 
 

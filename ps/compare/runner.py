@@ -1,10 +1,12 @@
 """Run one configuration on a fresh local cluster and record its convergence curve.
 
 Parameter-server runs are sampled from outside: an observer reads the servers' weights every
-`eval_interval` seconds and evaluates them (test accuracy and loss), so every mode is measured the
-same way. The all-reduce baseline is evaluated by its rank 0 every few steps. Time 0 is when all
-workers have joined (parameter server) or passed the start barrier (all-reduce). Each run's final
-weights are saved in its log directory, for the report to compare runs weight by weight."""
+`eval_interval` seconds and evaluates them (test accuracy and loss, and AUC and log-loss for a
+binary model; rows of server-held embedding tables are read as an observer, without waiting), so
+every mode is measured the same way. The all-reduce baseline is evaluated by its rank 0 every few
+steps. Time 0 is when all workers have joined (parameter server) or passed the start barrier
+(all-reduce). Each run's final weights are saved in its log directory, for the report to compare
+runs weight by weight."""
 
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from ps.baselines.allreduce import FINAL_WEIGHTS
 from ps.compare.spec import CompareConfig, RunSpec
 from ps.cli.launch import Observer, Proc, start_servers, start_worker, stop_all, supervise
 from ps.data import load_data, steps_per_epoch
-from ps.errors import PSError
+from ps.embedding import server_tables
+from ps.errors import InvalidArgument, PSError
 from ps.models import build_model
 from ps.tp.groups import free_port
 
@@ -33,7 +36,7 @@ from ps.tp.groups import free_port
 class RunResult:
     spec: RunSpec
     error: str | None = None
-    curve: list[dict] = field(default_factory=list)   # time, step, accuracy, loss
+    curve: list[dict] = field(default_factory=list)   # time, step, accuracy, loss (+ auc, logloss: binary)
     train_time: float = 0.0
     updates: int = 0
     bytes_moved: int = 0
@@ -71,11 +74,27 @@ def _may_die(cfg: CompareConfig) -> list[str]:
     return [f"worker-{w}" for w in cfg.kills]
 
 
+def check_runs(cfg: CompareConfig) -> None:
+    """Refuse configurations the model cannot run: all-reduce for a model with server-held
+    embedding tables (they need the servers), +tables=MODE for a model without any."""
+    data = load_data(cfg.data)
+    tables = sorted(server_tables(build_model(cfg.model, data.input_shape, data.num_classes)))
+    for spec in cfg.runs:
+        if spec.mode == "allreduce" and tables:
+            raise InvalidArgument(f"configuration ({spec.label!r}): model {cfg.model} keeps embedding tables "
+                                  f"({', '.join(tables)}) on the servers, which all-reduce has none of; "
+                                  "leave allreduce out of --modes")
+        if spec.table_mode and not tables:
+            raise InvalidArgument(f"configuration ({spec.label!r}): +tables applies to a model with server-held "
+                                  f"embedding tables; model {cfg.model} has none")
+
+
 def run_ps(spec: RunSpec, cfg: CompareConfig, log: IO[str], progress: Callable[[dict], None]) -> RunResult:
     result = RunResult(spec)
     log_dir = _fresh(os.path.join(cfg.out, "logs", spec.label))
     extra = ["--staleness-lr"] if spec.staleness_lr else []
     extra += ["--backup-workers", str(spec.backup)] if spec.backup else []
+    extra += spec.server_flags()
     servers = start_servers(cfg.servers, spec.mode, cfg.workers, staleness=spec.staleness,
                             worker_timeout=cfg.worker_timeout, extra=extra, out=log)
     workers: list[Proc] = []
@@ -88,10 +107,10 @@ def run_ps(spec: RunSpec, cfg: CompareConfig, log: IO[str], progress: Callable[[
         """A curve point, stamped when the weights are read; returns the stats it was read with
         and the observer's own pulled bytes before this read (not training traffic)."""
         now, stats, pulled = time.monotonic() - t0[0], observer.client.stats(), observer.bytes_pulled
-        accuracy, loss = observer.evaluate()
+        metrics = observer.metrics()
         # sync: global steps; async and ssp: pushes per worker
         step = stats[0]["version"] if spec.mode == "sync" else stats[0]["pushes"] / cfg.workers
-        point = {"time": now, "step": step, "version": stats[0]["version"], "accuracy": accuracy, "loss": loss}
+        point = {"time": now, "step": step, "version": stats[0]["version"], **metrics}
         result.curve.append(point)
         progress(point)
         return stats, pulled

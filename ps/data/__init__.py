@@ -83,11 +83,19 @@ def sequences(num_samples: int = 2048, seq_len: int = 32, vocab: int = 64) -> Da
     return Datasets(train, test, (seq_len,), vocab)
 
 
-BUILTIN = {"digits": digits, "synthetic": synthetic, "sequences": sequences}
+def _clicks() -> Datasets:
+    """A synthetic click log: 4 dense features, 4 Zipf-distributed categorical ids over a
+    vocabulary of a million each, 0/1 clicks from a hidden model (ps.data.clicks)."""
+    from ps.data.clicks import clicks
+
+    return clicks()
+
+
+BUILTIN = {"digits": digits, "synthetic": synthetic, "sequences": sequences, "clicks": _clicks}
 
 
 def load_data(spec: str) -> Datasets:
-    """A built-in name (digits, synthetic) or `package.module:factory`."""
+    """A built-in name (digits, synthetic, sequences, clicks) or `package.module:factory`."""
     if spec in BUILTIN:
         return BUILTIN[spec]()
     if ":" not in spec:
@@ -195,29 +203,130 @@ def batches(dataset: Dataset, indices: list[int], batch_size: int, seed: int) ->
     return loader(dataset, indices, batch_size, seed)
 
 
+def _binary(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+    """The outputs as one logit per target when the model is binary (outputs [B] or [B, 1] for
+    targets [B]); None for a classifier (outputs [..., C] for class targets [...])."""
+    if outputs.dim() == targets.dim() + 1 and outputs.shape[-1] == 1:
+        outputs = outputs.squeeze(-1)
+    return outputs if outputs.shape == targets.shape else None
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device, loss_fn=None,
-             batch_size: int = 512) -> tuple[float, float]:
-    """(accuracy, mean loss) of the model on `dataset`; accuracy counts every target (each token of
-    a sequence); loss_fn(outputs, targets) defaults to the model's `loss`, else cross-entropy."""
-    loss_fn = loss_fn or getattr(model, "loss", None) or torch.nn.functional.cross_entropy
+def _evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device, loss_fn=None, batch_size: int = 512,
+              keep_logits: bool = False) -> dict:
+    """One pass over `dataset` in eval mode: accuracy, mean loss, whether the model is binary,
+    and (keep_logits) a binary model's logits and labels as float64 numpy arrays."""
+    own_loss = loss_fn or getattr(model, "loss", None)
     was_training = model.training
     model.eval()
     correct = total = tokens = 0
     loss_sum = 0.0
+    binary = False
+    logits: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
     read = _Batch(dataset)
-    for start in range(0, len(dataset), batch_size):
-        x, target = read[list(range(start, min(start + batch_size, len(dataset))))]
-        out = model(x.to(device))
-        target = target.to(device)
-        correct += int((out.argmax(-1) == target).sum())
-        loss_sum += float(loss_fn(out, target)) * len(x)
-        total += len(x)
-        tokens += target.numel()
-    model.train(was_training)
-    return correct / max(1, tokens), loss_sum / max(1, total)
+    try:
+        for start in range(0, len(dataset), batch_size):
+            x, target = read[list(range(start, min(start + batch_size, len(dataset))))]
+            out = model(x.to(device))
+            target = target.to(device)
+            logit = _binary(out, target)
+            binary = logit is not None
+            if logit is None:
+                correct += int((out.argmax(-1) == target).sum())
+                loss = (own_loss or torch.nn.functional.cross_entropy)(out, target)
+            else:
+                correct += int(((logit > 0) == (target > 0.5)).sum())
+                loss = (own_loss(out, target) if own_loss else
+                        torch.nn.functional.binary_cross_entropy_with_logits(logit, target.to(logit.dtype)))
+                if keep_logits:
+                    logits.append(logit.detach().to("cpu", torch.float64))
+                    labels.append(target.detach().to("cpu", torch.float64))
+            loss_sum += float(loss) * len(x)
+            total += len(x)
+            tokens += target.numel()
+    finally:
+        model.train(was_training)
+    out = {"accuracy": correct / max(1, tokens), "loss": loss_sum / max(1, total), "binary": binary}
+    if binary and keep_logits:
+        out["logits"] = torch.cat(logits).reshape(-1).numpy()
+        out["labels"] = torch.cat(labels).reshape(-1).numpy()
+    return out
+
+
+def evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device, loss_fn=None,
+             batch_size: int = 512) -> tuple[float, float]:
+    """(accuracy, mean loss) of the model on `dataset`; accuracy counts every target (each token of
+    a sequence); loss_fn(outputs, targets) defaults to the model's `loss`, else cross-entropy. A
+    binary model (one logit per sample: outputs [B] or [B, 1] for 0/1 targets [B]) is right where
+    (logit > 0) == label, and its default loss is binary cross-entropy on the logits."""
+    result = _evaluate(model, dataset, device, loss_fn, batch_size)
+    return result["accuracy"], result["loss"]
 
 
 def accuracy(model: torch.nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 512) -> float:
     """Fraction of `dataset` the model classifies correctly."""
     return evaluate(model, dataset, device, batch_size=batch_size)[0]
+
+
+def auc(scores, labels) -> float:
+    """The area under the ROC curve of `scores` for 0/1 `labels`, exactly: the probability that a
+    random positive scores above a random negative, ties counting one half (Mann-Whitney U from
+    average ranks). NaN when either class is absent or a score is NaN."""
+    s = np.asarray(scores, np.float64).reshape(-1)
+    y = np.asarray(labels).reshape(-1) > 0.5
+    if len(s) != len(y):
+        raise InvalidArgument(f"auc needs one label per score ({len(s)} scores, {len(y)} labels)")
+    positives = int(y.sum())
+    negatives = len(y) - positives
+    if positives == 0 or negatives == 0 or np.isnan(s).any():
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranked = s[order]
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])  # first position of each run of ties
+    ends = np.r_[starts[1:], len(s)]
+    ranks = np.empty(len(s), np.float64)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)  # 1-based average rank of each run
+    return float((ranks[y].sum() - positives * (positives + 1) / 2.0) / (positives * negatives))
+
+
+def logloss(logits, labels) -> float:
+    """Mean binary cross-entropy of logits against 0/1 labels (float64, stable for any logit)."""
+    z = np.asarray(logits, np.float64).reshape(-1)
+    y = np.asarray(labels, np.float64).reshape(-1)
+    return float(np.mean(np.logaddexp(0.0, z) - y * z)) if len(z) else float("nan")
+
+
+def eval_metrics(model: torch.nn.Module, dataset: Dataset, device: torch.device, loss_fn=None,
+                 batch_size: int = 512) -> dict[str, float]:
+    """{"accuracy", "loss"} of the model on `dataset` in one pass (as `evaluate`), plus {"auc",
+    "logloss"} for a binary model."""
+    result = _evaluate(model, dataset, device, loss_fn, batch_size, keep_logits=True)
+    out = {"accuracy": result["accuracy"], "loss": result["loss"]}
+    if result["binary"]:
+        out.update(auc=auc(result["logits"], result["labels"]), logloss=logloss(result["logits"], result["labels"]))
+    return out
+
+
+def binary_metrics(model: torch.nn.Module, dataset: Dataset, device: torch.device,
+                   batch_size: int = 512) -> dict[str, float]:
+    """{"auc", "logloss"} of a binary model (one logit per sample) on `dataset`."""
+    result = _evaluate(model, dataset, device, batch_size=batch_size, keep_logits=True)
+    if not result["binary"]:
+        raise InvalidArgument("binary metrics need a model with one logit per sample (outputs [B] or [B, 1] "
+                              "for 0/1 targets [B])")
+    return {"auc": auc(result["logits"], result["labels"]), "logloss": logloss(result["logits"], result["labels"])}
+
+
+def test_metrics(model: torch.nn.Module, dataset: Dataset, device: torch.device,
+                 batch_size: int = 512) -> dict[str, float]:
+    """What a worker logs about the test set: {"test_accuracy"}, plus {"test_auc",
+    "test_logloss"} for a binary model; one pass over the data."""
+    result = eval_metrics(model, dataset, device, batch_size=batch_size)
+    out = {"test_accuracy": result["accuracy"]}
+    if "auc" in result:
+        out.update(test_auc=result["auc"], test_logloss=result["logloss"])
+    return out
+
+
+test_metrics.__test__ = False  # not a test, for pytest, in a test module that imports it

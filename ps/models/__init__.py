@@ -52,12 +52,18 @@ def _gpt_tiny(**kwargs):
     return gpt_tiny(**kwargs)
 
 
-BUILTIN: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": CNN, "gpt-tiny": _gpt_tiny}
+def _dlrm_tiny(**kwargs):
+    from ps.models.dlrm import dlrm_tiny
+
+    return call_with_known(dlrm_tiny, **kwargs)
+
+
+BUILTIN: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": CNN, "gpt-tiny": _gpt_tiny, "dlrm-tiny": _dlrm_tiny}
 TP_AWARE = {"gpt-tiny"}
 
 
 def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int, **extra) -> nn.Module:
-    """A built-in name (mlp, cnn, gpt-tiny) or `package.module:factory`. `extra` (e.g. `tp`,
+    """A built-in name (mlp, cnn, gpt-tiny, dlrm-tiny) or `package.module:factory`. `extra` (e.g. `tp`,
     `recompute`) goes to factories that accept it; a factory that does not accept `tp` cannot run
     tensor-parallel."""
     if spec in BUILTIN:

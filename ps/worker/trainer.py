@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ps.config import WorkerConfig
-from ps.data import Datasets, accuracy, loader, shard_indices, steps_per_epoch
+from ps.data import Datasets, loader, shard_indices, steps_per_epoch, test_metrics
 from ps.embedding import TableGroup
 from ps.errors import InvalidArgument
 from ps.models import model_loss
@@ -208,6 +208,7 @@ class TrainResult:
     final_loss: float
     test_accuracy: float | None
     wall_time: float
+    test_auc: float | None = None  # binary models (one logit per sample)
 
 
 def _wait_for_everyone(client: Client, cfg: WorkerConfig, expected: int) -> None:
@@ -349,7 +350,7 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
             record = {"worker": cfg.worker_id, "step": clock, "time": time.monotonic() - t0, "loss": loss_value,
                       "staleness": max(r["staleness"] for r in results + table_results)}
             if cfg.eval_every and data.test is not None and (clock % cfg.eval_every == 0 or clock == steps - 1):
-                record["test_accuracy"] = accuracy(model, data.test, device)
+                record.update(test_metrics(model, data.test, device))  # test_accuracy (+ test_auc, test_logloss)
             metrics.write(record)
             if on_step and tp.rank == 0:
                 on_step({**record, "steps": steps})
@@ -366,10 +367,11 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
                 x, y = next(stream)
                 loss_value = float(model_loss(model, model(x.to(device)), y.to(device)))
             model.train()
-        acc = accuracy(model, data.test, device) if data.test is not None else None
-        result = TrainResult(steps, loss_value, acc, time.monotonic() - t0)
+        final = test_metrics(model, data.test, device) if data.test is not None else {"test_accuracy": None}
+        acc = final["test_accuracy"]
+        result = TrainResult(steps, loss_value, acc, time.monotonic() - t0, final.get("test_auc"))
         metrics.write({"worker": cfg.worker_id, "final": True, "step": steps, "time": result.wall_time,
-                       "loss": loss_value, "test_accuracy": acc})
+                       "loss": loss_value, **final})
         all_reduce_max(0, tp)  # a TP group's ranks are all done with the servers before it leaves
         return result
     finally:
