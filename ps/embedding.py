@@ -30,6 +30,7 @@ forward at that clock over ids that are all among them takes them from there.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 from typing import Mapping
 
 import numpy as np
@@ -39,6 +40,8 @@ from torch.nn import functional as F
 
 from ps.errors import InvalidArgument
 from ps.tables import TableSpec, as_ids
+
+log = logging.getLogger("ps.worker")
 
 
 class ServerEmbedding(nn.Module):
@@ -74,8 +77,12 @@ class ServerEmbedding(nn.Module):
             pos = np.searchsorted(ids, uniq)
             pos = np.minimum(pos, len(ids) - 1) if len(ids) else pos
             if len(ids) and (ids[pos] == uniq).all():
-                return future.result()[self.spec.name][torch.from_numpy(pos)]
-        if self._ahead is not None and (observer or self._ahead[0] <= (self._clock or 0)):
+                try:
+                    return future.result()[self.spec.name][torch.from_numpy(pos)]
+                except Exception as e:  # noqa: BLE001 - the prefetch failed (e.g. cancelled): read them now
+                    log.info("table %r: prefetched rows unavailable (%s); reading them again", self.spec.name, e)
+                    self._ahead = None
+        if self._ahead is not None and not observer and self._ahead[0] < self._clock:  # for a step gone by
             self._ahead[2].cancel()
             self._ahead = None
         return self._client.pull_rows(None if observer else self._clock, {self.spec.name: uniq})[self.spec.name]

@@ -50,6 +50,11 @@ class DLRM(nn.Module):
         dots = torch.bmm(vectors, vectors.transpose(1, 2)).flatten(1)[:, self._pairs]
         return self.top(torch.cat([z, dots], 1)).squeeze(1)
 
+    def table_ids(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The ids each table reads for batch `x` (the trainer prefetches the next batch's rows)."""
+        ids = x[:, self.dense_features:].long()
+        return {t.spec.name: ids[:, f] for f, t in enumerate(self.tables)}
+
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(outputs, targets.to(outputs.dtype))
 

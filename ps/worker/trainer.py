@@ -278,6 +278,10 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
         raise InvalidArgument(f"server-held tables ({sorted(tables.tables)}) need tp 1: a tensor-parallel group's "
                               "ranks would each push the rows' gradients")
     tables.setup()
+    # A model that says which ids a batch reads (`table_ids(x) -> {table: ids}`) gets the next
+    # batch's rows prefetched while this step's dense push and pull are in flight.
+    table_ids = getattr(model, "table_ids", None) if tables else None
+    lookahead = None  # the next step's batch, read ahead for that
     if start == 0:
         _wait_for_everyone(client, cfg, cfg.num_workers)
     # A DataLoader over this worker's shard (its own sampler: the same batches in every mode),
@@ -326,7 +330,8 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
             pulled = clock
             if cfg.prefetch and clock + 1 < steps:  # pulled while this step computes (one step staler)
                 ahead, ahead_clock = client.prefetch(clock + 1, names=binding.own), clock + 1
-            x, y = next(stream)
+            x, y = lookahead if lookahead is not None else next(stream)
+            lookahead = None
             tables.begin(clock)
             if early is not None:
                 early.begin(clock)
@@ -335,6 +340,9 @@ def train(cfg: WorkerConfig, client: Client, model: nn.Module, data: Datasets,
                                            early.arm if early is not None else None)
             stepped = True
             table_results = tables.push(clock)  # before the dense push: a sync step's rows are in when it completes
+            if table_ids is not None and clock + 1 < steps:  # the next batch's rows, read during the dense push
+                lookahead = next(stream)
+                tables.prefetch(table_ids(lookahead[0]), clock + 1)
             if early is None and not cfg.prefetch:
                 results = _push_pull(client, host.collect(), clock, binding)  # the weights for clock + 1
             else:

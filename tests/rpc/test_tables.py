@@ -274,3 +274,40 @@ def test_a_sync_table_step_goes_on_without_a_worker_that_died():
         finally:
             a.close()
             b.close()
+
+
+def test_prefetched_rows_are_the_rows_a_forward_reads_at_that_clock(cluster):
+    from ps.embedding import ServerEmbedding
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = ServerEmbedding("a", 4, lr=1.0)
+
+        def forward(self, ids):
+            return self.a(ids).sum()
+
+    with cluster(2, "sync", num_workers=1) as addresses, PSClient(addresses, "w") as c:
+        model = Two()
+        c.setup({"b": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
+        group = TableGroup(model, c)
+        group.setup()
+        ids = torch.tensor([5, 9, 5, 200])
+        group.begin(0)
+        model(ids).backward()
+        group.push(0)
+        group.prefetch({"a": torch.tensor([9, 5, 200, 7])}, 1)  # waits on the servers for step 0
+        pulls = []
+        real = c.pull_rows
+        c.pull_rows = lambda clock, request: pulls.append(clock) or real(clock, request)
+        group.begin(1)
+        model.eval()
+        model(ids)  # an observer read in between (an evaluation) leaves the prefetch alone
+        model.train()
+        rows = model.a._lookup(ids)[0]  # all among the prefetched: no pull
+        assert pulls == [None]
+        fresh = real(1, {"a": torch.tensor([5, 9, 200])})["a"]
+        assert torch.equal(rows, fresh)
+        assert torch.equal(fresh[0], init_rows(TableSpec("a", 4, lr=1.0), np.array([5], np.int64))[0] - 2.0)
+        model.a._lookup(torch.tensor([5, 11]))  # 11 was not prefetched: read now
+        assert pulls == [None, 1]
