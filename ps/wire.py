@@ -39,6 +39,8 @@ _TENSOR_DATA, _TENSOR_INDICES = 4, 5
 _PUSH_GRADS = 5
 _PULL_TENSORS = 1
 _PUSHPULL_PUSH, _PUSHPULL_PULL = 1, 2
+_ROWS_IDS, _ROWS_VALUES = 2, 3  # ps.Rows
+_PULLROWS_TABLES, _PUSHROWS_TABLES = 1, 4  # PullRowsResponse.tables, PushRowsRequest.tables
 _MAX_FIELDS = 1 << 20  # a message with more fields than this is hostile
 MAX_DEPTH = 100  # protobuf's nesting limit: messages and groups below the outermost message
 
@@ -118,6 +120,26 @@ def pull_response_frame(version: int, min_clock: int, tensors: list[Frame]) -> F
     f.add(pb.PullResponse(version=version, min_clock=min_clock).SerializeToString())
     for t in tensors:
         f.add_message(_PULL_TENSORS, t)
+    return f
+
+
+def rows_frame(table: str, ids=None, values=None) -> Frame:
+    """A Rows message; `ids` (int64) and `values` (float32) are buffers, sent as they are."""
+    f = Frame.of(pb.Rows(table=table).SerializeToString())
+    for number, data in ((_ROWS_IDS, ids), (_ROWS_VALUES, values)):
+        if data is not None and memoryview(data).nbytes:
+            f.add(_len_field(number, memoryview(data).nbytes))
+            f.add(data)
+    return f
+
+
+def rows_message_frame(head, rows: list[Frame]) -> Frame:
+    """A PullRowsResponse or PushRowsRequest: `head` (its other fields), then its Rows (field 1
+    of the answer, 4 of the request)."""
+    f = Frame.of(head.SerializeToString())
+    number = _PULLROWS_TABLES if isinstance(head, pb.PullRowsResponse) else _PUSHROWS_TABLES
+    for r in rows:
+        f.add_message(number, r)
     return f
 
 

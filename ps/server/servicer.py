@@ -682,8 +682,8 @@ class ParameterServerServicer:
                           tables.forget)
         n = sum(len(e.ids) for e in entries)
         values, version = await self._run(n * 16, tables.read, entries)
-        return pb.PullRowsResponse(version=version, tables=[
-            pb.Rows(table=e.table, values=v.numpy().tobytes()) for e, v in zip(entries, values)])
+        return wire.rows_message_frame(pb.PullRowsResponse(version=version),  # the rows' bytes as they are
+                                       [wire.rows_frame(e.table, values=v.numpy()) for e, v in zip(entries, values)])
 
     @_rpc
     async def PushRows(self, request, context):

@@ -640,10 +640,11 @@ class PSClient:
             tables = []
             for name, t_ids in ids.items():
                 pos = np.flatnonzero(where[name] == shard)
-                if len(pos):
-                    tables.append(rows_to_proto(name, t_ids[pos], values[name][torch.from_numpy(pos)]))
-            req = pb.PushRowsRequest(worker_id=self.worker_id, clock=clock, base_version=self.table_versions[shard],
-                                     tables=tables)
+                if len(pos):  # (buffers sent as they are)
+                    tables.append(wire.rows_frame(name, np.ascontiguousarray(t_ids[pos], "<i8"),
+                                                  values[name][torch.from_numpy(pos)].numpy()))
+            req = wire.rows_message_frame(pb.PushRowsRequest(worker_id=self.worker_id, clock=clock,
+                                                             base_version=self.table_versions[shard]), tables)
             resp = await self._t.call(shard, "PushRows", req, rejoin=rejoin)
             return {"outcome": pb.PushResponse.Outcome.Name(resp.outcome), "version": resp.version,
                     "staleness": resp.staleness}
