@@ -182,12 +182,17 @@ class Observer:
         # Server-held embedding tables are read as an observer (eval mode, no clock): declaring
         # them is idempotent and joins nothing.
         self.tables = bool(TableGroup(self.model, self.client).setup())
-        self.bytes_pulled = 0
+        self._dense_pulled = 0
+
+    @property
+    def bytes_pulled(self) -> int:
+        """Bytes of weights and table rows this observer has read (not training traffic)."""
+        return self._dense_pulled + self.client.table_bytes_pulled
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The servers' current parameters, unsharded, by parameter name."""
         weights = self.client.pull(0, observer=True)
-        self.bytes_pulled += sum(t.numel() * 4 for t in weights.values())
+        self._dense_pulled += sum(t.numel() * 4 for t in weights.values())
         return unshard_keys(weights, self.dims, self.tp)
 
     def evaluate(self) -> tuple[float, float]:

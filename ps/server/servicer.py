@@ -682,6 +682,7 @@ class ParameterServerServicer:
                           tables.forget)
         n = sum(len(e.ids) for e in entries)
         values, version = await self._run(n * 16, tables.read, entries)
+        self.shard.count("bytes_pulled", sum(v.numel() * 4 for v in values))
         return wire.rows_message_frame(pb.PullRowsResponse(version=version),  # the rows' bytes as they are
                                        [wire.rows_frame(e.table, values=v.numpy()) for e, v in zip(entries, values)])
 
@@ -696,6 +697,8 @@ class ParameterServerServicer:
                     entries)
         except InvalidArgument as e:
             self.shard.reject(e)
+        if outcome != "DUPLICATE":
+            self.shard.count("bytes_pushed", nbytes)
         return pb.PushResponse(outcome=pb.PushResponse.Outcome.Value(outcome), version=version, staleness=staleness)
 
     @_rpc

@@ -179,6 +179,7 @@ class PSClient:
         self.tables: dict[str, TableSpec] = {}  # server-held tables declared (init_tables)
         self.table_versions = [0] * len(self.servers)  # the newest table version read from each shard
         self.table_mode = ""
+        self.table_bytes_pulled = 0  # bytes of table rows this client has read
         try:
             self._t.run(self._t.wait_connected(connect_timeout))
         except BaseException:
@@ -599,6 +600,7 @@ class PSClient:
                 raise InvalidArgument(f"server {self.servers[shard]} answered {len(resp.tables)} tables for {len(batch)}")
             for (name, pos), msg in zip(batch, resp.tables):
                 out[name][torch.from_numpy(pos)] = values_from_proto(msg, len(pos), self.tables[name].dim)
+                self.table_bytes_pulled += len(msg.values)
             if clock is not None:
                 self.table_versions[shard] = max(self.table_versions[shard], resp.version)
 
