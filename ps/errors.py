@@ -25,6 +25,12 @@ class UnknownKey(PSError):
     code = "NOT_FOUND"
 
 
+class UnknownTable(PSError):
+    """A request names an embedding table this shard was never told of (declare it: InitTables)."""
+
+    code = "NOT_FOUND"
+
+
 class PlanMismatch(PSError):
     """The worker's sharding plan (or optimizer) differs from the one the servers hold."""
 
@@ -99,6 +105,7 @@ ERROR_CLASSES: dict[str, type[PSError]] = {
         PSError,
         InvalidArgument,
         UnknownKey,
+        UnknownTable,
         PlanMismatch,
         NotInitialized,
         UnknownWorker,

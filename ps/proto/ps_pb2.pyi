@@ -330,7 +330,7 @@ class PushRowsRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., clock: _Optional[int] = ..., base_version: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[Rows, _Mapping]]] = ...) -> None: ...
 
 class TableStats(_message.Message):
-    __slots__ = ("rows", "version", "pending", "created", "evicted_idle", "evicted_lru", "admission_dropped", "rows_pulled", "rows_pushed")
+    __slots__ = ("rows", "version", "pending", "created", "evicted_idle", "evicted_lru", "admission_dropped", "rows_pulled", "rows_pushed", "pending_forgotten")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
@@ -340,6 +340,7 @@ class TableStats(_message.Message):
     ADMISSION_DROPPED_FIELD_NUMBER: _ClassVar[int]
     ROWS_PULLED_FIELD_NUMBER: _ClassVar[int]
     ROWS_PUSHED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FORGOTTEN_FIELD_NUMBER: _ClassVar[int]
     rows: int
     version: int
     pending: int
@@ -349,7 +350,8 @@ class TableStats(_message.Message):
     admission_dropped: int
     rows_pulled: int
     rows_pushed: int
-    def __init__(self, rows: _Optional[int] = ..., version: _Optional[int] = ..., pending: _Optional[int] = ..., created: _Optional[int] = ..., evicted_idle: _Optional[int] = ..., evicted_lru: _Optional[int] = ..., admission_dropped: _Optional[int] = ..., rows_pulled: _Optional[int] = ..., rows_pushed: _Optional[int] = ...) -> None: ...
+    pending_forgotten: int
+    def __init__(self, rows: _Optional[int] = ..., version: _Optional[int] = ..., pending: _Optional[int] = ..., created: _Optional[int] = ..., evicted_idle: _Optional[int] = ..., evicted_lru: _Optional[int] = ..., admission_dropped: _Optional[int] = ..., rows_pulled: _Optional[int] = ..., rows_pushed: _Optional[int] = ..., pending_forgotten: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("shard_id", "mode", "version", "clocks", "staleness_histogram", "active_workers", "pushes", "pulls", "rejected", "evictions", "dropped", "duplicates", "initialized", "num_keys", "num_elements", "bytes_pushed", "bytes_pulled", "backup_workers", "lost_updates", "checkpoints", "stalled_evictions", "refused_evicted", "overloaded", "reinitialized", "shm_segments", "shm_bytes", "shm_published", "shm_lent_bytes", "tables", "table_mode", "table_version")

@@ -114,6 +114,7 @@ class Checkpointer:
         self.shard, self._stop = shard, stop
         self.seconds, self.steps = checkpoint_interval(shard.cfg.checkpoint_every)
         self._saved_version = shard.version
+        self._saved_tables = (shard.tables.version, len(shard.tables.tables))  # tables changed since the last save?
         self._saved_init = shard.store.initialized  # restored: its checkpoint is on disk already
         self._lock = threading.Lock()
         threading.Thread(target=self._loop, daemon=True, name="ps-checkpoint").start()
@@ -130,6 +131,7 @@ class Checkpointer:
                 log.error("shard %d: checkpoint at version %d failed: %s", self.shard.cfg.shard_id, snap.version, e)
                 return None
             self._saved_version = snap.version
+            self._saved_tables = (self.shard.tables.version, len(self.shard.tables.tables))
             self.shard.count("checkpoints")
             log.info("shard %d: checkpoint %s", self.shard.cfg.shard_id, path)
             return path
@@ -143,7 +145,8 @@ class Checkpointer:
                 self.save()
                 last = time.monotonic()
                 continue
-            changed = self.shard.version != self._saved_version
+            tables = (self.shard.tables.version, len(self.shard.tables.tables))
+            changed = self.shard.version != self._saved_version or tables != self._saved_tables
             due = (time.monotonic() - last >= self.seconds if self.seconds
                    else self.shard.version - self._saved_version >= self.steps)
             if changed and due:
@@ -156,6 +159,7 @@ def _reap(shard: Shard, stop: threading.Event) -> None:
     while not stop.wait(interval):
         try:
             shard.evict_expired()
+            shard.tables.settle()  # evictions, the quorum's or a restore's deadline: table steps may go on
         except Exception:  # noqa: BLE001 - a bug here must not end evictions for good
             log.exception("shard %d: eviction pass failed", shard.cfg.shard_id)
 

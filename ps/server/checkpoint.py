@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import logging
 import os
 import re
@@ -106,7 +107,10 @@ def _save_chunk(base: str, suffix: str, tensors: dict[str, torch.Tensor]) -> dic
 
 def _save_tables(base: str, tables: TableSet, chunk_bytes: int) -> dict:
     """Write the tables chunk by chunk, holding them still meanwhile (their requests wait; the
-    memory taken is one chunk's); the manifest's section for them."""
+    memory taken is one chunk's); the manifest's section for them. The files of one attempt
+    carry a name of their own: a save again at the same version (at stop, say) never touches
+    the files the manifest on disk names until its own manifest replaces it."""
+    base = f"{base}-{secrets.token_hex(4)}"
     with tables.frozen() as (state, acc):
         out = {**state, "tables": []}
         for j, (name, table) in enumerate(tables.tables.items()):
@@ -125,7 +129,7 @@ def _save_tables(base: str, tables: TableSet, chunk_bytes: int) -> dict:
 
 def _chunk_files(directory: str, base_name: str) -> list[str]:
     """The table chunk files of the checkpoint named `base_name` (shard-k-vV)."""
-    pattern = re.compile(rf"^{re.escape(base_name)}-t\d+-(r\d+|p\d+|acc)\.safetensors$")
+    pattern = re.compile(rf"^{re.escape(base_name)}-[0-9a-f]{{8}}-t\d+-(r\d+|p\d+|acc)\.safetensors$")
     try:
         return [os.path.join(directory, n) for n in os.listdir(directory) if pattern.match(n)]
     except FileNotFoundError:
@@ -142,8 +146,6 @@ def save(directory: str, snap: Snapshot, tables: TableSet | None = None, chunk_b
     tensors.update({f"acc/{k}": g.contiguous() for k, g in snap.accumulated.items()})
     blob = st_save(tensors)
     base = os.path.join(directory, _name(snap.shard_id, snap.version))
-    for stale in _chunk_files(directory, os.path.basename(base)):  # an earlier try at this version
-        os.remove(stale)
     table_section = _save_tables(base, tables, chunk_bytes) if tables is not None and tables.tables else None
     manifest = {
         "format": FORMAT, "shard_id": snap.shard_id, "num_shards": snap.num_shards, "mode": snap.mode,
@@ -160,6 +162,11 @@ def save(directory: str, snap: Snapshot, tables: TableSet | None = None, chunk_b
     _write(base + ".safetensors", blob)
     _write(base + ".json", json.dumps(manifest, indent=1, sort_keys=True).encode())
     _sync_dir(directory)
+    named = {c["file"] for t in (table_section or {}).get("tables", ()) for c in
+             [*t["rows"], *t["pending"], *([t["acc"]] if t["acc"] else [])]}
+    for stale in _chunk_files(directory, os.path.basename(base)):  # an earlier save at this version
+        if os.path.basename(stale) not in named:
+            os.remove(stale)
     for old in [c for c in candidates(directory, snap.shard_id) if c != base + ".json"][KEEP - 1:]:
         old_base = old[:-len(".json")]
         for path in [old_base + ".json", old_base + ".safetensors",
@@ -261,11 +268,12 @@ def _load_tables(directory: str, section: dict) -> SavedTables:
             table.load_pending(_load_chunk(directory, chunk))
         table.version = int(entry["version"])
         table.counters.update({str(k): int(v) for k, v in entry["counters"].items()})
+        table.reindex()
         tables[table.spec.name] = table
     acc = {e["spec"]["name"]: _load_chunk(directory, e["acc"]) for e in section["tables"] if e.get("acc")}
     steps = {str(k) for k in section["step_pushes"]}
     for tensors in acc.values():
-        if any(key.partition("/")[2] not in steps or key.partition("/")[0] not in ("ids", "grads") for key in tensors):
+        if any(key.partition("/")[2] not in steps or key.partition("/")[0] not in ("ids", "grads", "seen") for key in tensors):
             raise DamagedCheckpoint("a table's partial sums name a step the manifest does not list")
     return SavedTables(tables, int(section["version"]), {str(k): int(v) for k, v in section["clocks"].items()},
                        {int(k): int(v) for k, v in section["step_pushes"].items()},

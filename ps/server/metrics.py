@@ -91,6 +91,7 @@ TABLE_COUNTERS = {  # TableStats key -> (metric name without ps_table_ and _tota
     "admission_dropped": ("admission_dropped_rows", "gradient rows dropped: their id was not admitted yet"),
     "rows_pulled": ("rows_pulled", "rows read"),
     "rows_pushed": ("rows_pushed", "gradient rows received"),
+    "pending_forgotten": ("pending_forgotten_ids", "admission counts dropped at the cap of ids counted"),
 }
 
 

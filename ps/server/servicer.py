@@ -25,7 +25,7 @@ import numpy as np
 
 from ps import buffers, link, shm, wire
 from ps.errors import (InvalidArgument, Overloaded, PlanMismatch, PSError, ResourceExhausted, ShmUnavailable,
-                       Unavailable)
+                       Unavailable, UnknownTable)
 from ps.proto import ps_pb2 as pb
 from ps.serde import (ids_from_proto, optimizer_from_proto, plan_from_proto, stats_to_proto, table_spec_from_proto,
                       tensor_from_proto, values_from_proto)
@@ -575,6 +575,7 @@ class ParameterServerServicer:
     async def Register(self, request, context):
         out = await self._run(0, self.shard.register, request.worker_id, request.plan_fingerprint, request.clock,
                               request.seen_version)
+        self.pool.submit(self.shard.tables.settle)  # the quorum may be complete now
         cfg = self.shard.cfg
         return pb.RegisterResponse(
             **out, mode=cfg.mode, staleness=cfg.staleness, num_workers=cfg.num_workers,
@@ -643,6 +644,7 @@ class ParameterServerServicer:
     @_rpc
     async def Leave(self, request, context):
         await self._run(0, self.shard.leave, request.worker_id)
+        self.pool.submit(self.shard.tables.settle)  # table steps stop waiting for it
         return pb.Ack()
 
     # -- embedding tables (ps.server.table) ------------------------------------------------------
@@ -654,13 +656,13 @@ class ParameterServerServicer:
             for msg in rows:
                 table = tables.tables.get(msg.table)
                 if table is None:
-                    raise InvalidArgument(f"no table {msg.table!r} on shard {self.shard.cfg.shard_id} "
-                                          f"(tables: {sorted(tables.tables)[:8]}); declare it first")
+                    raise UnknownTable(f"no table {msg.table!r} on shard {self.shard.cfg.shard_id} "
+                                       f"(tables: {sorted(tables.tables)[:8]}); declare it first")
                 ids = ids_from_proto(msg)
                 out.append(RowsIn(msg.table, ids, values_from_proto(msg, len(ids), table.spec.dim) if grads else None))
             tables.check(out)
             return out
-        except InvalidArgument as e:
+        except (InvalidArgument, UnknownTable) as e:
             self.shard.reject(e)
 
     @_rpc
@@ -670,7 +672,7 @@ class ParameterServerServicer:
         except InvalidArgument as e:
             self.shard.reject(e)
         tables = self.shard.tables
-        created = await self._run(0, tables.declare, specs)
+        created = await self._pooled(tables.declare, specs)  # (the tables' calls never wait on the loop)
         return pb.InitTablesResponse(created=created, mode=tables.policy.name,
                                      staleness=getattr(tables.policy, "staleness", 0), version=tables.version)
 
@@ -678,10 +680,11 @@ class ParameterServerServicer:
     async def PullRows(self, request, context):
         tables = self.shard.tables
         entries = self._rows_in(request.tables, grads=False)
+        if tables.policy.name == "sync" and request.worker_id:
+            await self._pooled(tables.arrive, request.worker_id, request.clock)
         await self._until(lambda wake: tables.ready_or_wait(request.worker_id, request.clock, wake) or None,
                           tables.forget)
-        n = sum(len(e.ids) for e in entries)
-        values, version = await self._run(n * 16, tables.read, entries)
+        values, version = await self._pooled(tables.read, entries)
         self.shard.count("bytes_pulled", sum(v.numel() * 4 for v in values))
         return wire.rows_message_frame(pb.PullRowsResponse(version=version),  # the rows' bytes as they are
                                        [wire.rows_frame(e.table, values=v.numpy()) for e, v in zip(entries, values)])
@@ -692,9 +695,8 @@ class ParameterServerServicer:
         nbytes = sum(len(m.values) + len(m.ids) for m in request.tables)
         try:
             async with self.admission.hold(nbytes):
-                outcome, version, staleness = await self._run(
-                    nbytes // 4, self.shard.tables.push, request.worker_id, request.clock, request.base_version,
-                    entries)
+                outcome, version, staleness = await self._pooled(
+                    self.shard.tables.push, request.worker_id, request.clock, request.base_version, entries)
         except InvalidArgument as e:
             self.shard.reject(e)
         if outcome != "DUPLICATE":

@@ -803,13 +803,14 @@ class Shard:
 
     def metrics(self) -> dict:
         """What the Prometheus endpoint exports (see ps.server.metrics)."""
+        tables = self.tables.stats()
         with self._lock:
             return {"shard_id": self.cfg.shard_id, "mode": self.policy.name, "version": self.version,
                     "active_workers": len(self._workers), "counters": dict(self.counters),
                     "waiting_pulls": len(self._waiters), "pending_bytes": self.pending_bytes,
                     "staleness_histogram": dict(self.staleness_hist),
                     "apply_latency": (APPLY_BUCKETS, list(self._apply_counts), self._apply_seconds),
-                    "tables": self.tables.stats()}
+                    "tables": tables}
 
     # -- checkpoints --------------------------------------------------------------------------
     def snapshot(self) -> Snapshot | None:

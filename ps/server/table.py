@@ -19,14 +19,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from ps.errors import InvalidArgument, PlanMismatch, StepConflict, Unavailable
+from ps.errors import InvalidArgument, PlanMismatch, StepConflict, Unavailable, UnknownTable
 from ps.server.policy import View, Verdict, make_policy
 from ps.tables import TableSpec, init_rows, mix64
 
@@ -35,8 +35,11 @@ log = logging.getLogger("ps.server")
 EMPTY, GONE = -1, -2  # IdIndex slots: never used; freed (a tombstone: probing goes on past it)
 _INDEX_SALT = np.uint64(0x7AB1_E5EE_D1DE_A5E5)
 MIN_CAPACITY = 1024
-MAX_AHEAD = 64  # sync: a push may name a step this far past the tables' current one
-TABLE_COUNTERS = ("created", "evicted_idle", "evicted_lru", "admission_dropped", "rows_pulled", "rows_pushed")
+PENDING_CAP = 1 << 22  # ids one table's shard keeps admission counts for; beyond, the least recently seen go
+MERGE_PARTS = 8  # sync: a step's pushes to one table are summed once this many are held
+MAX_AHEAD = 1 << 20  # sync: a push may name a step this far past the tables' current one
+TABLE_COUNTERS = ("created", "evicted_idle", "evicted_lru", "admission_dropped", "rows_pulled", "rows_pushed",
+                  "pending_forgotten")
 
 
 class IdIndex:
@@ -107,6 +110,53 @@ class IdIndex:
             self.insert(keys, vals)
 
 
+class Recency:
+    """Keys (ints) by the version they were last updated at, oldest first: the order in which
+    idle and over-cap entries go. Each update appends its keys; a key updated again leaves a
+    stale entry behind, skipped (and dropped) when reached, and the whole is rebuilt once stale
+    entries outnumber live ones. Taking k keys costs about k, not the table's size."""
+
+    def __init__(self):
+        self.buckets: deque[tuple[int, np.ndarray]] = deque()
+        self.size = 0
+
+    def add(self, version: int, keys: np.ndarray) -> None:
+        if len(keys):
+            self.buckets.append((version, np.array(keys, np.int64)))
+            self.size += len(keys)
+
+    def take(self, live: Callable[[np.ndarray, int], np.ndarray], tiebreak: Callable[[np.ndarray], np.ndarray],
+             until: int | None = None, count: int | None = None) -> np.ndarray:
+        """Remove and return the oldest keys still live (`live(keys, version)`: a bool mask):
+        all last updated at versions <= `until`, or the `count` oldest (among keys of one
+        version, the lowest `tiebreak(keys)` first)."""
+        out, need = [], count
+        while self.buckets and (need is None or need > 0):
+            version, keys = self.buckets[0]
+            if until is not None and version > until:
+                break
+            self.buckets.popleft()
+            self.size -= len(keys)
+            keys = keys[live(keys, version)]
+            if need is not None and len(keys) > need:
+                keys = keys[np.argsort(tiebreak(keys), kind="stable")]
+                self.buckets.appendleft((version, keys[need:]))
+                self.size += len(keys) - need
+                keys = keys[:need]
+            out.append(keys)
+            if need is not None:
+                need -= len(keys)
+        return np.concatenate(out) if out else np.empty(0, np.int64)
+
+    def rebuild(self, keys: np.ndarray, versions: np.ndarray) -> None:
+        """From the keys live now and the version each was last updated at."""
+        order = np.argsort(versions, kind="stable")
+        keys, versions = keys[order], versions[order]
+        starts = np.flatnonzero(np.r_[True, versions[1:] != versions[:-1]]) if len(keys) else []
+        self.buckets = deque((int(versions[a]), keys[a:b]) for a, b in zip(starts, [*starts[1:], len(keys)]))
+        self.size = len(keys)
+
+
 class Table:
     """One table's rows on one shard. Not thread-safe: the TableSet's lock guards it."""
 
@@ -122,12 +172,14 @@ class Table:
         self.used = 0                            # rows handed out (live or free) from the pool
         self.version = 0                         # updates applied (lazy adam's step; eviction's clock)
         self.pending = IdIndex()                 # admission: id -> slot of its count
-        self.pending_count = np.empty(0, np.int64)
-        self.pending_touched = np.empty(0, np.int64)
-        self.pending_free: list[int] = []
+        self.pending_count = np.zeros(0, np.int64)    # per slot: pushes that carried the id
+        self.pending_touched = np.zeros(0, np.int64)  # per slot: the version it was last counted at
+        self.pending_id = np.zeros(0, np.int64)       # per slot: the id
+        self.pending_used = 0                         # slots handed out (in use or free)
+        self.pending_free = np.empty(0, np.int64)
         self.counters: Counter[str] = Counter()
-        self._oldest = 0                         # no live row was last touched before this version
-        self._pending_oldest = 0                 # nor an admission count
+        self.recent = Recency()                  # rows by last update (eviction's order)
+        self.pending_recent = Recency()          # admission slots by last count
 
     # -- storage ------------------------------------------------------------------------------
     @property
@@ -218,25 +270,52 @@ class Table:
         slots, _ = self.pending.find(ids)
         new = slots < 0
         if new.any():
-            fresh = np.array([self.pending_free.pop() for _ in range(min(len(self.pending_free), int(new.sum())))],
-                             np.int64)
-            more = int(new.sum()) - len(fresh)
-            if more:
-                start = len(self.pending_count)
-                self.pending_count = np.concatenate([self.pending_count, np.zeros(more, np.int64)])
-                self.pending_touched = np.concatenate([self.pending_touched, np.zeros(more, np.int64)])
-                fresh = np.concatenate([fresh, np.arange(start, start + more, dtype=np.int64)])
+            fresh = self._pending_slots(int(new.sum()))
             self.pending_count[fresh] = 0
+            self.pending_id[fresh] = ids[new]
             self.pending.insert(ids[new], fresh)
             slots[new] = fresh
         self.pending_count[slots] += seen
         self.pending_touched[slots] = self.version
         admitted = self.pending_count[slots] >= self.spec.admit_after
-        if admitted.any():
-            _, where = self.pending.find(ids[admitted])
-            self.pending.remove_slots(where)
-            self.pending_free.extend(slots[admitted].tolist())
+        self._forget_pending(slots[admitted])
+        self.pending_recent.add(self.version, slots[~admitted])
+        if len(self.pending) > PENDING_CAP:  # the least recently counted go (a long tail of ids seen once)
+            gone = self.pending_recent.take(self._pending_live, self.pending_id.__getitem__,
+                                            count=len(self.pending) - PENDING_CAP)
+            self._forget_pending(gone)
+            self.counters["pending_forgotten"] += len(gone)
         return admitted
+
+    def _pending_slots(self, n: int) -> np.ndarray:
+        reuse = min(n, len(self.pending_free))
+        slots = self.pending_free[len(self.pending_free) - reuse:]
+        self.pending_free = self.pending_free[:len(self.pending_free) - reuse]
+        more = n - reuse
+        if more:
+            if self.pending_used + more > len(self.pending_count):
+                cap = max(MIN_CAPACITY, 2 * len(self.pending_count), self.pending_used + more)
+                for attr in ("pending_count", "pending_touched", "pending_id"):
+                    old = getattr(self, attr)
+                    arr = np.zeros(cap, np.int64)
+                    arr[:self.pending_used] = old[:self.pending_used]
+                    setattr(self, attr, arr)
+            slots = np.concatenate([slots, np.arange(self.pending_used, self.pending_used + more, dtype=np.int64)])
+            self.pending_used += more
+        return slots
+
+    def _forget_pending(self, slots: np.ndarray) -> None:
+        if len(slots):
+            _, where = self.pending.find(self.pending_id[slots])
+            self.pending.remove_slots(where)
+            self.pending_count[slots] = -1  # free: stale entries of it are skipped
+            self.pending_free = np.concatenate([self.pending_free, slots])
+
+    def _pending_live(self, slots: np.ndarray, version: int) -> np.ndarray:
+        return (self.pending_count[slots] >= 0) & (self.pending_touched[slots] == version)
+
+    def _row_live(self, rows: np.ndarray, version: int) -> np.ndarray:
+        return self.alive[rows] & (self.touched[rows] == version)
 
     def apply(self, version: int, ids: np.ndarray, grads: torch.Tensor, seen: np.ndarray) -> None:
         """Update `version` of the tables: `grads` (float32 [n, dim]) for distinct `ids`, each id
@@ -257,6 +336,11 @@ class Table:
             if len(rows):
                 self._step(torch.from_numpy(rows), grads)
             self.touched[rows] = self.version
+            if self.spec.evict_after or self.spec.max_rows:
+                self.recent.add(self.version, rows)
+                if self.recent.size > 2 * self.rows + MIN_CAPACITY:  # stale entries pile up: rebuild
+                    _, live = self.live_rows()
+                    self.recent.rebuild(live, self.touched[live])
             self.counters["rows_pushed"] += len(ids)
         self._expire()
         self._cap()
@@ -301,23 +385,12 @@ class Table:
         t = self.spec.evict_after
         if not t:
             return
-        if self.version - self._oldest >= t:
-            ids, rows = self.live_rows()
-            idle = self.version - self.touched[rows] >= t
-            if idle.any():
-                _, slots = self.index.find(ids[idle])
-                self._evict(slots, rows[idle], "evicted_idle")
-            left = rows[~idle]
-            self._oldest = int(self.touched[left].min()) if len(left) else self.version
-        if self.version - self._pending_oldest >= t:
-            pids, pslots = self.pending.items()
-            stale = self.version - self.pending_touched[pslots] >= t
-            if stale.any():
-                _, where = self.pending.find(pids[stale])
-                self.pending.remove_slots(where)
-                self.pending_free.extend(pslots[stale].tolist())
-            kept = pslots[~stale]
-            self._pending_oldest = int(self.pending_touched[kept].min()) if len(kept) else self.version
+        rows = self.recent.take(self._row_live, self.row_id.__getitem__, until=self.version - t)
+        if len(rows):
+            _, slots = self.index.find(self.row_id[rows])
+            self._evict(slots, rows, "evicted_idle")
+        self._forget_pending(self.pending_recent.take(self._pending_live, self.pending_id.__getitem__,
+                                                      until=self.version - t))
 
     def _cap(self) -> None:
         """Over max_rows: evict the least recently updated rows (the lowest ids first among
@@ -325,17 +398,9 @@ class Table:
         over = self.rows - self.spec.max_rows
         if not self.spec.max_rows or over <= 0:
             return
-        ids, rows = self.live_rows()
-        touched = self.touched[rows]
-        kth = np.partition(touched, over - 1)[over - 1]
-        victims = np.flatnonzero(touched < kth)
-        ties = np.flatnonzero(touched == kth)
-        need = over - len(victims)
-        if need < len(ties):
-            ties = ties[np.argpartition(ids[ties], need - 1)[:need]]
-        victims = np.concatenate([victims, ties])
-        _, slots = self.index.find(ids[victims])
-        self._evict(slots, rows[victims], "evicted_lru")
+        rows = self.recent.take(self._row_live, self.row_id.__getitem__, count=over)
+        _, slots = self.index.find(self.row_id[rows])
+        self._evict(slots, rows, "evicted_lru")
 
     def stats(self) -> dict:
         return {"rows": self.rows, "version": self.version, "pending": len(self.pending),
@@ -387,19 +452,23 @@ class Table:
         self.alive[rows] = True
         self.touched[rows] = chunk["touched"].numpy()
         self.index.insert(ids, rows)
-        self._oldest = min(self._oldest, int(self.touched[rows].min())) if n else self._oldest
 
     def load_pending(self, chunk: dict[str, torch.Tensor]) -> None:
         ids = chunk["ids"].numpy().astype(np.int64)
         if set(chunk) != {"ids", "count", "touched"} or len(chunk["count"]) != len(ids) or len(chunk["touched"]) != len(ids):
             raise ValueError(f"an admission chunk of table {self.spec.name!r} does not fit it")
-        start = len(self.pending_count)
-        slots = np.arange(start, start + len(ids), dtype=np.int64)
-        self.pending_count = np.concatenate([self.pending_count, chunk["count"].numpy().astype(np.int64)])
-        self.pending_touched = np.concatenate([self.pending_touched, chunk["touched"].numpy().astype(np.int64)])
+        slots = self._pending_slots(len(ids))
+        self.pending_count[slots] = chunk["count"].numpy()
+        self.pending_touched[slots] = chunk["touched"].numpy()
+        self.pending_id[slots] = ids
         self.pending.insert(ids, slots)
-        if len(ids):
-            self._pending_oldest = min(self._pending_oldest, int(self.pending_touched[slots].min()))
+
+    def reindex(self) -> None:
+        """After rows and counts were loaded: the eviction order from their last updates."""
+        _, rows = self.live_rows()
+        self.recent.rebuild(rows, self.touched[rows])
+        _, slots = self.pending.items()
+        self.pending_recent.rebuild(slots, self.pending_touched[slots])
 
 
 @dataclass
@@ -424,6 +493,19 @@ def coalesce(ids: np.ndarray, grads: torch.Tensor) -> tuple[np.ndarray, torch.Te
     return uniq, out, counts
 
 
+def _merge(parts: list[tuple[np.ndarray, torch.Tensor, np.ndarray]]) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+    """Parts of a sync step (distinct ids, summed gradients, pushes per id) as one."""
+    if len(parts) == 1:
+        return parts[0]
+    ids = np.concatenate([i for i, _, _ in parts])
+    uniq, inverse = np.unique(ids, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    grads = torch.zeros(len(uniq), parts[0][1].shape[1])
+    grads.index_add_(0, torch.from_numpy(inverse), torch.cat([g for _, g, _ in parts]))
+    seen = np.bincount(inverse, weights=np.concatenate([c for _, _, c in parts]), minlength=len(uniq))
+    return uniq, grads, seen.astype(np.int64)
+
+
 class TableSet:
     """The tables of one shard, their clocks and their consistency mode. Thread-safe: one lock
     guards everything here. It never takes the dense shard's lock (the shard calls `departed`
@@ -440,10 +522,13 @@ class TableSet:
         # push a later step to a shard whose current step still waits (its batch read no row
         # there, so nothing held it back): that push waits here for its step.
         self._steps: dict[int, _Step] = {}
+        # Pulls waiting for the tables' state to move. Their own lock, never held for long: a
+        # waiting pull is registered and withdrawn from the event loop, which must not wait for
+        # the tables' lock (a checkpoint holds it while it writes).
         self._waiters: list[Callable[[], None]] = []
+        self._wlock = threading.Lock()
         self.counters: Counter[str] = Counter()
         self.staleness_hist: Counter[int] = Counter()
-        shard.on_depart(self.departed)
 
     # -- declaration --------------------------------------------------------------------------
     def declare(self, specs: Sequence[TableSpec]) -> bool:
@@ -452,6 +537,8 @@ class TableSet:
             names = [s.name for s in specs]
             if len(set(names)) != len(names):
                 raise InvalidArgument(f"tables declared more than once: {sorted(n for n in set(names) if names.count(n) > 1)}")
+            if not specs:
+                raise InvalidArgument("a declaration names no table")
             if self.tables:
                 held = {n: t.spec for n, t in self.tables.items()}
                 if held != {s.name: s for s in specs}:
@@ -465,34 +552,52 @@ class TableSet:
 
     # -- helpers (lock held) ------------------------------------------------------------------
     def _view(self) -> View:
+        """The tables' version and the active workers' table clocks. A worker that has pushed no
+        table yet counts (sync) as not done with the current step, whatever its dense clock (its
+        dense push may come first); in async and ssp, at its dense clock."""
         active = self.shard.active_clocks()
-        clocks = tuple(self._clock.get(w, c) for w, c in active.items())
+        sync = self.policy.name == "sync"
+        clocks = tuple(self._clock.get(w, self.version if sync else c) for w, c in active.items())
         return View(self.version, clocks, self.shard.quorum)
 
     def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
+        with self._wlock:
+            waiters, self._waiters = self._waiters, []
         for wake in waiters:
             wake()
 
     def _table(self, name: str) -> Table:
         table = self.tables.get(name)
         if table is None:
-            raise InvalidArgument(f"no table {name!r} on shard {self.shard.cfg.shard_id} "
+            raise UnknownTable(f"no table {name!r} on shard {self.shard.cfg.shard_id} "
                                   f"(tables: {sorted(self.tables)[:8]}); declare it first")
         return table
 
     def _maybe_complete(self) -> None:
-        """Apply each sync step once its pushes are all in (a later one may be complete already)."""
+        """Apply each sync step once its pushes are all in (a later one may be complete already).
+        Steps no active worker will push again (every one is past them, none of their pushes is
+        here: lost with a restart from an older checkpoint) are skipped, counted as lost."""
         while self.policy.name == "sync":
             step = self._steps.get(self.version)
-            if step is None or not self.policy.step_ready(self._view(), step.pushes):
+            view = self._view()
+            if step is None and view.quorum and view.clocks and min(view.clocks) > self.version:
+                later = [c for c in self._steps if c > self.version]
+                target = min([min(view.clocks), *later])
+                log.warning("shard %d: table steps %d..%d have no push left (lost in a restart); skipping them",
+                            self.shard.cfg.shard_id, self.version, target)
+                self.counters["lost_steps"] += target - self.version
+                self.version = target
+                for table in self.tables.values():
+                    table.idle(target)
+                self._wake()
+                continue
+            if step is None or not self.policy.step_ready(view, step.pushes):
                 return
             del self._steps[self.version]
             for name, table in self.tables.items():
                 parts = step.rows.get(name, [])
                 if parts:
-                    ids, grads, seen = coalesce(np.concatenate([i for i, _ in parts]),
-                                                torch.cat([g for _, g in parts]))
+                    ids, grads, seen = _merge(parts)
                     table.apply(self.version + 1, ids, grads / step.pushes, seen)
                 else:
                     table.idle(self.version + 1)
@@ -521,7 +626,7 @@ class TableSet:
             return True
         self.shard.check_registered(worker_id)
         self.shard.heartbeat(worker_id)
-        with self._lock:
+        with self._wlock:  # (not the tables' lock: see _waiters; the version is read after it moved)
             if self.shard.stopped:
                 raise Unavailable(f"shard {self.shard.cfg.shard_id} is stopping")
             if self.policy.pull_ready(clock, self._view()):
@@ -530,7 +635,7 @@ class TableSet:
             return False
 
     def forget(self, wake: Callable[[], None]) -> None:
-        with self._lock:
+        with self._wlock:
             if wake in self._waiters:
                 self._waiters.remove(wake)
 
@@ -568,7 +673,10 @@ class TableSet:
                 step = self._steps.setdefault(clock, _Step())
                 for e in entries:
                     ids, grads, _ = coalesce(e.ids, e.grads)
-                    step.rows.setdefault(e.table, []).append((ids, grads))
+                    parts = step.rows.setdefault(e.table, [])
+                    parts.append((ids, grads, np.ones(len(ids), np.int64)))
+                    if len(parts) >= MERGE_PARTS:  # a step's sum kept about as large as the rows it touches
+                        parts[:] = [_merge(parts)]
                 step.pushes += 1
                 self._maybe_complete()
                 return "ACCUMULATED", self.version, 0
@@ -584,20 +692,37 @@ class TableSet:
             self._wake()
             return "APPLIED", self.version, staleness
 
-    def departed(self, worker_id: str) -> None:
-        """The shard let a worker go (its lock held): steps stop waiting for it."""
+    def arrive(self, worker_id: str, clock: int) -> None:
+        """A sync pull at `clock`: its worker has pushed every step below it (it pushes a step's
+        rows before it reads the next one's). A table clock below that means its pushes were lost
+        (the server restarted from an older checkpoint): they are given up, so that the steps
+        they belonged to can be skipped instead of waited for forever."""
+        if self.policy.name != "sync" or not worker_id:
+            return
         with self._lock:
-            self._clock.pop(worker_id, None)
+            known = self._clock.get(worker_id)
+            if (known is None or known < clock) and clock > self.version:
+                self.counters["lost_pushes"] += clock - (self.version if known is None else known)
+                self._clock[worker_id] = clock
+                self._maybe_complete()
+
+    def settle(self) -> None:
+        """The shard's membership moved (a worker left, was evicted or registered; the quorum was
+        reached, or the wait for workers after a restore ended): steps may complete, waiting
+        pulls look again. Called without the shard's lock (never under it: a checkpoint may hold
+        the tables' lock for long). A departed worker's table clock is kept, so its retries stay
+        duplicates should it come back."""
+        with self._lock:
             self._maybe_complete()
-            self._wake()
+        self._wake()
 
     def stop(self) -> None:
-        with self._lock:
-            self._wake()
+        self._wake()
 
     def stats(self) -> dict:
-        with self._lock:
-            return {name: t.stats() for name, t in self.tables.items()}
+        """Per table, its counts (read without the lock, so never held up by a checkpoint: each
+        number is one that was true, the set of them maybe not quite at one instant)."""
+        return {name: t.stats() for name, t in list(self.tables.items())}
 
     # -- checkpoints --------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -609,9 +734,10 @@ class TableSet:
             for clock, step in self._steps.items():
                 for name, parts in step.rows.items():
                     if parts:
-                        acc.setdefault(name, {}).update({
-                            f"ids/{clock}": torch.from_numpy(np.concatenate([i for i, _ in parts])),
-                            f"grads/{clock}": torch.cat([g for _, g in parts])})
+                        ids, grads, seen = _merge(parts)
+                        acc.setdefault(name, {}).update({f"ids/{clock}": torch.from_numpy(ids),
+                                                         f"grads/{clock}": grads,
+                                                         f"seen/{clock}": torch.from_numpy(seen)})
             yield {"mode": self.policy.name, "version": self.version, "clocks": dict(self._clock),
                    "step_pushes": {str(c): st.pushes for c, st in self._steps.items()},
                    "counters": dict(self.counters),
@@ -629,7 +755,8 @@ class TableSet:
                     kind, _, clock = key.partition("/")
                     if kind == "ids":
                         self._steps[int(clock)].rows[name] = [(ids.numpy().astype(np.int64),
-                                                               tensors[f"grads/{clock}"].to(torch.float32))]
+                                                               tensors[f"grads/{clock}"].to(torch.float32),
+                                                               tensors[f"seen/{clock}"].numpy().astype(np.int64))]
             self.counters = Counter(saved.counters)
             self.staleness_hist = Counter(saved.staleness_histogram)
 
@@ -639,7 +766,7 @@ class _Step:
     """A sync step of the tables not applied yet."""
 
     pushes: int = 0
-    rows: dict[str, list[tuple[np.ndarray, torch.Tensor]]] = field(default_factory=dict)
+    rows: dict[str, list[tuple[np.ndarray, torch.Tensor, np.ndarray]]] = field(default_factory=dict)  # (ids, sums, pushes)
 
 
 @dataclass

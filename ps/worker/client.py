@@ -47,8 +47,8 @@ import torch
 
 from ps import wire
 from ps.compress import Compressor
-from ps.config import DEFAULT_PARTITION_BYTES, OptimizerConfig
-from ps.errors import InvalidArgument, NotInitialized, Overloaded, PSError, UnknownWorker
+from ps.config import DEFAULT_PARTITION_BYTES, MAX_MESSAGE_BYTES, MESSAGE_HEADROOM_BYTES, OptimizerConfig
+from ps.errors import InvalidArgument, NotInitialized, Overloaded, PSError, UnknownTable, UnknownWorker
 from ps.proto import ps_pb2 as pb
 from ps.serde import (optimizer_to_proto, plan_to_proto, rows_to_proto, stats_from_proto, table_spec_to_proto,
                       tensor_to_proto, values_from_proto)
@@ -180,6 +180,7 @@ class PSClient:
         self.table_versions = [0] * len(self.servers)  # the newest table version read from each shard
         self.table_mode = ""
         self.table_bytes_pulled = 0  # bytes of table rows this client has read
+        self._tables_request: pb.InitTablesRequest | None = None
         try:
             self._t.run(self._t.wait_connected(connect_timeout))
         except BaseException:
@@ -553,6 +554,7 @@ class PSClient:
         """Declare server-held tables on every shard (idempotent; the first worker creates them,
         later ones must declare the same); returns the tables' consistency mode."""
         req = pb.InitTablesRequest(worker_id=self.worker_id, tables=[table_spec_to_proto(s) for s in specs])
+        self._tables_request = req
 
         async def go():
             return await gather_all([self._t.call(k, "InitTables", req) for k in range(len(self.servers))])
@@ -562,6 +564,19 @@ class PSClient:
         self.table_versions = [r.version for r in answers]
         self.table_mode = answers[0].mode
         return self.table_mode
+
+    async def _table_call(self, shard: int, method: str, request, **kwargs):
+        """A table call; a shard that no longer knows the tables (it restarted from a checkpoint
+        older than their declaration) is told them again, and the call sent again."""
+        try:
+            return await self._t.call(shard, method, request, **kwargs)
+        except UnknownTable:
+            if self._tables_request is None:
+                raise
+            log.warning("server %s (shard %d) does not know the tables: declaring them again", self.servers[shard],
+                        shard)
+            await self._t.call(shard, "InitTables", self._tables_request)
+            return await self._t.call(shard, method, request, **kwargs)
 
     def _table_ids(self, ids: Mapping[str, object]) -> dict[str, np.ndarray]:
         out = {}
@@ -595,7 +610,7 @@ class PSClient:
         async def fetch(shard: int, batch: list[tuple[str, np.ndarray]]) -> None:
             req = pb.PullRowsRequest(worker_id=worker, clock=clock or 0,
                                      tables=[rows_to_proto(name, ids[name][pos]) for name, pos in batch])
-            resp = await self._t.call(shard, "PullRows", req, rejoin=rejoin, waits=clock is not None)
+            resp = await self._table_call(shard, "PullRows", req, rejoin=rejoin, waits=clock is not None)
             if len(resp.tables) != len(batch):
                 raise InvalidArgument(f"server {self.servers[shard]} answered {len(resp.tables)} tables for {len(batch)}")
             for (name, pos), msg in zip(batch, resp.tables):
@@ -634,8 +649,15 @@ class PSClient:
                 raise InvalidArgument(f"table {name!r}: gradients have shape {tuple(g.shape)}, expected "
                                       f"({len(ids[name])}, {self.tables[name].dim}) for {len(ids[name])} ids")
             values[name] = g.detach().to("cpu", torch.float32)
+            if not bool(torch.isfinite(values[name]).all()):  # (checked here too: no shard may take a part)
+                raise InvalidArgument(f"table {name!r}: gradients hold NaN or infinity")
         n = len(self.servers)
         where = {name: shard_of(t_ids, n) for name, t_ids in ids.items()}
+        for k in range(n):  # a step's rows for one shard go in one request: refused before any is sent
+            size = sum(int((where[name] == k).sum()) * (8 + 4 * self.tables[name].dim) for name in ids)
+            if size > MAX_MESSAGE_BYTES - MESSAGE_HEADROOM_BYTES:
+                raise InvalidArgument(f"a push of {size} bytes of rows to shard {k} is more than one message takes "
+                                      f"({MAX_MESSAGE_BYTES - MESSAGE_HEADROOM_BYTES}): push fewer rows per step")
         rejoin = self._m.rejoiner(clock)
 
         async def send(shard: int) -> dict:
@@ -647,7 +669,7 @@ class PSClient:
                                                   values[name][torch.from_numpy(pos)].numpy()))
             req = wire.rows_message_frame(pb.PushRowsRequest(worker_id=self.worker_id, clock=clock,
                                                              base_version=self.table_versions[shard]), tables)
-            resp = await self._t.call(shard, "PushRows", req, rejoin=rejoin)
+            resp = await self._table_call(shard, "PushRows", req, rejoin=rejoin)
             return {"outcome": pb.PushResponse.Outcome.Name(resp.outcome), "version": resp.version,
                     "staleness": resp.staleness}
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from ps.config import OptimizerConfig
 from ps.embedding import ServerEmbeddingBag, TableGroup
-from ps.errors import InvalidArgument, PlanMismatch
+from ps.errors import InvalidArgument, PlanMismatch, UnknownTable
 from ps.proto import ps_pb2 as pb
 from ps.serde import rows_to_proto
 from ps.sharding import ParamSpec
@@ -156,6 +156,24 @@ def test_admission_and_eviction_counted_exactly_on_a_scripted_stream(cluster):
     assert torch.allclose(rows[0], init[0] - 5.0)  # 1 stepped at v2, v5, v6, v7 and v8 (lr 1, gradient 1)
 
 
+def test_the_row_cap_evicts_the_least_recently_updated_on_real_servers(cluster):
+    spec = TableSpec("t", 2, init="zeros", lr=1.0, max_rows=3)
+    script = [[5, 1, 3], [4], [1, 7], [2]]
+    with cluster(1, "async", num_workers=1) as addresses:
+        with PSClient(addresses, "w") as c:
+            c.setup({"b": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
+            c.init_tables([spec])
+            for clock, step_ids in enumerate(script):
+                t_ids = torch.tensor(step_ids)
+                c.push_rows(clock, {"t": (t_ids, torch.ones(len(t_ids), 2))})
+            s = c.stats()[0]["tables"]["t"]
+            rows = c.pull_rows(None, {"t": torch.tensor([1, 2, 3, 4, 5, 7])})["t"][:, 0].tolist()
+    # v2: 1, 3, 5 (v1) and 4: 1 goes (lowest id of the oldest). v3: 1 back, 7: 3 and 5 go (v1).
+    # v4: 2 joins 4 (v2), 1 and 7 (v3): 4 goes.
+    assert s["evicted_lru"] == 4 and s["rows"] == 3 and s["created"] == 7
+    assert rows == [-1.0, -1.0, 0.0, 0.0, 0.0, -1.0]  # 1 (created again at v3), 2, 7 held; the rest read as init
+
+
 def test_bad_table_input_is_refused_and_changes_nothing(cluster):
     spec = TableSpec("t", 4, init="zeros", lr=1.0)
     with cluster(1, "async", num_workers=1) as addresses:
@@ -186,7 +204,7 @@ def test_bad_table_input_is_refused_and_changes_nothing(cluster):
             ]
             for rule, rows in raw:
                 req = pb.PushRowsRequest(worker_id="w", clock=1, tables=[rows])
-                with pytest.raises(InvalidArgument, match=rule):
+                with pytest.raises(UnknownTable if rule == "no table" else InvalidArgument, match=rule):
                     c._t.run(c._t.call(0, "PushRows", req))
             after = c.stats()[0]
             final = c.pull_rows(None, {"t": torch.tensor([1, 2, 5])})["t"]
@@ -311,3 +329,107 @@ def test_prefetched_rows_are_the_rows_a_forward_reads_at_that_clock(cluster):
         assert torch.equal(fresh[0], init_rows(TableSpec("a", 4, lr=1.0), np.array([5], np.int64))[0] - 2.0)
         model.a._lookup(torch.tensor([5, 11]))  # 11 was not prefetched: read now
         assert pulls == [None, 1]
+
+
+def test_a_sync_table_step_waits_for_a_worker_whose_dense_push_came_first(cluster):
+    # (as with --push-early: a shard holding no dense tensor gets the empty dense push at once)
+    spec = TableSpec("t", 2, init="zeros", lr=1.0)
+    with cluster(1, "sync", num_workers=2) as addresses:
+        a, b = PSClient(addresses, "a"), PSClient(addresses, "b")
+        try:
+            for c in (a, b):
+                c.setup({"w": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
+                c.init_tables([spec])
+            ids = torch.arange(4)
+            a.push({"w": torch.ones(2)}, 0)
+            b.push({"w": torch.ones(2)}, 0)
+            assert a.push_rows(0, {"t": (ids, torch.ones(4, 2))})[0]["outcome"] == "ACCUMULATED"
+            assert b.push_rows(0, {"t": (ids, 3 * torch.ones(4, 2))})[0]["outcome"] == "ACCUMULATED"
+            assert a.pull_rows(1, {"t": ids})["t"].tolist() == [[-2.0, -2.0]] * 4  # the average of 1 and 3
+        finally:
+            a.close()
+            b.close()
+
+
+def _restart_flags(tmp_path, every):
+    """Flags of a server that comes back at the same address, from its checkpoints."""
+    from ps.tp.groups import free_port
+
+    return ["--port", str(free_port()), "--checkpoint-dir", str(tmp_path), "--checkpoint-every", every]
+
+
+def test_sync_tables_go_on_after_a_crash_restored_from_an_older_checkpoint(tmp_path):
+    import signal
+
+    from ps.cli.launch import start_servers, stop_all
+    from tests.conftest import _Sink
+
+    flags = _restart_flags(tmp_path, "3")
+    procs = start_servers(1, "sync", 1, extra=flags, out=_Sink(), worker_timeout=3.0)
+    ids = torch.arange(6)
+    c = PSClient([procs[0].address], "w")
+    try:
+        clock = c.setup({"w": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
+        c.init_tables([TableSpec("t", 2, init="zeros", lr=1.0)])
+
+        def step(clock):
+            c.pull(clock, into={"w": torch.zeros(2)})
+            c.pull_rows(clock, {"t": ids})
+            c.push_rows(clock, {"t": (ids, torch.ones(6, 2))})
+            c.push({"w": torch.ones(2)}, clock)
+
+        for clock in range(5):
+            step(clock)
+        procs[0].popen.send_signal(signal.SIGKILL)  # its newest checkpoint is older than step 4
+        procs[0].popen.wait()
+        procs = start_servers(1, "sync", 1, extra=[*flags, "--restore"], out=_Sink(), worker_timeout=3.0)
+        for clock in range(5, 8):
+            step(clock)
+        s = c.stats()[0]
+        assert s["version"] == s["table_version"] == 8
+    finally:
+        c.close()
+        stop_all(procs)
+
+
+def test_a_sync_table_step_restored_half_done_goes_on_without_a_worker_that_never_came_back(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ps.cli.launch import start_servers, stop_all
+    from tests.conftest import _Sink
+
+    flags = _restart_flags(tmp_path, "1000")
+    procs = start_servers(1, "sync", 3, extra=flags, out=_Sink(), worker_timeout=2.0)
+    ids = torch.arange(4)
+    clients = {n: PSClient([procs[0].address], n) for n in "abc"}
+    try:
+        for c in clients.values():
+            c.setup({"w": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
+            c.init_tables([TableSpec("t", 2, init="zeros", lr=1.0)])
+        clients["a"].push_rows(0, {"t": (ids, torch.ones(4, 2))})
+        clients["b"].push_rows(0, {"t": (ids, torch.ones(4, 2))})
+        stop_all(procs)  # SIGTERM: a checkpoint holding the half-done step (a and b in, c not)
+        clients["c"].close()  # c never comes back
+        procs = start_servers(1, "sync", 3, extra=[*flags, "--restore"], out=_Sink(), worker_timeout=2.0)
+        with ThreadPoolExecutor(2) as ex:
+            got = [ex.submit(clients[n].pull_rows, 1, {"t": ids}) for n in "ab"]
+            assert all(f.result(timeout=30)["t"].tolist() == [[-1.0, -1.0]] * 4 for f in got)
+    finally:
+        for c in clients.values():
+            c.close()
+        stop_all(procs)
+
+
+def test_a_bad_row_for_one_shard_changes_no_shard(cluster):
+    with cluster(2, "async", num_workers=1) as addresses:
+        with PSClient(addresses, "w") as c:
+            c.setup({"b": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
+            c.init_tables([TableSpec("t", 4, init="zeros", lr=1.0)])
+            grads = torch.ones(100, 4)
+            grads[37, 2] = float("nan")
+            with pytest.raises(InvalidArgument, match="NaN"):
+                c.push_rows(0, {"t": (torch.arange(100), grads)})
+            with pytest.raises(InvalidArgument, match="one message"):
+                c.push_rows(0, {"t": (torch.arange(6_000_000), torch.zeros(6_000_000, 4))})
+            assert [s["table_version"] for s in c.stats()] == [0, 0]
+            assert c.pull_rows(None, {"t": torch.arange(100)})["t"].abs().sum() == 0

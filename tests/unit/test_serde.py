@@ -67,7 +67,8 @@ def test_stats_round_trip():
              "shm_segments": 1, "shm_bytes": 4096, "shm_published": 2, "shm_lent_bytes": 1024,
              "table_mode": "async", "table_version": 12,
              "tables": {"t": {"rows": 5, "version": 12, "pending": 1, "created": 6, "evicted_idle": 1, "evicted_lru": 0,
-                              "admission_dropped": 2, "rows_pulled": 30, "rows_pushed": 20}}}
+                              "admission_dropped": 2, "rows_pulled": 30, "rows_pushed": 20,
+                              "pending_forgotten": 0}}}
     assert stats_from_proto(stats_to_proto(stats)) == stats
 
 

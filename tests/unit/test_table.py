@@ -165,3 +165,60 @@ def test_spec_checks_name_the_value():
     with pytest.raises(InvalidArgument, match=">= 0"):
         TableSpec("t", 4).check_ids(np.array([1, -3], np.int64))
     TableSpec("t", 4, signed_ids=True).check_ids(np.array([-3], np.int64))
+
+
+def _naive(stream, admit, idle, cap):
+    """The documented rules, one id at a time in plain Python: the reference for Table."""
+    rows, pending, counts = {}, {}, {"created": 0, "evicted_idle": 0, "evicted_lru": 0, "admission_dropped": 0}
+    for version, ids in enumerate(stream, start=1):
+        for i in sorted(set(ids)):
+            if i in rows:
+                rows[i] = version
+                continue
+            n, _ = pending.get(i, (0, 0))
+            if n + 1 >= admit:
+                pending.pop(i, None)
+                rows[i] = version
+                counts["created"] += 1
+            else:
+                pending[i] = (n + 1, version)
+                counts["admission_dropped"] += 1
+        if idle:
+            for i in [i for i, v in rows.items() if version - v >= idle]:
+                del rows[i]
+                counts["evicted_idle"] += 1
+            for i in [i for i, (_, v) in pending.items() if version - v >= idle]:
+                del pending[i]
+        if cap and len(rows) > cap:
+            for i in sorted(rows, key=lambda i: (rows[i], i))[:len(rows) - cap]:
+                del rows[i]
+                counts["evicted_lru"] += 1
+    return set(rows), set(pending), counts
+
+
+@pytest.mark.parametrize("admit,idle,cap", [(1, 0, 40), (2, 6, 0), (3, 5, 30), (1, 3, 25)])
+def test_admission_and_eviction_follow_the_documented_rules_on_a_random_stream(admit, idle, cap):
+    rng = np.random.default_rng(admit * 100 + idle * 10 + cap)
+    stream = [rng.zipf(1.3, rng.integers(1, 30)) % 120 for _ in range(300)]
+    table = Table(TableSpec("t", 2, admit_after=admit, evict_after=idle, max_rows=cap, lr=0.1))
+    for version, ids in enumerate(stream, start=1):
+        uniq = np.unique(ids).astype(np.int64)
+        table.apply(version, uniq, torch.ones(len(uniq), 2), np.ones(len(uniq), np.int64))
+    rows, pending, counts = _naive(stream, admit, idle, cap)
+    assert set(table.live_rows()[0].tolist()) == rows
+    assert set(table.pending.items()[0].tolist()) == pending
+    assert {k: table.stats()[k] for k in counts} == counts
+    assert table.recent.size <= 2 * table.rows + 1024 + 30  # stale entries do not pile up
+
+
+def test_admission_counts_are_capped_least_recently_seen_first(monkeypatch):
+    from ps.server import table as table_module
+
+    monkeypatch.setattr(table_module, "PENDING_CAP", 5)
+    table = Table(TableSpec("t", 2, admit_after=3))
+    for version, i in enumerate([1, 2, 3, 4, 5, 1, 6, 7], start=1):
+        table.apply(version, np.array([i], np.int64), torch.ones(1, 2), np.ones(1, np.int64))
+    assert sorted(table.pending.items()[0].tolist()) == [1, 4, 5, 6, 7]  # 2 and 3 forgotten
+    assert table.stats()["pending_forgotten"] == 2
+    table.apply(9, np.array([1], np.int64), torch.ones(1, 2), np.ones(1, np.int64))  # 1's third push
+    assert table.rows == 1

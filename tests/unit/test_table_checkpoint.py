@@ -75,7 +75,8 @@ def test_a_damaged_chunk_falls_back_to_the_previous_checkpoint(tmp_path):
     push(shard, "w0", 2, np.random.default_rng(3))
     shard.push("w0", shard.plan.fingerprint, 2, shard.version, [("p#0", torch.ones(2))], 0, 1)  # a newer version
     newest = checkpoint.save(str(tmp_path), shard.snapshot(), shard.tables, 16 << 10)
-    victim = os.path.join(tmp_path, os.path.basename(newest)[:-len(".json")] + "-t1-r0.safetensors")
+    prefix = os.path.basename(newest)[:-len(".json")]
+    victim, = [os.path.join(tmp_path, n) for n in os.listdir(tmp_path) if n.startswith(prefix) and n.endswith("-t1-r0.safetensors")]
     with open(victim, "r+b") as f:
         f.seek(100)
         f.write(b"\xff\xff\xff")
@@ -83,6 +84,36 @@ def test_a_damaged_chunk_falls_back_to_the_previous_checkpoint(tmp_path):
     new.restore(checkpoint.load_latest(str(tmp_path), 0, 1, "async"))
     assert all(torch.equal(a, b) for a, b in zip(before, rows(new)))
     assert os.path.exists(victim + ".corrupt")
+
+
+def test_a_failed_save_at_the_same_version_leaves_the_last_checkpoint_whole(tmp_path, monkeypatch):
+    shard = shard_with_tables("async", steps=2)
+    checkpoint.save(str(tmp_path), shard.snapshot(), shard.tables, 16 << 10)
+    before = rows(shard)
+    push(shard, "w0", 2, np.random.default_rng(3))  # the tables move; the dense version does not
+    real_write, writes = checkpoint._write, []
+
+    def failing(path, data):  # the disk fills up half way through the second save
+        writes.append(path)
+        if len(writes) == 3:
+            raise OSError(28, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(checkpoint, "_write", failing)
+    with pytest.raises(OSError):
+        checkpoint.save(str(tmp_path), shard.snapshot(), shard.tables, 16 << 10)
+    monkeypatch.setattr(checkpoint, "_write", real_write)
+    new = Shard(shard.cfg)
+    new.restore(checkpoint.load_latest(str(tmp_path), 0, 1, "async"))
+    assert all(torch.equal(a, b) for a, b in zip(before, rows(new)))
+    checkpoint.save(str(tmp_path), shard.snapshot(), shard.tables, 16 << 10)  # a later save cleans up after it
+    new = Shard(shard.cfg)
+    new.restore(checkpoint.load_latest(str(tmp_path), 0, 1, "async"))
+    assert all(torch.equal(a, b) for a, b in zip(rows(shard), rows(new)))
+    manifest = [n for n in os.listdir(tmp_path) if n.endswith(".json")]
+    assert len(manifest) == 1
+    named = open(os.path.join(tmp_path, manifest[0])).read()
+    assert all(n in named for n in os.listdir(tmp_path) if "-t" in n)
 
 
 def test_old_checkpoints_take_their_chunks_with_them(tmp_path):
