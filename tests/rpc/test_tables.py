@@ -133,9 +133,9 @@ def test_async_concurrent_pushes_to_overlapping_rows_sum_exactly(cluster, transp
     assert sum(s["table_version"] for s in stats) == 2 * CLIENTS * PUSHES
 
 
-def test_admission_and_eviction_counted_exactly_on_a_scripted_stream(cluster):
-    spec = TableSpec("t", 2, init="uniform", lr=1.0, admit_after=2, evict_after=3, max_rows=4)
-    script = [[1, 2], [1, 3], [2, 3, 4], [5, 6, 7, 8, 9], [1], [1], [1], [1]]
+def _scripted(cluster, spec, script, probe):
+    """Push gradients of ones for each step's ids (one async worker, one shard); the table's
+    stats and the rows of `probe` then."""
     with cluster(1, "async", num_workers=1) as addresses:
         with PSClient(addresses, "w") as c:
             c.setup({"b": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
@@ -143,8 +143,13 @@ def test_admission_and_eviction_counted_exactly_on_a_scripted_stream(cluster):
             for clock, step_ids in enumerate(script):
                 t_ids = torch.tensor(step_ids)
                 c.push_rows(clock, {"t": (t_ids, torch.ones(len(t_ids), 2))})
-            s = c.stats()[0]["tables"]["t"]
-            rows = c.pull_rows(None, {"t": torch.arange(1, 10)})["t"]
+            return c.stats()[0]["tables"]["t"], c.pull_rows(None, {"t": probe})["t"]
+
+
+def test_admission_and_eviction_counted_exactly_on_a_scripted_stream(cluster):
+    spec = TableSpec("t", 2, init="uniform", lr=1.0, admit_after=2, evict_after=3, max_rows=4)
+    script = [[1, 2], [1, 3], [2, 3, 4], [5, 6, 7, 8, 9], [1], [1], [1], [1]]
+    s, rows = _scripted(cluster, spec, script, torch.arange(1, 10))
     # v1: 1,2 pending. v2: 1 admitted (created, stepped), 3 pending. v3: 2,3 admitted, 4 pending.
     # v4: 5-9 pending (first sight), none admitted. v5: 1 stepped; 2, 3 untouched since v3: 2 updates.
     # v6: 2 and 3 untouched for 3 updates: evicted idle. v7, v8: 1 stepped.
@@ -159,15 +164,8 @@ def test_admission_and_eviction_counted_exactly_on_a_scripted_stream(cluster):
 def test_the_row_cap_evicts_the_least_recently_updated_on_real_servers(cluster):
     spec = TableSpec("t", 2, init="zeros", lr=1.0, max_rows=3)
     script = [[5, 1, 3], [4], [1, 7], [2]]
-    with cluster(1, "async", num_workers=1) as addresses:
-        with PSClient(addresses, "w") as c:
-            c.setup({"b": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
-            c.init_tables([spec])
-            for clock, step_ids in enumerate(script):
-                t_ids = torch.tensor(step_ids)
-                c.push_rows(clock, {"t": (t_ids, torch.ones(len(t_ids), 2))})
-            s = c.stats()[0]["tables"]["t"]
-            rows = c.pull_rows(None, {"t": torch.tensor([1, 2, 3, 4, 5, 7])})["t"][:, 0].tolist()
+    s, rows = _scripted(cluster, spec, script, torch.tensor([1, 2, 3, 4, 5, 7]))
+    rows = rows[:, 0].tolist()
     # v2: 1, 3, 5 (v1) and 4: 1 goes (lowest id of the oldest). v3: 1 back, 7: 3 and 5 go (v1).
     # v4: 2 joins 4 (v2), 1 and 7 (v3): 4 goes.
     assert s["evicted_lru"] == 4 and s["rows"] == 3 and s["created"] == 7
