@@ -431,3 +431,31 @@ def test_a_bad_row_for_one_shard_changes_no_shard(cluster):
                 c.push_rows(0, {"t": (torch.arange(6_000_000), torch.zeros(6_000_000, 4))})
             assert [s["table_version"] for s in c.stats()] == [0, 0]
             assert c.pull_rows(None, {"t": torch.arange(100)})["t"].abs().sum() == 0
+
+
+def _train_rows(cluster, device: str) -> torch.Tensor:
+    """3 sync steps of the Model above on `device` (one worker); the table's rows after."""
+    ids, y = _batches()
+    model = Model("adagrad").to(device)
+    with cluster(1, "sync", num_workers=1) as addresses, PSClient(addresses, "w") as c:
+        group = TableGroup(model, c)
+        clock = c.setup({n: p.detach().cpu() for n, p in model.named_parameters()},
+                        OptimizerConfig("sgd", lr=0.1, momentum=0.0))
+        group.setup()
+        for step in range(3):
+            weights = c.pull(clock)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.copy_(weights[n])
+            group.begin(clock)
+            model.zero_grad()
+            nn.functional.mse_loss(model(ids[step].to(device)), y[step].to(device)).backward()
+            group.push(clock)
+            c.push({n: p.grad.cpu() for n, p in model.named_parameters()}, clock)
+            clock += 1
+        return c.pull_rows(None, {"items": torch.arange(VOCAB)})["items"]
+
+
+@pytest.mark.gpu
+def test_a_cuda_model_trains_server_held_rows_like_a_cpu_one(cluster):
+    torch.testing.assert_close(_train_rows(cluster, "cuda"), _train_rows(cluster, "cpu"), rtol=1e-4, atol=1e-5)
