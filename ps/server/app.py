@@ -159,7 +159,9 @@ def _reap(shard: Shard, stop: threading.Event) -> None:
     while not stop.wait(interval):
         try:
             shard.evict_expired()
-            shard.tables.settle()  # evictions, the quorum's or a restore's deadline: table steps may go on
+            # evictions, the quorum's or a restore's deadline: table steps may go on (not waiting for
+            # a checkpoint of the tables: evictions go on meanwhile; the next pass settles them)
+            shard.tables.settle(wait=False)
         except Exception:  # noqa: BLE001 - a bug here must not end evictions for good
             log.exception("shard %d: eviction pass failed", shard.cfg.shard_id)
 

@@ -5,12 +5,16 @@ A checkpoint of shard k at version v is two files in the checkpoint directory:
                                       and a sync step's partial sums (`acc/<key>`)
   shard-k-v000000000123.json          the manifest: plan, optimizer, mode, version, worker clocks,
                                       counters, and the SHA-256 of the tensor file
-  shard-k-v000000000123-t0-r0.safetensors ...  server-held embedding tables (ps.server.table), in chunks
+  shard-k-v000000000123-N-t0-r0.safetensors ... server-held embedding tables (ps.server.table), in chunks
                                       of about checkpoint_chunk_bytes: table j's rows (-tj-rI: ids, values,
                                       optimizer state, last update), admission counts (-tj-pI) and a sync
-                                      step's partial sums (-tj-acc); each chunk's SHA-256 in the manifest
-Both are written to temporary names, flushed to disk and renamed; the manifest is renamed last,
-so a checkpoint exists only once it is complete. The newest KEEP checkpoints are kept. Loading
+                                      step's partial sums (-tj-acc); each chunk's SHA-256 in the manifest;
+                                      N a random name per save
+Each file is written to a temporary name, flushed to disk and renamed; the manifest is renamed
+last, so a checkpoint exists only once it is complete. A save again at a version on disk (at
+stop, or when only the tables moved) writes its dense file as shard-k-vV-N.safetensors: the
+files the manifest on disk names are never touched, and those no manifest names go once the
+new one is in place. The newest KEEP checkpoints are kept. Loading
 checks the digest before parsing, so a truncated or corrupted file is reported by name, renamed
 aside (`*.json.corrupt`, `*.safetensors.corrupt`: kept for inspection, never counted or pruned
 as a checkpoint) and the next older checkpoint is used instead. A checkpoint that is intact but
@@ -21,10 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
 import logging
 import os
 import re
+import secrets
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -127,9 +131,10 @@ def _save_tables(base: str, tables: TableSet, chunk_bytes: int) -> dict:
         return out
 
 
-def _chunk_files(directory: str, base_name: str) -> list[str]:
-    """The table chunk files of the checkpoint named `base_name` (shard-k-vV)."""
-    pattern = re.compile(rf"^{re.escape(base_name)}-[0-9a-f]{{8}}-t\d+-(r\d+|p\d+|acc)\.safetensors$")
+def _data_files(directory: str, base_name: str) -> list[str]:
+    """The tensor files of the checkpoint named `base_name` (shard-k-vV): its dense file (plain,
+    or named per save) and its tables' chunks, of every save at that version."""
+    pattern = re.compile(rf"^{re.escape(base_name)}(-[0-9a-f]{{8}}(-t\d+-(r\d+|p\d+|acc))?)?\.safetensors$")
     try:
         return [os.path.join(directory, n) for n in os.listdir(directory) if pattern.match(n)]
     except FileNotFoundError:
@@ -146,6 +151,11 @@ def save(directory: str, snap: Snapshot, tables: TableSet | None = None, chunk_b
     tensors.update({f"acc/{k}": g.contiguous() for k, g in snap.accumulated.items()})
     blob = st_save(tensors)
     base = os.path.join(directory, _name(snap.shard_id, snap.version))
+    # A save again at a version on disk (at stop; or the tables moved, not the dense version)
+    # writes files of its own: the checkpoint on disk stays whole until the manifest replaces it.
+    tensor_path = base + ".safetensors"
+    if os.path.exists(tensor_path):
+        tensor_path = f"{base}-{secrets.token_hex(4)}.safetensors"
     table_section = _save_tables(base, tables, chunk_bytes) if tables is not None and tables.tables else None
     manifest = {
         "format": FORMAT, "shard_id": snap.shard_id, "num_shards": snap.num_shards, "mode": snap.mode,
@@ -156,21 +166,20 @@ def save(directory: str, snap: Snapshot, tables: TableSet | None = None, chunk_b
         "plan": {"params": [[p.name, list(p.shape), p.dtype] for p in snap.plan.params],
                  "num_shards": snap.plan.num_shards, "partition_bytes": snap.plan.partition_bytes,
                  "fingerprint": snap.plan.fingerprint},
-        "tensors": os.path.basename(base) + ".safetensors", "sha256": hashlib.sha256(blob).hexdigest(),
+        "tensors": os.path.basename(tensor_path), "sha256": hashlib.sha256(blob).hexdigest(),
         "bytes": len(blob), "tables": table_section,
     }
-    _write(base + ".safetensors", blob)
+    _write(tensor_path, blob)
     _write(base + ".json", json.dumps(manifest, indent=1, sort_keys=True).encode())
     _sync_dir(directory)
     named = {c["file"] for t in (table_section or {}).get("tables", ()) for c in
-             [*t["rows"], *t["pending"], *([t["acc"]] if t["acc"] else [])]}
-    for stale in _chunk_files(directory, os.path.basename(base)):  # an earlier save at this version
+             [*t["rows"], *t["pending"], *([t["acc"]] if t["acc"] else [])]} | {os.path.basename(tensor_path)}
+    for stale in _data_files(directory, os.path.basename(base)):  # an earlier save at this version
         if os.path.basename(stale) not in named:
             os.remove(stale)
     for old in [c for c in candidates(directory, snap.shard_id) if c != base + ".json"][KEEP - 1:]:
         old_base = old[:-len(".json")]
-        for path in [old_base + ".json", old_base + ".safetensors",
-                     *_chunk_files(directory, os.path.basename(old_base))]:
+        for path in [old_base + ".json", *_data_files(directory, os.path.basename(old_base))]:
             try:
                 os.remove(path)
             except FileNotFoundError:
@@ -285,8 +294,7 @@ def quarantine(manifest_path: str) -> None:
     """Rename a damaged checkpoint's files aside, so that they are neither loaded again nor
     counted among the checkpoints kept (which would prune a good one in their place)."""
     base = manifest_path[:-len(".json")]
-    for path in (manifest_path, base + ".safetensors", *_chunk_files(os.path.dirname(manifest_path),
-                                                                      os.path.basename(base))):
+    for path in (manifest_path, *_data_files(os.path.dirname(manifest_path), os.path.basename(base))):
         if not os.path.exists(path):
             continue
         try:

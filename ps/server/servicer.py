@@ -17,7 +17,7 @@ import itertools
 import logging
 import math
 import secrets
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 import grpc
 
@@ -35,6 +35,7 @@ from ps.server.table import RowsIn
 log = logging.getLogger("ps.server")
 ERROR_CLASS_KEY = "ps-error-class"
 INLINE_ELEMENTS = 1 << 18  # shards (or requests) up to this many fp32 elements are served on the loop
+TABLE_THREADS = 4  # threads for embedding-table calls (their own: see _tabled)
 ADMISSION_WAIT = 2.0  # seconds a request waits for room before it is refused RESOURCE_EXHAUSTED
 
 
@@ -252,7 +253,9 @@ class ParameterServerServicer:
         self.arena: shm.Arena | None = None  # the slices' shared memory, from the first segment mapped on
         self._publishing = asyncio.Lock()
         self._leases = itertools.count(1)
+        self.table_pool = ThreadPoolExecutor(max_workers=TABLE_THREADS, thread_name_prefix=f"ps-tables{shard.cfg.shard_id}")
         shard.on_stop(self._end_streams)
+        shard.on_stop(lambda: self.table_pool.shutdown(wait=False))
         shard.on_depart(self._worker_gone)
 
     def _end_streams(self) -> None:
@@ -282,10 +285,10 @@ class ParameterServerServicer:
             return fn(*args)
         return await self._pooled(fn, *args)
 
-    async def _pooled(self, fn, *args):
-        """fn(*args) on the pool. Cancelled, it still waits for fn to end (a thread cannot be
-        stopped): a withdrawn request has ended only once nothing touches its bytes."""
-        job = self.pool.submit(functools.partial(fn, *args))
+    async def _pooled(self, fn, *args, pool: Executor | None = None):
+        """fn(*args) on the pool (or `pool`). Cancelled, it still waits for fn to end (a thread
+        cannot be stopped): a withdrawn request has ended only once nothing touches its bytes."""
+        job = (pool or self.pool).submit(functools.partial(fn, *args))
         fut = asyncio.wrap_future(job)
         try:
             return await asyncio.shield(fut)
@@ -575,7 +578,7 @@ class ParameterServerServicer:
     async def Register(self, request, context):
         out = await self._run(0, self.shard.register, request.worker_id, request.plan_fingerprint, request.clock,
                               request.seen_version)
-        self.pool.submit(self.shard.tables.settle)  # the quorum may be complete now
+        self.table_pool.submit(self.shard.tables.settle)  # the quorum may be complete now
         cfg = self.shard.cfg
         return pb.RegisterResponse(
             **out, mode=cfg.mode, staleness=cfg.staleness, num_workers=cfg.num_workers,
@@ -644,10 +647,16 @@ class ParameterServerServicer:
     @_rpc
     async def Leave(self, request, context):
         await self._run(0, self.shard.leave, request.worker_id)
-        self.pool.submit(self.shard.tables.settle)  # table steps stop waiting for it
+        self.table_pool.submit(self.shard.tables.settle)  # table steps stop waiting for it
         return pb.Ack()
 
     # -- embedding tables (ps.server.table) ------------------------------------------------------
+    async def _tabled(self, fn, *args):
+        """A table call, on threads of the tables' own: a checkpoint holds the tables' lock while it
+        writes them, and table calls waiting for it must hold neither the event loop nor the
+        threads dense requests use."""
+        return await self._pooled(fn, *args, pool=self.table_pool)
+
     def _rows_in(self, rows, grads: bool) -> list[RowsIn]:
         """Decode a request's tables (checked before anything waits or changes)."""
         tables = self.shard.tables
@@ -672,7 +681,7 @@ class ParameterServerServicer:
         except InvalidArgument as e:
             self.shard.reject(e)
         tables = self.shard.tables
-        created = await self._pooled(tables.declare, specs)  # (the tables' calls never wait on the loop)
+        created = await self._tabled(tables.declare, specs)
         return pb.InitTablesResponse(created=created, mode=tables.policy.name,
                                      staleness=getattr(tables.policy, "staleness", 0), version=tables.version)
 
@@ -681,10 +690,10 @@ class ParameterServerServicer:
         tables = self.shard.tables
         entries = self._rows_in(request.tables, grads=False)
         if tables.policy.name == "sync" and request.worker_id:
-            await self._pooled(tables.arrive, request.worker_id, request.clock)
+            await self._tabled(tables.arrive, request.worker_id, request.clock)
         await self._until(lambda wake: tables.ready_or_wait(request.worker_id, request.clock, wake) or None,
                           tables.forget)
-        values, version = await self._pooled(tables.read, entries)
+        values, version = await self._tabled(tables.read, entries)
         self.shard.count("bytes_pulled", sum(v.numel() * 4 for v in values))
         return wire.rows_message_frame(pb.PullRowsResponse(version=version),  # the rows' bytes as they are
                                        [wire.rows_frame(e.table, values=v.numpy()) for e, v in zip(entries, values)])
@@ -695,7 +704,7 @@ class ParameterServerServicer:
         nbytes = sum(len(m.values) + len(m.ids) for m in request.tables)
         try:
             async with self.admission.hold(nbytes):
-                outcome, version, staleness = await self._pooled(
+                outcome, version, staleness = await self._tabled(
                     self.shard.tables.push, request.worker_id, request.clock, request.base_version, entries)
         except InvalidArgument as e:
             self.shard.reject(e)

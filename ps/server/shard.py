@@ -436,6 +436,7 @@ class Shard:
         self.counters["reinitialized"] += 1
         self.counters["lost_updates"] += lost
         self._recovered = True
+        self.tables.restarted()
         if not self._quorum:  # the shard had had its quorum: wait one lease for the workers to come back
             self._quorum_deadline = self._now() + self.cfg.worker_timeout
 
@@ -883,6 +884,7 @@ class Shard:
             self.counters = Counter(snap.counters)
             if snap.tables is not None:
                 self.tables.restore(snap.tables)
+            self.tables.restarted()
             log.info("shard %d: restored version %d (%d slices, %d workers' clocks)", self.cfg.shard_id,
                      self.version, len(snap.params), len(snap.clocks))
 

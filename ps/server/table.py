@@ -280,6 +280,9 @@ class Table:
         admitted = self.pending_count[slots] >= self.spec.admit_after
         self._forget_pending(slots[admitted])
         self.pending_recent.add(self.version, slots[~admitted])
+        if self.pending_recent.size > 2 * len(self.pending) + MIN_CAPACITY:  # stale entries pile up: rebuild
+            _, held = self.pending.items()
+            self.pending_recent.rebuild(held, self.pending_touched[held])
         if len(self.pending) > PENDING_CAP:  # the least recently counted go (a long tail of ids seen once)
             gone = self.pending_recent.take(self._pending_live, self.pending_id.__getitem__,
                                             count=len(self.pending) - PENDING_CAP)
@@ -529,6 +532,8 @@ class TableSet:
         self._wlock = threading.Lock()
         self.counters: Counter[str] = Counter()
         self.staleness_hist: Counter[int] = Counter()
+        self._restarted = False  # restored from a checkpoint (or empty after a restart): see arrive
+        self._pushed_since: set[str] = set()  # workers that pushed tables here since
 
     # -- declaration --------------------------------------------------------------------------
     def declare(self, specs: Sequence[TableSpec]) -> bool:
@@ -668,6 +673,7 @@ class TableSet:
                 raise StepConflict(f"table push for clock {clock} is more than {MAX_AHEAD} steps ahead of the "
                                    f"tables' step {self.version} on shard {self.shard.cfg.shard_id}")
             self._clock[worker_id] = clock + 1
+            self._pushed_since.add(worker_id)
             self.counters["pushes"] += 1
             if verdict in (Verdict.ACCUMULATE, Verdict.AHEAD):
                 step = self._steps.setdefault(clock, _Step())
@@ -693,27 +699,33 @@ class TableSet:
             return "APPLIED", self.version, staleness
 
     def arrive(self, worker_id: str, clock: int) -> None:
-        """A sync pull at `clock`: its worker has pushed every step below it (it pushes a step's
-        rows before it reads the next one's). A table clock below that means its pushes were lost
-        (the server restarted from an older checkpoint): they are given up, so that the steps
-        they belonged to can be skipped instead of waited for forever."""
-        if self.policy.name != "sync" or not worker_id:
+        """A sync pull at `clock` after this shard restarted, from a worker that has pushed no
+        table here since: it pushed every step below `clock` (the trainer pushes a step's rows,
+        and has them acknowledged, before it reads the next step's), so a table clock below that
+        means pushes the checkpoint lacks. They are given up, so that the steps they belonged
+        to can be skipped instead of waited for forever. Never on a shard that did not restart,
+        nor for a worker that pushed since: a pull may run ahead of its own push (a prefetch)."""
+        if self.policy.name != "sync" or not worker_id or not self._restarted or worker_id in self._pushed_since:
             return
         with self._lock:
             known = self._clock.get(worker_id)
-            if (known is None or known < clock) and clock > self.version:
+            if (known is None or known < clock) and self.version < clock <= self.version + MAX_AHEAD:
                 self.counters["lost_pushes"] += clock - (self.version if known is None else known)
                 self._clock[worker_id] = clock
                 self._maybe_complete()
 
-    def settle(self) -> None:
+    def settle(self, wait: bool = True) -> None:
         """The shard's membership moved (a worker left, was evicted or registered; the quorum was
         reached, or the wait for workers after a restore ended): steps may complete, waiting
         pulls look again. Called without the shard's lock (never under it: a checkpoint may hold
-        the tables' lock for long). A departed worker's table clock is kept, so its retries stay
-        duplicates should it come back."""
-        with self._lock:
+        the tables' lock for long; `wait=False`: do nothing if it is held, the caller comes back).
+        A departed worker's table clock is kept, so its retries stay duplicates should it come back."""
+        if not self._lock.acquire(blocking=wait):
+            return
+        try:
             self._maybe_complete()
+        finally:
+            self._lock.release()
         self._wake()
 
     def stop(self) -> None:
@@ -742,6 +754,12 @@ class TableSet:
                    "step_pushes": {str(c): st.pushes for c, st in self._steps.items()},
                    "counters": dict(self.counters),
                    "staleness_histogram": {str(k): v for k, v in self.staleness_hist.items()}}, acc
+
+    def restarted(self) -> None:
+        """The shard restarted (from a checkpoint, or empty): see `arrive`. (No lock: the shard
+        calls it holding its own; two attribute writes under the GIL.)"""
+        self._pushed_since = set()
+        self._restarted = True
 
     def restore(self, saved: "SavedTables") -> None:
         """Resume from a checkpoint's tables (before serving)."""

@@ -459,3 +459,17 @@ def _train_rows(cluster, device: str) -> torch.Tensor:
 @pytest.mark.gpu
 def test_a_cuda_model_trains_server_held_rows_like_a_cpu_one(cluster):
     torch.testing.assert_close(_train_rows(cluster, "cuda"), _train_rows(cluster, "cpu"), rtol=1e-4, atol=1e-5)
+
+
+def test_a_sync_pull_that_runs_ahead_of_its_own_push_waits_and_gives_nothing_up(cluster):
+    spec = TableSpec("t", 2, init="zeros", lr=1.0)
+    with cluster(1, "sync", num_workers=1) as addresses, PSClient(addresses, "w") as c:
+        c.setup({"b": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
+        c.init_tables([spec])
+        ids = torch.tensor([3, 4])
+        for clock in range(3):
+            ahead = c.pull_rows_async(clock + 1, {"t": ids})  # the next step's rows, asked for first
+            assert c.push_rows(clock, {"t": (ids, torch.ones(2, 2))})[0]["outcome"] == "ACCUMULATED"
+            assert ahead.result(timeout=10)["t"].tolist() == [[-(clock + 1.0)] * 2] * 2
+        s = c.stats()[0]
+        assert s["table_version"] == 3 and s["tables"]["t"]["rows"] == 2
