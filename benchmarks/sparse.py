@@ -1,13 +1,14 @@
 """Server-held embedding tables: rows per second pulled and pushed for batches of 4k-64k distinct
 ids, against a local torch.nn.Embedding lookup of the same rows, measured in the same run; and
-the bytes a step moves against a dense push and pull of the whole table.
+the bytes a step moves against a dense push and pull of the whole table; and what eviction
+costs a server's update (in this process, on one shard's table: no servers).
 
 One worker process (this one), 2 server shards on this host (async mode: nothing waits for
 other workers), a table of `--rows` rows of `--dim` floats filled first; then per batch size,
 `--repeat` batches of distinct ids drawn Zipf-like from the table's ids, each pulled, then its
 gradients pushed (sgd). Times are medians over the batches.
 
-    python benchmarks/sparse.py [--rows 1000000 --dim 16 --repeat 20 --transport auto]
+    python benchmarks/sparse.py [--rows 1000000 --dim 16 --repeat 20 --transport auto --evict-rows 2000000]
 """
 
 from __future__ import annotations
@@ -37,12 +38,39 @@ def zipf_ids(rng: np.random.Generator, rows: int, unique: int) -> torch.Tensor:
     return torch.tensor(sorted(out)[:unique])
 
 
+def eviction_cost(rows: int, dim: int, batch: int = 4096, updates: int = 30) -> None:
+    """ms per update of `batch` rows (half of them new) on one shard's table of `rows` rows:
+    without eviction, at a max_rows cap (every update evicts), and with idle eviction."""
+    from ps.server.table import Table
+
+    rng = np.random.default_rng(1)
+    print(f"eviction: one shard's table of {rows:,} rows x {dim}, updates of {batch} rows (half new)")
+    for label, extra in (("no eviction", {}), ("at max_rows", {"max_rows": rows}), ("evict_after 50", {"evict_after": 50})):
+        table = Table(TableSpec("t", dim, **extra))
+        for v, start in enumerate(range(0, rows, 65536), start=1):  # filled first
+            ids = np.arange(start, min(rows, start + 65536), dtype=np.int64)
+            table.apply(v, ids, torch.zeros(len(ids), dim), np.ones(len(ids), np.int64))
+        version, fresh, times = v, rows, []
+        for _ in range(updates):
+            old = rng.choice(rows, batch // 2, replace=False).astype(np.int64)
+            new = np.arange(fresh, fresh + batch // 2, dtype=np.int64)
+            fresh += batch // 2
+            ids = np.unique(np.concatenate([old, new]))
+            version += 1
+            t = time.perf_counter()
+            table.apply(version, ids, torch.ones(len(ids), dim), np.ones(len(ids), np.int64))
+            times.append(time.perf_counter() - t)
+        print(f"  {label:15} {1000 * statistics.median(times):6.2f} ms per update, {table.rows:,} rows held, "
+              f"evicted {table.stats()['evicted_lru'] + table.stats()['evicted_idle']:,}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=16)
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--transport", default="auto")
+    p.add_argument("--evict-rows", type=int, default=2_000_000, help="table size for the eviction cost (0: skip)")
     args = p.parse_args()
     spec = TableSpec("t", args.dim, lr=0.01)
     rng = np.random.default_rng(0)
@@ -85,6 +113,8 @@ def main() -> None:
                       f"{loc / pull:>10.3f} {sparse_bytes:>11,} {dense_bytes / sparse_bytes:>12,.0f}")
     finally:
         stop_all(procs)
+    if args.evict_rows:
+        eviction_cost(args.evict_rows, args.dim)
 
 
 if __name__ == "__main__":
