@@ -57,7 +57,7 @@ def _reference(optimizer: str):
     return emb.weight.detach(), {n: p.detach() for n, p in head.named_parameters()}
 
 
-@pytest.mark.parametrize("optimizer,transport", [("sgd", "stream"), ("adagrad", "unary"), ("lazy_adam", "shm")])
+@pytest.mark.parametrize("optimizer,transport", [("sgd", "stream"), ("adagrad", "unary"), ("lazy_adam", "shm"), ("sgd", "tcp")])
 def test_two_sync_workers_equal_single_process_sparse_training(cluster, transport_for, optimizer, transport):
     transport_for(transport)
     ids, y = _batches()
@@ -100,7 +100,7 @@ def test_two_sync_workers_equal_single_process_sparse_training(cluster, transpor
 CLIENTS, PUSHES = 6, 40
 
 
-@pytest.mark.parametrize("transport", ["stream", "unary"])
+@pytest.mark.parametrize("transport", ["stream", "unary", "shm", "tcp"])
 def test_async_concurrent_pushes_to_overlapping_rows_sum_exactly(cluster, transport_for, transport):
     transport_for(transport)
     spec = TableSpec("t", 4, init="zeros", lr=1.0)
