@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ps.errors import InvalidArgument
-from ps.tables import TableSpec, as_ids
+from ps.tables import TableSpec, as_ids, coalesce
 
 log = logging.getLogger("ps.worker")
 
@@ -89,17 +89,14 @@ class ServerEmbedding(nn.Module):
 
     def prefetch(self, ids: torch.Tensor, clock: int) -> None:
         """Start reading the rows of `ids` at `clock` in the background (the next step's batch)."""
-        uniq = np.unique(as_ids(ids, f"ids of table {self.spec.name!r}"))
-        self.spec.check_ids(uniq)
+        uniq = np.unique(as_ids(ids, f"ids of table {self.spec.name!r}"))  # (the client checks them)
         if self._ahead is not None:
             self._ahead[2].cancel()
         self._ahead = (clock, uniq, self._client.pull_rows_async(clock, {self.spec.name: uniq}))
 
     def _lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(distinct rows on ids' device, index of each id among them)."""
-        flat = as_ids(ids, f"ids of table {self.spec.name!r}")
-        self.spec.check_ids(flat)
-        uniq, inverse = np.unique(flat, return_inverse=True)
+        uniq, inverse = np.unique(as_ids(ids, f"ids of table {self.spec.name!r}"), return_inverse=True)
         rows = self._rows(uniq).to(ids.device)
         if self.training and self._clock is not None and torch.is_grad_enabled():
             rows.requires_grad_(True)
@@ -117,14 +114,9 @@ class ServerEmbedding(nn.Module):
         self._touched = []
         if not parts:
             return None
-        if len(parts) == 1:
-            return parts[0][0], parts[0][1].detach().to("cpu", torch.float32)
-        ids = np.concatenate([i for i, _ in parts])
-        grads = torch.cat([g.detach().to("cpu", torch.float32) for _, g in parts])
-        uniq, inverse = np.unique(ids, return_inverse=True)
-        out = torch.zeros(len(uniq), self.spec.dim)
-        out.index_add_(0, torch.from_numpy(inverse.reshape(-1)), grads)
-        return uniq, out
+        ids, grads, _ = coalesce(np.concatenate([i for i, _ in parts]),
+                                 torch.cat([g.detach().to("cpu", torch.float32) for _, g in parts]))
+        return ids, grads
 
 
 class ServerEmbeddingBag(ServerEmbedding):

@@ -131,11 +131,34 @@ class TableSpec:
     def fingerprint(self) -> str:
         return hashlib.sha256(repr(sorted(asdict(self).items())).encode()).hexdigest()[:16]
 
+    def check_grads(self, num_ids: int, grads: torch.Tensor) -> None:
+        """InvalidArgument unless `grads` is one finite row of dim floats per id."""
+        if tuple(grads.shape) != (num_ids, self.dim):
+            raise InvalidArgument(f"table {self.name!r}: gradients have shape {tuple(grads.shape)}, expected "
+                                  f"({num_ids}, {self.dim}) for {num_ids} ids")
+        if num_ids and not bool(torch.isfinite(grads).all()):
+            raise InvalidArgument(f"table {self.name!r}: gradients hold NaN or infinity")
+
     def check_ids(self, ids: np.ndarray, what: str = "ids") -> None:
         """InvalidArgument for negative ids when the table takes none."""
         if not self.signed_ids and len(ids) and int(ids.min()) < 0:
             raise InvalidArgument(f"table {self.name!r}: {what} must be >= 0 (found {int(ids.min())}); "
                                   "declare the table with signed_ids=True to allow negative ids")
+
+
+def coalesce(ids: np.ndarray, grads: torch.Tensor, counts: np.ndarray | None = None
+             ) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+    """Sorted distinct ids, their summed gradients, and their summed `counts` (default: one per
+    row given: how many rows each id had). Ids already sorted and distinct (np.unique's output)
+    come back as they are."""
+    counts = np.ones(len(ids), np.int64) if counts is None else counts
+    if len(ids) < 2 or bool((ids[1:] > ids[:-1]).all()):
+        return ids, grads, counts
+    uniq, inverse = np.unique(ids, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    out = torch.zeros(len(uniq), grads.shape[1], dtype=grads.dtype)
+    out.index_add_(0, torch.from_numpy(inverse), grads)
+    return uniq, out, np.bincount(inverse, weights=counts, minlength=len(uniq)).astype(np.int64)
 
 
 def _uniform(ids: np.ndarray, dim: int, seed: int, stream: int) -> np.ndarray:

@@ -114,14 +114,18 @@ class Checkpointer:
         self.shard, self._stop = shard, stop
         self.seconds, self.steps = checkpoint_interval(shard.cfg.checkpoint_every)
         self._saved_version = shard.version
-        self._saved_tables = (shard.tables.version, len(shard.tables.tables))  # tables changed since the last save?
+        self._saved_tables = self._tables_state()
         self._saved_init = shard.store.initialized  # restored: its checkpoint is on disk already
         self._lock = threading.Lock()
         threading.Thread(target=self._loop, daemon=True, name="ps-checkpoint").start()
 
+    def _tables_state(self) -> tuple[int, int]:
+        """What tells whether the tables moved since a save: their version and how many there are."""
+        return self.shard.tables.version, len(self.shard.tables.tables)
+
     def save(self) -> str | None:
         with self._lock:
-            snap = self.shard.snapshot()
+            snap, tables = self.shard.snapshot(), self._tables_state()  # (tables: read before they are written)
             if snap is None:
                 return None
             try:
@@ -131,7 +135,7 @@ class Checkpointer:
                 log.error("shard %d: checkpoint at version %d failed: %s", self.shard.cfg.shard_id, snap.version, e)
                 return None
             self._saved_version = snap.version
-            self._saved_tables = (self.shard.tables.version, len(self.shard.tables.tables))
+            self._saved_tables = tables
             self.shard.count("checkpoints")
             log.info("shard %d: checkpoint %s", self.shard.cfg.shard_id, path)
             return path
@@ -145,8 +149,7 @@ class Checkpointer:
                 self.save()
                 last = time.monotonic()
                 continue
-            tables = (self.shard.tables.version, len(self.shard.tables.tables))
-            changed = self.shard.version != self._saved_version or tables != self._saved_tables
+            changed = self.shard.version != self._saved_version or self._tables_state() != self._saved_tables
             due = (time.monotonic() - last >= self.seconds if self.seconds
                    else self.shard.version - self._saved_version >= self.steps)
             if changed and due:

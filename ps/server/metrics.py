@@ -29,6 +29,14 @@ COUNTERS = {  # counter key -> (metric name without ps_ and _total, help)
 }
 
 
+def _family(kind, name: str, doc: str, labels: list[str], samples):
+    """A metric family of `kind` with one sample per (label values, value) in `samples`."""
+    family = kind(name, doc, labels=labels)
+    for values, value in samples:
+        family.add_metric(values, value)
+    return family
+
+
 class ShardCollector(Collector):
     def __init__(self, shard: Shard):
         self.shard = shard
@@ -38,23 +46,28 @@ class ShardCollector(Collector):
         labels = {"shard": str(s["shard_id"]), "mode": s["mode"]}
         names, values = list(labels), list(labels.values())
         for key, (name, doc) in COUNTERS.items():
-            c = CounterMetricFamily(f"ps_{name}", doc, labels=names)
-            c.add_metric(values, s["counters"].get(key, 0))
-            yield c
+            yield _family(CounterMetricFamily, f"ps_{name}", doc, names, [(values, s["counters"].get(key, 0))])
         for name, doc, value in (("version", "updates applied (sync: steps)", s["version"]),
                                  ("active_workers", "workers holding a lease", s["active_workers"]),
                                  ("waiting_pulls", "pulls waiting for their step (they hold no thread)",
                                   s["waiting_pulls"]),
                                  ("pending_bytes", "bytes held in half-assembled pushes", s["pending_bytes"])):
-            g = GaugeMetricFamily(f"ps_{name}", doc, labels=names)
-            g.add_metric(values, value)
-            yield g
+            yield _family(GaugeMetricFamily, f"ps_{name}", doc, names, [(values, value)])
+        # Per server-held table (label `table`): rows held and admission counts now, and its counters.
+        tables, per_table = s["tables"], [*names, "table"]
+        for name, doc, key in (("table_rows", "rows of a server-held table held on this shard", "rows"),
+                               ("table_pending_ids", "ids counted for admission, no row yet", "pending"),
+                               ("table_version", "table updates applied", "version")):
+            yield _family(GaugeMetricFamily, f"ps_{name}", doc, per_table,
+                          [([*values, table], t[key]) for table, t in tables.items()])
+        for key, (name, doc) in TABLE_COUNTERS.items():
+            yield _family(CounterMetricFamily, f"ps_table_{name}", doc, per_table,
+                          [([*values, table], t[key]) for table, t in tables.items()])
         hist = s["staleness_histogram"]
         buckets = [(str(b), sum(n for k, n in hist.items() if k <= b)) for b in STALENESS_BUCKETS]
         h = HistogramMetricFamily("ps_staleness", "versions between a gradient's base and its apply", labels=names)
         h.add_metric(values, buckets + [("+Inf", sum(hist.values()))], sum(k * n for k, n in hist.items()))
         yield h
-        yield from self._tables(s["tables"], names, values)
         bounds, counts, total = s["apply_latency"]
         cumulative, running = [], 0
         for b, n in zip(bounds, counts):
@@ -64,24 +77,6 @@ class ShardCollector(Collector):
                                   labels=names)
         h.add_metric(values, cumulative + [("+Inf", running + counts[-1])], total)
         yield h
-
-
-    @staticmethod
-    def _tables(tables: dict, names: list[str], values: list[str]):
-        """Per server-held table (label `table`): rows held and admission counts now, and its counters."""
-        labels = [*names, "table"]
-        for name, doc, key in (("table_rows", "rows of a server-held table held on this shard", "rows"),
-                               ("table_pending_ids", "ids counted for admission, no row yet", "pending"),
-                               ("table_version", "table updates applied", "version")):
-            g = GaugeMetricFamily(f"ps_{name}", doc, labels=labels)
-            for table, t in tables.items():
-                g.add_metric([*values, table], t[key])
-            yield g
-        for key, (name, doc) in TABLE_COUNTERS.items():
-            c = CounterMetricFamily(f"ps_table_{name}", doc, labels=labels)
-            for table, t in tables.items():
-                c.add_metric([*values, table], t[key])
-            yield c
 
 
 TABLE_COUNTERS = {  # TableStats key -> (metric name without ps_table_ and _total, help)

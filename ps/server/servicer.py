@@ -658,18 +658,17 @@ class ParameterServerServicer:
         return await self._pooled(fn, *args, pool=self.table_pool)
 
     def _rows_in(self, rows, grads: bool) -> list[RowsIn]:
-        """Decode a request's tables (checked before anything waits or changes)."""
+        """Decode a request's tables. A pull is checked here, before it waits; a push where it is
+        applied (on the tables' threads: its gradients are scanned for NaN there, not on the loop)."""
         tables = self.shard.tables
         try:
             out = []
             for msg in rows:
-                table = tables.tables.get(msg.table)
-                if table is None:
-                    raise UnknownTable(f"no table {msg.table!r} on shard {self.shard.cfg.shard_id} "
-                                       f"(tables: {sorted(tables.tables)[:8]}); declare it first")
                 ids = ids_from_proto(msg)
-                out.append(RowsIn(msg.table, ids, values_from_proto(msg, len(ids), table.spec.dim) if grads else None))
-            tables.check(out)
+                values = values_from_proto(msg, len(ids), tables.table(msg.table).spec.dim) if grads else None
+                out.append(RowsIn(msg.table, ids, values))
+            if not grads:
+                tables.check(out)
             return out
         except (InvalidArgument, UnknownTable) as e:
             self.shard.reject(e)
@@ -706,7 +705,7 @@ class ParameterServerServicer:
             async with self.admission.hold(nbytes):
                 outcome, version, staleness = await self._tabled(
                     self.shard.tables.push, request.worker_id, request.clock, request.base_version, entries)
-        except InvalidArgument as e:
+        except (InvalidArgument, UnknownTable) as e:
             self.shard.reject(e)
         if outcome != "DUPLICATE":
             self.shard.count("bytes_pushed", nbytes)

@@ -28,7 +28,7 @@ import torch
 
 from ps.errors import InvalidArgument, PlanMismatch, StepConflict, Unavailable, UnknownTable
 from ps.server.policy import View, Verdict, make_policy
-from ps.tables import TableSpec, init_rows, mix64
+from ps.tables import TableSpec, coalesce, init_rows, mix64
 
 log = logging.getLogger("ps.server")
 
@@ -114,9 +114,11 @@ class Recency:
     """Keys (ints) by the version they were last updated at, oldest first: the order in which
     idle and over-cap entries go. Each update appends its keys; a key updated again leaves a
     stale entry behind, skipped (and dropped) when reached, and the whole is rebuilt once stale
-    entries outnumber live ones. Taking k keys costs about k, not the table's size."""
+    entries outnumber live ones. Taking k keys costs about k, not the table's size.
+    `held()`: the live keys and the version each was last updated at; `count()`: how many."""
 
-    def __init__(self):
+    def __init__(self, held: Callable[[], tuple[np.ndarray, np.ndarray]], count: Callable[[], int]):
+        self.held, self.count = held, count
         self.buckets: deque[tuple[int, np.ndarray]] = deque()
         self.size = 0
 
@@ -124,6 +126,8 @@ class Recency:
         if len(keys):
             self.buckets.append((version, np.array(keys, np.int64)))
             self.size += len(keys)
+            if self.size > 2 * self.count() + MIN_CAPACITY:  # stale entries pile up
+                self.rebuild()
 
     def take(self, live: Callable[[np.ndarray, int], np.ndarray], tiebreak: Callable[[np.ndarray], np.ndarray],
              until: int | None = None, count: int | None = None) -> np.ndarray:
@@ -148,13 +152,50 @@ class Recency:
                 need -= len(keys)
         return np.concatenate(out) if out else np.empty(0, np.int64)
 
-    def rebuild(self, keys: np.ndarray, versions: np.ndarray) -> None:
-        """From the keys live now and the version each was last updated at."""
+    def rebuild(self) -> None:
+        """From the keys live now (after a restore, say)."""
+        keys, versions = self.held()
         order = np.argsort(versions, kind="stable")
         keys, versions = keys[order], versions[order]
         starts = np.flatnonzero(np.r_[True, versions[1:] != versions[:-1]]) if len(keys) else []
         self.buckets = deque((int(versions[a]), keys[a:b]) for a, b in zip(starts, [*starts[1:], len(keys)]))
         self.size = len(keys)
+
+
+def _grown(column, used: int, capacity: int):
+    """A numpy array or torch tensor with `capacity` rows, its first `used` copied."""
+    shape = (capacity, *column.shape[1:])
+    out = np.zeros(shape, column.dtype) if isinstance(column, np.ndarray) else torch.empty(shape, dtype=column.dtype)
+    out[:used] = column[:used]
+    return out
+
+
+class Slots:
+    """Integer slots of a pool, handed out and given back (reused first). When the pool must
+    grow, `grow(used, capacity)` makes the owner's columns that large (doubling)."""
+
+    def __init__(self, grow: Callable[[int, int], None]):
+        self.grow = grow
+        self.used = 0  # slots handed out (in use or given back)
+        self.capacity = 0
+        self.free = np.empty(0, np.int64)
+
+    def take(self, n: int) -> np.ndarray:
+        reuse = min(n, len(self.free))
+        slots = self.free[len(self.free) - reuse:]
+        self.free = self.free[:len(self.free) - reuse]
+        more = n - reuse
+        if more:
+            if self.used + more > self.capacity:
+                capacity = max(MIN_CAPACITY, 2 * self.capacity, self.used + more)
+                self.grow(self.used, capacity)
+                self.capacity = capacity
+            slots = np.concatenate([slots, np.arange(self.used, self.used + more, dtype=np.int64)])
+            self.used += more
+        return slots
+
+    def give_back(self, slots: np.ndarray) -> None:
+        self.free = np.concatenate([self.free, slots])
 
 
 class Table:
@@ -164,22 +205,20 @@ class Table:
         self.spec = spec
         self.index = IdIndex()
         self.values = torch.empty(0, spec.dim)
-        self.state: dict[str, torch.Tensor] = {}
+        self.state = {name: torch.empty((0,) if scalar else (0, spec.dim)) for name, scalar in self._state_names()}
         self.row_id = np.empty(0, np.int64)      # the id each row holds
         self.alive = np.empty(0, bool)           # rows holding an id now
         self.touched = np.empty(0, np.int64)     # the table version of each row's last update
-        self.free = np.empty(0, np.int64)        # rows to reuse
-        self.used = 0                            # rows handed out (live or free) from the pool
+        self.pool = Slots(self._grow_rows)       # the rows
         self.version = 0                         # updates applied (lazy adam's step; eviction's clock)
         self.pending = IdIndex()                 # admission: id -> slot of its count
-        self.pending_count = np.zeros(0, np.int64)    # per slot: pushes that carried the id
+        self.pending_count = np.zeros(0, np.int64)    # per slot: pushes that carried the id (-1: free)
         self.pending_touched = np.zeros(0, np.int64)  # per slot: the version it was last counted at
         self.pending_id = np.zeros(0, np.int64)       # per slot: the id
-        self.pending_used = 0                         # slots handed out (in use or free)
-        self.pending_free = np.empty(0, np.int64)
+        self.pending_slots = Slots(self._grow_pending)
         self.counters: Counter[str] = Counter()
-        self.recent = Recency()                  # rows by last update (eviction's order)
-        self.pending_recent = Recency()          # admission slots by last count
+        self.recent = Recency(self._held_rows, lambda: self.rows)  # rows by last update (eviction's order)
+        self.pending_recent = Recency(self._held_slots, lambda: len(self.pending))  # admission slots by last count
 
     # -- storage ------------------------------------------------------------------------------
     @property
@@ -191,40 +230,19 @@ class Table:
         return {"sgd": (), "adagrad": (("sum", False),), "rowwise_adagrad": (("sum", True),),
                 "lazy_adam": (("exp_avg", False), ("exp_avg_sq", False))}[self.spec.optimizer]
 
-    def _grow(self, need: int) -> None:
-        cap = len(self.row_id)
-        if self.used + need <= cap:
-            return
-        new = max(MIN_CAPACITY, 2 * cap, self.used + need)
+    def _grow_rows(self, used: int, capacity: int) -> None:
+        self.values = _grown(self.values, used, capacity)
+        self.state = {name: _grown(t, used, capacity) for name, t in self.state.items()}
+        self.row_id, self.alive, self.touched = (_grown(a, used, capacity) for a in (self.row_id, self.alive, self.touched))
 
-        def grown(t: torch.Tensor) -> torch.Tensor:
-            out = torch.empty((new, *t.shape[1:]), dtype=t.dtype)
-            out[:self.used] = t[:self.used]
-            return out
-
-        self.values = grown(self.values if cap else torch.empty(0, self.spec.dim))
-        for name, scalar in self._state_names():
-            self.state[name] = grown(self.state.get(name, torch.empty((0,) if scalar else (0, self.spec.dim))))
-        for attr in ("row_id", "touched", "alive"):
-            old = getattr(self, attr)
-            arr = np.zeros(new, old.dtype)
-            arr[:self.used] = old[:self.used]
-            setattr(self, attr, arr)
-
-    def _take_rows(self, n: int) -> np.ndarray:
-        reuse = min(n, len(self.free))
-        rows = self.free[len(self.free) - reuse:]
-        self.free = self.free[:len(self.free) - reuse]
-        if n > reuse:
-            self._grow(n - reuse)
-            rows = np.concatenate([rows, np.arange(self.used, self.used + n - reuse, dtype=np.int64)])
-            self.used += n - reuse
-        return rows
+    def _grow_pending(self, used: int, capacity: int) -> None:
+        self.pending_count, self.pending_touched, self.pending_id = (
+            _grown(a, used, capacity) for a in (self.pending_count, self.pending_touched, self.pending_id))
 
     def _create(self, ids: np.ndarray) -> np.ndarray:
         if not len(ids):
             return np.empty(0, np.int64)
-        rows = self._take_rows(len(ids))
+        rows = self.pool.take(len(ids))
         t = torch.from_numpy(rows)
         self.values[t] = init_rows(self.spec, ids)
         for name, _ in self._state_names():
@@ -239,12 +257,12 @@ class Table:
     def _evict(self, slots: np.ndarray, rows: np.ndarray, why: str) -> None:
         self.index.remove_slots(slots)
         self.alive[rows] = False
-        self.free = np.concatenate([self.free, rows])
+        self.pool.give_back(rows)
         self.counters[why] += len(rows)
 
     def live_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, rows) of every row held, in row order."""
-        rows = np.flatnonzero(self.alive[:self.used])
+        rows = np.flatnonzero(self.alive[:self.pool.used])
         return self.row_id[rows], rows
 
     # -- reads --------------------------------------------------------------------------------
@@ -270,7 +288,7 @@ class Table:
         slots, _ = self.pending.find(ids)
         new = slots < 0
         if new.any():
-            fresh = self._pending_slots(int(new.sum()))
+            fresh = self.pending_slots.take(int(new.sum()))
             self.pending_count[fresh] = 0
             self.pending_id[fresh] = ids[new]
             self.pending.insert(ids[new], fresh)
@@ -280,9 +298,6 @@ class Table:
         admitted = self.pending_count[slots] >= self.spec.admit_after
         self._forget_pending(slots[admitted])
         self.pending_recent.add(self.version, slots[~admitted])
-        if self.pending_recent.size > 2 * len(self.pending) + MIN_CAPACITY:  # stale entries pile up: rebuild
-            _, held = self.pending.items()
-            self.pending_recent.rebuild(held, self.pending_touched[held])
         if len(self.pending) > PENDING_CAP:  # the least recently counted go (a long tail of ids seen once)
             gone = self.pending_recent.take(self._pending_live, self.pending_id.__getitem__,
                                             count=len(self.pending) - PENDING_CAP)
@@ -290,29 +305,12 @@ class Table:
             self.counters["pending_forgotten"] += len(gone)
         return admitted
 
-    def _pending_slots(self, n: int) -> np.ndarray:
-        reuse = min(n, len(self.pending_free))
-        slots = self.pending_free[len(self.pending_free) - reuse:]
-        self.pending_free = self.pending_free[:len(self.pending_free) - reuse]
-        more = n - reuse
-        if more:
-            if self.pending_used + more > len(self.pending_count):
-                cap = max(MIN_CAPACITY, 2 * len(self.pending_count), self.pending_used + more)
-                for attr in ("pending_count", "pending_touched", "pending_id"):
-                    old = getattr(self, attr)
-                    arr = np.zeros(cap, np.int64)
-                    arr[:self.pending_used] = old[:self.pending_used]
-                    setattr(self, attr, arr)
-            slots = np.concatenate([slots, np.arange(self.pending_used, self.pending_used + more, dtype=np.int64)])
-            self.pending_used += more
-        return slots
-
     def _forget_pending(self, slots: np.ndarray) -> None:
         if len(slots):
             _, where = self.pending.find(self.pending_id[slots])
             self.pending.remove_slots(where)
             self.pending_count[slots] = -1  # free: stale entries of it are skipped
-            self.pending_free = np.concatenate([self.pending_free, slots])
+            self.pending_slots.give_back(slots)
 
     def _pending_live(self, slots: np.ndarray, version: int) -> np.ndarray:
         return (self.pending_count[slots] >= 0) & (self.pending_touched[slots] == version)
@@ -341,9 +339,6 @@ class Table:
             self.touched[rows] = self.version
             if self.spec.evict_after or self.spec.max_rows:
                 self.recent.add(self.version, rows)
-                if self.recent.size > 2 * self.rows + MIN_CAPACITY:  # stale entries pile up: rebuild
-                    _, live = self.live_rows()
-                    self.recent.rebuild(live, self.touched[live])
             self.counters["rows_pushed"] += len(ids)
         self._expire()
         self._cap()
@@ -443,7 +438,7 @@ class Table:
             raise ValueError(f"a chunk of table {self.spec.name!r} does not fit it (fields, shapes or repeated ids)")
         if not n:
             return
-        rows = self._take_rows(n)
+        rows = self.pool.take(n)
         t = torch.from_numpy(rows)
         self.values[t] = chunk["values"].to(torch.float32)
         for name, scalar in self._state_names():
@@ -460,7 +455,7 @@ class Table:
         ids = chunk["ids"].numpy().astype(np.int64)
         if set(chunk) != {"ids", "count", "touched"} or len(chunk["count"]) != len(ids) or len(chunk["touched"]) != len(ids):
             raise ValueError(f"an admission chunk of table {self.spec.name!r} does not fit it")
-        slots = self._pending_slots(len(ids))
+        slots = self.pending_slots.take(len(ids))
         self.pending_count[slots] = chunk["count"].numpy()
         self.pending_touched[slots] = chunk["touched"].numpy()
         self.pending_id[slots] = ids
@@ -468,10 +463,16 @@ class Table:
 
     def reindex(self) -> None:
         """After rows and counts were loaded: the eviction order from their last updates."""
+        self.recent.rebuild()
+        self.pending_recent.rebuild()
+
+    def _held_rows(self) -> tuple[np.ndarray, np.ndarray]:
         _, rows = self.live_rows()
-        self.recent.rebuild(rows, self.touched[rows])
+        return rows, self.touched[rows]
+
+    def _held_slots(self) -> tuple[np.ndarray, np.ndarray]:
         _, slots = self.pending.items()
-        self.pending_recent.rebuild(slots, self.pending_touched[slots])
+        return slots, self.pending_touched[slots]
 
 
 @dataclass
@@ -483,30 +484,12 @@ class RowsIn:
     grads: torch.Tensor
 
 
-def coalesce(ids: np.ndarray, grads: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
-    """Distinct ids, their summed gradients and how many of the given rows each had."""
-    if len(ids) < 2 or bool((ids[1:] > ids[:-1]).all()):  # sorted and distinct (np.unique's output): as is
-        return ids, grads, np.ones(len(ids), np.int64)
-    uniq, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
-    if len(uniq) == len(ids):
-        order = np.argsort(ids, kind="stable")
-        return ids[order], grads[torch.from_numpy(order)], counts
-    out = torch.zeros(len(uniq), grads.shape[1])
-    out.index_add_(0, torch.from_numpy(inverse.reshape(-1)), grads)
-    return uniq, out, counts
-
-
 def _merge(parts: list[tuple[np.ndarray, torch.Tensor, np.ndarray]]) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
     """Parts of a sync step (distinct ids, summed gradients, pushes per id) as one."""
     if len(parts) == 1:
         return parts[0]
-    ids = np.concatenate([i for i, _, _ in parts])
-    uniq, inverse = np.unique(ids, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    grads = torch.zeros(len(uniq), parts[0][1].shape[1])
-    grads.index_add_(0, torch.from_numpy(inverse), torch.cat([g for _, g, _ in parts]))
-    seen = np.bincount(inverse, weights=np.concatenate([c for _, _, c in parts]), minlength=len(uniq))
-    return uniq, grads, seen.astype(np.int64)
+    return coalesce(np.concatenate([i for i, _, _ in parts]), torch.cat([g for _, g, _ in parts]),
+                    np.concatenate([c for _, _, c in parts]))
 
 
 class TableSet:
@@ -571,7 +554,8 @@ class TableSet:
         for wake in waiters:
             wake()
 
-    def _table(self, name: str) -> Table:
+    def table(self, name: str) -> Table:
+        """The table `name`; UnknownTable (NOT_FOUND) if it was never declared here."""
         table = self.tables.get(name)
         if table is None:
             raise UnknownTable(f"no table {name!r} on shard {self.shard.cfg.shard_id} "
@@ -612,25 +596,24 @@ class TableSet:
 
     # -- requests -----------------------------------------------------------------------------
     def check(self, entries: Sequence[RowsIn]) -> None:
-        """Validate a request's rows before anything changes (tables known, ids allowed)."""
+        """Validate a request's rows before anything changes: tables known and each named once,
+        ids allowed, gradients (a push's) one finite row per id."""
         seen = set()
         for e in entries:
-            table = self._table(e.table)
+            table = self.table(e.table)
             if e.table in seen:
                 raise InvalidArgument(f"table {e.table!r} appears more than once in a request")
             seen.add(e.table)
             table.spec.check_ids(e.ids)
-            if e.grads is not None and tuple(e.grads.shape) != (len(e.ids), table.spec.dim):
-                raise InvalidArgument(f"table {e.table!r}: gradients have shape {tuple(e.grads.shape)}, expected "
-                                      f"({len(e.ids)}, {table.spec.dim}) for {len(e.ids)} ids")
+            if e.grads is not None:
+                table.spec.check_grads(len(e.ids), e.grads)
 
     def ready_or_wait(self, worker_id: str, clock: int, wake: Callable[[], None]) -> bool:
         """True if a worker at `clock` may read the tables now (an observer always may); else
         `wake` is registered, to be called when the tables' state moves."""
         if not worker_id:
             return True
-        self.shard.check_registered(worker_id)
-        self.shard.heartbeat(worker_id)
+        self.shard.heartbeat(worker_id)  # (UnknownWorker unless registered)
         with self._wlock:  # (not the tables' lock: see _waiters; the version is read after it moved)
             if self.shard.stopped:
                 raise Unavailable(f"shard {self.shard.cfg.shard_id} is stopping")
@@ -653,11 +636,7 @@ class TableSet:
     def push(self, worker_id: str, clock: int, base_version: int, entries: Sequence[RowsIn]) -> tuple[str, int, int]:
         """A worker's table push for `clock`: (outcome, version, staleness). Retries (a clock
         already taken from this worker) are DUPLICATE and change nothing."""
-        self.shard.check_registered(worker_id)
-        self.shard.heartbeat(worker_id)
-        for e in entries:
-            if e.grads is not None and len(e.grads) and not bool(torch.isfinite(e.grads).all()):
-                raise InvalidArgument(f"table {e.table!r}: gradients hold NaN or infinity")
+        self.shard.heartbeat(worker_id)  # (UnknownWorker unless registered)
         with self._lock:
             self.check(entries)
             known = self._clock.get(worker_id)

@@ -181,6 +181,7 @@ class PSClient:
         self.table_mode = ""
         self.table_bytes_pulled = 0  # bytes of table rows this client has read
         self._tables_request: pb.InitTablesRequest | None = None
+        self._push_buffers: dict[str, tuple[np.ndarray, torch.Tensor]] = {}  # see _row_buffers
         try:
             self._t.run(self._t.wait_connected(connect_timeout))
         except BaseException:
@@ -642,31 +643,27 @@ class PSClient:
         request to every shard (those holding none of the rows get an empty one, which moves
         this worker's table clock there). Per shard: outcome, version and staleness."""
         ids = self._table_ids({name: g[0] for name, g in grads.items()})
-        values = {}
-        for name, (_, g) in grads.items():
-            g = torch.as_tensor(g)
-            if tuple(g.shape) != (len(ids[name]), self.tables[name].dim):
-                raise InvalidArgument(f"table {name!r}: gradients have shape {tuple(g.shape)}, expected "
-                                      f"({len(ids[name])}, {self.tables[name].dim}) for {len(ids[name])} ids")
-            values[name] = g.detach().to("cpu", torch.float32)
-            if not bool(torch.isfinite(values[name]).all()):  # (checked here too: no shard may take a part)
-                raise InvalidArgument(f"table {name!r}: gradients hold NaN or infinity")
         n = len(self.servers)
-        where = {name: shard_of(t_ids, n) for name, t_ids in ids.items()}
+        parts = {}  # table -> (ids, values) in shard order (this client's buffers), and where each shard's start
+        for name, (_, g) in grads.items():
+            values = torch.as_tensor(g).detach().to("cpu", torch.float32)
+            self.tables[name].check_grads(len(ids[name]), values)  # here too: no shard may take a part
+            where = shard_of(ids[name], n)
+            order = np.argsort(where, kind="stable")
+            id_buf, value_buf = self._row_buffers(name, len(order))
+            np.take(ids[name], order, out=id_buf)
+            torch.index_select(values, 0, torch.from_numpy(order), out=value_buf)
+            parts[name] = (id_buf, value_buf.numpy(), np.searchsorted(where[order], np.arange(n + 1)))
         for k in range(n):  # a step's rows for one shard go in one request: refused before any is sent
-            size = sum(int((where[name] == k).sum()) * (8 + 4 * self.tables[name].dim) for name in ids)
+            size = sum(int(at[k + 1] - at[k]) * (8 + 4 * self.tables[name].dim) for name, (_, _, at) in parts.items())
             if size > MAX_MESSAGE_BYTES - MESSAGE_HEADROOM_BYTES:
                 raise InvalidArgument(f"a push of {size} bytes of rows to shard {k} is more than one message takes "
                                       f"({MAX_MESSAGE_BYTES - MESSAGE_HEADROOM_BYTES}): push fewer rows per step")
         rejoin = self._m.rejoiner(clock)
 
         async def send(shard: int) -> dict:
-            tables = []
-            for name, t_ids in ids.items():
-                pos = np.flatnonzero(where[name] == shard)
-                if len(pos):  # (buffers sent as they are)
-                    tables.append(wire.rows_frame(name, np.ascontiguousarray(t_ids[pos], "<i8"),
-                                                  values[name][torch.from_numpy(pos)].numpy()))
+            tables = [wire.rows_frame(name, id_buf[at[shard]:at[shard + 1]], value_buf[at[shard]:at[shard + 1]])
+                      for name, (id_buf, value_buf, at) in parts.items() if at[shard + 1] > at[shard]]
             req = wire.rows_message_frame(pb.PushRowsRequest(worker_id=self.worker_id, clock=clock,
                                                              base_version=self.table_versions[shard]), tables)
             resp = await self._table_call(shard, "PushRows", req, rejoin=rejoin)
@@ -674,6 +671,15 @@ class PSClient:
                     "staleness": resp.staleness}
 
         return self._t.run(gather_all([send(k) for k in range(n)]))
+
+    def _row_buffers(self, table: str, n: int) -> tuple[np.ndarray, torch.Tensor]:
+        """This client's buffers for `n` ids and rows of `table` in a push, reused from push to push
+        (a push returns once every shard has answered, so nothing reads them after)."""
+        id_buf, value_buf = self._push_buffers.get(table, (np.empty(0, np.int64), None))
+        if len(id_buf) < n:
+            id_buf, value_buf = np.empty(n, np.int64), torch.empty(n, self.tables[table].dim)
+            self._push_buffers[table] = (id_buf, value_buf)
+        return id_buf[:n], value_buf[:n]
 
     def stats(self) -> list[dict]:
         """Every shard's Stats (needs no registration)."""

@@ -110,8 +110,7 @@ def test_async_concurrent_pushes_to_overlapping_rows_sum_exactly(cluster, transp
 
         def client(i: int) -> None:
             with PSClient(addresses, f"c{i}", transport=transport) as c:
-                c.setup({"b": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
-                c.init_tables([spec])
+                _join(c, spec)
                 grads = torch.full((len(ids), 4), float(i + 1))
                 for clock in range(PUSHES):
                     outcomes[i] += [r["outcome"] for r in c.push_rows(clock, {"t": (ids, grads)})]
@@ -133,13 +132,18 @@ def test_async_concurrent_pushes_to_overlapping_rows_sum_exactly(cluster, transp
     assert sum(s["table_version"] for s in stats) == 2 * CLIENTS * PUSHES
 
 
+def _join(client: PSClient, *specs: TableSpec) -> str:
+    """Register with a dense parameter "w" (sgd, lr 1) and declare the tables; their mode."""
+    client.setup({"w": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
+    return client.init_tables(list(specs))
+
+
 def _scripted(cluster, spec, script, probe):
     """Push gradients of ones for each step's ids (one async worker, one shard); the table's
     stats and the rows of `probe` then."""
     with cluster(1, "async", num_workers=1) as addresses:
         with PSClient(addresses, "w") as c:
-            c.setup({"b": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
-            c.init_tables([spec])
+            _join(c, spec)
             for clock, step_ids in enumerate(script):
                 t_ids = torch.tensor(step_ids)
                 c.push_rows(clock, {"t": (t_ids, torch.ones(len(t_ids), 2))})
@@ -176,8 +180,7 @@ def test_bad_table_input_is_refused_and_changes_nothing(cluster):
     spec = TableSpec("t", 4, init="zeros", lr=1.0)
     with cluster(1, "async", num_workers=1) as addresses:
         with PSClient(addresses, "w") as c:
-            c.setup({"b": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
-            c.init_tables([spec])
+            _join(c, spec)
             c.push_rows(0, {"t": (torch.tensor([1, 2]), torch.ones(2, 4))})
             before = c.stats()[0]
             with pytest.raises(InvalidArgument, match="int64"):
@@ -225,8 +228,7 @@ def test_tables_survive_a_server_restart_from_their_checkpoint(tmp_path):
     procs = start_servers(2, "async", 1, extra=flags, out=_Sink())
     try:
         with PSClient([p.address for p in procs], "w") as c:
-            c.setup({"b": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
-            c.init_tables([spec])
+            _join(c, spec)
             for clock in range(3):
                 c.push_rows(clock, {"t": (ids, torch.full((len(ids), 4), float(clock + 1)))})
             before = c.pull_rows(None, {"t": ids})["t"]
@@ -253,8 +255,7 @@ def test_ssp_tables_hold_a_fast_worker_to_the_bound_while_dense_runs_async(clust
     with cluster(1, "async", num_workers=2, extra=["--table-mode", "ssp", "--table-staleness", "1"]) as addresses:
         with PSClient(addresses, "fast") as fast, PSClient(addresses, "slow") as slow:
             for c in (fast, slow):
-                c.setup({"b": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
-                assert c.init_tables([spec]) == "ssp"
+                assert _join(c, spec) == "ssp"
             one = {"t": (torch.tensor([3]), torch.ones(1, 2))}
             fast.push_rows(0, one)
             fast.push_rows(1, one)
@@ -276,8 +277,7 @@ def test_a_sync_table_step_goes_on_without_a_worker_that_died():
         a, b = PSClient(addresses, "a"), PSClient(addresses, "b")
         try:
             for c in (a, b):
-                c.setup({"w": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
-                c.init_tables([spec])
+                _join(c, spec)
             ids = torch.arange(10)
             a.push_rows(0, {"t": (ids, torch.ones(10, 2))})
             b.push_rows(0, {"t": (ids, 3 * torch.ones(10, 2))})
@@ -336,8 +336,7 @@ def test_a_sync_table_step_waits_for_a_worker_whose_dense_push_came_first(cluste
         a, b = PSClient(addresses, "a"), PSClient(addresses, "b")
         try:
             for c in (a, b):
-                c.setup({"w": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
-                c.init_tables([spec])
+                _join(c, spec)
             ids = torch.arange(4)
             a.push({"w": torch.ones(2)}, 0)
             b.push({"w": torch.ones(2)}, 0)
@@ -402,8 +401,7 @@ def test_a_sync_table_step_restored_half_done_goes_on_without_a_worker_that_neve
     clients = {n: PSClient([procs[0].address], n) for n in "abc"}
     try:
         for c in clients.values():
-            c.setup({"w": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
-            c.init_tables([TableSpec("t", 2, init="zeros", lr=1.0)])
+            _join(c, TableSpec("t", 2, init="zeros", lr=1.0))
         clients["a"].push_rows(0, {"t": (ids, torch.ones(4, 2))})
         clients["b"].push_rows(0, {"t": (ids, torch.ones(4, 2))})
         stop_all(procs)  # SIGTERM: a checkpoint holding the half-done step (a and b in, c not)
@@ -421,8 +419,7 @@ def test_a_sync_table_step_restored_half_done_goes_on_without_a_worker_that_neve
 def test_a_bad_row_for_one_shard_changes_no_shard(cluster):
     with cluster(2, "async", num_workers=1) as addresses:
         with PSClient(addresses, "w") as c:
-            c.setup({"b": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
-            c.init_tables([TableSpec("t", 4, init="zeros", lr=1.0)])
+            _join(c, TableSpec("t", 4, init="zeros", lr=1.0))
             grads = torch.ones(100, 4)
             grads[37, 2] = float("nan")
             with pytest.raises(InvalidArgument, match="NaN"):
@@ -464,8 +461,7 @@ def test_a_cuda_model_trains_server_held_rows_like_a_cpu_one(cluster):
 def test_a_sync_pull_that_runs_ahead_of_its_own_push_waits_and_gives_nothing_up(cluster):
     spec = TableSpec("t", 2, init="zeros", lr=1.0)
     with cluster(1, "sync", num_workers=1) as addresses, PSClient(addresses, "w") as c:
-        c.setup({"b": torch.zeros(2)}, OptimizerConfig("sgd", lr=1.0, momentum=0.0))
-        c.init_tables([spec])
+        _join(c, spec)
         ids = torch.tensor([3, 4])
         for clock in range(3):
             ahead = c.pull_rows_async(clock + 1, {"t": ids})  # the next step's rows, asked for first

@@ -149,7 +149,7 @@ def test_freed_rows_are_reused():
     table = Table(spec)
     for v in range(1, 50):
         table.apply(v, np.array([v], np.int64), torch.ones(1, 2), np.ones(1, np.int64))
-    assert table.used <= 2
+    assert table.pool.used <= 2
 
 
 def test_coalesce_sums_repeated_ids():
